@@ -1,0 +1,56 @@
+# masked_ops: set-up, tests, demo and benchmarks. Every target installs what it needs first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+TORCHVISION_VERSION ?= 0.28.0
+# The registry's full (CUDA) torch build: torchvision and timm import with it, and the CUDA
+# extension compiles and links against it. The machines' pip config points at a local
+# CPU-only torch wheel, so torch itself is installed with that config switched off.
+REGISTRY_PIP := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PIP)
+PYTEST_ARGS ?=
+
+.PHONY: all torch install build test test-fast test-gpu demo bench bench-gpu cmake-build clean
+
+all: test
+
+torch:
+	@$(PYTHON) -c "import torch, torchvision, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null \
+	  || $(REGISTRY_PIP) install "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
+
+# Builds masked_ops._C in place (CPU kernels always, CUDA kernels when torch has CUDA and a
+# toolkit is found) and installs the package editable with every optional dependency.
+install: torch
+	$(PIP) install -e ".[all]" --no-build-isolation
+
+# Rebuild the extension in place after editing csrc/ (no dependency resolution).
+build:
+	$(PYTHON) setup.py -q build_ext --inplace
+
+test: install cmake-build
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# The GPU machine has torch, torchvision, timm and Triton but reaches no registry:
+# build against its torch, then run only the GPU tests and write the log under $$OUT if set.
+test-gpu:
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PYTHON) -m pytest -q -m gpu tests $(PYTEST_ARGS)
+
+demo: install
+	$(PYTHON) -m masked_ops.cli explain --demo
+
+bench: install
+	$(PYTHON) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/cpu-latest.json -p no:cacheprovider
+	$(PYTHON) bench/report.py bench/results/cpu-latest.json
+
+bench-gpu:
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PYTHON) bench/gpu.py
+
+# The same sources built against libtorch with CMake, so CMakeLists.txt cannot rot.
+cmake-build: torch
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake
+
+clean:
+	rm -rf build dist *.egg-info masked_ops/_C*.so

@@ -1,0 +1,38 @@
+// Schemas of every op of the compiled extension masked_ops._C, in one place.
+//
+// These are the fused *primitives* that surround the heavy convolution (which stays with
+// oneDNN / cuDNN). Their exact math is the pure-PyTorch reference in
+// masked_ops/backends/reference.py; kernels are registered per dispatch key in cpu/ and
+// cuda/, fake (meta) kernels and autograd formulas in masked_ops/backends/compiled.py.
+//
+// Conventions: x is N x C x H x W (contiguous or channels_last); mask/keep are N x 1 x H x W
+// floating 0/1 tensors of x's dtype; activation is a name from masked_ops/activations.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing masked_ops._C from Python loads the shared library, which runs the static
+// registrations below; the module itself defines nothing.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(masked_ops, m) {
+  // Removed pixels filled from visible neighbours, `iters` rings deep; iters == 0 zeroes them.
+  m.def("neighbor_fill(Tensor x, Tensor mask, int iters) -> Tensor");
+  // act(y * scale + bias) on kept positions, 0 elsewhere. scale: N x 1 x Ho x Wo or None.
+  m.def("conv_epilogue(Tensor y, Tensor keep, Tensor? scale, Tensor? bias, str activation) -> Tensor");
+  // act(x * scale[c] + shift[c]) on visible pixels, 0 elsewhere (eval-mode BatchNorm + activation).
+  m.def("masked_affine_act(Tensor x, Tensor mask, Tensor scale, Tensor shift, str activation) -> Tensor");
+  // (y, mask_out, indices): max pool of x with removed = 0, zeroed where mask_out = 0;
+  // indices as ATen's max_pool2d_with_indices (flat h*W+w per plane) for the backward.
+  m.def("masked_max_pool2d(Tensor x, Tensor mask, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor, Tensor)");
+  // (y, mask_out): avg pool of x with removed = 0, zeroed where no visible pixel in the window.
+  m.def("masked_avg_pool2d(Tensor x, Tensor mask, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "bool ceil_mode, bool count_include_pad) -> (Tensor, Tensor)");
+  // Global masked mean -> N x C; 0 where nothing is visible.
+  m.def("masked_mean(Tensor x, Tensor mask) -> Tensor");
+}

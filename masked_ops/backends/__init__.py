@@ -1,0 +1,122 @@
+"""Backend selection: which implementation of the masking primitives runs.
+
+- "torch":  pure PyTorch (masked_ops.backends.reference), the oracle; runs anywhere.
+- "cpp":    the compiled extension's fused CPU kernels (masked_ops._C), CPU tensors.
+- "cuda":   the compiled extension's CUDA kernels, CUDA tensors.
+- "triton": Triton kernels, CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
+- "auto":   per device, the fastest one available: CPU -> cpp; CUDA -> cuda, then triton;
+            falls back to "torch" with one warning when the compiled pieces are missing.
+
+``set_backend`` works as a plain setter and as a context manager::
+
+    mo.set_backend("torch")
+    with mo.set_backend("cpp"):
+        ...
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from types import ModuleType
+from typing import Dict, Optional
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+_state = threading.local()
+_DEFAULT = os.environ.get("MASKED_OPS_BACKEND", "auto")
+_warned: set = set()
+_cache: Dict[str, Optional[ModuleType]] = {}
+_errors: Dict[str, str] = {}
+
+
+def _check_name(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend name currently selected (may be "auto")."""
+    return getattr(_state, "name", _DEFAULT)
+
+
+class set_backend:
+    """Select the backend; usable as a function or as a context manager (restores on exit)."""
+
+    def __init__(self, name: str):
+        self._previous = get_backend()
+        _state.name = _check_name(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _state.name = self._previous
+        return False
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    """Import a backend module once; None (with the reason kept) when it is unavailable."""
+    if name not in _cache:
+        module = {"torch": "reference", "cpp": "compiled", "cuda": "compiled", "triton": "triton"}[name]
+        try:
+            mod = importlib.import_module(f"{__name__}.{module}")
+            if name in ("cpp", "cuda"):
+                mod.require(name)
+            _cache[name] = mod
+        except Exception as exc:  # ImportError, missing CUDA kernels, no Triton, ...
+            _cache[name] = None
+            _errors[name] = f"{type(exc).__name__}: {exc}"
+    return _cache[name]
+
+
+def available(name: str) -> bool:
+    """Whether a backend can run here (compiled pieces present)."""
+    _check_name(name)
+    if name == "auto":
+        return True
+    return _load(name) is not None
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    _load(name)
+    return _errors.get(name)
+
+
+def _triton_runs_on_cpu() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(device: torch.device, name: Optional[str] = None) -> ModuleType:
+    """The backend module to use for tensors on ``device``."""
+    name = _check_name(name or get_backend())
+    is_cuda = device.type == "cuda"
+    if name == "auto":
+        order = ("cuda", "triton") if is_cuda else ("cpp",)
+        for candidate in order:
+            mod = _load(candidate)
+            if mod is not None:
+                return mod
+        key = (device.type, "auto")
+        if key not in _warned:
+            _warned.add(key)
+            reasons = "; ".join(f"{c}: {unavailable_reason(c)}" for c in order)
+            warnings.warn(f"masked_ops: no compiled backend for {device.type} tensors ({reasons}); "
+                          f"using the pure-PyTorch backend", RuntimeWarning, stacklevel=3)
+        return _load("torch")
+    if name == "torch":
+        return _load("torch")
+    if name == "cpp" and is_cuda:
+        raise ValueError("backend 'cpp' runs on CPU tensors; got CUDA tensors (use 'cuda', 'triton' or 'auto')")
+    if name == "cuda" and not is_cuda:
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors; got {device.type} tensors (use 'cpp' or 'auto')")
+    if name == "triton" and not is_cuda and not _triton_runs_on_cpu():
+        raise ValueError("backend 'triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)")
+    mod = _load(name)
+    if mod is None:
+        raise RuntimeError(f"masked_ops backend {name!r} is not available: {unavailable_reason(name)}")
+    return mod

@@ -1,0 +1,112 @@
+"""The pure-PyTorch backend: the reference math of every layer-masking primitive.
+
+This module is the oracle of every test and the "plain PyTorch masking" baseline of
+every benchmark, so it is written for clarity, not speed. All other backends
+(cpp, cuda, triton) implement the same primitives with the same signatures:
+
+    neighbor_fill(x, mask, iters) -> x_filled
+    conv_epilogue(y, keep, scale, bias, activation) -> out
+    masked_affine_act(x, mask, scale, shift, activation) -> out
+    masked_max_pool2d(x, mask, kernel_size, stride, padding, dilation, ceil_mode) -> (y, mask_out)
+    masked_avg_pool2d(x, mask, kernel_size, stride, padding, ceil_mode, count_include_pad) -> (y, mask_out)
+    masked_mean(x, mask) -> N x C
+
+Conventions shared by all primitives (the public ops in masked_ops.ops validate and
+canonicalise their inputs before calling a backend):
+- ``mask``/``keep`` are floating tensors of shape N x 1 x H x W holding exactly 0.0
+  (removed) or 1.0 (visible), in the dtype of ``x``;
+- removed values never influence anything, NaN and inf included: they are *selected
+  away* with ``torch.where``, never multiplied by zero;
+- fp16/bf16 inputs are computed in the input dtype here (this is what "plain PyTorch
+  in the same dtype" means for the accuracy rule); fused backends accumulate in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..activations import apply_activation
+
+# Guard for denominators; window sums and counts are integers >= 1 wherever they are used,
+# so this only avoids a 0/0 that is selected away afterwards.
+EPS = 1e-12
+
+
+def _zero_removed(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+    """Fill removed pixels from their visible neighbours ("fast marching" style).
+
+    Start from x with removed pixels zeroed. In each of ``iters`` iterations, every pixel
+    that is not yet known and has at least one known pixel in its 3x3 neighbourhood
+    takes the mean of those known pixels and becomes known. Pixels never reached stay 0.
+    ``iters == 0`` is plain zeroing of the removed region.
+
+    Fill values carry no gradient (as in the paper): gradients reach ``x`` only through
+    the visible pixels.
+    """
+    out = _zero_removed(x, mask)
+    if iters <= 0:
+        return out
+    c = x.shape[1]
+    known = (mask > 0).to(x.dtype)
+    ones_c = torch.ones(c, 1, 3, 3, dtype=x.dtype, device=x.device)
+    ones_1 = torch.ones(1, 1, 3, 3, dtype=x.dtype, device=x.device)
+    filled = out.detach()
+    for _ in range(iters):
+        s = F.conv2d(filled * known, ones_c, padding=1, groups=c)
+        cnt = F.conv2d(known, ones_1, padding=1)
+        newly = (cnt > 0) & (known == 0)
+        filled = torch.where(newly, s / cnt.clamp_min(EPS), filled)
+        known = torch.where(newly, torch.ones_like(known), known)
+    # Visible pixels carry x (and its gradient); filled pixels carry the detached fill.
+    return torch.where(mask > 0, out, filled)
+
+
+def conv_epilogue(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor], activation: str = "none") -> torch.Tensor:
+    """out = act(y * scale + bias) where keep, 0 elsewhere.
+
+    ``scale`` is None (modes fill/zero) or N x 1 x Ho x Wo (renorm: k_h*k_w / window_sum).
+    """
+    z = y if scale is None else y * scale
+    if bias is not None:
+        z = z + bias.view(1, -1, 1, 1).to(z.dtype)
+    z = apply_activation(z, activation)
+    return _zero_removed(z, keep)
+
+
+def masked_affine_act(x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor,
+                      shift: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    """Eval-mode BatchNorm (as a per-channel affine) + activation on visible pixels."""
+    z = x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+    z = apply_activation(z, activation)
+    return _zero_removed(z, mask)
+
+
+def masked_max_pool2d(x, mask, kernel_size, stride, padding, dilation, ceil_mode):
+    """Max pool of the masked input (removed = 0, as in the paper), times maxpool(mask)."""
+    xm = _zero_removed(x, mask)
+    y = F.max_pool2d(xm, kernel_size, stride, padding, dilation, ceil_mode)
+    m2 = F.max_pool2d(mask, kernel_size, stride, padding, dilation, ceil_mode)
+    return _zero_removed(y, m2), m2
+
+
+def masked_avg_pool2d(x, mask, kernel_size, stride, padding, ceil_mode, count_include_pad=True):
+    """avgpool(x * m) times the indicator avgpool(m) > 0 (the paper's rule)."""
+    xm = _zero_removed(x, mask)
+    y = F.avg_pool2d(xm, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    m2 = (F.avg_pool2d(mask, kernel_size, stride, padding, ceil_mode, True) > 0).to(mask.dtype)
+    return _zero_removed(y, m2), m2
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Global masked average pool: sum(x over visible) / #visible, N x C; all removed -> 0."""
+    xm = _zero_removed(x, mask)
+    num = xm.sum(dim=(2, 3))
+    den = mask.sum(dim=(2, 3))
+    return torch.where(den > 0, num / den.clamp_min(1), torch.zeros((), dtype=x.dtype, device=x.device))
