@@ -1,0 +1,232 @@
+"""Masking strategies: one interface that turns (model, images, masks) into logits.
+
+Every perturbation explainer and experiment removes parts of the input; *how* it removes
+them is the strategy, chosen by name::
+
+    from masked_ops.explain.strategies import STRATEGIES, get_strategy
+    strat = get_strategy("layer", model, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    logits = strat(images, masks)
+
+Interface
+---------
+``get_strategy(name, model, *, mean=..., std=..., mode="fill", seed=0, **options) -> Strategy``
+
+``Strategy(images, masks) -> logits`` (N x num_classes):
+
+- ``images``: N x C x H x W floating tensor in **pixel space** ([0, 1]); the strategy applies the
+  model's normalisation ``(x - mean) / std`` itself. A batch of one image is broadcast to the
+  masks' batch (LIME: one image, many masks).
+- ``masks``: N x 1 x H x W, bool or float 0/1, **1 = visible**, 0 = removed, on the images' device.
+- Runs on whatever device the images and the model live on. Gradients are not disabled: wrap the
+  call in ``torch.inference_mode()`` (the explainers do) when you do not need them.
+
+Strategies (``STRATEGIES``):
+
+========== =============================================================================
+black      removed pixels = 0 (pixel space)
+grey       removed pixels = the dataset mean colour (``mean``), i.e. 0 after normalisation
+mean       removed pixels = the image's mean colour over its *visible* pixels (dataset mean
+           if nothing is visible), so the removed content never leaks in
+blur       removed pixels = a Gaussian blur (sigma ``blur_sigma``, default 5 px) of the image
+noise      removed pixels = uniform noise in [0, 1), from a seeded generator
+smooth-grey grey fill, then a small Gaussian blur (sigma ``smooth_sigma``, default 2 px) of the
+           composite, applied inside the removed region only: softens the hole's edge, as in
+           the paper's "smoothed" baseline
+layer      layer masking (masked_ops.layer_mask) in ``mode`` (default "fill", the paper's)
+layer-renorm, layer-zero   layer masking in mode "renorm" / "zero"
+========== =============================================================================
+
+Except blur and noise (whose fill is *made from* the image or random by definition), every
+strategy gives bit-identical logits whatever the removed pixels hold, NaN and inf included:
+removed pixels are selected away with ``torch.where``, never multiplied by zero.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import _checks as C
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FILL_STRATEGIES = ("black", "grey", "mean", "blur", "noise", "smooth-grey")
+LAYER_STRATEGIES = {"layer": None, "layer-renorm": "renorm", "layer-zero": "zero"}
+STRATEGIES = FILL_STRATEGIES + tuple(LAYER_STRATEGIES)
+
+
+class Strategy:
+    """Base class: validation, broadcasting and normalisation shared by all strategies."""
+
+    name = "?"
+
+    def __init__(self, model: nn.Module, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        if not callable(model):
+            raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        self.std = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if self.mean.numel() != self.std.numel():
+            raise ValueError(f"mean and std must have one value per channel, got {self.mean.numel()} "
+                             f"and {self.std.numel()}")
+        if bool((self.std <= 0).any()):
+            raise ValueError(f"std must be positive, got {self.std.tolist()}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+    # -- helpers shared by subclasses ------------------------------------------------
+    def _channel(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.to(dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self._channel(self.mean, images)) / self._channel(self.std, images)
+
+    def _prepare(self, images, masks):
+        C.check_input(images, "images")
+        if images.shape[1] != self.mean.numel():
+            raise ValueError(f"images must have {self.mean.numel()} channels (one per mean/std value), "
+                             f"got shape {tuple(images.shape)}")
+        if isinstance(masks, torch.Tensor) and masks.dim() == 4 and images.shape[0] == 1 \
+                and masks.shape[0] > 1:
+            images = images.expand(masks.shape[0], -1, -1, -1)
+        C.check_mask(masks, images, "masks")
+        return images, masks > 0 if masks.dtype != torch.bool else masks
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        images, visible = self._prepare(images, masks)
+        return self.forward(images, visible)
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FillStrategy(Strategy):
+    """Paint the removed pixels in pixel space, normalise, run the plain model."""
+
+    def __init__(self, name: str, fill: Callable, model, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__(model, mean, std)
+        self.name = name
+        self._fill = fill
+
+    def composite(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The painted images in pixel space (useful for pictures and debugging)."""
+        images, visible = self._prepare(images, masks)
+        return self._composite(images, visible)
+
+    def _composite(self, images, visible):
+        fill = self._fill(self, images, visible)
+        return torch.where(visible, images, fill)
+
+    def forward(self, images, visible):
+        return self.model(self.normalise(self._composite(images, visible)))
+
+
+class LayerStrategy(Strategy):
+    """Layer masking: the mask travels through the network (masked_ops.layer_mask)."""
+
+    def __init__(self, name: str, model, mean=IMAGENET_MEAN, std=IMAGENET_STD, mode: str = "fill"):
+        super().__init__(model, mean, std)
+        from ..modes import check_mode
+
+        self.name = name
+        self.mode = check_mode(mode)
+        self._masked: Optional[nn.Module] = None
+
+    @property
+    def masked_model(self) -> nn.Module:
+        # Converted on first use: the conversion traces the model, which costs time.
+        if self._masked is None:
+            from .. import layer_mask
+
+            self._masked = layer_mask(self.model, mode=self.mode)
+        return self._masked
+
+    def forward(self, images, visible):
+        # Removed pixels may hold anything (NaN included): the masked model never reads them.
+        return self.masked_model(self.normalise(images), visible.to(images.dtype))
+
+
+# ----------------------------------------------------------------------------- fills
+def _visible_mean(images: torch.Tensor, visible: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    vis = visible.to(images.dtype)
+    total = torch.where(visible, images, torch.zeros((), dtype=images.dtype, device=images.device))
+    count = vis.sum(dim=(2, 3), keepdim=True)
+    mean = total.sum(dim=(2, 3), keepdim=True) / count.clamp_min(1)
+    return torch.where(count > 0, mean, fallback)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur, radius ceil(3 sigma), reflect padding (clamped to the image size)."""
+    if sigma <= 0:
+        return images
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = images.shape[1]
+    h, w = images.shape[-2:]
+    ph, pw = min(radius, h - 1), min(radius, w - 1)
+    x = F.pad(images, (pw, pw, ph, ph), mode="reflect") if (ph or pw) else images
+    # A kernel wider than the padded image is cut to its centre.
+    kh, kw = k[radius - ph: radius + ph + 1], k[radius - pw: radius + pw + 1]
+    x = F.conv2d(x, (kh / kh.sum()).view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, (kw / kw.sum()).view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+
+
+def _black(s, images, visible):
+    return torch.zeros((), dtype=images.dtype, device=images.device)
+
+
+def _grey(s, images, visible):
+    return s._channel(s.mean, images)
+
+
+def _mean(s, images, visible):
+    return _visible_mean(images, visible, s._channel(s.mean, images))
+
+
+def _blur(s, images, visible):
+    return gaussian_blur(images, s.blur_sigma)
+
+
+def _noise(s, images, visible):
+    if s.generator is None or s.generator.device != images.device:
+        s.generator = torch.Generator(device=images.device).manual_seed(s.seed)
+    return torch.rand(images.shape, generator=s.generator, dtype=images.dtype, device=images.device)
+
+
+def _smooth_grey(s, images, visible):
+    grey = torch.where(visible, images, _grey(s, images, visible))
+    return gaussian_blur(grey, s.smooth_sigma)
+
+
+_FILLS: Dict[str, Callable] = {
+    "black": _black, "grey": _grey, "mean": _mean, "blur": _blur, "noise": _noise,
+    "smooth-grey": _smooth_grey,
+}
+
+
+def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, mode: str = "fill", seed: int = 0,
+                 blur_sigma: float = 5.0, smooth_sigma: float = 2.0) -> Strategy:
+    """The strategy called ``name`` (see ``STRATEGIES``) for ``model``.
+
+    ``mode`` applies to "layer" ("layer-renorm"/"layer-zero" fix theirs); ``seed`` seeds
+    "noise"; ``blur_sigma``/``smooth_sigma`` (pixels) set "blur"/"smooth-grey".
+    """
+    if isinstance(name, Strategy):
+        return name
+    if name in LAYER_STRATEGIES:
+        return LayerStrategy(name, model, mean, std, mode=LAYER_STRATEGIES[name] or mode)
+    if name not in _FILLS:
+        raise ValueError(f"unknown masking strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+    s = FillStrategy(name, _FILLS[name], model, mean, std)
+    s.seed, s.generator = int(seed), None
+    s.blur_sigma, s.smooth_sigma = float(blur_sigma), float(smooth_sigma)
+    return s
