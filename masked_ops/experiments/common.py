@@ -1,0 +1,109 @@
+"""What every experiment runs on: a model, its masking strategies, batched prediction.
+
+An experiment function takes ``model`` (any nn.Module classifier), ``images`` (N x 3 x H x W in
+[0, 1], pixel space) and ``strategies``: names from masked_ops.explain.strategies.STRATEGIES, or
+a mapping ``{name: predict}`` with ``predict(images, masks) -> logits`` for a strategy of your own
+(``images`` and ``masks`` as in the Strategy interface: masks N x 1 x H x W, 1 = visible).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Dict, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..explain.strategies import IMAGENET_MEAN, IMAGENET_STD, STRATEGIES, get_strategy
+
+Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StrategySpec = Union[Sequence[str], Mapping[str, Predictor]]
+
+# The comparison the paper headlines, plus the other input fills and both other layer modes.
+DEFAULT_STRATEGIES = STRATEGIES
+
+
+class Subject:
+    """A model, its normalisation and its strategies, with batched no-grad prediction."""
+
+    def __init__(self, model: nn.Module, strategies: StrategySpec = DEFAULT_STRATEGIES, *,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 batch_size: int = 32, seed: int = 0):
+        if not callable(model):
+            raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.model = model
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.batch_size = batch_size
+        if isinstance(strategies, str):
+            strategies = [strategies]
+        if isinstance(strategies, Mapping):
+            self.strategies: Dict[str, Predictor] = dict(strategies)
+        else:
+            names = list(strategies)
+            if not names:
+                raise ValueError(f"strategies: need at least one of {', '.join(STRATEGIES)}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"strategies: duplicate names in {names}")
+            self.strategies = {n: get_strategy(n, model, mean=mean, std=std, seed=seed) for n in names}
+        for name in self.strategies:
+            if "--" in name or "/" in name:
+                raise ValueError(f"strategy name {name!r} must not contain '--' or '/'")
+
+    @property
+    def names(self):
+        return list(self.strategies)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean.to(images)) / self.std.to(images)
+
+    def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of the plain model on the unmasked images (the reference every metric uses)."""
+        out = []
+        with torch.inference_mode():
+            for i in range(0, images.shape[0], self.batch_size):
+                out.append(self.model(self.normalise(images[i:i + self.batch_size])).float())
+        return torch.cat(out)
+
+    def predict(self, name: str, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Logits of strategy ``name`` for one image (3 x H x W or 1 x 3 x H x W) under many masks."""
+        fn = self.strategies[name]
+        img = image[None] if image.dim() == 3 else image
+        out = []
+        with torch.inference_mode():
+            for i in range(0, masks.shape[0], self.batch_size):
+                m = masks[i:i + self.batch_size]
+                out.append(fn(img.expand(m.shape[0], -1, -1, -1), m).float())
+        return torch.cat(out)
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """A short content hash of tensors (model parameters, images): detects a changed input on resume."""
+    h = hashlib.sha1()
+    for t in tensors:
+        a = t.detach().cpu().contiguous().float().numpy()
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    params = [p for p in model.state_dict().values() if torch.is_tensor(p) and p.is_floating_point()]
+    return fingerprint(*params) if params else type(model).__name__
+
+
+def base_config(experiment: str, subject: Subject, images: torch.Tensor, seed: int, **params) -> dict:
+    """The configuration a checkpointed run is tied to (see runner.Run)."""
+    return dict(experiment=experiment, model=model_fingerprint(subject.model), images=fingerprint(images),
+                n_images=int(images.shape[0]), strategies=subject.names, seed=int(seed), **params)
+
+
+def check_images(images) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be an N x C x H x W tensor in [0, 1], got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if images.shape[0] < 1:
+        raise ValueError("images: need at least one image")
+    return images.float()

@@ -1,0 +1,156 @@
+"""Resumable experiment runs: one checkpoint file per unit of work.
+
+An experiment splits its work into independent *units* (e.g. one image under one masking
+strategy). ``Run.map`` computes the units that have no checkpoint yet, saves each one as
+soon as it is done (atomically: temp file then rename), and loads the others from disk, so
+a run that is interrupted and started again with the same configuration carries on where
+it stopped instead of starting over.
+
+Layout under ``out_dir/<experiment>/``::
+
+    config.json       the configuration the units were computed with (checked on resume)
+    units/<key>.npz   one file per finished unit (numpy arrays)
+    results.json      the aggregated numbers, written by the experiment at the end
+
+A run started again with a *different* configuration refuses to mix results: it raises
+and names the keys that differ (use another out dir, or ``fresh=True`` to discard them).
+With ``out_dir=None`` nothing is written: units live in memory for one call.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Mapping, Optional
+
+import numpy as np
+
+_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _canonical(config: Mapping) -> dict:
+    """The config as plain JSON values (tuples -> lists), so saved and new configs compare equal."""
+    return json.loads(json.dumps(dict(config), sort_keys=True, default=str))
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Run:
+    """Checkpoint store of one experiment run (see the module docstring)."""
+
+    def __init__(self, out_dir, experiment: str, config: Mapping, *, fresh: bool = False,
+                 progress: bool = True):
+        self.experiment = experiment
+        self.config = _canonical(config)
+        self.progress = progress
+        self.computed = 0  # units computed (not loaded) by this process: what tests count
+        self._memory: Optional[Dict[str, Dict[str, np.ndarray]]] = None
+        if out_dir is None:
+            self.dir = self.units_dir = None
+            self._memory = {}
+            return
+        self.dir = Path(out_dir) / experiment
+        self.units_dir = self.dir / "units"
+        if fresh and self.units_dir.exists():
+            shutil.rmtree(self.units_dir)
+        cfg_path = self.dir / "config.json"
+        if cfg_path.exists() and not fresh:
+            saved = json.loads(cfg_path.read_text())
+            if saved != self.config:
+                keys = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
+                raise ValueError(
+                    f"{self.dir} holds a run of {experiment!r} with a different configuration "
+                    f"(differs in: {', '.join(keys)}); use another --out directory or --fresh to discard it")
+        self.units_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg_path, self.config)
+
+    def _path(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise ValueError(f"unit key must match {_KEY.pattern}, got {key!r}")
+        return self.units_dir / f"{key}.npz"
+
+    def done(self, key: str) -> bool:
+        if self._memory is not None:
+            return key in self._memory
+        return self._path(key).exists()
+
+    def load(self, key: str) -> Dict[str, np.ndarray]:
+        if self._memory is not None:
+            return self._memory[key]
+        with np.load(self._path(key), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def save(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+        if self._memory is not None:
+            self._memory[key] = {k: np.asarray(v) for k, v in arrays.items()}
+            return
+        path = self._path(key)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def map(self, keys: Iterable[str], compute: Callable[[str], Mapping[str, np.ndarray]],
+            desc: Optional[str] = None) -> Dict[str, Dict[str, np.ndarray]]:
+        """{key: arrays} for every key: loaded if checkpointed, else computed, saved, returned."""
+        keys = list(keys)
+        if len(set(keys)) != len(keys):
+            raise ValueError("unit keys must be unique")
+        for k in keys:
+            if not _KEY.match(k):
+                raise ValueError(f"unit key must match {_KEY.pattern}, got {k!r}")
+        todo = [k for k in keys if not self.done(k)]
+        bar = _progress(total=len(keys), initial=len(keys) - len(todo), desc=desc or self.experiment,
+                        disable=not self.progress)
+        try:
+            for key in todo:
+                self.save(key, compute(key))
+                self.computed += 1
+                bar.update(1)
+        finally:
+            bar.close()
+        return {k: self.load(k) for k in keys}
+
+    def write_results(self, results: Mapping) -> Optional[Path]:
+        if self.dir is None:
+            return None
+        path = self.dir / "results.json"
+        write_json_atomic(path, results)
+        return path
+
+
+def _progress(**kwargs):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is an optional dependency: run silently without it
+        return _NoBar()
+    return tqdm(**kwargs)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
