@@ -55,10 +55,15 @@ def test_all_visible_is_plain_model(name, data):
     model = tiny_cnn()
     images, _ = data
     ones = torch.ones(3, 1, 16, 16, dtype=torch.bool)
+    # renorm renormalises at the image border unless the padding counts as visible (documented)
     with torch.no_grad():
-        got = get_strategy(name, model)(images, ones)
+        got = get_strategy(name, model, padding_visible=True)(images, ones)
         want = plain(model, images)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if name == "layer-renorm":
+        with torch.no_grad():
+            default = get_strategy(name, model)(images, ones)
+        assert not torch.allclose(default, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", INVARIANT)

@@ -130,12 +130,14 @@ class FillStrategy(Strategy):
 class LayerStrategy(Strategy):
     """Layer masking: the mask travels through the network (masked_ops.layer_mask)."""
 
-    def __init__(self, name: str, model, mean=IMAGENET_MEAN, std=IMAGENET_STD, mode: str = "fill"):
+    def __init__(self, name: str, model, mean=IMAGENET_MEAN, std=IMAGENET_STD, mode: str = "fill",
+                 padding_visible: bool = False):
         super().__init__(model, mean, std)
         from ..modes import check_mode
 
         self.name = name
         self.mode = check_mode(mode)
+        self.padding_visible = bool(padding_visible)
         self._masked: Optional[nn.Module] = None
 
     @property
@@ -144,7 +146,7 @@ class LayerStrategy(Strategy):
         if self._masked is None:
             from .. import layer_mask
 
-            self._masked = layer_mask(self.model, mode=self.mode)
+            self._masked = layer_mask(self.model, mode=self.mode, padding_visible=self.padding_visible)
         return self._masked
 
     def forward(self, images, visible):
@@ -214,16 +216,21 @@ _FILLS: Dict[str, Callable] = {
 
 def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, mode: str = "fill", seed: int = 0,
-                 blur_sigma: float = 5.0, smooth_sigma: float = 2.0) -> Strategy:
+                 blur_sigma: float = 5.0, smooth_sigma: float = 2.0,
+                 padding_visible: bool = False) -> Strategy:
     """The strategy called ``name`` (see ``STRATEGIES``) for ``model``.
 
     ``mode`` applies to "layer" ("layer-renorm"/"layer-zero" fix theirs); ``seed`` seeds
     "noise"; ``blur_sigma``/``smooth_sigma`` (pixels) set "blur"/"smooth-grey".
+    ``padding_visible`` (layer renorm only) counts the zero padding as visible, so that an
+    all-visible mask reproduces the plain model exactly; by default the border is renormalised
+    as in partial convolution, so "layer-renorm" with nothing removed differs at the borders.
     """
     if isinstance(name, Strategy):
         return name
     if name in LAYER_STRATEGIES:
-        return LayerStrategy(name, model, mean, std, mode=LAYER_STRATEGIES[name] or mode)
+        return LayerStrategy(name, model, mean, std, mode=LAYER_STRATEGIES[name] or mode,
+                             padding_visible=padding_visible)
     if name not in _FILLS:
         raise ValueError(f"unknown masking strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
     s = FillStrategy(name, _FILLS[name], model, mean, std)
