@@ -1,0 +1,121 @@
+// Shared helpers of the CPU kernels: memory formats, argument checks, pooling geometry
+// and the fused activations (by the names of masked_ops/activations.py).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+namespace masked_ops {
+namespace cpu {
+
+// Kernels write their outputs in the input's suggested memory format; inputs that are not
+// contiguous in that format are copied into it first (the loops assume dense NCHW or NHWC).
+inline at::MemoryFormat layout_of(const at::Tensor& x) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous;
+}
+
+inline void check_image(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, name, " must have shape N x C x H x W, got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating, got ", x.scalar_type());
+}
+
+// mask/keep: N x 1 x H x W in x's dtype (the primitives' convention, see reference.py).
+inline void check_mask_like(const at::Tensor& m, const at::Tensor& x, int64_t h, int64_t w, const char* name) {
+  TORCH_CHECK(m.device().is_cpu(), name, " must be a CPU tensor, got ", m.device());
+  TORCH_CHECK(m.dim() == 4 && m.size(0) == x.size(0) && m.size(1) == 1 && m.size(2) == h && m.size(3) == w,
+              name, " must have shape (", x.size(0), ", 1, ", h, ", ", w, "), got ", m.sizes());
+  TORCH_CHECK(m.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(), ", got ",
+              m.scalar_type());
+}
+
+// Visibility of every pixel as bytes (N x H x W): computed once, shared by all channels.
+inline at::Tensor visible_map(const at::Tensor& mask) {
+  return mask.reshape({mask.size(0), mask.size(2), mask.size(3)}).gt(0).to(at::kByte).contiguous();
+}
+
+// ATen's pooling_output_shape (aten/src/ATen/native/Pool.h), including the ceil_mode rule
+// that the last window must start inside the input or the left padding.
+inline int64_t pooled_size(int64_t in, int64_t k, int64_t pad, int64_t stride, int64_t dil, bool ceil_mode) {
+  const int64_t num = in + 2 * pad - dil * (k - 1) - 1 + (ceil_mode ? stride - 1 : 0);
+  int64_t out = (num >= 0 ? num / stride : -((-num + stride - 1) / stride)) + 1;
+  if (ceil_mode && (out - 1) * stride >= in + pad) --out;
+  return out;
+}
+
+// ---------------------------------------------------------------- activations
+// Codes follow the order of ACTIVATIONS in masked_ops/activations.py.
+enum class Act { None, Relu, Relu6, LeakyRelu, Silu, Hardswish, Hardsigmoid, Sigmoid, Gelu, Tanh };
+
+inline Act activation_from_name(const std::string& name) {
+  if (name == "none") return Act::None;
+  if (name == "relu") return Act::Relu;
+  if (name == "relu6") return Act::Relu6;
+  if (name == "leaky_relu") return Act::LeakyRelu;
+  if (name == "silu") return Act::Silu;
+  if (name == "hardswish") return Act::Hardswish;
+  if (name == "hardsigmoid") return Act::Hardsigmoid;
+  if (name == "sigmoid") return Act::Sigmoid;
+  if (name == "gelu") return Act::Gelu;
+  if (name == "tanh") return Act::Tanh;
+  TORCH_CHECK(false, "activation must be one of none, relu, relu6, leaky_relu, silu, hardswish, hardsigmoid, "
+              "sigmoid, gelu, tanh; got '", name, "'");
+}
+
+// NaN propagates as in the ATen ops (comparisons with NaN are false, so NaN falls through).
+template <Act A, typename T>
+inline T activate(T z) {
+  if constexpr (A == Act::None) {
+    return z;
+  } else if constexpr (A == Act::Relu) {
+    return z < T(0) ? T(0) : z;
+  } else if constexpr (A == Act::Relu6) {
+    return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
+  } else if constexpr (A == Act::LeakyRelu) {
+    return z > T(0) ? z : z * T(0.01);
+  } else if constexpr (A == Act::Silu) {
+    return z / (T(1) + std::exp(-z));
+  } else if constexpr (A == Act::Hardswish) {
+    T r = z + T(3);
+    r = r < T(0) ? T(0) : (r > T(6) ? T(6) : r);
+    return z * r / T(6);
+  } else if constexpr (A == Act::Hardsigmoid) {
+    T r = z + T(3);
+    r = r < T(0) ? T(0) : (r > T(6) ? T(6) : r);
+    return r / T(6);
+  } else if constexpr (A == Act::Sigmoid) {
+    return T(1) / (T(1) + std::exp(-z));
+  } else if constexpr (A == Act::Gelu) {
+    // Exact (erf) form, F.gelu's default.
+    return z * T(0.5) * (T(1) + std::erf(z * T(M_SQRT1_2)));
+  } else {
+    return std::tanh(z);
+  }
+}
+
+// Calls f(std::integral_constant<Act, A>{}) so each activation gets its own specialised loop.
+template <typename F>
+inline void dispatch_activation(Act act, F&& f) {
+  switch (act) {
+    case Act::None: f(std::integral_constant<Act, Act::None>{}); break;
+    case Act::Relu: f(std::integral_constant<Act, Act::Relu>{}); break;
+    case Act::Relu6: f(std::integral_constant<Act, Act::Relu6>{}); break;
+    case Act::LeakyRelu: f(std::integral_constant<Act, Act::LeakyRelu>{}); break;
+    case Act::Silu: f(std::integral_constant<Act, Act::Silu>{}); break;
+    case Act::Hardswish: f(std::integral_constant<Act, Act::Hardswish>{}); break;
+    case Act::Hardsigmoid: f(std::integral_constant<Act, Act::Hardsigmoid>{}); break;
+    case Act::Sigmoid: f(std::integral_constant<Act, Act::Sigmoid>{}); break;
+    case Act::Gelu: f(std::integral_constant<Act, Act::Gelu>{}); break;
+    case Act::Tanh: f(std::integral_constant<Act, Act::Tanh>{}); break;
+  }
+}
+
+}  // namespace cpu
+}  // namespace masked_ops

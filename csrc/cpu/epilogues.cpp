@@ -1,0 +1,149 @@
+// The fused one-pass epilogues on CPU:
+//   conv_epilogue:     out = act(y * scale[n,ho,wo] + bias[c])  where keep, 0 elsewhere
+//   masked_affine_act: out = act(x * scale[c] + shift[c])       where mask, 0 elsewhere
+// Both are one kernel: z = (y * pixel_scale) * channel_mul + channel_add, a selected
+// activation, and a select (never a multiply) by the per-pixel keep mask, which is read
+// once per (n, h, w) in NHWC and once per plane row in NCHW.
+#include "common.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace masked_ops {
+namespace cpu {
+namespace {
+
+template <typename scalar_t, Act A, bool PIX>
+void epilogue_kernel(const scalar_t* y, scalar_t* out, const scalar_t* keep, const scalar_t* pix,
+                     const at::opmath_type<scalar_t>* mul, const at::opmath_type<scalar_t>* add, int64_t N,
+                     int64_t C, int64_t HW, bool channels_last) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (!channels_last) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
+    at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C, c = plane % C;
+        const scalar_t* yp = y + plane * HW;
+        scalar_t* op = out + plane * HW;
+        const scalar_t* kp = keep + n * HW;
+        const scalar_t* sp = PIX ? pix + n * HW : nullptr;
+        const opmath_t m = mul[c], a = add[c];
+        for (int64_t i = 0; i < HW; ++i) {
+          opmath_t z = static_cast<opmath_t>(yp[i]);
+          if constexpr (PIX) z = z * static_cast<opmath_t>(sp[i]);
+          const opmath_t r = activate<A>(z * m + a);
+          op[i] = static_cast<opmath_t>(kp[i]) > opmath_t(0) ? static_cast<scalar_t>(r) : scalar_t(0);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, N * HW, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      scalar_t* op = out + p * C;
+      if (!(static_cast<opmath_t>(keep[p]) > opmath_t(0))) {
+        std::fill(op, op + C, scalar_t(0));
+        continue;
+      }
+      const scalar_t* yp = y + p * C;
+      const opmath_t s = PIX ? static_cast<opmath_t>(pix[p]) : opmath_t(1);
+      for (int64_t c = 0; c < C; ++c) {
+        opmath_t z = static_cast<opmath_t>(yp[c]);
+        if constexpr (PIX) z = z * s;
+        op[c] = static_cast<scalar_t>(activate<A>(z * mul[c] + add[c]));
+      }
+    }
+  });
+}
+
+// Per-channel factors in opmath (1 / 0 where absent). Values are first rounded to the input
+// dtype, as the reference does with .to(x.dtype).
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> channel_vector(const std::optional<at::Tensor>& t, int64_t C,
+                                                      double absent, const at::ScalarType dtype) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  std::vector<opmath_t> v(C, static_cast<opmath_t>(absent));
+  if (t.has_value() && t->defined()) {
+    const at::Tensor tc = t->to(at::kCPU, dtype).contiguous();
+    const scalar_t* p = tc.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<opmath_t>(p[c]);
+  }
+  return v;
+}
+
+at::Tensor epilogue(const at::Tensor& y_in, const at::Tensor& keep_in, const std::optional<at::Tensor>& pix_in,
+                    const std::optional<at::Tensor>& mul, const std::optional<at::Tensor>& add,
+                    const std::string& activation) {
+  const Act act = activation_from_name(activation);
+  const auto fmt = layout_of(y_in);
+  const at::Tensor y = y_in.contiguous(fmt);
+  at::Tensor out = at::empty_like(y, y.options().memory_format(fmt));
+  const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  if (y.numel() == 0) return out;
+  const at::Tensor keep = keep_in.contiguous();
+  const bool has_pix = pix_in.has_value() && pix_in->defined();
+  const at::Tensor pix = has_pix ? pix_in->to(y.scalar_type()).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "masked_ops_epilogue", [&] {
+    const auto mulv = channel_vector<scalar_t>(mul, C, 1.0, y.scalar_type());
+    const auto addv = channel_vector<scalar_t>(add, C, 0.0, y.scalar_type());
+    const scalar_t* pp = has_pix ? pix.const_data_ptr<scalar_t>() : nullptr;
+    dispatch_activation(act, [&](auto a) {
+      constexpr Act A = decltype(a)::value;
+      if (has_pix) {
+        epilogue_kernel<scalar_t, A, true>(y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                           keep.const_data_ptr<scalar_t>(), pp, mulv.data(), addv.data(), N, C,
+                                           HW, fmt == at::MemoryFormat::ChannelsLast);
+      } else {
+        epilogue_kernel<scalar_t, A, false>(y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                            keep.const_data_ptr<scalar_t>(), nullptr, mulv.data(), addv.data(),
+                                            N, C, HW, fmt == at::MemoryFormat::ChannelsLast);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor conv_epilogue_cpu(const at::Tensor& y, const at::Tensor& keep, const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_image(y, "conv_epilogue: y");
+  check_mask_like(keep, y, y.size(2), y.size(3), "conv_epilogue: keep");
+  if (scale.has_value() && scale->defined()) {
+    TORCH_CHECK(scale->dim() == 4 && scale->size(0) == y.size(0) && scale->size(1) == 1 &&
+                    scale->size(2) == y.size(2) && scale->size(3) == y.size(3),
+                "conv_epilogue: scale must have shape (", y.size(0), ", 1, ", y.size(2), ", ", y.size(3), "), got ",
+                scale->sizes());
+    TORCH_CHECK(scale->device().is_cpu(), "conv_epilogue: scale must be a CPU tensor");
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == y.size(1), "conv_epilogue: bias must have shape (",
+                y.size(1), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->device().is_cpu(), "conv_epilogue: bias must be a CPU tensor");
+  }
+  return epilogue(y, keep, scale, std::nullopt, bias, std::string(activation));
+}
+
+at::Tensor masked_affine_act_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& scale,
+                                 const at::Tensor& shift, c10::string_view activation) {
+  check_image(x, "masked_affine_act: x");
+  check_mask_like(mask, x, x.size(2), x.size(3), "masked_affine_act: mask");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{scale, "scale"}, {shift, "shift"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), "masked_affine_act: ", name, " must have shape (",
+                x.size(1), ",), got ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), "masked_affine_act: ", name, " must be a CPU tensor");
+  }
+  return epilogue(x, mask, std::nullopt, scale, shift, std::string(activation));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(masked_ops, CPU, m) {
+  m.impl("conv_epilogue", &conv_epilogue_cpu);
+  m.impl("masked_affine_act", &masked_affine_act_cpu);
+}
+
+}  // namespace cpu
+}  // namespace masked_ops
