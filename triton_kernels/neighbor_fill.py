@@ -1,0 +1,121 @@
+"""The whole neighbour fill (all iterations) in one Triton kernel over tiles with a halo.
+
+Reference: masked_ops.backends.reference.neighbor_fill. The known region grows by one 3x3
+dilation per iteration and depends on the mask alone, so the iteration that fills a pixel is
+its Chebyshev distance d to the nearest visible pixel (0 = visible, > iters = never). A pixel
+with d = t is the mean of its neighbours with d = t - 1.
+
+Kernel 1 (mask only, N x H x W): d per pixel.
+Kernel 2, one program per (plane, tile): a RB x RB block covers the tile plus a halo of T = iters
+pixels. Ring t is computed in place in the output on the tile grown by T - t pixels, reading ring
+t - 1 (ring 0 straight from x), with a block barrier between rings. Neighbouring programs
+recompute the same halo pixels with the same arithmetic, so their overlapping writes store
+identical values and the result is deterministic; a program only ever reads ring pixels it wrote
+itself.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .layout import dense, identity
+
+
+@triton.jit
+def fill_distance_kernel(mask_ptr, dist_ptr, H, W, T: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    n = tl.program_id(0)
+    rows = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
+    cols = tl.program_id(2) * BW + tl.arange(0, BW)[None, :]
+    inside = (rows < H) & (cols < W)
+    base = n.to(tl.int64) * H * W
+    d = tl.full((BH, BW), T + 1, tl.int32)
+    for dy in tl.static_range(-T, T + 1):
+        for dx in tl.static_range(-T, T + 1):
+            r = rows + dy
+            c = cols + dx
+            ok = inside & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            m = tl.load(mask_ptr + base + r * W + c, mask=ok, other=0.0)
+            ring = max(abs(dy), abs(dx))
+            d = tl.where((m > 0) & (d > ring), ring, d)
+    tl.store(dist_ptr + base + rows * W + cols, d, mask=inside)
+
+
+@triton.jit
+def neighbor_fill_kernel(x_ptr, out_ptr, dist_ptr, C, H, W, s_n, s_c, s_h, s_w,
+                         T: tl.constexpr, RB: tl.constexpr, ACC64: tl.constexpr):
+    TILE: tl.constexpr = RB - 2 * T
+    plane = tl.program_id(0)
+    n = plane // C
+    c = plane % C
+    h0 = tl.program_id(1) * TILE
+    w0 = tl.program_id(2) * TILE
+    rows = h0 - T + tl.arange(0, RB)[:, None]
+    cols = w0 - T + tl.arange(0, RB)[None, :]
+    in_img = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+    dbase = n.to(tl.int64) * H * W
+    xbase = n.to(tl.int64) * s_n + c.to(tl.int64) * s_c
+    offs = xbase + rows.to(tl.int64) * s_h + cols.to(tl.int64) * s_w
+    d = tl.load(dist_ptr + dbase + rows * W + cols, mask=in_img, other=-1)
+    in_tile = in_img & (rows >= h0) & (rows < h0 + TILE) & (cols >= w0) & (cols < w0 + TILE)
+    # Ring 0 and never-reached pixels of the tile itself; ring pixels are written below.
+    x0 = tl.load(x_ptr + offs, mask=in_tile & (d == 0), other=0.0)
+    tl.store(out_ptr + offs, x0, mask=in_tile & ((d == 0) | (d > T)))
+    for t in tl.static_range(1, T + 1):
+        grow = T - t
+        region = in_img & (rows >= h0 - grow) & (rows < h0 + TILE + grow) & \
+            (cols >= w0 - grow) & (cols < w0 + TILE + grow)
+        active = region & (d == t)
+        if ACC64:
+            acc = tl.zeros((RB, RB), tl.float64)
+        else:
+            acc = tl.zeros((RB, RB), tl.float32)
+        cnt = tl.zeros((RB, RB), tl.float32)
+        for dy in tl.static_range(-1, 2):
+            for dx in tl.static_range(-1, 2):
+                r = rows + dy
+                cc = cols + dx
+                ok = active & (r >= 0) & (r < H) & (cc >= 0) & (cc < W)
+                dn = tl.load(dist_ptr + dbase + r * W + cc, mask=ok, other=-1)
+                use = ok & (dn == t - 1)
+                noffs = offs + dy * s_h + dx * s_w
+                if t == 1:
+                    v = tl.load(x_ptr + noffs, mask=use, other=0.0)
+                else:
+                    v = tl.load(out_ptr + noffs, mask=use, other=0.0)
+                acc += tl.where(use, v.to(acc.dtype), 0.0)
+                cnt += tl.where(use, 1.0, 0.0)
+        val = acc / tl.maximum(cnt, 1.0).to(acc.dtype)
+        tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=active)
+        tl.debug_barrier()  # ring t is read by ring t + 1 from other threads of this block
+
+
+def _block(iters: int) -> int:
+    rb = 16
+    while rb - 2 * iters < max(8, rb // 2):
+        rb *= 2
+    return rb
+
+
+def distance(mask: torch.Tensor, iters: int, wrap=identity) -> torch.Tensor:
+    """int32 N x H x W: Chebyshev distance to the nearest visible pixel, iters + 1 beyond iters."""
+    n, _, h, w = mask.shape
+    dist = torch.empty((n, h, w), dtype=torch.int32, device=mask.device)
+    bh, bw = 16, 32
+    wrap(fill_distance_kernel)[(n, triton.cdiv(h, bh), triton.cdiv(w, bw))](
+        mask, dist, h, w, T=iters, BH=bh, BW=bw)
+    return dist
+
+
+def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, wrap=identity) -> torch.Tensor:
+    x, fmt, _ = dense(x)
+    mask = mask.to(x.dtype).contiguous()
+    if iters <= 0:
+        return torch.where(mask > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    n, c, h, w = x.shape
+    out = torch.empty_like(x, memory_format=fmt)
+    dist = distance(mask, iters, wrap)
+    rb = _block(iters)
+    tile = rb - 2 * iters
+    s_n, s_c, s_h, s_w = x.stride()
+    wrap(neighbor_fill_kernel)[(n * c, triton.cdiv(h, tile), triton.cdiv(w, tile))](
+        x, out, dist, c, h, w, s_n, s_c, s_h, s_w, T=iters, RB=rb, ACC64=x.dtype == torch.float64)
+    return out
