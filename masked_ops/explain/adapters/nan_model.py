@@ -1,0 +1,43 @@
+"""A model that reads removed pixels as NaN: the bridge between NaN-painting tools and strategies."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy, get_strategy
+
+
+def nan_mask(images: torch.Tensor) -> torch.Tensor:
+    """N x 1 x H x W bool mask: a pixel is visible iff none of its channels is NaN."""
+    return ~torch.isnan(images).any(dim=1, keepdim=True)
+
+
+class NaNMaskedModel(nn.Module):
+    """``forward(images) -> logits`` for pixel-space images whose removed pixels are NaN.
+
+    ``strategy`` is a Strategy or a strategy name (default "layer": layer masking); with a name,
+    ``model``/``mean``/``std``/``mode`` build it. Removed values are replaced by 0 before the
+    strategy sees them (strategies never read them anyway), so NaN never reaches the model.
+    ``softmax=True`` returns probabilities instead of logits.
+    """
+
+    def __init__(self, model: nn.Module = None, strategy: Union[str, Strategy] = "layer", *,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 mode: str = "fill", softmax: bool = False):
+        super().__init__()
+        if not isinstance(strategy, Strategy):
+            if model is None:
+                raise ValueError("model is required when strategy is given by name")
+            strategy = get_strategy(strategy, model, mean=mean, std=std, mode=mode)
+        self.strategy = strategy
+        # Registered so that .to(device) / .eval() reach the wrapped model.
+        self.model = strategy.model if isinstance(strategy.model, nn.Module) else None
+        self.softmax = softmax
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        visible = nan_mask(images)
+        clean = torch.where(visible, images, torch.zeros((), dtype=images.dtype, device=images.device))
+        out = self.strategy(clean, visible)
+        return out.softmax(1) if self.softmax else out
