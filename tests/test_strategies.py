@@ -173,3 +173,20 @@ def test_bad_input(data):
     with pytest.raises(ValueError, match="mode"):
         get_strategy("layer", model, mode="sideways")
     assert set(FILL_STRATEGIES) < set(STRATEGIES) and len(STRATEGIES) == 9
+
+
+@pytest.mark.parametrize("name", ["grey", "layer"])
+def test_channels_last_model_gets_channels_last_images(name, data):
+    _skip_layer(name)
+    images, masks = data
+    model = tiny_cnn()
+    want = get_strategy(name, model)(images, masks)
+    cl = tiny_cnn().to(memory_format=torch.channels_last)
+    seen = []
+    cl[0].register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    s = get_strategy(name, cl)
+    assert s.channels_last and not get_strategy(name, model).channels_last
+    torch.testing.assert_close(s(images, masks), want, rtol=1e-4, atol=1e-5)
+    if name == "grey":
+        assert seen == [True]

@@ -19,6 +19,8 @@ Interface
 - ``masks``: N x 1 x H x W, bool or float 0/1, **1 = visible**, 0 = removed, on the images' device.
 - Runs on whatever device the images and the model live on. Gradients are not disabled: wrap the
   call in ``torch.inference_mode()`` (the explainers do) when you do not need them.
+- Memory format follows the model: convert it with ``model.to(memory_format=torch.channels_last)``
+  (much faster on CPU for depthwise convs) and the strategy feeds it channels_last images.
 
 Strategies (``STRATEGIES``):
 
@@ -76,6 +78,7 @@ class Strategy:
                              f"and {self.std.numel()}")
         if bool((self.std <= 0).any()):
             raise ValueError(f"std must be positive, got {self.std.tolist()}")
+        self._channels_last: Optional[bool] = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -100,7 +103,20 @@ class Strategy:
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         images, visible = self._prepare(images, masks)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.forward(images, visible)
+
+    @property
+    def channels_last(self) -> bool:
+        """True when the model's conv weights are channels_last (model.to(memory_format=...)): the
+        images are then fed channels_last too, which is what makes oneDNN fast on CPU."""
+        if self._channels_last is None:
+            params = self.model.parameters() if isinstance(self.model, nn.Module) else ()
+            w = next((p for p in params if p.dim() == 4 and p.shape[-1] > 1), None)
+            self._channels_last = bool(w is not None and not w.is_contiguous()
+                                       and w.is_contiguous(memory_format=torch.channels_last))
+        return self._channels_last
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
