@@ -275,6 +275,7 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
     check_mode(mode)
     if concat not in ("majority", "union", "intersection"):
         raise ValueError(f"concat must be 'majority', 'union' or 'intersection', got {concat!r}")
+    R.register_optional_rules()
     training = model.training
     if training:
         warnings.warn("layer_mask: the model is in train mode; BatchNorm will use batch statistics over the "

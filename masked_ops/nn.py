@@ -37,8 +37,8 @@ from .backends import resolve
 from .modes import check_mode, fill_iters
 from .ops import bn_affine, conv_mask_path
 
-Key = Hashable
-INPUT: Key = ("input",)
+Key = int  # masks are named by small ints; structural tuples of ints map to them
+INPUT: Key = 0
 
 # Activations with f(0) == 0: their output stays 0 where the input is 0 (no re-zeroing).
 ZERO_PRESERVING = {"none", "relu", "relu6", "leaky_relu", "silu", "hardswish", "gelu", "tanh"}
@@ -62,15 +62,18 @@ def layout_mask(m: torch.Tensor, layout: str) -> torch.Tensor:
 class MaskGraph:
     """The mask path of a converted model: structural keys -> functions of other masks.
 
-    Keys are tuples naming the operation, its geometry and its source keys, so a second
-    request for the same mask returns the existing key. Insertion order is topological.
+    A mask is requested by a structural tuple (operation, geometry, source ids); a second
+    request for the same tuple returns the existing id. Insertion order is topological.
     """
 
     def __init__(self):
+        self.ids: Dict[tuple, Key] = {}
         self.ops: Dict[Key, Tuple[Callable, Tuple[Key, ...]]] = {}
 
-    def add(self, key: Key, fn: Callable, srcs: Sequence[Key]) -> Key:
-        if key not in self.ops:
+    def add(self, structure: tuple, fn: Callable, srcs: Sequence[Key]) -> Key:
+        key = self.ids.get(structure)
+        if key is None:
+            key = self.ids[structure] = len(self.ops) + 1
             self.ops[key] = (fn, tuple(srcs))
         return key
 
@@ -125,10 +128,10 @@ class MaskGraph:
         if len(uniq) == 1:
             return uniq[0]
         if how == "intersection":
-            return self.add(("and",) + tuple(sorted(uniq, key=repr)),
+            return self.add(("and",) + tuple(sorted(uniq)),
                             lambda *ms: _reduce(torch.minimum, ms), uniq)
         if how == "union":
-            return self.add(("or",) + tuple(sorted(uniq, key=repr)),
+            return self.add(("or",) + tuple(sorted(uniq)),
                             lambda *ms: _reduce(torch.maximum, ms), uniq)
         if how == "majority":
             n = len(srcs)

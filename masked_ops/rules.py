@@ -559,32 +559,39 @@ def _stochastic_depth_module_rule(node, ctx):
     return mnn.MaskedPointwise(m, "StochasticDepth (train)", zero_preserving=True, layout=ctx.layout(node.args[0]))
 
 
-def _register_optional():
-    try:  # torchvision: FrozenBatchNorm2d, stochastic depth
-        from torchvision.ops import misc as tv_misc
-        from torchvision.ops import stochastic_depth as tv_sd
+_optional_done: set = set()
 
-        register_rule(tv_misc.FrozenBatchNorm2d, _bn_rule)
-        register_rule(tv_sd.stochastic_depth, _stochastic_depth_rule)
-        register_rule(tv_sd.StochasticDepth, _stochastic_depth_module_rule)
-    except Exception:  # torchvision missing or incompatible: its modules cannot appear
-        pass
-    try:  # timm: BatchNormAct2d (BN + act), TF-SAME convs, DropPath
-        from timm.layers import conv2d_same, norm_act
-        from timm.layers.drop import DropPath
 
-        register_rule(norm_act.BatchNormAct2d, _bn_rule)
-        register_rule(norm_act.FrozenBatchNormAct2d, _bn_rule)
-        register_rule(conv2d_same.Conv2dSame, _conv_same_rule)
-        register_rule(DropPath, _dropout_rule)
-    except Exception:
-        pass
-    try:  # efficientnet-lite-pytorch / efficientnet_pytorch dynamic SAME padding
-        from efficientnet_lite_pytorch import utils as eff_utils
+def _optional(module_name: str, register: Callable) -> None:
+    """Register rules for an optional package's types; skipped when it is missing or different."""
+    import importlib
+    import sys
 
-        register_rule(eff_utils.Conv2dDynamicSamePadding, _conv_same_rule)
-    except Exception:
+    # Only packages the user already imported (their models are the only ones that can appear);
+    # called again at every conversion, so a package imported later is picked up then.
+    if module_name in _optional_done or module_name.split(".")[0] not in sys.modules:
+        return
+    _optional_done.add(module_name)
+    try:
+        mod = importlib.import_module(module_name)
+    except Exception:  # not installed, or fails to import here: its modules cannot appear
+        return
+    try:
+        register(mod)
+    except AttributeError:  # a version without that class
         pass
 
 
-_register_optional()
+def register_optional_rules() -> None:
+    _optional("torchvision.ops.misc", lambda m: register_rule(m.FrozenBatchNorm2d, _bn_rule))
+    # torchvision.ops re-exports the function under the submodule's name: import the module itself.
+    _optional("torchvision.ops.stochastic_depth", lambda m: (
+        register_rule(m.stochastic_depth, _stochastic_depth_rule),
+        register_rule(m.StochasticDepth, _stochastic_depth_module_rule)))
+    _optional("timm.layers.norm_act", lambda m: (register_rule(m.BatchNormAct2d, _bn_rule),
+                                                  register_rule(m.FrozenBatchNormAct2d, _bn_rule)))
+    _optional("timm.layers.conv2d_same", lambda m: register_rule(m.Conv2dSame, _conv_same_rule))
+    _optional("timm.layers.drop", lambda m: register_rule(m.DropPath, _dropout_rule))
+    _optional("efficientnet_lite_pytorch.utils",
+              lambda m: register_rule(m.Conv2dDynamicSamePadding, _conv_same_rule))
+

@@ -65,7 +65,7 @@ def _load(name: str) -> Optional[ModuleType]:
         module = {"torch": "reference", "cpp": "compiled", "cuda": "compiled", "triton": "triton"}[name]
         try:
             mod = importlib.import_module(f"{__name__}.{module}")
-            if name in ("cpp", "cuda"):
+            if name in ("cpp", "cuda", "triton"):
                 mod.require(name)
             _cache[name] = mod
         except Exception as exc:  # ImportError, missing CUDA kernels, no Triton, ...

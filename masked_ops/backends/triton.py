@@ -254,8 +254,9 @@ def _mean_setup(ctx, inputs, output):
 
 def _mean_backward(ctx, grad):
     (mask,) = ctx.saved_tensors
-    den = mask.float().sum(dim=(2, 3), keepdim=True)  # N x 1 x 1 x 1, exact counts
-    per_pixel = (grad[:, :, None, None].float() / den.clamp_min(1)).to(grad.dtype)
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    den = mask.to(acc).sum(dim=(2, 3), keepdim=True)  # N x 1 x 1 x 1, exact counts
+    per_pixel = (grad[:, :, None, None].to(acc) / den.clamp_min(1)).to(grad.dtype)
     gx = torch.where((mask > 0) & (den > 0), per_pixel, _zero(grad))
     return gx, None
 

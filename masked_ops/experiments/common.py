@@ -64,7 +64,7 @@ class Subject:
         out = []
         with torch.inference_mode():
             for i in range(0, images.shape[0], self.batch_size):
-                out.append(self.model(self.normalise(images[i:i + self.batch_size])).float())
+                out.append(self.model(self.normalise(images[i:i + self.batch_size])))
         return torch.cat(out)
 
     def predict(self, name: str, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ class Subject:
         with torch.inference_mode():
             for i in range(0, masks.shape[0], self.batch_size):
                 m = masks[i:i + self.batch_size]
-                out.append(fn(img.expand(m.shape[0], -1, -1, -1), m).float())
+                out.append(fn(img.expand(m.shape[0], -1, -1, -1), m))
         return torch.cat(out)
 
 
@@ -106,4 +106,6 @@ def check_images(images) -> torch.Tensor:
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     if images.shape[0] < 1:
         raise ValueError("images: need at least one image")
-    return images.float()
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
+    return images
