@@ -31,9 +31,14 @@ test: install cmake-build
 
 # The GPU machine has torch, torchvision, timm and Triton but reaches no registry:
 # build against its torch, then run only the GPU tests and write the log under $$OUT if set.
+# MASKED_OPS_CUDA=1: a CUDA kernel that does not build is an error, not a silent CPU-only build.
+# Logs (and the benchmark results) are also copied under $$OUT when the device tool sets it.
+GPU_INSTALL := MASKED_OPS_CUDA=1 $(PIP) install --no-build-isolation --no-deps -e .
 test-gpu:
-	$(PIP) install --no-build-isolation --no-deps -e .
-	$(PYTHON) -m pytest -q -m gpu tests $(PYTEST_ARGS)
+	$(GPU_INSTALL)
+	$(PYTHON) -c "import torch, masked_ops as mo; print(torch.__version__, torch.cuda.get_device_name(0), {b: mo.available(b) for b in ('cuda', 'triton')})"
+	mkdir -p $${OUT:-build}; $(PYTHON) -m pytest -q -m gpu tests -rs --durations=15 -p no:cacheprovider \
+	  $(PYTEST_ARGS) > $${OUT:-build}/test-gpu.log 2>&1; rc=$$?; cat $${OUT:-build}/test-gpu.log; exit $$rc
 
 demo: install
 	$(PYTHON) -m masked_ops.cli explain --demo
@@ -43,12 +48,14 @@ bench: install
 	$(PYTHON) bench/report.py bench/results/cpu-latest.json
 
 bench-gpu:
-	$(PIP) install --no-build-isolation --no-deps -e .
-	$(PYTHON) bench/gpu.py
+	$(GPU_INSTALL)
+	mkdir -p $${OUT:-build}; $(PYTHON) bench/gpu.py $(BENCH_ARGS) > $${OUT:-build}/bench-gpu.log 2>&1; \
+	  rc=$$?; cat $${OUT:-build}/bench-gpu.log; \
+	  if [ -n "$$OUT" ]; then cp bench/results/gpu-*.json bench/results/gpu-*.md "$$OUT"/ 2>/dev/null; fi; exit $$rc
 
 # The same sources built against libtorch with CMake, so CMakeLists.txt cannot rot.
 cmake-build: torch
-	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$$(command -v $(PYTHON))" \
 	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake
 

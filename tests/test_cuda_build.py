@@ -1,0 +1,37 @@
+"""The CUDA sources are compiled, linked and registered in the extension this session imports.
+
+CI builds masked_ops._C with MASKED_OPS_CUDA=1 (CPU and CUDA sources in one extension, on a
+machine without a GPU); then every op must have a CUDA kernel. Without that setting the build may
+legitimately be CPU-only, and the test is skipped.
+"""
+import os
+
+import pytest
+import torch
+
+OPS = ("neighbor_fill", "conv_epilogue", "masked_affine_act", "masked_max_pool2d", "masked_avg_pool2d",
+       "masked_mean")
+
+
+def _extension():
+    try:
+        from masked_ops import _C  # noqa: F401  (loading it runs the kernel registrations)
+    except ImportError as exc:
+        pytest.skip(f"masked_ops._C is not built: {exc}")
+
+
+def test_every_op_has_a_cuda_kernel_when_built_with_cuda():
+    if os.environ.get("MASKED_OPS_CUDA") != "1":
+        pytest.skip("the extension is built with CUDA only under MASKED_OPS_CUDA=1 (as in CI)")
+    assert torch.version.cuda, "MASKED_OPS_CUDA=1 needs a CUDA build of torch"
+    _extension()
+    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"masked_ops::{op}", "CUDA")]
+    assert not missing, f"no CUDA kernel registered for {missing}: the CUDA sources were not built in"
+
+
+def test_cuda_backend_availability_matches_the_build():
+    _extension()
+    import masked_ops as mo
+
+    has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("masked_ops::neighbor_fill", "CUDA")
+    assert mo.available("cuda") == has_cuda_kernels, mo.backends.unavailable_reason("cuda")
