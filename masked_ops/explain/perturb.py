@@ -35,7 +35,7 @@ class Explanation:
 
     def heatmap(self, target_index: int = 0) -> torch.Tensor:
         """H x W map: every pixel carries its segment's weight (for target ``targets[target_index]``)."""
-        return self.weights[target_index].to(self.segments.device)[self.segments]
+        return self.weights[target_index].detach().to(self.segments.device)[self.segments]
 
     def top_segments(self, k: int = 5, target_index: int = 0) -> torch.Tensor:
         """Indices of the k segments with the largest positive weight."""
@@ -84,6 +84,7 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
     return tqdm(total=total, desc=desc, unit="sample", disable=disable, leave=False)
 
 
+@torch.no_grad()
 def resolve_targets(strategy: Strategy, image: torch.Tensor, targets, output: str):
     """(target list, full-image outputs for them): default target = the top-1 class of the full image."""
     full = strategy(image[None], torch.ones(1, 1, *image.shape[1:], dtype=torch.bool, device=image.device))
