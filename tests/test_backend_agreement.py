@@ -1,0 +1,249 @@
+"""Every public op on every backend under test against the "torch" backend (the oracle),
+forward and backward, over the shared sweep of tests/op_cases.py, plus hypothesis-driven
+random configurations and the low-precision accuracy rule (flash-attention's: a fused
+backend's fp16/bf16 error against an fp64 reference is at most 2x the torch backend's).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import masked_ops as mo
+from masked_ops.activations import ACTIVATIONS
+from op_cases import (LAYOUTS, LOW_PRECISION, MASK_KINDS, MODES, ConvCase, available_backends, conv_cases,
+                      cycle_product, make_conv_params, make_input, make_mask, pool_cases, tolerance)
+
+# GPU helpers reuse this module with their own list (e.g. ["cuda", "triton"] on CUDA tensors).
+BACKENDS_UNDER_TEST = available_backends(["cpp"])
+DEVICE = "cpu"
+
+pytestmark = pytest.mark.skipif(not BACKENDS_UNDER_TEST, reason="no compiled backend built here")
+
+ACTS = tuple(ACTIVATIONS)
+
+
+def run(backend, fn, inputs, *args, **kwargs):
+    """fn(*inputs, *args, **kwargs) on ``backend``; returns (outputs, grads of the float inputs).
+
+    The first output is back-propagated with a fixed random cotangent; every floating input
+    but the mask (always the second) gets a gradient.
+    """
+    leaves = [t.detach().clone().requires_grad_(i != 1) if isinstance(t, torch.Tensor) and t.is_floating_point()
+              else t for i, t in enumerate(inputs)]
+    with mo.set_backend(backend):
+        out = fn(*leaves, *args, **kwargs)
+    outs = out if isinstance(out, tuple) else (out,)
+    cot = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (outs[0] * cot.to(outs[0].dtype).to(outs[0].device)).sum().backward()
+    grads = [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    return [o.detach() for o in outs], grads
+
+
+def assert_agree(backend, fn, inputs, *args, dtype=torch.float64, **kwargs):
+    ref_out, ref_grads = run("torch", fn, inputs, *args, **kwargs)
+    out, grads = run(backend, fn, inputs, *args, **kwargs)
+    tol = tolerance(dtype)
+    for i, (a, b) in enumerate(zip(out, ref_out)):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"output {i}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        if b.dtype == torch.bool or i > 0:  # masks are exact
+            assert torch.equal(a, b), f"output {i} (mask) differs"
+        else:
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"forward on {backend}: {m}")
+    assert len(grads) == len(ref_grads)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"grad of input {i} on {backend}: {m}")
+    return out
+
+
+# ----------------------------------------------------------------------------- neighbor_fill
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("iters,kind,layout,dtype", list(cycle_product(
+    (0, 1, 2, 3, 4, 6), MASK_KINDS, LAYOUTS, (torch.float64, torch.float32), length=12)))
+def test_neighbor_fill(backend, iters, kind, layout, dtype):
+    x = make_input(2, 5, 13, 11, dtype, layout, seed=iters, device=DEVICE)
+    m = make_mask(kind, 2, 13, 11, seed=iters, device=DEVICE)
+    out = assert_agree(backend, mo.neighbor_fill, (x, m), iters, dtype=dtype)[0]
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_neighbor_fill_large_plane_float32(backend):
+    """A paper-sized mask (16x16 patches) on a 64x64 plane, 6 rings: many levels in one plan."""
+    from op_cases import patch_mask
+
+    x = make_input(2, 3, 64, 64, torch.float32, seed=3, device=DEVICE)
+    m = patch_mask(2, 64, 64, patch=16, seed=3).to(DEVICE)
+    assert_agree(backend, mo.neighbor_fill, (x, m), 6, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- masked_conv2d
+_CONV = conv_cases()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", _CONV, ids=[c.id for c in _CONV])
+def test_masked_conv2d(backend, mode, case: ConvCase):
+    i = _CONV.index(case) + MODES.index(mode)
+    kind = MASK_KINDS[i % len(MASK_KINDS)]
+    layout = LAYOUTS[i % len(LAYOUTS)]
+    activation = ACTS[i % len(ACTS)]
+    x = make_input(case.n, case.c_in, case.h, case.w, torch.float64, layout, seed=i, device=DEVICE)
+    m = make_mask(kind, case.n, case.h, case.w, seed=i, device=DEVICE)
+    weight, bias = make_conv_params(case, device=DEVICE)
+    inputs = (x, m, weight) if bias is None else (x, m, weight, bias)
+    out = assert_agree(backend, mo.masked_conv2d, inputs, **case.kwargs(), mode=mode,
+                       padding_visible=(mode == "renorm" and i % 2 == 0), activation=activation)
+    if layout == "channels_last":
+        assert out[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_conv2d_float32_float_mask(backend, mode):
+    case = ConvCase(2, 8, 8, 14, 14, (3, 3), padding=(1, 1))
+    x = make_input(2, 8, 14, 14, torch.float32, "channels_last", seed=5, device=DEVICE)
+    m = make_mask("patches", 2, 14, 14, seed=5, device=DEVICE).float()
+    weight, bias = make_conv_params(case, torch.float32, device=DEVICE)
+    assert_agree(backend, mo.masked_conv2d, (x, m, weight, bias), padding=1, mode=mode, activation="relu",
+                 dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- affine + activation
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("activation", ACTS)
+def test_masked_affine_act(backend, activation):
+    i = ACTS.index(activation)
+    x = make_input(2, 6, 9, 10, torch.float64, LAYOUTS[i % 3], seed=i, device=DEVICE) * 3
+    m = make_mask(MASK_KINDS[i % len(MASK_KINDS)], 2, 9, 10, seed=i, device=DEVICE)
+    g = torch.Generator().manual_seed(i)
+    scale = torch.rand(6, generator=g, dtype=torch.float64).to(DEVICE) + 0.5
+    shift = torch.randn(6, generator=g, dtype=torch.float64).to(DEVICE)
+    assert_agree(backend, mo.masked_affine_act, (x, m, scale, shift), activation=activation)
+
+
+# ----------------------------------------------------------------------------- pooling and mean
+_POOL = pool_cases()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("case", _POOL, ids=[c.id for c in _POOL])
+def test_masked_max_pool2d(backend, case):
+    i = _POOL.index(case)
+    x = make_input(case.n, case.c, case.h, case.w, torch.float64, LAYOUTS[i % 3], seed=i, device=DEVICE)
+    m = make_mask(MASK_KINDS[i % len(MASK_KINDS)], case.n, case.h, case.w, seed=i, device=DEVICE)
+    out = assert_agree(backend, mo.masked_max_pool2d, (x, m), case.kernel, case.stride, case.padding,
+                       case.dilation, ceil_mode=case.ceil_mode)
+    if LAYOUTS[i % 3] == "channels_last":
+        assert out[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("case", [c for c in _POOL if c.dilation == (1, 1)], ids=lambda c: c.id)
+def test_masked_avg_pool2d(backend, case):
+    i = _POOL.index(case)
+    x = make_input(case.n, case.c, case.h, case.w, torch.float64, LAYOUTS[(i + 1) % 3], seed=i, device=DEVICE)
+    m = make_mask(MASK_KINDS[(i + 2) % len(MASK_KINDS)], case.n, case.h, case.w, seed=i, device=DEVICE)
+    assert_agree(backend, mo.masked_avg_pool2d, (x, m), case.kernel, case.stride, case.padding,
+                 ceil_mode=case.ceil_mode, count_include_pad=case.count_include_pad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("kind,layout", list(cycle_product(MASK_KINDS, LAYOUTS)))
+def test_masked_mean(backend, kind, layout):
+    x = make_input(3, 7, 12, 9, torch.float64, layout, device=DEVICE)
+    m = make_mask(kind, 3, 12, 9, device=DEVICE)
+    assert_agree(backend, mo.masked_mean, (x, m))
+
+
+# ----------------------------------------------------------------------------- low precision rule
+def _max_err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+_LOWP_OPS = {
+    "fill": lambda x, m, w, b: mo.neighbor_fill(x, m, 2),
+    "conv_fill": lambda x, m, w, b: mo.masked_conv2d(x, m, w, b, padding=1, mode="fill", activation="gelu")[0],
+    "conv_renorm": lambda x, m, w, b: mo.masked_conv2d(x, m, w, b, stride=2, padding=1, mode="renorm")[0],
+    "affine": lambda x, m, w, b: mo.masked_affine_act(x, m, b.abs() + 0.5, b, "silu")[0],
+    "max_pool": lambda x, m, w, b: mo.masked_max_pool2d(x, m, 3, 2, 1, ceil_mode=True)[0],
+    "avg_pool": lambda x, m, w, b: mo.masked_avg_pool2d(x, m, 3, 2, 1, count_include_pad=False)[0],
+    "mean": lambda x, m, w, b: mo.masked_mean(x, m),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("op", list(_LOWP_OPS))
+def test_low_precision_error_at_most_twice_torch(backend, dtype, op):
+    case = ConvCase(2, 8, 8, 20, 20, (3, 3))
+    x64 = make_input(2, 8, 20, 20, torch.float64, "channels_last" if op in ("fill", "mean") else "contiguous",
+                     device=DEVICE)
+    m = make_mask("patches", 2, 20, 20, device=DEVICE)
+    w64, b64 = make_conv_params(case, device=DEVICE)
+    fn = _LOWP_OPS[op]
+    with mo.set_backend("torch"):
+        ref = fn(x64, m, w64, b64)
+        low_torch = fn(x64.to(dtype), m, w64.to(dtype), b64.to(dtype))
+    with mo.set_backend(backend):
+        low = fn(x64.to(dtype), m, w64.to(dtype), b64.to(dtype))
+    assert low.dtype == dtype
+    err, err_torch = _max_err(low, ref), _max_err(low_torch, ref)
+    slack = 1e-3 if dtype == torch.float16 else 1e-2
+    assert err <= 2 * err_torch + slack, f"{backend} {dtype} error {err:.3g} > 2 x torch's {err_torch:.3g}"
+
+
+# ----------------------------------------------------------------------------- hypothesis
+@st.composite
+def conv_configs(draw):
+    k = (draw(st.sampled_from([1, 2, 3, 5])), draw(st.sampled_from([1, 3, 4])))
+    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
+    p = (draw(st.integers(0, k[0])), draw(st.integers(0, k[1])))
+    groups = draw(st.sampled_from([1, 2, 3]))
+    c_in = groups * draw(st.integers(1, 3))
+    c_out = groups * draw(st.integers(1, 2))
+    h = draw(st.integers(max(1, d[0] * (k[0] - 1) + 1 - 2 * p[0]), 14))
+    w = draw(st.integers(max(1, d[1] * (k[1] - 1) + 1 - 2 * p[1]), 14))
+    case = ConvCase(draw(st.integers(1, 2)), c_in, c_out, h, w, k, s, p, d, groups, draw(st.booleans()))
+    return (case, draw(st.sampled_from(MODES)), draw(st.sampled_from(MASK_KINDS)), draw(st.sampled_from(LAYOUTS)),
+            draw(st.sampled_from(ACTS)), draw(st.booleans()), draw(st.integers(0, 2 ** 16)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(cfg=conv_configs())
+def test_masked_conv2d_random_configs(backend, cfg):
+    case, mode, kind, layout, activation, padding_visible, seed = cfg
+    x = make_input(case.n, case.c_in, case.h, case.w, torch.float64, layout, seed=seed, device=DEVICE)
+    m = make_mask(kind, case.n, case.h, case.w, seed=seed, device=DEVICE)
+    weight, bias = make_conv_params(case, seed=seed, device=DEVICE)
+    inputs = (x, m, weight) if bias is None else (x, m, weight, bias)
+    assert_agree(backend, mo.masked_conv2d, inputs, **case.kwargs(), mode=mode, padding_visible=padding_visible,
+                 activation=activation)
+
+
+@st.composite
+def pool_configs(draw):
+    k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    p = (draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2)))
+    h, w = draw(st.integers(k[0], 13)), draw(st.integers(k[1], 13))
+    return (k, s, p, h, w, draw(st.booleans()), draw(st.booleans()), draw(st.sampled_from(MASK_KINDS)),
+            draw(st.sampled_from(LAYOUTS)), draw(st.integers(0, 2 ** 16)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(cfg=pool_configs())
+def test_pools_random_configs(backend, cfg):
+    k, s, p, h, w, ceil_mode, count_include_pad, kind, layout, seed = cfg
+    x = make_input(2, 3, h, w, torch.float64, layout, seed=seed, device=DEVICE)
+    m = make_mask(kind, 2, h, w, seed=seed, device=DEVICE)
+    assert_agree(backend, mo.masked_max_pool2d, (x, m), k, s, p, 1, ceil_mode=ceil_mode)
+    assert_agree(backend, mo.masked_avg_pool2d, (x, m), k, s, p, ceil_mode=ceil_mode,
+                 count_include_pad=count_include_pad)
