@@ -6,8 +6,8 @@ its Chebyshev distance d to the nearest visible pixel (0 = visible, > iters = ne
 with d = t is the mean of its neighbours with d = t - 1.
 
 Kernel 1 (mask only, N x H x W): d per pixel.
-Kernel 2, one program per (plane, tile): a RB x RB block covers the tile plus a halo of T = iters
-pixels. Ring t is computed in place in the output on the tile grown by T - t pixels, reading ring
+Kernel 2, one program per (sample, channel block, tile): a RB x RB block covers the tile plus a
+halo of T = iters pixels (channel blocks of up to 32 for channels_last, single planes for NCHW). Ring t is computed in place in the output on the tile grown by T - t pixels, reading ring
 t - 1 (ring 0 straight from x), with a block barrier between rings. Neighbouring programs
 recompute the same halo pixels with the same arithmetic, so their overlapping writes store
 identical values and the result is deterministic; a program only ever reads ring pixels it wrote
@@ -41,21 +41,24 @@ def fill_distance_kernel(mask_ptr, dist_ptr, H, W, T: tl.constexpr, BH: tl.const
 
 @triton.jit
 def neighbor_fill_kernel(x_ptr, out_ptr, dist_ptr, C, H, W, s_n, s_c, s_h, s_w,
-                         T: tl.constexpr, RB: tl.constexpr, ACC64: tl.constexpr):
+                         T: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, ACC64: tl.constexpr):
+    # Block: RB x RB pixels (flattened) x BC channels. BC = 1 for contiguous (NCHW) tensors, where
+    # a plane is contiguous; a channel vector for channels_last, where channels are.
     TILE: tl.constexpr = RB - 2 * T
-    plane = tl.program_id(0)
-    n = plane // C
-    c = plane % C
+    n_cblocks = tl.cdiv(C, BC)
+    n = tl.program_id(0) // n_cblocks
+    cs = (tl.program_id(0) % n_cblocks) * BC + tl.arange(0, BC)[None, :]
     h0 = tl.program_id(1) * TILE
     w0 = tl.program_id(2) * TILE
-    rows = h0 - T + tl.arange(0, RB)[:, None]
-    cols = w0 - T + tl.arange(0, RB)[None, :]
+    pix = tl.arange(0, RB * RB)[:, None]
+    rows = h0 - T + pix // RB
+    cols = w0 - T + pix % RB
+    c_ok = cs < C
     in_img = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
     dbase = n.to(tl.int64) * H * W
-    xbase = n.to(tl.int64) * s_n + c.to(tl.int64) * s_c
-    offs = xbase + rows.to(tl.int64) * s_h + cols.to(tl.int64) * s_w
+    offs = n.to(tl.int64) * s_n + cs.to(tl.int64) * s_c + rows.to(tl.int64) * s_h + cols.to(tl.int64) * s_w
     d = tl.load(dist_ptr + dbase + rows * W + cols, mask=in_img, other=-1)
-    in_tile = in_img & (rows >= h0) & (rows < h0 + TILE) & (cols >= w0) & (cols < w0 + TILE)
+    in_tile = in_img & c_ok & (rows >= h0) & (rows < h0 + TILE) & (cols >= w0) & (cols < w0 + TILE)
     # Ring 0 and never-reached pixels of the tile itself; ring pixels are written below.
     x0 = tl.load(x_ptr + offs, mask=in_tile & (d == 0), other=0.0)
     tl.store(out_ptr + offs, x0, mask=in_tile & ((d == 0) | (d > T)))
@@ -65,10 +68,10 @@ def neighbor_fill_kernel(x_ptr, out_ptr, dist_ptr, C, H, W, s_n, s_c, s_h, s_w,
             (cols >= w0 - grow) & (cols < w0 + TILE + grow)
         active = region & (d == t)
         if ACC64:
-            acc = tl.zeros((RB, RB), tl.float64)
+            acc = tl.zeros((RB * RB, BC), tl.float64)
         else:
-            acc = tl.zeros((RB, RB), tl.float32)
-        cnt = tl.zeros((RB, RB), tl.float32)
+            acc = tl.zeros((RB * RB, BC), tl.float32)
+        cnt = tl.zeros((RB * RB, 1), tl.float32)
         for dy in tl.static_range(-1, 2):
             for dx in tl.static_range(-1, 2):
                 r = rows + dy
@@ -78,13 +81,13 @@ def neighbor_fill_kernel(x_ptr, out_ptr, dist_ptr, C, H, W, s_n, s_c, s_h, s_w,
                 use = ok & (dn == t - 1)
                 noffs = offs + dy * s_h + dx * s_w
                 if t == 1:
-                    v = tl.load(x_ptr + noffs, mask=use, other=0.0)
+                    v = tl.load(x_ptr + noffs, mask=use & c_ok, other=0.0)
                 else:
-                    v = tl.load(out_ptr + noffs, mask=use, other=0.0)
-                acc += tl.where(use, v.to(acc.dtype), 0.0)
+                    v = tl.load(out_ptr + noffs, mask=use & c_ok, other=0.0)
+                acc += tl.where(use & c_ok, v.to(acc.dtype), 0.0)
                 cnt += tl.where(use, 1.0, 0.0)
         val = acc / tl.maximum(cnt, 1.0).to(acc.dtype)
-        tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=active)
+        tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=active & c_ok)
         tl.debug_barrier()  # ring t is read by ring t + 1 from other threads of this block
 
 
@@ -115,7 +118,11 @@ def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, wrap=identity
     dist = distance(mask, iters, wrap)
     rb = _block(iters)
     tile = rb - 2 * iters
+    # channels_last: a vector of channels per pixel keeps the loads contiguous; NCHW: one plane.
+    bc = min(32, triton.next_power_of_2(c)) if fmt is torch.channels_last else 1
+    if bc > 1 and rb > 16:
+        bc = min(bc, 8)  # keep the block (rb * rb * bc values) within registers
     s_n, s_c, s_h, s_w = x.stride()
-    wrap(neighbor_fill_kernel)[(n * c, triton.cdiv(h, tile), triton.cdiv(w, tile))](
-        x, out, dist, c, h, w, s_n, s_c, s_h, s_w, T=iters, RB=rb, ACC64=x.dtype == torch.float64)
+    wrap(neighbor_fill_kernel)[(n * triton.cdiv(c, bc), triton.cdiv(h, tile), triton.cdiv(w, tile))](
+        x, out, dist, c, h, w, s_n, s_c, s_h, s_w, T=iters, RB=rb, BC=bc, ACC64=x.dtype == torch.float64)
     return out
