@@ -34,8 +34,7 @@ void epilogue_kernel(const scalar_t* y, scalar_t* out, const scalar_t* keep, con
         for (int64_t i = 0; i < HW; ++i) {
           opmath_t z = static_cast<opmath_t>(yp[i]);
           if constexpr (PIX) z = z * static_cast<opmath_t>(sp[i]);
-          const opmath_t r = activate<A>(z * m + a);
-          op[i] = static_cast<opmath_t>(kp[i]) > opmath_t(0) ? static_cast<scalar_t>(r) : scalar_t(0);
+          op[i] = select_if(static_cast<scalar_t>(activate<A>(z * m + a)), static_cast<opmath_t>(kp[i]) > opmath_t(0));
         }
       }
     });

@@ -15,72 +15,119 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace masked_ops {
 namespace cpu {
 namespace {
 
-// The 3x3 neighbours in row-major order; bit k of a pixel's neighbour set is kNeighbour[k].
+// The 3x3 neighbours in row-major order (the order the sums run in).
 constexpr int kDy[8] = {-1, -1, -1, 0, 0, 1, 1, 1};
 constexpr int kDx[8] = {-1, 0, 1, -1, 1, -1, 0, 1};
 
-// The filled pixels of one sample in level order, with their known-neighbour sets.
+// The filled pixels of one sample in level order. For each: its known neighbours (level
+// lower than its own) as flat indices h*W+w, packed first in row-major order; the unused
+// slots hold the sentinel H*W, which the NCHW loop points at a zero cell so that every
+// pixel sums exactly 8 cells without branches (adding +0 changes no sum).
 struct FillPlan {
-  std::vector<int32_t> pixel;      // flat h*W+w
-  std::vector<uint8_t> neighbours; // bit k: neighbour k is known before this pixel's level
+  std::vector<int32_t> pixel;
+  std::vector<std::array<int32_t, 8>> neighbour;
+  std::vector<uint8_t> count;
 };
 
 FillPlan plan_fill(const uint8_t* visible, int64_t H, int64_t W, int64_t iters) {
+  // Work on grids padded by one pixel, so neighbour lookups need no bounds checks.
+  const int64_t Hp = H + 2, Wp = W + 2;
+  constexpr int32_t kNever = std::numeric_limits<int32_t>::max();  // unreached or border
+  std::vector<uint8_t> known(Hp * Wp, 0), row(Hp * Wp, 0), grown(Hp * Wp, 0);
+  std::vector<int32_t> level(Hp * Wp, kNever);
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t w = 0; w < W; ++w) {
+      const uint8_t v = visible[h * W + w] ? 1 : 0;
+      known[(h + 1) * Wp + w + 1] = v;
+      if (v) level[(h + 1) * Wp + w + 1] = 0;
+    }
+  }
+  // Level t = pixels added by the t-th 3x3 dilation of the known region (separable max).
+  std::vector<int64_t> per_level(iters + 1, 0);
+  for (int64_t t = 1; t <= iters; ++t) {
+    for (int64_t h = 1; h <= H; ++h) {
+      const uint8_t* k = known.data() + h * Wp;
+      uint8_t* r = row.data() + h * Wp;
+      for (int64_t w = 1; w <= W; ++w) r[w] = k[w - 1] | k[w] | k[w + 1];
+    }
+    int64_t added = 0;
+    for (int64_t h = 1; h <= H; ++h) {
+      const uint8_t* up = row.data() + (h - 1) * Wp;
+      const uint8_t* mid = row.data() + h * Wp;
+      const uint8_t* down = row.data() + (h + 1) * Wp;
+      const uint8_t* k = known.data() + h * Wp;
+      uint8_t* g = grown.data() + h * Wp;
+      int32_t* lv = level.data() + h * Wp;
+      for (int64_t w = 1; w <= W; ++w) {
+        const uint8_t d = up[w] | mid[w] | down[w];
+        const uint8_t fresh = d & static_cast<uint8_t>(k[w] ^ 1);
+        g[w] = d;
+        added += fresh;
+        lv[w] = fresh ? static_cast<int32_t>(t) : lv[w];
+      }
+    }
+    if (added == 0) break;
+    per_level[t] = added;
+    known.swap(grown);
+  }
+  // Filled pixels in level order (a counting sort by level), with their known neighbours.
+  std::vector<int64_t> start(iters + 2, 0);
+  for (int64_t t = 1; t <= iters; ++t) start[t + 1] = start[t] + per_level[t];
+  const int64_t count = start[iters + 1];
   FillPlan plan;
-  const int64_t HW = H * W;
-  // level: 0 visible, t filled in iteration t, -1 not (yet) reached.
-  std::vector<int32_t> level(HW);
-  for (int64_t p = 0; p < HW; ++p) level[p] = visible[p] ? 0 : -1;
-
-  auto for_each_neighbour = [&](int64_t p, auto&& f) {
-    const int64_t h = p / W, w = p % W;
-    for (int k = 0; k < 8; ++k) {
-      const int64_t hh = h + kDy[k], ww = w + kDx[k];
-      if (hh >= 0 && hh < H && ww >= 0 && ww < W) f(k, hh * W + ww);
+  plan.pixel.resize(count);
+  plan.neighbour.resize(count);
+  plan.count.resize(count);
+  int64_t offset[8];
+  for (int k = 0; k < 8; ++k) offset[k] = kDy[k] * Wp + kDx[k];
+  const int32_t sentinel = static_cast<int32_t>(H * W);
+  for (int64_t h = 1; h <= H; ++h) {
+    for (int64_t w = 1; w <= W; ++w) {
+      const int64_t pp = h * Wp + w;
+      const int32_t own = level[pp];
+      if (own == 0 || own == kNever) continue;
+      const int64_t i = start[own]++;
+      plan.pixel[i] = static_cast<int32_t>((h - 1) * W + (w - 1));
+      auto& nb = plan.neighbour[i];
+      int cnt = 0;
+      for (int k = 0; k < 8; ++k) {
+        if (level[pp + offset[k]] < own) nb[cnt++] = static_cast<int32_t>((h - 1 + kDy[k]) * W + (w - 1 + kDx[k]));
+      }
+      for (int k = cnt; k < 8; ++k) nb[k] = sentinel;
+      plan.count[i] = static_cast<uint8_t>(cnt);
     }
-  };
-
-  // Level 1: removed pixels with a visible neighbour.
-  std::vector<int32_t> frontier;
-  for (int64_t p = 0; p < HW; ++p) {
-    if (level[p] != -1) continue;
-    bool reached = false;
-    for_each_neighbour(p, [&](int, int64_t q) { reached = reached || level[q] == 0; });
-    if (reached) frontier.push_back(static_cast<int32_t>(p));
-  }
-  for (int32_t p : frontier) level[p] = 1;
-  // Level t: unreached neighbours of level t-1 (the 3x3 dilation of the known region).
-  size_t begin = 0;
-  plan.pixel = frontier;
-  for (int64_t t = 2; t <= iters; ++t) {
-    const size_t end = plan.pixel.size();
-    if (begin == end) break;
-    for (size_t i = begin; i < end; ++i) {
-      for_each_neighbour(plan.pixel[i], [&](int, int64_t q) {
-        if (level[q] == -1) {
-          level[q] = static_cast<int32_t>(t);
-          plan.pixel.push_back(static_cast<int32_t>(q));
-        }
-      });
-    }
-    begin = end;
-  }
-  plan.neighbours.resize(plan.pixel.size());
-  for (size_t i = 0; i < plan.pixel.size(); ++i) {
-    const int32_t own = level[plan.pixel[i]];
-    uint8_t bits = 0;
-    for_each_neighbour(plan.pixel[i], [&](int k, int64_t q) {
-      if (level[q] >= 0 && level[q] < own) bits |= static_cast<uint8_t>(1u << k);
-    });
-    plan.neighbours[i] = bits;
   }
   return plan;
+}
+
+// Per-sample select masks as all-ones / all-zeros words of the scalar's width (see
+// select_if in common.h): zeroing removed pixels becomes a bitwise and that vectorises.
+template <typename scalar_t>
+std::vector<bits_of<scalar_t>> select_masks(const uint8_t* vis, int64_t count) {
+  std::vector<bits_of<scalar_t>> sel(count);
+  for (int64_t i = 0; i < count; ++i) sel[i] = vis[i] ? static_cast<bits_of<scalar_t>>(~bits_of<scalar_t>(0)) : 0;
+  return sel;
+}
+
+template <typename scalar_t>
+inline void select_copy(const scalar_t* x, scalar_t* out, const bits_of<scalar_t>* sel, int64_t count) {
+  using B = bits_of<scalar_t>;
+  for (int64_t i = 0; i < count; ++i) {
+    B b;
+    std::memcpy(&b, x + i, sizeof(B));
+    b &= sel[i];
+    std::memcpy(out + i, &b, sizeof(B));
+  }
 }
 
 template <typename scalar_t>
@@ -88,33 +135,41 @@ void fill_nchw(const scalar_t* x, scalar_t* out, const uint8_t* vis, const std::
                int64_t N, int64_t C, int64_t H, int64_t W) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W;
-  int64_t offset[8];
-  for (int k = 0; k < 8; ++k) offset[k] = kDy[k] * W + kDx[k];
+  const auto sel = select_masks<scalar_t>(vis, N * HW);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+    // One plane in opmath plus a zero cell at index HW (the neighbour sentinel); it stays in
+    // cache while the levels are filled in order.
+    std::vector<opmath_t> buf(plans.empty() ? 0 : HW + 1);
+    std::vector<scalar_t> tmp(plans.empty() || std::is_same_v<opmath_t, scalar_t> ? 0 : HW);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C;
       const scalar_t* xp = x + plane * HW;
       scalar_t* op = out + plane * HW;
-      const uint8_t* v = vis + n * HW;
-      // Select, never multiply: removed values (NaN/inf included) are never read.
-      for (int64_t p = 0; p < HW; ++p) op[p] = v[p] ? xp[p] : scalar_t(0);
-      if (plans.empty()) continue;
+      if (plans.empty()) {
+        select_copy(xp, op, sel.data() + n * HW, HW);
+        continue;
+      }
+      if constexpr (std::is_same_v<opmath_t, scalar_t>) {
+        select_copy(xp, buf.data(), sel.data() + n * HW, HW);
+      } else {
+        select_copy(xp, tmp.data(), sel.data() + n * HW, HW);
+        for (int64_t p = 0; p < HW; ++p) buf[p] = static_cast<opmath_t>(tmp[p]);
+      }
+      buf[HW] = opmath_t(0);
       const FillPlan& plan = plans[n];
       const size_t count = plan.pixel.size();
+      const int32_t* pix = plan.pixel.data();
+      const std::array<int32_t, 8>* nb = plan.neighbour.data();
+      const uint8_t* cnt = plan.count.data();
+      opmath_t* b = buf.data();
       for (size_t i = 0; i < count; ++i) {
-        const int64_t p = plan.pixel[i];
-        const unsigned bits = plan.neighbours[i];
-        opmath_t acc = 0;
-        int cnt = 0;
-        for (int k = 0; k < 8; ++k) {
-          if (bits & (1u << k)) {
-            acc += static_cast<opmath_t>(op[p + offset[k]]);
-            ++cnt;
-          }
-        }
-        op[p] = static_cast<scalar_t>(acc / static_cast<opmath_t>(cnt));
+        const int32_t* q = nb[i].data();
+        const opmath_t acc = ((((((b[q[0]] + b[q[1]]) + b[q[2]]) + b[q[3]]) + b[q[4]]) + b[q[5]]) + b[q[6]]) + b[q[7]];
+        // Round to the storage dtype at every level, as the reference does.
+        b[pix[i]] = static_cast<opmath_t>(static_cast<scalar_t>(acc / static_cast<opmath_t>(cnt[i])));
       }
+      for (int64_t p = 0; p < HW; ++p) op[p] = static_cast<scalar_t>(buf[p]);
     }
   });
 }
@@ -124,8 +179,6 @@ void fill_nhwc(const scalar_t* x, scalar_t* out, const uint8_t* vis, const std::
                int64_t N, int64_t C, int64_t H, int64_t W) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W;
-  int64_t offset[8];
-  for (int k = 0; k < 8; ++k) offset[k] = (kDy[k] * W + kDx[k]) * C;
   if (plans.empty()) {
     // iters == 0: zero the removed pixels, one task range over all pixels of the batch.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
@@ -164,16 +217,13 @@ void fill_nhwc(const scalar_t* x, scalar_t* out, const uint8_t* vis, const std::
       const FillPlan& plan = plans[n];
       const size_t count = plan.pixel.size();
       for (size_t i = 0; i < count; ++i) {
-        scalar_t* o = os + plan.pixel[i] * C;
-        const unsigned bits = plan.neighbours[i];
+        scalar_t* o = os + static_cast<int64_t>(plan.pixel[i]) * C;
+        const int cnt = plan.count[i];
+        const auto& nb = plan.neighbour[i];
         for (int64_t c = 0; c < cb; ++c) acc[c] = 0;
-        int cnt = 0;
-        for (int k = 0; k < 8; ++k) {
-          if (bits & (1u << k)) {
-            const scalar_t* q = o + offset[k];
-            for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<opmath_t>(q[c]);
-            ++cnt;
-          }
+        for (int k = 0; k < cnt; ++k) {
+          const scalar_t* q = os + static_cast<int64_t>(nb[k]) * C;
+          for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<opmath_t>(q[c]);
         }
         const opmath_t denom = static_cast<opmath_t>(cnt);
         for (int64_t c = 0; c < cb; ++c) o[c] = static_cast<scalar_t>(acc[c] / denom);

@@ -1,0 +1,147 @@
+"""The compiled ops as torch.library custom ops: opcheck (schema, fake kernels, autograd
+registration, dynamic shapes), gradcheck in float64 through the public ops, and
+torch.compile(fullgraph=True)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import masked_ops as mo
+from op_cases import ConvCase, available_backends, make_conv_params, make_input, make_mask
+
+BACKENDS_UNDER_TEST = available_backends(["cpp"])
+pytestmark = pytest.mark.skipif(not BACKENDS_UNDER_TEST, reason="compiled extension not built")
+BACKEND = BACKENDS_UNDER_TEST[0] if BACKENDS_UNDER_TEST else "cpp"
+
+
+def _ops():
+    import masked_ops.backends.compiled  # noqa: F401  (registers fake kernels and autograd)
+
+    return torch.ops.masked_ops
+
+
+def _sample(layout="contiguous", dtype=torch.float64, requires_grad=True):
+    x = make_input(2, 3, 9, 8, dtype, layout, seed=1).requires_grad_(requires_grad)
+    m = make_mask("patches", 2, 9, 8, seed=1).to(dtype)
+    return x, m
+
+
+SAMPLES = [("contiguous", torch.float64), ("channels_last", torch.float32)]
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("layout,dtype", SAMPLES)
+def test_opcheck_neighbor_fill(layout, dtype):
+    x, m = _sample(layout, dtype)
+    for iters in (0, 2):
+        _opcheck(_ops().neighbor_fill.default, (x, m, iters))
+
+
+@pytest.mark.parametrize("layout,dtype", SAMPLES[1:])
+def test_opcheck_conv_epilogue(layout, dtype):
+    y, keep = _sample(layout, dtype)
+    scale = (keep * 2.25).requires_grad_()
+    bias = torch.randn(3, dtype=dtype, requires_grad=True)
+    _opcheck(_ops().conv_epilogue.default, (y, keep, None, None, "none"))
+    _opcheck(_ops().conv_epilogue.default, (y, keep, scale, bias, "gelu"))
+
+
+@pytest.mark.parametrize("layout,dtype", SAMPLES[1:])
+def test_opcheck_masked_affine_act(layout, dtype):
+    x, m = _sample(layout, dtype)
+    scale = torch.rand(3, dtype=dtype, requires_grad=True)
+    shift = torch.randn(3, dtype=dtype, requires_grad=True)
+    _opcheck(_ops().masked_affine_act.default, (x, m, scale, shift, "silu"))
+
+
+@pytest.mark.parametrize("layout,dtype", SAMPLES[:1])
+def test_opcheck_masked_max_pool2d(layout, dtype):
+    x, m = _sample(layout, dtype)
+    _opcheck(_ops().masked_max_pool2d.default, (x, m, [3, 3], [2, 2], [1, 1], [1, 1], True))
+
+
+@pytest.mark.parametrize("layout,dtype", SAMPLES[1:])
+def test_opcheck_masked_avg_pool2d(layout, dtype):
+    x, m = _sample(layout, dtype)
+    _opcheck(_ops().masked_avg_pool2d.default, (x, m, [3, 3], [2, 2], [1, 1], True, False))
+
+
+@pytest.mark.parametrize("layout,dtype", SAMPLES[:1])
+def test_opcheck_masked_mean(layout, dtype):
+    x, m = _sample(layout, dtype)
+    _opcheck(_ops().masked_mean.default, (x, m))
+
+
+def test_max_pool_indices_are_atens():
+    """The returned indices are ATen's max_pool2d_with_indices on the masked input (flat h*W+w)."""
+    x, m = _sample("channels_last", torch.float64, requires_grad=False)
+    _y, _m2, idx = _ops().masked_max_pool2d(x, m, [3, 3], [2, 2], [1, 1], [1, 1], True)
+    xm = torch.where(m > 0, x, torch.zeros((), dtype=x.dtype))
+    _, expected = torch.nn.functional.max_pool2d(xm.contiguous(), 3, 2, 1, 1, True, return_indices=True)
+    assert torch.equal(idx, expected)
+
+
+# ----------------------------------------------------------------------------- gradcheck
+def _gradcheck(fn, inputs):
+    # fast_mode: checks random projections of the Jacobian (the full one costs minutes here).
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.parametrize("mode", ["renorm", "zero"])
+def test_gradcheck_masked_conv2d(mode):
+    case = ConvCase(1, 4, 4, 7, 7, (3, 3), (2, 1), (1, 1), groups=2)
+    x = make_input(1, 4, 7, 7, seed=2).requires_grad_()
+    m = make_mask("random", 1, 7, 7, seed=2)
+    w, b = (t.requires_grad_() for t in make_conv_params(case))
+    with mo.set_backend(BACKEND):
+        _gradcheck(lambda x, w, b: mo.masked_conv2d(x, m, w, b, **case.kwargs(), mode=mode,
+                                                    activation="silu")[0], (x, w, b))
+
+
+def test_gradcheck_masked_conv2d_fill():
+    """Fill values carry no gradient by design (as in the paper), so the numerical Jacobian
+    w.r.t. x only matches where the fill changes nothing: all-visible for x; any mask for
+    weight and bias."""
+    case = ConvCase(1, 3, 4, 7, 6, (3, 3), padding=(1, 1))
+    x = make_input(1, 3, 7, 6, seed=3).requires_grad_()
+    w, b = (t.requires_grad_() for t in make_conv_params(case))
+    m = make_mask("patches", 1, 7, 6, seed=3)
+    ones = torch.ones_like(m)
+    with mo.set_backend(BACKEND):
+        _gradcheck(lambda w, b: mo.masked_conv2d(x.detach(), m, w, b, padding=1, activation="gelu")[0], (w, b))
+        _gradcheck(lambda x, w, b: mo.masked_conv2d(x, ones, w, b, padding=1, activation="tanh")[0], (x, w, b))
+
+
+def test_gradcheck_affine_pools_mean():
+    x = make_input(2, 3, 8, 7, seed=4).requires_grad_()
+    m = make_mask("random", 2, 8, 7, seed=4)
+    scale = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    shift = torch.randn(3, dtype=torch.float64).requires_grad_()
+    with mo.set_backend(BACKEND):
+        _gradcheck(lambda x, s, t: mo.masked_affine_act(x, m, s, t, "gelu")[0], (x, scale, shift))
+        _gradcheck(lambda x: mo.masked_max_pool2d(x, m, 3, 2, 1, ceil_mode=True)[0], (x,))
+        _gradcheck(lambda x: mo.masked_avg_pool2d(x, m, 3, 2, 1, ceil_mode=True, count_include_pad=False)[0], (x,))
+        _gradcheck(lambda x: mo.masked_mean(x, m), (x,))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("mode", ["fill", "renorm"])
+def test_torch_compile_fullgraph_masked_conv2d(mode):
+    case = ConvCase(2, 4, 6, 10, 9, (3, 3), padding=(1, 1))
+    x = make_input(2, 4, 10, 9, torch.float32, seed=5)
+    m = make_mask("patches", 2, 10, 9, seed=5)
+    w, b = make_conv_params(case, torch.float32)
+
+    def f(x, m, w, b):
+        y, m2 = mo.masked_conv2d(x, m, w, b, padding=1, mode=mode, activation="relu")
+        p, _ = mo.masked_max_pool2d(y, m2, 3, 2, 1)
+        return p
+
+    torch._dynamo.reset()
+    with mo.set_backend(BACKEND):
+        eager = f(x, m, w, b)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, m, w, b)
+    torch.testing.assert_close(compiled, eager)
