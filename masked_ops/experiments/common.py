@@ -95,9 +95,13 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def base_config(experiment: str, subject: Subject, images: torch.Tensor, seed: int, **params) -> dict:
-    """The configuration a checkpointed run is tied to (see runner.Run)."""
+    """The configuration a checkpointed run is tied to (see runner.Run).
+
+    The strategies are not part of it: units are keyed by strategy, so a run resumed with more
+    or fewer strategies reuses the units it has and computes only the new ones.
+    """
     return dict(experiment=experiment, model=model_fingerprint(subject.model), images=fingerprint(images),
-                n_images=int(images.shape[0]), strategies=subject.names, seed=int(seed), **params)
+                n_images=int(images.shape[0]), seed=int(seed), **params)
 
 
 def check_images(images) -> torch.Tensor:

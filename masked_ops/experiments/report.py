@@ -124,14 +124,15 @@ def plot_faithfulness(r: dict, path: Path) -> None:
     import numpy as np
 
     ex, ev = r["explainers"], r["evaluators"]
-    fig, axes = plt.subplots(1, 2, figsize=(5 + 1.1 * len(ev) * 2, 1.2 + 0.6 * len(ex)))
+    fig, axes = plt.subplots(1, 2, figsize=(6 + 2.4 * len(ev), 1.6 + 0.6 * len(ex)), layout="constrained")
     for ax, kind, better in zip(axes, ("deletion", "insertion"), ("lower", "higher")):
         m = np.array([[r[f"{kind}_auc"][e][v] for v in ev] for e in ex])
         im = ax.imshow(m, cmap="viridis_r" if kind == "deletion" else "viridis", aspect="auto")
         for a in range(len(ex)):
             for b in range(len(ev)):
-                ax.text(b, a, f"{m[a, b]:.3f}", ha="center", va="center", fontsize=8,
-                        color="w" if (m[a, b] - m.min()) / (np.ptp(m) + 1e-12) < 0.5 else "k")
+                level = (m[a, b] - m.min()) / (np.ptp(m) + 1e-12)
+                dark = level > 0.5 if kind == "deletion" else level < 0.5  # viridis_r vs viridis
+                ax.text(b, a, f"{m[a, b]:.3f}", ha="center", va="center", fontsize=8, color="w" if dark else "k")
         ax.set_xticks(range(len(ev)), ev, rotation=35, ha="right")
         ax.set_yticks(range(len(ex)), ex)
         ax.set_xlabel("evaluated under")
