@@ -238,3 +238,60 @@ def test_backends_agree_with_each_other(dtype):
         for p, q in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             tol = 2 * torch.finfo(dtype).eps * max(1.0, q.abs().max().item())
             assert _err(p, q) <= tol, f"{name}: cuda and triton differ"
+
+
+# ----------------------------------------------------------------------------- the shared sweep
+# tests/op_cases.py (the CPU backend tests' configurations) on CUDA tensors, through the public ops.
+try:
+    import op_cases as OC
+except ImportError:  # run from another directory without tests/ on sys.path
+    OC = None
+
+
+def _sweep_params():
+    if OC is None:
+        return []
+    return [(b, mode, case, layout) for b in GPU_BACKENDS for mode in OC.MODES
+            for case, layout in OC.cycle_product(OC.conv_cases(), OC.LAYOUTS)]
+
+
+@pytest.mark.parametrize("backend,mode,case,layout", _sweep_params(),
+                         ids=lambda v: getattr(v, "id", str(v)))
+def test_shared_conv_sweep(backend, mode, case, layout):
+    _backend(backend)
+    for dtype in DTYPES:
+        x = OC.make_input(case.n, case.c_in, case.h, case.w, torch.float64, layout, device="cuda")
+        m = OC.make_mask("patches", case.n, case.h, case.w, device="cuda")
+        w, b = OC.make_conv_params(case, torch.float64, device="cuda")
+        with mo.set_backend("torch"):
+            truth, tm = mo.masked_conv2d(x, m, w, b, mode=mode, **case.kwargs())
+            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+            plain, _ = mo.masked_conv2d(cast(x), m, cast(w), cast(b), mode=mode, **case.kwargs())
+        with mo.set_backend(backend):
+            ours, om = mo.masked_conv2d(cast(x), m, cast(w), cast(b), mode=mode, **case.kwargs())
+        assert torch.equal(om, tm)
+        _check_rule(ours, plain, truth, dtype, f"{backend} {mode} {case.id} {layout} {dtype}")
+        xp = OC.poison(cast(x), m, float("nan"))
+        with mo.set_backend(backend):
+            assert torch.equal(mo.masked_conv2d(xp, m, cast(w), cast(b), mode=mode, **case.kwargs())[0], ours)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", OC.pool_cases() if OC else [], ids=lambda c: c.id)
+def test_shared_pool_sweep(backend, case):
+    _backend(backend)
+    for dtype, layout in zip(DTYPES, itertools.cycle(OC.LAYOUTS)):
+        x = OC.make_input(case.n, case.c, case.h, case.w, dtype, layout, device="cuda")
+        m = OC.make_mask("patches", case.n, case.h, case.w, device="cuda")
+        for op, kw in ((mo.masked_max_pool2d, dict(dilation=case.dilation)),
+                       (mo.masked_avg_pool2d, dict(count_include_pad=case.count_include_pad))):
+            if op is mo.masked_avg_pool2d and case.dilation != (1, 1):
+                continue
+            args = (case.kernel, case.stride, case.padding)
+            with mo.set_backend("torch"):
+                truth, tm = op(x.double(), m, *args, ceil_mode=case.ceil_mode, **kw)
+                plain, _ = op(x, m, *args, ceil_mode=case.ceil_mode, **kw)
+            with mo.set_backend(backend):
+                ours, om = op(x, m, *args, ceil_mode=case.ceil_mode, **kw)
+            assert torch.equal(om, tm)
+            _check_rule(ours, plain, truth, dtype, f"{backend} {op.__name__} {case.id} {dtype}")

@@ -34,7 +34,10 @@ def fill_distance_kernel(mask_ptr, dist_ptr, H, W, T: tl.constexpr, BH: tl.const
             c = cols + dx
             ok = inside & (r >= 0) & (r < H) & (c >= 0) & (c < W)
             m = tl.load(mask_ptr + base + r * W + c, mask=ok, other=0.0)
-            ring = max(abs(dy), abs(dx))
+            # Chebyshev radius of (dy, dx), on constexprs (no abs/max builtins in compiled kernels)
+            ady = dy if dy >= 0 else -dy
+            adx = dx if dx >= 0 else -dx
+            ring = ady if ady >= adx else adx
             d = tl.where((m > 0) & (d > ring), ring, d)
     tl.store(dist_ptr + base + rows * W + cols, d, mask=inside)
 
