@@ -21,14 +21,14 @@ __version__ = "0.1.0"
 __all__ = [
     "available", "get_backend", "set_backend", "MODES", "fill_iters",
     "masked_affine_act", "masked_avg_pool2d", "masked_batch_norm_act", "masked_conv2d",
-    "masked_max_pool2d", "masked_mean", "neighbor_fill", "layer_mask",
+    "masked_max_pool2d", "masked_mean", "neighbor_fill", "layer_mask", "register_rule",
 ]
 
 
 def __getattr__(name):
     # layer_mask pulls in torch.fx machinery; import it on first use.
-    if name == "layer_mask":
-        from .convert import layer_mask
+    if name in ("layer_mask", "register_rule"):
+        from . import convert
 
-        return layer_mask
+        return getattr(convert, name)
     raise AttributeError(f"module 'masked_ops' has no attribute {name!r}")

@@ -251,6 +251,10 @@ def _describe_target(node, root) -> str:
     return f".{node.target}()" if node.op == "call_method" else node.op
 
 
+# Modules whose behaviour depends on train/eval mode (the train-mode warning names them).
+_TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
 def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority", fold_bn: bool = True,
                padding_visible: bool = False) -> LayerMasked:
     """Return a layer-masked version of ``model`` (an ``nn.Module`` taking one image batch).
@@ -276,8 +280,11 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
     if concat not in ("majority", "union", "intersection"):
         raise ValueError(f"concat must be 'majority', 'union' or 'intersection', got {concat!r}")
     R.register_optional_rules()
+    if R.module_rule(model) is not None:
+        # A lone layer (an nn.Conv2d, ...): fx never treats the root as a leaf, so wrap it.
+        model = nn.Sequential(model)
     training = model.training
-    if training:
+    if training and any(m.training and isinstance(m, _TRAIN_SENSITIVE) for m in model.modules()):
         warnings.warn("layer_mask: the model is in train mode; BatchNorm will use batch statistics over the "
                       "visible pixels (running statistics are not updated) and nothing is folded. "
                       "Call model.eval() before layer_mask for inference.", UserWarning, stacklevel=2)
