@@ -1,0 +1,177 @@
+"""LIME end to end: masked_ops (grey fill, layer masking) against the `lime` package (grey fill).
+
+    python bench/bench_lime.py                       # CPU, EfficientNet-Lite0, 1,000 samples
+    python bench/bench_lime.py --device cuda --model resnet50 --repeats 5    # the GPU target (< 0.5 s)
+
+Same model, same photo (scikit-image's cat, 224 x 224), same SLIC segments for every contender;
+each figure is wall time of one full explanation (sampling, masks, every forward pass, the
+regression) and its ratio to plain PyTorch measured in the same run: the unmasked model's forward
+of as many images in batches of --batch-size (default memory format, and channels_last when our
+runs use it), i.e. the floor no perturbation explainer can beat.
+Medians over --repeats. On CPU our runs feed a channels_last model (what `masked-ops explain`
+does: oneDNN's depthwise convs are much faster so); --formats both adds the default format. The lime package runs with its own defaults (batch_size 10,
+hide_color = the ImageNet mean colour, i.e. grey) and a classifier_fn that runs the plain model.
+Results go to bench/results/<device>-lime-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    times, result = [], None
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="efficientnet-lite0")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--formats", choices=("contiguous", "channels_last", "both"), default=None,
+                   help="memory formats of our runs (default: channels_last on CPU, as the CLI; contiguous on GPU)")
+    p.add_argument("--no-lime-package", action="store_true", help="skip the (slow) lime package run")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.formats = args.formats or ("channels_last" if device.type == "cpu" else "contiguous")
+
+    import masked_ops
+    from masked_ops.explain import explain_lime, get_strategy, segment
+    from masked_ops.models import load_image, load_model
+
+    model, info = load_model(args.model)
+    model = model.to(device)
+    image = info.prepare(load_image("chelsea"))[0].to(device)
+    seg = segment(image.cpu(), "slic", n_segments=50)
+    k = int(seg.max()) + 1
+    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
+    load_before = os.getloadavg()
+    results = {}
+
+    def record(name, med, times, extra=None):
+        results[name] = dict(median_s=med, times_s=times, **(extra or {}))
+        print(f"{name:<34} {med:8.2f} s", flush=True)
+
+    # plain PyTorch floor: the unmasked model on `samples` images, batched
+    batch = ((image[None] - mean) / std).expand(args.batch_size, -1, -1, -1).contiguous()
+
+    @torch.inference_mode()
+    def plain():
+        done = 0
+        while done < args.samples:
+            n = min(args.batch_size, args.samples - done)
+            model(batch[:n])
+            done += n
+
+    plain()  # warm-up
+    record("plain_forward", *timed(plain, device, args.repeats))
+
+    formats = []
+    if args.formats in ("contiguous", "both"):
+        formats.append(("", torch.contiguous_format))
+    if args.formats in ("channels_last", "both"):
+        formats.append(("_channels_last", torch.channels_last))
+        model = model.to(memory_format=torch.channels_last)
+        batch_cl = batch.contiguous(memory_format=torch.channels_last)
+
+        @torch.inference_mode()
+        def plain_cl():
+            done = 0
+            while done < args.samples:
+                n = min(args.batch_size, args.samples - done)
+                model(batch_cl[:n])
+                done += n
+
+        plain_cl()
+        record("plain_forward_channels_last", *timed(plain_cl, device, args.repeats))
+    for suffix, fmt in formats:
+        model = model.to(memory_format=fmt)
+        for name in ("grey", "layer"):
+            strat = get_strategy(name, model, mean=info.mean, std=info.std)
+            explain_lime(strat, image, segments=seg, num_samples=2 * args.batch_size, batch_size=args.batch_size,
+                         progress=False)  # warm-up (and the layer_mask conversion)
+            med, times, exp = timed(lambda: explain_lime(strat, image, segments=seg, num_samples=args.samples,
+                                                         batch_size=args.batch_size, progress=False),
+                                    device, args.repeats)
+            record(f"masked_ops_{name}{suffix}", med, times, dict(target=exp.targets[0],
+                                                                  top_segments=exp.top_segments(5).tolist()))
+    model = model.to(memory_format=torch.contiguous_format)
+
+    if not args.no_lime_package:
+        from lime.lime_image import LimeImageExplainer
+
+        @torch.inference_mode()
+        def classifier_fn(images):
+            x = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2).to(device)
+            return model((x - mean) / std).softmax(1).cpu().numpy()
+
+        rgb = image.permute(1, 2, 0).double().cpu().numpy()
+        seg_np = seg.numpy()
+
+        def run_lime():
+            return LimeImageExplainer(random_state=0).explain_instance(
+                rgb, classifier_fn, top_labels=1, hide_color=tuple(info.mean), num_samples=args.samples,
+                segmentation_fn=lambda img: seg_np, random_seed=0)
+
+        med, times, exp = timed(run_lime, device, args.repeats)
+        top = [int(f) for f, _ in sorted(exp.local_exp[exp.top_labels[0]], key=lambda t: -t[1])[:5]]
+        record("lime_package_grey", med, times, dict(target=int(exp.top_labels[0]), top_segments=top))
+
+    floor = results["plain_forward"]["median_s"]
+    for r in results.values():
+        r["ratio_to_plain"] = r["median_s"] / floor
+    summary = dict(
+        benchmark="lime_end_to_end", model=args.model, device=str(device), samples=args.samples, segments=k,
+        batch_size=args.batch_size, repeats=args.repeats, threads=args.threads,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__, masked_ops=masked_ops.__version__, backend=masked_ops.get_backend(),
+        python=platform.python_version(), machine=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(), loadavg_before=load_before, loadavg_after=os.getloadavg(), results=results)
+    if "lime_package_grey" in results:
+        lp = results["lime_package_grey"]["median_s"]
+        summary["speedup_vs_lime_package"] = {n: lp / r["median_s"] for n, r in results.items()
+                                              if n.startswith("masked_ops")}
+    print(json.dumps({n: round(r["ratio_to_plain"], 3) for n, r in results.items()}), "(ratio to plain)")
+    if "speedup_vs_lime_package" in summary:
+        print(json.dumps({n: round(v, 2) for n, v in summary["speedup_vs_lime_package"].items()}),
+              "(speed-up vs the lime package)")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"{device.type}-lime-{datetime.date.today().isoformat()}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
