@@ -79,6 +79,16 @@ class Subject:
         return torch.cat(out)
 
 
+    def predict_pairs(self, name: str, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Logits of strategy ``name`` for image i under mask i (batched)."""
+        fn = self.strategies[name]
+        out = []
+        with torch.inference_mode():
+            for i in range(0, masks.shape[0], self.batch_size):
+                out.append(fn(images[i:i + self.batch_size], masks[i:i + self.batch_size]))
+        return torch.cat(out)
+
+
 def fingerprint(*tensors: torch.Tensor) -> str:
     """A short content hash of tensors (model parameters, images): detects a changed input on resume."""
     h = hashlib.sha1()

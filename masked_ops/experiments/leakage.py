@@ -80,7 +80,7 @@ def salient_vs_moved(model, images: torch.Tensor, strategies: StrategySpec = DEF
     def compute(name):
         res = {}
         for which, reg in regions.items():
-            logits = torch.cat([subject.predict(name, images[i], M.region_to_mask(reg[i])) for i in range(n)])
+            logits = subject.predict_pairs(name, images, (~reg).float()[:, None])
             res[f"pred_{which}"] = logits.argmax(-1).numpy()
             res[f"p_clean_{which}"] = logits.double().softmax(-1)[torch.arange(n), clean.argmax(-1)].numpy()
             res[f"kl_{which}"] = kl_divergence(clean, logits).numpy()
