@@ -49,6 +49,24 @@ def _zero(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _zero_fresh(y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """_zero for a tensor this layer just allocated: in place when autograd does not need it."""
+    if y.requires_grad and torch.is_grad_enabled():
+        return _zero(y, m)
+    return y.masked_fill_(m <= 0, 0)  # a select, not a product: NaN/inf there are overwritten too
+
+
+_INPLACE_ACT = {"relu": torch.relu_, "relu6": lambda y: y.clamp_(0, 6)}
+
+
+def _act_fresh(y: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "none":
+        return y
+    if name in _INPLACE_ACT and not (y.requires_grad and torch.is_grad_enabled()):
+        return _INPLACE_ACT[name](y)
+    return apply_activation(y, name)
+
+
 def nhwc(m: torch.Tensor) -> torch.Tensor:
     """A N x 1 x H x W mask laid out to broadcast against N x H x W x C activations."""
     return m.permute(0, 2, 3, 1)
@@ -594,17 +612,19 @@ class FlattenHead(MaskedLayer):
 
 # ----------------------------------------------------------------------------- joins
 class MaskedBinary(MaskedLayer):
-    """Elementwise binary op (residual add, SE / layer-scale multiply, sub, div).
+    """Elementwise binary op (residual add, SE / layer-scale multiply, sub, div) [+ activation].
 
     Masked inputs' masks intersect. The result is re-zeroed wherever it might be non-zero
-    at a removed position (different input masks, a plain addend, a division).
+    at a removed position (different input masks, a plain addend, a division, an
+    activation with f(0) != 0). A following activation (ResNet's add + ReLU) is fused.
     """
 
     rule = "elementwise"
 
-    def __init__(self, fn: Callable, name: str, kind: str, layout="nchw"):
+    def __init__(self, fn: Callable, name: str, kind: str, layout="nchw", activation="none"):
         super().__init__()
         self.fn, self.name, self.kind, self.layout = fn, name, kind, layout
+        self.activation = check_activation(activation)
 
     def plan(self, mg, in_masks):
         masked = [k for k in in_masks if k is not None]
@@ -612,15 +632,17 @@ class MaskedBinary(MaskedLayer):
         same = len(set(masked)) == 1
         n_plain = len(in_masks) - len(masked)
         # mul: 0 * finite = 0, and a product with both inputs masked is 0 where either is removed.
-        self.rezero = not ((self.kind == "mul") or (self.kind == "add" and same and n_plain == 0))
+        self.rezero = not ((self.kind == "mul") or (self.kind == "add" and same and n_plain == 0)) \
+            or self.activation not in ZERO_PRESERVING
         return self.out_key
 
     def run(self, inputs, masks):
-        y = self.fn(*inputs)
-        return _zero(y, layout_mask(masks[self.out_key], self.layout)) if self.rezero else y
+        y = _act_fresh(self.fn(*inputs), self.activation)
+        return _zero_fresh(y, layout_mask(masks[self.out_key], self.layout)) if self.rezero else y
 
     def describe(self):
-        return f"{self.name} (masks intersect)"
+        act = f" +{self.activation}" if self.activation != "none" else ""
+        return f"{self.name} (masks intersect){act}"
 
 
 class MaskedConcat(MaskedLayer):
@@ -644,7 +666,7 @@ class MaskedConcat(MaskedLayer):
     def run(self, inputs, masks):
         y = torch.cat(list(inputs), self.dim)
         # Where the vote removes a pixel some input had visible, zero it.
-        return _zero(y, masks[self.out_key]) if self.rezero else y
+        return _zero_fresh(y, masks[self.out_key]) if self.rezero else y
 
     def describe(self):
         return f"concat ({self.n_inputs} inputs, mask: {self.how})"

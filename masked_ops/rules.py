@@ -516,6 +516,11 @@ def _binary_rule(node, ctx):
         _reject(node, "divides by a masked map")
     fn = _BINARY_FNS[kind]  # out of place: inputs may still be read by other layers
     layer = mnn.MaskedBinary(fn, name, kind, layout=ctx.layout(a) or ctx.layout(b))
+    user = ctx.sole_user(node)
+    act = activation_name(user, ctx.root) if user is not None and kind in ("add", "sub") else None
+    if act is not None:  # ResNet's relu(x + shortcut): one pass, in place
+        layer.activation = act
+        ctx.absorb(user)
     layer.inputs = [a, b]
     return layer
 
