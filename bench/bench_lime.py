@@ -173,5 +173,55 @@ def main(argv=None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- `make bench` (pytest-benchmark)
+# A short version for the benchmark suite: 64 samples, plain forward vs our LIME with grey / layer.
+# The full comparison with the lime package is the script above (too long for every run).
+BENCH_SAMPLES = 64
+
+
+def _bench_setup():
+    from masked_ops.explain import segment
+    from masked_ops.models import load_image, load_model
+
+    model, info = load_model("efficientnet-lite0")
+    model = model.to(memory_format=torch.channels_last)
+    image = info.prepare(load_image("chelsea"))[0]
+    return model, info, image, segment(image, "slic", n_segments=50)
+
+
+try:
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def lime_setup():
+        return _bench_setup()
+
+    @pytest.mark.parametrize("impl", ["plain", "grey", "layer"])
+    def test_lime_64_samples(benchmark, lime_setup, impl):
+        from masked_ops.explain import explain_lime, get_strategy
+
+        model, info, image, seg = lime_setup
+        benchmark.group = "lime-efficientnet-lite0-64"
+        benchmark.extra_info.update(impl=impl, samples=BENCH_SAMPLES, memory_format="channels_last")
+        if impl == "plain":
+            mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+            std = torch.tensor(info.std).view(1, 3, 1, 1)
+            x = ((image[None] - mean) / std).expand(32, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+
+            def run():
+                with torch.inference_mode():
+                    for _ in range(BENCH_SAMPLES // 32):
+                        model(x)
+        else:
+            strat = get_strategy(impl, model, mean=info.mean, std=info.std)
+
+            def run():
+                explain_lime(strat, image, segments=seg, num_samples=BENCH_SAMPLES, batch_size=32, progress=False)
+        run()  # warm-up (layer_mask conversion)
+        benchmark.pedantic(run, rounds=3, iterations=1)
+except ImportError:  # pytest is only needed for `make bench`
+    pass
+
+
 if __name__ == "__main__":
     sys.exit(main())
