@@ -12,7 +12,7 @@ is device-agnostic. It also registers, for every op:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 
