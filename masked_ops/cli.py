@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 DEMO_IMAGE = "chelsea"
 DEMO_MASKING = "layer,grey"
-DEMO_SAMPLES = 400
+DEMO_SAMPLES = 500
 DEMO_OUT = "masked-ops-demo.png"
 METHOD_NAMES = ("lime", "occlusion", "kernel-shap")
 SEGMENTATIONS = ("slic", "quickshift", "grid", "felzenszwalb")
