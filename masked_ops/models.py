@@ -28,7 +28,7 @@ import importlib
 import os
 import warnings
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
