@@ -3,7 +3,7 @@
 1. all-ones mask: the converted model reproduces the original (fp32, relative 1e-4);
 2. removed-region invariance: NaN, inf, huge or random values at removed pixels give a
    bit-identical output.
-Random weights, batch 2, 64 px (the smallest size every model accepts), eval mode.
+Random weights, batch 1, 64 px (the smallest size every model accepts), eval mode.
 """
 import warnings
 
@@ -34,9 +34,11 @@ def test_zoo_invariants(source, name):
     model = _build(source, name)
     lm = mo.layer_mask(model, mode="fill")
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, SIZE, SIZE, generator=gen)
-    # Random 8x8 patches, about 40% removed, different per sample; sample 0 keeps its centre.
-    mask = (torch.rand(2, 1, SIZE // 8, SIZE // 8, generator=gen) > 0.4)
+    # Batch 1 keeps the zoo within the CI budget; per-sample masks are covered by test_convert
+    # and test_resnet50_oracle (batch 2).
+    x = torch.randn(1, 3, SIZE, SIZE, generator=gen)
+    # Random 8x8 patches, about 40% removed.
+    mask = (torch.rand(1, 1, SIZE // 8, SIZE // 8, generator=gen) > 0.4)
     mask = mask.repeat_interleave(8, 2).repeat_interleave(8, 3)
     removed = ~mask.expand_as(x)
     junk = torch.randn(x.shape, generator=gen) * 1e30
@@ -45,7 +47,7 @@ def test_zoo_invariants(source, name):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "auto" may fall back to the torch backend
         plain = model(x)
-        ones = lm(x, torch.ones(2, 1, SIZE, SIZE, dtype=torch.bool))
+        ones = lm(x, torch.ones(1, 1, SIZE, SIZE, dtype=torch.bool))
         with_nan = lm(torch.where(removed, torch.full_like(x, float("nan")), x), mask)
         with_junk = lm(torch.where(removed, junk, x), mask.float())
     scale = plain.abs().max()
