@@ -253,6 +253,10 @@ class MaskedConv2d(MaskedLayer):
         self.dilation = C.pair(dilation, "dilation", minimum=1)
         self.groups = groups
         self.mode = check_mode(mode)
+        if isinstance(prepad, tuple) and prepad[0] == prepad[1] and prepad[2] == prepad[3]:
+            # Symmetric explicit zero padding is the conv's own padding: no padded copy needed.
+            self.padding = (self.padding[0] + prepad[2], self.padding[1] + prepad[0])
+            prepad = None
         self.prepad = prepad
         self.activation = check_activation(activation)
         self.padding_visible = padding_visible
