@@ -117,21 +117,23 @@ def _run(args) -> int:
     for exp in todo:
         start, cpu = time.time(), time.process_time()
         if exp == "removal":
-            removal_curves(model, imgs, strategies, repeats=args.repeats or 5, image_names=names,
+            res = removal_curves(model, imgs, strategies, repeats=args.repeats or 5, image_names=names,
                                    class_names=list(info.class_names), **common)
         elif exp == "leakage-salient":
-            salient_vs_moved(model, imgs, strategies, image_names=names, **common)
+            res = salient_vs_moved(model, imgs, strategies, image_names=names, **common)
         elif exp == "leakage-probe":
             pimgs, pnames = image_set(args.images, size, args.probe_augment)
-            shape_probe(model, pimgs, strategies, groups=[n.split(":")[0] for n in pnames], **common)
+            res = shape_probe(model, pimgs, strategies, groups=[n.split(":")[0] for n in pnames], **common)
         elif exp == "faithfulness":
             evaluators = _strategies(args.evaluators) if args.evaluators else None
-            lime_faithfulness(model, imgs, strategies, evaluators=evaluators, samples=args.samples,
+            res = lime_faithfulness(model, imgs, strategies, evaluators=evaluators, samples=args.samples,
                                            steps=[i / (args.steps - 1) for i in range(args.steps)],
                                            image_names=names, **common)
         elif exp == "linearity":
-            linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, **common)
-        report.record_command(args.out, exp, _command(args), time.time() - start, time.process_time() - cpu)
+            res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, **common)
+        if res.get("units_computed") or not report.has_record(args.out, exp):
+            # a rerun that only reloads checkpoints keeps the record of the run that did the work
+            report.record_command(args.out, exp, _command(args), time.time() - start, time.process_time() - cpu)
         print(f"{exp}: done in {time.time() - start:.0f} s -> {args.out}/{exp}/results.json", file=sys.stderr)
     path = report.write_report(args.out)
     print(f"report: {path}")

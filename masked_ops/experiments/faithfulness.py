@@ -169,5 +169,6 @@ def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DE
                                                       axis=0).tolist() for v in evaluators}
     results["config"] = config
     results["image_names"] = list(image_names) if image_names is not None else None
+    results["units_computed"] = run.computed
     run.write_results(results)
     return results

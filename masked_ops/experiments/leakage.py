@@ -105,6 +105,7 @@ def salient_vs_moved(model, images: torch.Tensor, strategies: StrategySpec = DEF
         results["strategies"][s] = row
     results["config"] = config
     results["image_names"] = list(image_names) if image_names is not None else None
+    results["units_computed"] = run.computed
     run.write_results(results)
     return results
 
@@ -183,5 +184,6 @@ def shape_probe(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_
         results["strategies"][s] = {"accuracy": float(m), "accuracy_se": float(se), "fold_accuracy": accs.tolist(),
                                     "shuffled_accuracy": float(floor.mean())}
     results["config"] = config
+    results["units_computed"] = run.computed
     run.write_results(results)
     return results

@@ -99,5 +99,6 @@ def linearity(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_ST
         results["strategies"][s] = row
     results["config"] = config
     results["image_names"] = list(image_names) if image_names is not None else None
+    results["units_computed"] = run.computed
     run.write_results(results)
     return results

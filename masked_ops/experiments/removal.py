@@ -94,6 +94,7 @@ def removal_curves(model, images: torch.Tensor, strategies: StrategySpec = DEFAU
     results["config"] = config
     results["image_names"] = list(image_names) if image_names is not None else None
     results["paper"] = PAPER
+    results["units_computed"] = run.computed
     run.write_results(results)
     return results
 
@@ -115,6 +116,7 @@ def summarise(units: Mapping[str, Mapping[str, np.ndarray]], clean_pred: np.ndar
     out = {"experiment": "removal", "fractions": list(fractions), "repeats": repeats, "n_images": n,
            "max_entropy_bits": float(np.log2(n * repeats)),
            "clean_entropy_bits": class_histogram_entropy(np.asarray(clean_pred)), "strategies": {}}
+    per_image = {}
     for s in names:
         pred = np.stack([units[f"{s}--{i:04d}"]["pred"] for i in range(n)])          # N x F x R
         kl = np.stack([units[f"{s}--{i:04d}"]["kl"] for i in range(n)])
@@ -136,4 +138,13 @@ def summarise(units: Mapping[str, Mapping[str, np.ndarray]], clean_pred: np.ndar
             "mean_agreement": float(per_image_curve_mean.mean()), "mean_agreement_ci95": [lo, hi],
             "mean_kl": float(kl.mean()),
         }
+        per_image[s] = per_image_curve_mean
+    # Paired over images (same images, same masks): layer masking minus each other strategy.
+    out["paired_vs_layer"] = {}
+    if "layer" in per_image:
+        for s in names:
+            if s != "layer":
+                d = per_image["layer"] - per_image[s]
+                lo, hi = bootstrap_ci(d, seed=seed)
+                out["paired_vs_layer"][s] = {"mean_agreement_difference": float(d.mean()), "ci95": [lo, hi]}
     return out

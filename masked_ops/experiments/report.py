@@ -37,6 +37,11 @@ def record_command(out, experiment: str, command: str, wall_s: float, cpu_s: flo
     write_json_atomic(path, data)
 
 
+def has_record(out, experiment: str) -> bool:
+    path = Path(out) / "commands.json"
+    return path.exists() and experiment in json.loads(path.read_text())
+
+
 # ----------------------------------------------------------------------------- plots
 def _style(name: str) -> dict:
     if name in LAYER:
@@ -194,6 +199,10 @@ def _removal_md(r: dict) -> str:
         f"mean top-1 over the fractions "
         + ", ".join(f"{k} {v}" for k, v in paper.get("mean_agreement", {}).items()) + ".",
         _table(head, rows),
+        "Paired over images (same masks): layer masking's mean agreement minus each other strategy's, "
+        "95% bootstrap CI over images: " + "; ".join(
+            f"{s} {d['mean_agreement_difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            for s, d in r.get("paired_vs_layer", {}).items()) + ".",
         f"Entropy (bits) of the predicted-class histogram over the {r['n_images'] * r['repeats']} masked "
         f"predictions per fraction (most frequent class and its share in brackets); clean predictions: "
         f"{_f(r['clean_entropy_bits'], 2)} bits, maximum {_f(r['max_entropy_bits'], 2)}.",
