@@ -6,11 +6,13 @@
 Same model, same photo (scikit-image's cat, 224 x 224), same SLIC segments for every contender;
 each figure is wall time of one full explanation (sampling, masks, every forward pass, the
 regression) and its ratio to plain PyTorch measured in the same run: the unmasked model's forward
-of as many images in batches of --batch-size (default memory format, and channels_last when our
-runs use it), i.e. the floor no perturbation explainer can beat.
-Medians over --repeats. On CPU our runs feed a channels_last model (what `masked-ops explain`
-does: oneDNN's depthwise convs are much faster so); --formats both adds the default format. The lime package runs with its own defaults (batch_size 10,
-hide_color = the ImageNet mean colour, i.e. grey) and a classifier_fn that runs the plain model.
+of as many images in batches of --batch-size, i.e. the floor no perturbation explainer can beat.
+Every contender runs the same model in the same memory format (--format; channels_last by
+default on CPU, as `masked-ops explain` does: oneDNN's depthwise convs are much faster so), the
+lime package included, so the comparison is about the explainers, not the memory format.
+Medians over --repeats (wall time, and process CPU time, which a shared machine inflates less).
+The lime package runs with its defaults (batch_size 10) and hide_color = the ImageNet mean
+colour (grey), with a classifier_fn that runs the plain model.
 Results go to bench/results/<device>-lime-<date>.json.
 """
 from __future__ import annotations
@@ -56,15 +58,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--formats", choices=("contiguous", "channels_last", "both"), default=None,
-                   help="memory formats of our runs (default: channels_last on CPU, as the CLI; contiguous on GPU)")
+    p.add_argument("--format", choices=("contiguous", "channels_last"), default=None,
+                   help="memory format of the model for every contender (default: channels_last on CPU, as "
+                        "the CLI; contiguous on GPU)")
     p.add_argument("--no-lime-package", action="store_true", help="skip the (slow) lime package run")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    args.formats = args.formats or ("channels_last" if device.type == "cpu" else "contiguous")
+    args.format = args.format or ("channels_last" if device.type == "cpu" else "contiguous")
 
     import masked_ops
     from masked_ops.explain import explain_lime, get_strategy, segment
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
             r["cpu_ratio_to_plain"] = r["median_cpu_s"] / cfloor
         summary = dict(
             benchmark="lime_end_to_end", model=args.model, device=str(device), samples=args.samples, segments=k,
-            batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, formats=args.formats,
+            batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, format=args.format,
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             torch=torch.__version__, masked_ops=masked_ops.__version__, backend=masked_ops.get_backend(),
             python=platform.python_version(), machine=platform.processor() or platform.machine(),
@@ -112,8 +115,12 @@ def main(argv=None) -> int:
         with open(out, "w") as f:  # after every contender: a cut-short run still leaves its figures
             json.dump(summarise(), f, indent=2)
 
+    # One memory format for every contender (the lime package's classifier_fn runs the same model).
+    fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+
     # plain PyTorch floor: the unmasked model on `samples` images, batched
-    batch = ((image[None] - mean) / std).expand(args.batch_size, -1, -1, -1).contiguous()
+    batch = ((image[None] - mean) / std).expand(args.batch_size, -1, -1, -1).contiguous(memory_format=fmt)
 
     @torch.inference_mode()
     def plain():
@@ -123,43 +130,20 @@ def main(argv=None) -> int:
             model(batch[:n])
             done += n
 
-    plain()  # warm-up
+    with torch.inference_mode():
+        model(batch)  # warm-up
     med, times, _, cpu = timed(plain, device, args.repeats)
     record("plain_forward", med, times, cpu=cpu)
 
-    formats = []
-    if args.formats in ("contiguous", "both"):
-        formats.append(("", torch.contiguous_format))
-    if args.formats in ("channels_last", "both"):
-        formats.append(("_channels_last", torch.channels_last))
-        model = model.to(memory_format=torch.channels_last)
-        batch_cl = batch.contiguous(memory_format=torch.channels_last)
-
-        @torch.inference_mode()
-        def plain_cl():
-            done = 0
-            while done < args.samples:
-                n = min(args.batch_size, args.samples - done)
-                model(batch_cl[:n])
-                done += n
-
-        plain_cl()
-        med, times, _, cpu = timed(plain_cl, device, args.repeats)
-        record("plain_forward_channels_last", med, times, cpu=cpu)
-    for suffix, fmt in formats:
-        model = model.to(memory_format=fmt)
-        for name in ("grey", "layer"):
-            strat = get_strategy(name, model, mean=info.mean, std=info.std)
-            explain_lime(strat, image, segments=seg, num_samples=2 * args.batch_size, batch_size=args.batch_size,
-                         progress=False)  # warm-up (and the layer_mask conversion)
-            med, times, exp, cpu = timed(lambda: explain_lime(strat, image, segments=seg,
-                                                              num_samples=args.samples,
-                                                              batch_size=args.batch_size, progress=False),
-                                         device, args.repeats)
-            record(f"masked_ops_{name}{suffix}", med, times, dict(target=exp.targets[0],
-                                                                  top_segments=exp.top_segments(5).tolist()),
-                   cpu=cpu)
-    model = model.to(memory_format=torch.contiguous_format)
+    for name in ("grey", "layer"):
+        strat = get_strategy(name, model, mean=info.mean, std=info.std)
+        explain_lime(strat, image, segments=seg, num_samples=args.batch_size, batch_size=args.batch_size,
+                     progress=False)  # warm-up (and the layer_mask conversion)
+        med, times, exp, cpu = timed(lambda: explain_lime(strat, image, segments=seg, num_samples=args.samples,
+                                                          batch_size=args.batch_size, progress=False),
+                                     device, args.repeats)
+        record(f"masked_ops_{name}", med, times, dict(target=exp.targets[0],
+                                                      top_segments=exp.top_segments(5).tolist()), cpu=cpu)
 
     if not args.no_lime_package:
         from lime.lime_image import LimeImageExplainer
@@ -167,7 +151,7 @@ def main(argv=None) -> int:
         @torch.inference_mode()
         def classifier_fn(images):
             x = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2).to(device)
-            return model((x - mean) / std).softmax(1).cpu().numpy()
+            return model(((x - mean) / std).contiguous(memory_format=fmt)).softmax(1).cpu().numpy()
 
         rgb = image.permute(1, 2, 0).double().cpu().numpy()
         seg_np = seg.numpy()
