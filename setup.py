@@ -59,14 +59,16 @@ def _extensions():
         raise RuntimeError(
             "MASKED_OPS_CUDA=1 but the CUDA extension cannot be built: "
             f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit={_cuda_home!r}")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch's cpp_extension passes the standard its headers need (C++17 up to
+    # torch 2.9, C++20 after).
+    cxx = ["-O3", "-fopenmp"]
     extra = {"cxx": cxx}
-    macros = [("Py_LIMITED_API", None)] if False else []
+    macros = []
     libraries = []
     if use_cuda:
         # Compile for the GPUs we are lent (Hopper) plus PTX, unless the user says otherwise.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         macros.append(("MASKED_OPS_WITH_CUDA", None))
         ext = CUDAExtension("masked_ops._C", cpu_sources + cuda_sources, extra_compile_args=extra,
                             define_macros=macros, libraries=libraries, extra_link_args=["-fopenmp"])

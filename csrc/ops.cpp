@@ -20,6 +20,9 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(masked_ops, m) {
+  // Fake (meta) kernels live in this Python module: importing it on demand lets torch.ops
+  // calls on fake tensors work before the user imported it.
+  m.set_python_module("masked_ops.backends.compiled");
   // Removed pixels filled from visible neighbours, `iters` rings deep; iters == 0 zeroes them.
   m.def("neighbor_fill(Tensor x, Tensor mask, int iters) -> Tensor");
   // act(y * scale + bias) on kept positions, 0 elsewhere. scale: N x 1 x Ho x Wo or None.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import _checks as C
 from .activations import check_activation
 from .backends import resolve
-from .modes import check_mode, fill_iters
+from .modes import fill_iters
 
 
 # ----------------------------------------------------------------------------- mask path
@@ -42,8 +42,8 @@ def conv_mask_path(mask: torch.Tensor, kernel, stride, padding, dilation, mode: 
         ph, pw = padding
         padded = F.pad(mask, (pw, pw, ph, ph), value=1.0)
         wsum = F.conv2d(padded, ones, None, stride, 0, dilation)
-    # Ratio in float32 even for half inputs: k*k/ws is exact enough there, not in fp16 sums.
-    scale = (kh * kw) / wsum.float().clamp_min(1.0)
+    # Ratio in at least float32 (fp16 would round k*k/ws), float64 stays float64.
+    scale = (kh * kw) / wsum.to(torch.promote_types(wsum.dtype, torch.float32)).clamp_min(1.0)
     scale = torch.where(keep > 0, scale, torch.zeros_like(scale)).to(mask.dtype)
     return keep, scale
 
@@ -91,7 +91,12 @@ def _masked_conv2d(backend, x, m, weight, bias, kernel, stride, padding, dilatio
     keep, scale = mask_path if mask_path is not None else \
         conv_mask_path(m, kernel, stride, padding, dilation, mode, padding_visible)
     iters = fill_iters(kernel, dilation) if mode == "fill" else 0
-    xin = backend.neighbor_fill(x, m, iters)
+    if iters == 0 and kernel == (1, 1) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        # A 1x1 conv reads only its own pixel and the epilogue selects removed positions away, so
+        # the zeroing pass is not needed. With gradients it is: NaN there would reach weight.grad.
+        xin = x
+    else:
+        xin = backend.neighbor_fill(x, m, iters)
     y = F.conv2d(xin, weight, None, stride, padding, dilation, groups)
     out = backend.conv_epilogue(y, keep, scale, bias, activation)
     return out, keep

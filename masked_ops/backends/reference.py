@@ -83,7 +83,8 @@ def conv_epilogue(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Ten
 def masked_affine_act(x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor,
                       shift: torch.Tensor, activation: str = "none") -> torch.Tensor:
     """Eval-mode BatchNorm (as a per-channel affine) + activation on visible pixels."""
-    z = x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+    # Zero first: otherwise autograd's grad(scale) = sum(g * x) would multiply by removed NaNs.
+    z = _zero_removed(x, mask) * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
     z = apply_activation(z, activation)
     return _zero_removed(z, mask)
 
