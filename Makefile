@@ -17,9 +17,11 @@ torch:
 	@$(PYTHON) -c "import torch, torchvision, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null \
 	  || $(REGISTRY_PIP) install "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
 
-# Builds masked_ops._C in place (CPU kernels always, CUDA kernels when torch has CUDA and a
+# --no-build-isolation builds against the torch installed above, so the build tools must be
+# here too. Builds masked_ops._C in place (CPU kernels always, CUDA kernels when torch has CUDA and a
 # toolkit is found) and installs the package editable with every optional dependency.
 install: torch
+	$(PIP) install -q "setuptools>=77" wheel ninja
 	$(PIP) install -e ".[all]" --no-build-isolation
 
 # Rebuild the extension in place after editing csrc/ (no dependency resolution).

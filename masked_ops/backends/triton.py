@@ -13,11 +13,12 @@ imports cleanly without Triton; ``require`` then says why the backend is unavail
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import List, Optional, Tuple
 
 import torch
+
+from .autograd import FORMULAS
 
 try:
     import triton  # noqa: F401
@@ -138,137 +139,13 @@ if AVAILABLE:
 
 
 # ----------------------------------------------------------------------------- autograd
-def _zero(like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=like.dtype, device=like.device)
-
-
-def activation_grad(z: torch.Tensor, name: str) -> torch.Tensor:
-    """d act(z) / dz for the names of masked_ops.activations (torch's own backward conventions)."""
-    one, zero = torch.ones_like(z), torch.zeros_like(z)
-    if name == "none":
-        return one
-    if name == "relu":
-        return (z > 0).to(z.dtype)
-    if name == "relu6":
-        return ((z > 0) & (z < 6)).to(z.dtype)
-    if name == "leaky_relu":
-        return torch.where(z > 0, one, one * 0.01)
-    if name == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if name == "hardswish":
-        return torch.where(z < -3, zero, torch.where(z <= 3, z / 3 + 0.5, one))
-    if name == "hardsigmoid":
-        return torch.where((z > -3) & (z < 3), one / 6, zero)
-    if name == "sigmoid":
-        s = torch.sigmoid(z)
-        return s * (1 - s)
-    if name == "gelu":
-        return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    if name == "tanh":
-        t = torch.tanh(z)
-        return 1 - t * t
-    raise ValueError(f"unknown activation {name!r}")
-
-
-def _fill_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-
-
-def _fill_backward(ctx, grad):
-    (mask,) = ctx.saved_tensors
-    return torch.where(mask > 0, grad, _zero(grad)), None, None
-
-
-def _epilogue_setup(ctx, inputs, output):
-    y, keep, scale, bias, activation = inputs
-    ctx.activation = activation
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.save_for_backward(y, keep, scale, bias)
-
-
-def _epilogue_backward(ctx, grad):
-    y, keep, scale, bias = ctx.saved_tensors
-    kept = keep > 0
-    z = torch.where(kept, y, _zero(y))
-    if scale is not None:
-        z = z * scale
-    if bias is not None:
-        z = z + bias.view(1, -1, 1, 1).to(z.dtype)
-    gz = torch.where(kept, grad * activation_grad(z, ctx.activation), _zero(grad))
-    gy = gz * scale if scale is not None else gz
-    gbias = gz.sum(dim=(0, 2, 3)).to(ctx.bias_dtype) if ctx.has_bias else None
-    return gy, None, None, gbias, None
-
-
-def _affine_setup(ctx, inputs, output):
-    x, mask, scale, shift, activation = inputs
-    ctx.activation = activation
-    ctx.save_for_backward(x, mask, scale, shift)
-
-
-def _affine_backward(ctx, grad):
-    x, mask, scale, shift = ctx.saved_tensors
-    vis = mask > 0
-    xm = torch.where(vis, x, _zero(x))
-    z = xm * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
-    gz = torch.where(vis, grad * activation_grad(z, ctx.activation), _zero(grad))
-    gx = gz * scale.view(1, -1, 1, 1).to(x.dtype)
-    gscale = (gz * xm).sum(dim=(0, 2, 3)).to(scale.dtype)
-    gshift = gz.sum(dim=(0, 2, 3)).to(shift.dtype)
-    return gx, None, gscale, gshift, None
-
-
-def _max_pool_setup(ctx, inputs, output):
-    x, mask, kernel_size, stride, padding, dilation, ceil_mode = inputs
-    ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
-    ctx.save_for_backward(x, mask, output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _max_pool_backward(ctx, grad_y, grad_mask, grad_idx):
-    x, mask, mask_out, idx = ctx.saved_tensors
-    g = torch.where(mask_out > 0, grad_y, _zero(grad_y))
-    gx = torch.ops.aten.max_pool2d_with_indices_backward(g, x, *ctx.geometry, idx)
-    return torch.where(mask > 0, gx, _zero(gx)), None, None, None, None, None, None
-
-
-def _avg_pool_setup(ctx, inputs, output):
-    x, mask, kernel_size, stride, padding, ceil_mode, count_include_pad = inputs
-    ctx.geometry = (kernel_size, stride, padding, ceil_mode, count_include_pad)
-    ctx.save_for_backward(x, mask, output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _avg_pool_backward(ctx, grad_y, grad_mask):
-    x, mask, mask_out = ctx.saved_tensors
-    g = torch.where(mask_out > 0, grad_y, _zero(grad_y))
-    gx = torch.ops.aten.avg_pool2d_backward(g, x, *ctx.geometry, None)
-    return torch.where(mask > 0, gx, _zero(gx)), None, None, None, None, None, None
-
-
-def _mean_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-
-
-def _mean_backward(ctx, grad):
-    (mask,) = ctx.saved_tensors
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    den = mask.to(acc).sum(dim=(2, 3), keepdim=True)  # N x 1 x 1 x 1, exact counts
-    per_pixel = (grad[:, :, None, None].to(acc) / den.clamp_min(1)).to(grad.dtype)
-    gx = torch.where((mask > 0) & (den > 0), per_pixel, _zero(grad))
-    return gx, None
-
-
+# The same schemas as the compiled ops, so the same formulas (masked_ops/backends/autograd.py).
 if AVAILABLE:
-    for _op, _bw, _setup in ((_fill_op, _fill_backward, _fill_setup),
-                             (_epilogue_op, _epilogue_backward, _epilogue_setup),
-                             (_affine_op, _affine_backward, _affine_setup),
-                             (_max_pool_op, _max_pool_backward, _max_pool_setup),
-                             (_avg_pool_op, _avg_pool_backward, _avg_pool_setup),
-                             (_mean_op, _mean_backward, _mean_setup)):
-        _op.register_autograd(_bw, setup_context=_setup)
+    for _name, _op in (("neighbor_fill", _fill_op), ("conv_epilogue", _epilogue_op),
+                       ("masked_affine_act", _affine_op), ("masked_max_pool2d", _max_pool_op),
+                       ("masked_avg_pool2d", _avg_pool_op), ("masked_mean", _mean_op)):
+        _backward, _setup = FORMULAS[_name]
+        _op.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- primitives

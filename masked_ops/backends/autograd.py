@@ -1,0 +1,156 @@
+"""Autograd formulas of the fused primitives, shared by every backend that registers ops.
+
+The compiled ops (masked_ops::*, cpp/cuda) and the Triton ops (masked_ops_triton::*) have the
+same schemas, so one set of (backward, setup_context) pairs serves both: ``FORMULAS[name]``.
+They are written in torch ops, so they run on any device and trace under torch.compile.
+
+Gradients flow to x, weight (through the conv outside), bias, scale and shift. The fill values
+carry no gradient, as in the paper. The mask gets None for now; each backward marks where a
+soft-mask gradient would be added. Removed positions are *selected* away (never multiplied by
+zero), so NaN/inf in the removed region cannot reach any gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+_aten = torch.ops.aten
+
+# d act(z) / dz applied to grad, with the same ATen backward ops autograd uses for the
+# reference's activations (masked_ops/activations.py), so gradients agree exactly.
+ACTIVATION_BACKWARD = {
+    "none": lambda g, z: g,
+    "relu": lambda g, z: _aten.threshold_backward(g, z, 0),
+    "relu6": lambda g, z: _aten.hardtanh_backward(g, z, 0.0, 6.0),
+    "leaky_relu": lambda g, z: _aten.leaky_relu_backward(g, z, 0.01, False),
+    "silu": lambda g, z: _aten.silu_backward(g, z),
+    "hardswish": lambda g, z: _aten.hardswish_backward(g, z),
+    "hardsigmoid": lambda g, z: _aten.hardsigmoid_backward(g, z),
+    "sigmoid": lambda g, z: _aten.sigmoid_backward(g, torch.sigmoid(z)),
+    "gelu": lambda g, z: _aten.gelu_backward(g, z, approximate="none"),
+    "tanh": lambda g, z: _aten.tanh_backward(g, torch.tanh(z)),
+}
+
+
+def _zero_where_removed(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask > 0, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _sum_to_channels(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=(0, 2, 3)).to(like.dtype)
+
+
+# -- neighbor_fill(x, mask, iters)
+def fill_setup(ctx, inputs, output):
+    _x, mask, _iters = inputs
+    ctx.save_for_backward(mask)
+
+
+def fill_backward(ctx, grad):
+    (mask,) = ctx.saved_tensors
+    # Visible pixels pass x through; filled pixels are detached (no gradient, as in the paper).
+    # Soft-mask gradient goes here: d out / d mask = x - fill value (needs the fill values saved).
+    return _zero_where_removed(grad, mask), None, None
+
+
+# -- conv_epilogue(y, keep, scale, bias, activation)
+def epilogue_setup(ctx, inputs, output):
+    y, keep, scale, bias, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(y, keep, scale, bias)
+
+
+def epilogue_backward(ctx, grad):
+    y, keep, scale, bias = ctx.saved_tensors
+    z = y if scale is None else y * scale
+    if bias is not None:
+        z = z + bias.view(1, -1, 1, 1).to(z.dtype)
+    # Select after the activation's derivative, so nothing computed at dropped positions leaks.
+    gz = _zero_where_removed(ACTIVATION_BACKWARD[ctx.activation](grad, z), keep)
+    gy = gz if scale is None else gz * scale
+    gscale = (gz * y).sum(dim=1, keepdim=True) if scale is not None and ctx.needs_input_grad[2] else None
+    gbias = _sum_to_channels(gz, bias) if bias is not None and ctx.needs_input_grad[3] else None
+    # Soft-mask gradient goes here: keep is a hard select now; with a soft keep it would be
+    # (act(z) * grad).sum(1, keepdim=True), and gscale would carry d window_sum / d mask.
+    return gy, None, gscale, gbias, None
+
+
+# -- masked_affine_act(x, mask, scale, shift, activation)
+def affine_setup(ctx, inputs, output):
+    x, mask, scale, shift, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(x, mask, scale, shift)
+
+
+def affine_backward(ctx, grad):
+    x, mask, scale, shift = ctx.saved_tensors
+    s = scale.view(1, -1, 1, 1).to(x.dtype)
+    xm = _zero_where_removed(x, mask)  # removed NaN/inf must not reach gscale through gz * x
+    z = xm * s + shift.view(1, -1, 1, 1).to(x.dtype)
+    gz = _zero_where_removed(ACTIVATION_BACKWARD[ctx.activation](grad, z), mask)
+    gx = gz * s
+    gscale = _sum_to_channels(gz * xm, scale) if ctx.needs_input_grad[2] else None
+    gshift = _sum_to_channels(gz, shift) if ctx.needs_input_grad[3] else None
+    # Soft-mask gradient goes here: (act(z) * grad).sum(1, keepdim=True) for a soft mask.
+    return gx, None, gscale, gshift, None
+
+
+# -- masked_max_pool2d(x, mask, kernel_size, stride, padding, dilation, ceil_mode) -> (y, m2, indices)
+def max_pool_setup(ctx, inputs, output):
+    x, mask, kernel_size, stride, padding, dilation, ceil_mode = inputs
+    _y, m2, idx = output
+    ctx.geometry = (list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+    ctx.mark_non_differentiable(m2, idx)
+    ctx.save_for_backward(x, mask, m2, idx)
+
+
+def max_pool_backward(ctx, grad_y, _grad_m2, _grad_idx):
+    x, mask, m2, idx = ctx.saved_tensors
+    kernel_size, stride, padding, dilation, ceil_mode = ctx.geometry
+    g = _zero_where_removed(grad_y, m2)
+    gx = _aten.max_pool2d_with_indices_backward(g, x, kernel_size, stride, padding, dilation, ceil_mode, idx)
+    # Soft-mask gradient goes here: d y / d mask at the argmax pixel (and through m2).
+    return _zero_where_removed(gx, mask), None, None, None, None, None, None
+
+
+# -- masked_avg_pool2d(x, mask, kernel_size, stride, padding, ceil_mode, count_include_pad) -> (y, m2)
+def avg_pool_setup(ctx, inputs, output):
+    x, mask, kernel_size, stride, padding, ceil_mode, count_include_pad = inputs
+    _y, m2 = output
+    ctx.geometry = (list(kernel_size), list(stride), list(padding), bool(ceil_mode), bool(count_include_pad))
+    ctx.mark_non_differentiable(m2)
+    ctx.save_for_backward(x, mask, m2)
+
+
+def avg_pool_backward(ctx, grad_y, _grad_m2):
+    x, mask, m2 = ctx.saved_tensors
+    kernel_size, stride, padding, ceil_mode, count_include_pad = ctx.geometry
+    g = _zero_where_removed(grad_y, m2)
+    gx = _aten.avg_pool2d_backward(g, x, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
+    # Soft-mask gradient goes here: d y / d mask = x / divisor inside each window.
+    return _zero_where_removed(gx, mask), None, None, None, None, None, None
+
+
+# -- masked_mean(x, mask) -> N x C
+def mean_setup(ctx, inputs, output):
+    _x, mask = inputs
+    ctx.save_for_backward(mask)
+
+
+def mean_backward(ctx, grad):
+    (mask,) = ctx.saved_tensors
+    # Count in fp32/fp64: an fp16 sum of a large mask overflows, a bf16 one is inexact.
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    count = mask.to(acc).sum(dim=(2, 3), keepdim=True)  # N x 1 x 1 x 1
+    per_pixel = (grad[:, :, None, None].to(acc) / count.clamp_min(1)).to(grad.dtype)
+    # Soft-mask gradient goes here: d mean / d mask = (x - mean) / count (x selected where visible).
+    return _zero_where_removed(per_pixel, mask), None
+
+
+FORMULAS = {
+    "neighbor_fill": (fill_backward, fill_setup),
+    "conv_epilogue": (epilogue_backward, epilogue_setup),
+    "masked_affine_act": (affine_backward, affine_setup),
+    "masked_max_pool2d": (max_pool_backward, max_pool_setup),
+    "masked_avg_pool2d": (avg_pool_backward, avg_pool_setup),
+    "masked_mean": (mean_backward, mean_setup),
+}
