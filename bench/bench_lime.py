@@ -10,7 +10,8 @@ of as many images in batches of --batch-size, i.e. the floor no perturbation exp
 Every contender runs the same model in the same memory format (--format; channels_last by
 default on CPU, as `masked-ops explain` does: oneDNN's depthwise convs are much faster so), the
 lime package included, so the comparison is about the explainers, not the memory format.
-Medians over --repeats (wall time, and process CPU time, which a shared machine inflates less).
+Medians over --repeats, run round robin (wall time, and process CPU time, which a shared machine
+inflates less).
 The lime package runs with its defaults (batch_size 10) and hide_color = the ImageNet mean
 colour (grey), with a classifier_fn that runs the plain model.
 Results go to bench/results/<device>-lime-<date>.json.
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward (default: the library's, 16 on CPU, 64 on GPU)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--format", choices=("contiguous", "channels_last"), default=None,
                    help="memory format of the model for every contender (default: channels_last on CPU, as "
@@ -67,6 +69,9 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    from masked_ops.explain.perturb import resolve_batch_size
+
+    args.batch_size = resolve_batch_size(args.batch_size, device)
     args.format = args.format or ("channels_last" if device.type == "cpu" else "contiguous")
 
     import masked_ops
@@ -132,18 +137,18 @@ def main(argv=None) -> int:
 
     with torch.inference_mode():
         model(batch)  # warm-up
-    med, times, _, cpu = timed(plain, device, args.repeats)
-    record("plain_forward", med, times, cpu=cpu)
+    contenders = {"plain_forward": (plain, None)}
+
+    def lime_run(strat):
+        exp = explain_lime(strat, image, segments=seg, num_samples=args.samples, batch_size=args.batch_size,
+                           progress=False)
+        return exp, dict(target=exp.targets[0], top_segments=exp.top_segments(5).tolist())
 
     for name in ("grey", "layer"):
         strat = get_strategy(name, model, mean=info.mean, std=info.std)
         explain_lime(strat, image, segments=seg, num_samples=args.batch_size, batch_size=args.batch_size,
                      progress=False)  # warm-up (and the layer_mask conversion)
-        med, times, exp, cpu = timed(lambda: explain_lime(strat, image, segments=seg, num_samples=args.samples,
-                                                          batch_size=args.batch_size, progress=False),
-                                     device, args.repeats)
-        record(f"masked_ops_{name}", med, times, dict(target=exp.targets[0],
-                                                      top_segments=exp.top_segments(5).tolist()), cpu=cpu)
+        contenders[f"masked_ops_{name}"] = (lambda strat=strat: lime_run(strat), None)
 
     if not args.no_lime_package:
         from lime.lime_image import LimeImageExplainer
@@ -157,13 +162,30 @@ def main(argv=None) -> int:
         seg_np = seg.numpy()
 
         def run_lime():
-            return LimeImageExplainer(random_state=0).explain_instance(
+            exp = LimeImageExplainer(random_state=0).explain_instance(
                 rgb, classifier_fn, top_labels=1, hide_color=tuple(info.mean), num_samples=args.samples,
                 segmentation_fn=lambda img: seg_np, random_seed=0)
+            top = [int(f) for f, _ in sorted(exp.local_exp[exp.top_labels[0]], key=lambda t: -t[1])[:5]]
+            return exp, dict(target=int(exp.top_labels[0]), top_segments=top)
 
-        med, times, exp, cpu = timed(run_lime, device, args.repeats)
-        top = [int(f) for f, _ in sorted(exp.local_exp[exp.top_labels[0]], key=lambda t: -t[1])[:5]]
-        record("lime_package_grey", med, times, dict(target=int(exp.top_labels[0]), top_segments=top), cpu=cpu)
+        contenders["lime_package_grey"] = (run_lime, None)
+
+    # Round robin: repeat r of every contender runs before repeat r+1 of any, so a machine that
+    # speeds up or slows down over minutes (shared hosts do) biases no contender.
+    walls = {n: [] for n in contenders}
+    cpus = {n: [] for n in contenders}
+    extras = {}
+    for _ in range(args.repeats):
+        for name, (fn, _unused) in contenders.items():
+            wall, _, result, cpu = timed(fn, device, 1)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+            if isinstance(result, tuple):
+                extras[name] = result[1]
+            print(f"  {name:<32} {wall:8.2f} s wall {cpu:8.2f} s cpu", flush=True)
+    for name in contenders:
+        record(name, statistics.median(walls[name]), walls[name], extras.get(name),
+               cpu=statistics.median(cpus[name]))
 
     summary = summarise()
     summary["complete"] = True

@@ -76,7 +76,8 @@ def _add_explain(sub) -> argparse.ArgumentParser:
     p.add_argument("--n-segments", type=_positive_int, default=None,
                    help="target number of segments (default 50; 64 grid cells for occlusion)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per forward (default: 16 on CPU, 64 on GPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output PNG (default: <image>-<method>.png, demo: "

@@ -20,8 +20,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .perturb import (Explanation, check_output, check_positive, forward_samples, get_segments,
-                      prepare_image, resolve_targets)
+from .perturb import (Explanation, check_output, check_positive, forward_samples, get_segments, prepare_image,
+                      resolve_batch_size, resolve_targets)
 from .strategies import Strategy
 
 LIME_IMAGE_KERNEL_WIDTH = 0.25
@@ -87,7 +87,7 @@ def _run(method, strategy, image, samples, weights, alpha, *, targets, segments,
 def explain_lime(strategy: Strategy, image: torch.Tensor, *, targets: Union[None, int, Sequence[int]] = None,
                  segments: Union[str, torch.Tensor] = "slic", n_segments: int = 50, num_samples: int = 1000,
                  seed: int = 0, kernel_width: float = LIME_IMAGE_KERNEL_WIDTH, alpha: float = 1.0,
-                 batch_size: int = 64, output: str = "prob", samples: Optional[torch.Tensor] = None,
+                 batch_size: Optional[int] = None, output: str = "prob", samples: Optional[torch.Tensor] = None,
                  progress: Optional[bool] = None) -> Explanation:
     """LIME weights of ``image`` (3 x H x W pixels in [0, 1], on the model's device) under ``strategy``.
 
@@ -98,7 +98,7 @@ def explain_lime(strategy: Strategy, image: torch.Tensor, *, targets: Union[None
     image = prepare_image(image)
     check_output(output)
     check_positive(num_samples, "num_samples")
-    check_positive(batch_size, "batch_size")
+    batch_size = resolve_batch_size(batch_size, image.device)
     seg = get_segments(image, segments, n_segments, seed)
     k = int(seg.max()) + 1
     z = lime_samples(num_samples, k, seed) if samples is None else torch.as_tensor(samples).double()
@@ -126,8 +126,8 @@ def shap_samples(num_samples: int, num_features: int, seed: int = 0) -> torch.Te
 
 def explain_kernel_shap(strategy: Strategy, image: torch.Tensor, *, targets=None,
                         segments: Union[str, torch.Tensor] = "slic", n_segments: int = 50,
-                        num_samples: int = 1000, seed: int = 0, batch_size: int = 64, output: str = "prob",
-                        progress: Optional[bool] = None) -> Explanation:
+                        num_samples: int = 1000, seed: int = 0, batch_size: Optional[int] = None,
+                        output: str = "prob", progress: Optional[bool] = None) -> Explanation:
     """KernelSHAP weights (sampled coalitions, Shapley-kernel sizes, unit weights; see module docstring)."""
     image = prepare_image(image)
     check_output(output)

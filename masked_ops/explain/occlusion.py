@@ -10,18 +10,18 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .perturb import (Explanation, check_output, check_positive, forward_samples, get_segments,
-                      prepare_image, resolve_targets)
+from .perturb import (Explanation, check_output, forward_samples, get_segments, prepare_image,
+                      resolve_batch_size, resolve_targets)
 from .strategies import Strategy
 
 
 def explain_occlusion(strategy: Strategy, image: torch.Tensor, *, targets: Union[None, int, Sequence[int]] = None,
-                      segments: Union[str, torch.Tensor] = "grid", n_segments: int = 64, batch_size: int = 64,
+                      segments: Union[str, torch.Tensor] = "grid", n_segments: int = 64, batch_size: Optional[int] = None,
                       output: str = "prob", seed: int = 0, progress: Optional[bool] = None) -> Explanation:
     """Drop in output when each segment alone is removed (T x K weights); default segments: 8 x 8 grid."""
     image = prepare_image(image)
     check_output(output)
-    check_positive(batch_size, "batch_size")
+    batch_size = resolve_batch_size(batch_size, image.device)
     seg = get_segments(image, segments, n_segments, seed)
     k = int(seg.max()) + 1
     targets, full = resolve_targets(strategy, image, targets, output)
