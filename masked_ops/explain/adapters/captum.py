@@ -22,28 +22,15 @@ A mask channel value below 0.5 counts as removed (Lime/KernelShap blend with exa
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional
 
 import torch
-import torch.nn as nn
 
-from ..strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy, get_strategy
+from .nan_model import StrategyModule
 
 
-class CaptumForward(nn.Module):
+class CaptumForward(StrategyModule):
     """``forward(x4) -> logits``: x4 = N x (C+1) x H x W, image channels then the mask channel."""
-
-    def __init__(self, model: Optional[nn.Module] = None, strategy: Union[str, Strategy] = "layer", *,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, mode: str = "fill",
-                 softmax: bool = False):
-        super().__init__()
-        if not isinstance(strategy, Strategy):
-            if model is None:
-                raise ValueError("model is required when strategy is given by name")
-            strategy = get_strategy(strategy, model, mean=mean, std=std, mode=mode)
-        self.strategy = strategy
-        self.model = strategy.model if isinstance(strategy.model, nn.Module) else None
-        self.softmax = softmax
 
     def forward(self, x4: torch.Tensor) -> torch.Tensor:
         if x4.dim() != 4 or x4.shape[1] < 2:

@@ -14,14 +14,9 @@ def nan_mask(images: torch.Tensor) -> torch.Tensor:
     return ~torch.isnan(images).any(dim=1, keepdim=True)
 
 
-class NaNMaskedModel(nn.Module):
-    """``forward(images) -> logits`` for pixel-space images whose removed pixels are NaN.
-
-    ``strategy`` is a Strategy or a strategy name (default "layer": layer masking); with a name,
-    ``model``/``mean``/``std``/``mode`` build it. Removed values are replaced by 0 before the
-    strategy sees them (strategies never read them anyway), so NaN never reaches the model.
-    ``softmax=True`` returns probabilities instead of logits.
-    """
+class StrategyModule(nn.Module):
+    """An nn.Module around a masking strategy, given as a Strategy or by name (then built from
+    ``model``/``mean``/``std``/``mode``); the base of the tool adapters."""
 
     def __init__(self, model: nn.Module = None, strategy: Union[str, Strategy] = "layer", *,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -35,6 +30,16 @@ class NaNMaskedModel(nn.Module):
         # Registered so that .to(device) / .eval() reach the wrapped model.
         self.model = strategy.model if isinstance(strategy.model, nn.Module) else None
         self.softmax = softmax
+
+
+class NaNMaskedModel(StrategyModule):
+    """``forward(images) -> logits`` for pixel-space images whose removed pixels are NaN.
+
+    ``strategy`` is a Strategy or a strategy name (default "layer": layer masking); with a name,
+    ``model``/``mean``/``std``/``mode`` build it. Removed values are replaced by 0 before the
+    strategy sees them (strategies never read them anyway), so NaN never reaches the model.
+    ``softmax=True`` returns probabilities instead of logits.
+    """
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         visible = nan_mask(images)
