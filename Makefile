@@ -19,10 +19,15 @@ torch:
 
 # --no-build-isolation builds against the torch installed above, so the build tools must be
 # here too. Builds masked_ops._C in place (CPU kernels always, CUDA kernels when torch has CUDA and a
-# toolkit is found) and installs the package editable with every optional dependency.
-install: torch
+# toolkit is found) and installs the package editable with every optional dependency. The stamp
+# lets `make demo` after `make test` (or the reverse) skip a second build; it is redone when the
+# build files or the C++/CUDA sources change, and `make clean` forces it.
+install: .install.stamp
+.install.stamp: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+	@$(MAKE) --no-print-directory torch
 	$(PIP) install -q "setuptools>=77" wheel ninja
 	$(PIP) install -e ".[all]" --no-build-isolation
+	@touch $@
 
 # Rebuild the extension in place after editing csrc/ (no dependency resolution).
 build:
@@ -64,4 +69,4 @@ cmake-build: torch
 	cmake --build build/cmake
 
 clean:
-	rm -rf build dist *.egg-info masked_ops/_C*.so
+	rm -rf build dist *.egg-info masked_ops/_C*.so .install.stamp
