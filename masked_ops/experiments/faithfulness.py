@@ -167,8 +167,4 @@ def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DE
             results[f"{kind}_auc_se"][e] = dict(zip(evaluators, se.tolist()))
             results[f"{kind}_curve"][e] = {v: np.mean([units[f"{e}--{i:04d}"][f"{short}_{v}"] for i in range(n)],
                                                       axis=0).tolist() for v in evaluators}
-    results["config"] = config
-    results["image_names"] = list(image_names) if image_names is not None else None
-    results["units_computed"] = run.computed
-    run.write_results(results)
-    return results
+    return run.finish(results, config, image_names)

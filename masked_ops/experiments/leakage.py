@@ -103,11 +103,7 @@ def salient_vs_moved(model, images: torch.Tensor, strategies: StrategySpec = DEF
         # How much more the prediction survives when the object is intact than when it is removed.
         row["p_clean_gap"] = row["p_clean_moved"] - row["p_clean_salient"]
         results["strategies"][s] = row
-    results["config"] = config
-    results["image_names"] = list(image_names) if image_names is not None else None
-    results["units_computed"] = run.computed
-    run.write_results(results)
-    return results
+    return run.finish(results, config, image_names)
 
 
 def probe_masks(index: int, size: int, *, shapes: Sequence[str], area: float, jitter: int, seed: int
@@ -183,7 +179,4 @@ def shape_probe(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_
         m, se = mean_se(accs)
         results["strategies"][s] = {"accuracy": float(m), "accuracy_se": float(se), "fold_accuracy": accs.tolist(),
                                     "shuffled_accuracy": float(floor.mean())}
-    results["config"] = config
-    results["units_computed"] = run.computed
-    run.write_results(results)
-    return results
+    return run.finish(results, config)

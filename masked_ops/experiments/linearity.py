@@ -97,8 +97,4 @@ def linearity(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_ST
             m, se = mean_se(per_image)
             row[metric], row[f"{metric}_se"] = float(m), float(se)
         results["strategies"][s] = row
-    results["config"] = config
-    results["image_names"] = list(image_names) if image_names is not None else None
-    results["units_computed"] = run.computed
-    run.write_results(results)
-    return results
+    return run.finish(results, config, image_names)

@@ -91,12 +91,7 @@ def removal_curves(model, images: torch.Tensor, strategies: StrategySpec = DEFAU
     units = run.map(keys, compute, desc="removal")
     results = summarise(units, clean.argmax(-1).numpy(), subject.names, fractions, repeats, seed=seed,
                         class_names=class_names)
-    results["config"] = config
-    results["image_names"] = list(image_names) if image_names is not None else None
-    results["paper"] = PAPER
-    results["units_computed"] = run.computed
-    run.write_results(results)
-    return results
+    return run.finish(results, config, image_names, paper=PAPER)
 
 
 def _subject(model, strategies, mean, std, batch_size, seed) -> Subject:

@@ -132,6 +132,15 @@ class Run:
             bar.close()
         return {k: self.load(k) for k in keys}
 
+    def finish(self, results: dict, config: Mapping, image_names=None, **extra) -> dict:
+        """Stamp an experiment's results with its config, images and work done; write and return them."""
+        results["config"] = config
+        results["image_names"] = list(image_names) if image_names is not None else None
+        results.update(extra)
+        results["units_computed"] = self.computed
+        self.write_results(results)
+        return results
+
     def write_results(self, results: Mapping) -> Optional[Path]:
         if self.dir is None:
             return None
