@@ -25,6 +25,10 @@ TORCH_LIBRARY(masked_ops, m) {
   m.set_python_module("masked_ops.backends.compiled");
   // Removed pixels filled from visible neighbours, `iters` rings deep; iters == 0 zeroes them.
   m.def("neighbor_fill(Tensor x, Tensor mask, int iters) -> Tensor");
+  // The same fill in place, for converted models that own x (no autograd): writes only the
+  // pixels the fill reaches; visible and unreached pixels keep their values (iters == 0: no-op).
+  // x may be any non-overlapping strided view, e.g. the interior of a zero-padded buffer.
+  m.def("neighbor_fill_(Tensor(a!) x, Tensor mask, int iters) -> ()");
   // act(y * scale + bias) on kept positions, 0 elsewhere. scale: N x 1 x Ho x Wo or None.
   m.def("conv_epilogue(Tensor y, Tensor keep, Tensor? scale, Tensor? bias, str activation) -> Tensor");
   // act(x * scale[c] + shift[c]) on visible pixels, 0 elsewhere (eval-mode BatchNorm + activation).

@@ -363,7 +363,47 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
         steps.append(_Step(node.name, "masked", layer=layer, inputs=layer_inputs))
         rows.append((node.name, _describe_target(node, model), layer.describe()))
     _schedule_frees(steps, output)
+    in_place = _mark_in_place_fills(steps, output)
+    rows = [(n, what, steps_rule(n, rule, in_place)) for n, what, rule in rows]
     return LayerMasked(model, graph, steps, mg, output, rows, mode)
+
+
+def steps_rule(name, rule, in_place):
+    return in_place[name].describe() if name in in_place else rule
+
+
+def _mark_in_place_fills(steps: List[_Step], output) -> Dict[str, mnn.MaskedLayer]:
+    """Let a conv fill its input in place when nothing else can see that input.
+
+    The input must be a fresh tensor made by a masked layer (not the model's input, not a view)
+    whose value, under every alias of it (fused BatchNorm/activation nodes are aliases of their
+    conv), is read by that conv alone and is not returned. Returns the layers marked, by step name.
+    """
+    root: Dict[str, str] = {}  # value name -> name of the step that computed the tensor
+    by_name = {s.name: s for s in steps}
+    readers: Dict[str, List[int]] = {}
+    for i, s in enumerate(steps):
+        if s.kind == "alias":
+            root[s.name] = root[s.inputs[0].name]
+            continue
+        root[s.name] = s.name
+        nodes = s.node.all_input_nodes if s.kind == "plain" else [n for n in s.inputs if isinstance(n, fx.Node)]
+        for n in nodes:
+            readers.setdefault(root[n.name], []).append(i)
+    returned = set()
+    fx.node.map_arg(output, lambda n: returned.add(root[n.name]))
+    marked = {}
+    for i, s in enumerate(steps):
+        layer = s.layer
+        if s.kind != "masked" or not getattr(layer, "can_fill_in_place", False) or not isinstance(s.inputs[0], fx.Node):
+            continue
+        src = root[s.inputs[0].name]
+        producer = by_name[src]
+        if producer.kind == "masked" and getattr(producer.layer, "fresh_output", False) \
+                and readers.get(src) == [i] and src not in returned:
+            layer.fill_in_place = True
+            marked[s.name] = layer
+    return marked
 
 
 def _schedule_frees(steps: List[_Step], output) -> None:

@@ -294,14 +294,47 @@ class MaskedConv2d(MaskedLayer):
                                                 self.dilation, self.prepad, self.mode, self.padding_visible)
         return self.keep_key
 
+    # Set by the converter when this conv is the only reader of a freshly computed activation
+    # (masked_ops.convert): the fill may then overwrite it instead of copying it.
+    fill_in_place = False
+    # The output is a new tensor (never a view of an input): the converter may hand it to a
+    # consumer that writes it in place.
+    fresh_output = True
+
+    @property
+    def can_fill_in_place(self) -> bool:
+        return self.iters > 0 and self.prepad is None
+
+    def _fill(self, x, m, backend):
+        """The conv's input, filled and explicitly padded (the conv's own padding comes later).
+
+        Without autograd the fill writes in place where it can: into the activation itself
+        when this layer owns it, or into the padded copy that explicit padding makes anyway,
+        touching only the pixels it reaches. Unreached removed pixels then keep their 0
+        (the activation-path invariant), exactly as the copying fill leaves them.
+        """
+        in_place_ok = not (x.requires_grad and torch.is_grad_enabled())
+        if self.prepad is not None:
+            pads = _pads(self.prepad, x, self.kernel, self.stride, self.dilation)
+            if self.iters and in_place_ok and min(pads) >= 0:
+                left, _, top, _ = pads
+                h, w = x.shape[-2:]
+                x = F.pad(x, pads)
+                backend.neighbor_fill_(x[:, :, top:top + h, left:left + w], m, self.iters)
+                return x
+            if self.iters:
+                x = backend.neighbor_fill(x, m, self.iters)
+            return F.pad(x, pads)
+        if not self.iters:
+            return x  # already 0 at removed positions (the activation-path invariant)
+        if self.fill_in_place and in_place_ok:
+            return backend.neighbor_fill_(x, m, self.iters)
+        return backend.neighbor_fill(x, m, self.iters)
+
     def run(self, inputs, masks):
         x = inputs[0]
         backend = resolve(x.device)
-        if self.iters:
-            x = backend.neighbor_fill(x, masks[self.in_key], self.iters)
-        # else: x is already 0 at removed positions (the activation-path invariant)
-        if self.prepad is not None:
-            x = F.pad(x, _pads(self.prepad, x, self.kernel, self.stride, self.dilation))
+        x = self._fill(x, masks[self.in_key], backend)
         keep = masks[self.keep_key]
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
@@ -319,6 +352,8 @@ class MaskedConv2d(MaskedLayer):
             extra.append("+bn(folded)")
         if self.activation != "none":
             extra.append(f"+{self.activation}")
+        if self.fill_in_place:
+            extra.append("(fills its input in place)")
         pad = f" prepad={self.prepad}" if self.prepad is not None else ""
         return (f"conv[{self.mode}] {self.source} {self.weight.shape[1] * self.groups}->{self.weight.shape[0]} "
                 f"k{k[0]}x{k[1]} s{s[0]} p{p[0]}{pad} g{self.groups} fill_iters={self.iters}"
@@ -330,6 +365,7 @@ class MaskedAffine(MaskedLayer):
     """Eval-mode BatchNorm / FrozenBatchNorm (+ activation): act(x*scale + shift) on visible pixels."""
 
     rule = "batchnorm(eval)"
+    fresh_output = True  # masked_affine_act allocates its result
 
     def __init__(self, bn, activation="none"):
         super().__init__()

@@ -80,6 +80,65 @@ def test_neighbor_fill_large_plane_float32(backend):
     assert_agree(backend, mo.neighbor_fill, (x, m), 6, dtype=torch.float32)
 
 
+# ----------------------------------------------------------------------------- neighbor_fill_ (in place)
+def _fill_in_place_cases():
+    """(x, mask, iters, dtype, view): view says whether x is the interior of a padded buffer."""
+    return list(cycle_product((0, 1, 2, 4), MASK_KINDS, ("contiguous", "channels_last"),
+                              (torch.float64, torch.float32, torch.bfloat16), (False, True), length=15))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("iters,kind,layout,dtype,view", _fill_in_place_cases())
+def test_neighbor_fill_in_place(backend, iters, kind, layout, dtype, view):
+    """The in-place fill writes exactly the reached removed pixels, with the copying fill's values.
+
+    Independent of the reference's own in-place function: the expectation is built from the
+    copying fill (tested above) and the reach of the mask (a max pool by 2*iters+1): reached
+    removed pixels take neighbor_fill's values, every other element keeps its bits (NaN in the
+    removed region, the padded border around a view).
+    """
+    from masked_ops.backends import resolve
+
+    n, c, h, w = 2, 5, 13, 11
+    m = make_mask(kind, n, h, w, seed=iters + 5, device=DEVICE).to(dtype)
+    x = make_input(n, c, h, w, dtype, layout, seed=iters, device=DEVICE)
+    x = torch.where(m > 0, x, torch.full((), float("nan"), dtype=dtype, device=DEVICE))  # removed: NaN
+    if view:
+        buf = torch.nn.functional.pad(x, (2, 1, 1, 3), value=7.0)
+        target = buf[:, :, 1:1 + h, 2:2 + w]
+    else:
+        buf = target = x.clone(memory_format=torch.preserve_format)
+    before = buf.clone()
+    with torch.no_grad():
+        returned = resolve(torch.device(DEVICE), backend).neighbor_fill_(target, m, iters)
+    assert returned is target
+    write = torch.nn.functional.max_pool2d((m > 0).double(), 2 * iters + 1, 1, iters) > 0
+    write = (write & ~(m > 0)).expand(n, c, h, w)
+    expected_inner = torch.where(write, mo.neighbor_fill(torch.where(m > 0, x, 0), m, iters).to(dtype), x)
+    expected = before.clone()
+    if view:
+        expected[:, :, 1:1 + h, 2:2 + w] = expected_inner
+    else:
+        expected = expected_inner
+    inner = buf[:, :, 1:1 + h, 2:2 + w] if view else buf
+    assert torch.equal(inner[~write].isnan(), x[~write].isnan())  # NaN stays where it was, nowhere else
+    torch.testing.assert_close(buf, expected, equal_nan=True, **tolerance(dtype))
+    if view:  # the border is not touched
+        assert torch.equal(buf[:, :, 0], before[:, :, 0]) and torch.equal(buf[..., -1], before[..., -1])
+    assert buf.stride() == before.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_neighbor_fill_in_place_rejects_overlapping_memory(backend):
+    from masked_ops.backends import resolve
+
+    x = torch.zeros(1, 3, 5, 5, device=DEVICE).expand(2, -1, -1, -1)
+    m = torch.zeros(2, 1, 5, 5, device=DEVICE)
+    m[:, :, 2, 2] = 1
+    with pytest.raises(RuntimeError, match="overlapping memory"):
+        resolve(torch.device(DEVICE), backend).neighbor_fill_(x, m, 1)
+
+
 # ----------------------------------------------------------------------------- masked_conv2d
 _CONV = conv_cases()
 

@@ -40,6 +40,17 @@ def test_opcheck_neighbor_fill(layout, dtype):
         _opcheck(_ops().neighbor_fill.default, (x, m, iters))
 
 
+@pytest.mark.parametrize("layout,dtype", SAMPLES)
+def test_opcheck_neighbor_fill_in_place(layout, dtype):
+    """The mutating op: its schema declares the write (opcheck checks that), its fake kernel
+    returns nothing, and it works on a strided view (the interior of a padded buffer)."""
+    x, m = _sample(layout, dtype, requires_grad=False)
+    for iters in (0, 2):
+        _opcheck(_ops().neighbor_fill_.default, (x.clone(), m, iters))
+    buf = torch.nn.functional.pad(x, (1, 1, 2, 0))
+    _opcheck(_ops().neighbor_fill_.default, (buf[:, :, 2:, 1:-1], m, 2))
+
+
 @pytest.mark.parametrize("layout,dtype", SAMPLES[1:])
 def test_opcheck_conv_epilogue(layout, dtype):
     y, keep = _sample(layout, dtype)

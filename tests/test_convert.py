@@ -102,6 +102,70 @@ def test_asymmetric_same_padding_is_never_filled():
     _close(mo.layer_mask(TFSame())(_nan_outside(x, mask), mask), expected)
 
 
+class _SharedAndOwned(nn.Module):
+    """a reads the input; b is the sole reader of a+bn+relu; c and d share b's output; e reads an add."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 6, 3, padding=1)
+        self.bn = _rand_bn(6).float()
+        self.relu = nn.ReLU()
+        self.b = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.c = nn.Conv2d(6, 6, 3, padding=1)
+        self.d = nn.Conv2d(6, 6, 5, padding=2)
+        self.e = nn.Conv2d(6, 6, 3, stride=2)
+
+    def forward(self, x):
+        y = self.b(self.relu(self.bn(self.a(x))))
+        return self.e(F.pad(self.c(y) + self.d(y), (0, 1, 0, 1)))
+
+
+def _without_in_place(lm):
+    for layer in lm.layers.values():
+        if getattr(layer, "fill_in_place", False):
+            layer.fill_in_place = False
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype,fmt", [(torch.float64, torch.contiguous_format), (torch.float32, torch.channels_last)])
+def test_in_place_fill_only_for_sole_readers_and_identical_results(backend, dtype, fmt):
+    """Only b may fill its input in place (its input is a fresh activation nobody else reads); a's
+    input is the model's, c and d share theirs, e's is an add. The in-place fills (b's, and e's
+    fill into its padded copy) give bit-identical results to the copying ones."""
+    if not mo.backends.available(backend):
+        pytest.skip(f"backend {backend} not built")
+    torch.manual_seed(0)
+    model = _SharedAndOwned().to(dtype).eval()
+    x, mask = _data(c=4, h=15, w=13)
+    x = _nan_outside(x.to(dtype), mask).contiguous(memory_format=fmt)
+    with mo.set_backend(backend):
+        lm = mo.layer_mask(model.to(memory_format=fmt))
+        marked = {name for name, layer in lm.layers.items() if getattr(layer, "fill_in_place", False)}
+        assert marked == {"b"}
+        assert "fills its input in place" in lm.rules_used()["b"]
+        x_before = x.clone()
+        fast = lm(x, mask)
+        _without_in_place(lm)
+        with torch.enable_grad():  # a copying fill everywhere: autograd needs x, so nothing is in place
+            slow = lm(x.detach().requires_grad_(), mask)
+    assert torch.equal(x.isnan(), x_before.isnan()) and torch.equal(x.nan_to_num(), x_before.nan_to_num())
+    assert torch.equal(fast, slow.detach())
+
+
+def test_in_place_fill_is_skipped_under_autograd():
+    """With autograd recording, the fills copy (in-place writes would break the backward)."""
+    torch.manual_seed(0)
+    model = _SharedAndOwned().double().eval()
+    x, mask = _data(c=4, h=15, w=13)
+    lm = mo.layer_mask(model)
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_()
+        out = lm(xg, mask)
+        out.square().sum().backward()
+    assert torch.equal(out.detach(), lm(x, mask))
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
 def test_reflect_padding_conv_is_refused():
     conv = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
     with pytest.raises(ValueError, match="padding_mode"):

@@ -67,6 +67,14 @@ def _cases():
     cases = {}
     for iters in (0, 1, 2, 6):
         cases[f"fill{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill(x, m, it)
+        cases[f"fill_inplace{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill_(x.clone(), m, it)
+
+    def padded_fill_in_place(B, x, m):  # into the interior of a padded buffer (a strided view)
+        buf = torch.nn.functional.pad(x, (0, 1, 2, 1), value=3.0)
+        B.neighbor_fill_(buf[:, :, 2:2 + x.shape[2], :x.shape[3]], m, 2)
+        return buf
+
+    cases["padded_fill_inplace"] = padded_fill_in_place
     for act in ACTIVATIONS:
         cases[f"epilogue_{act}"] = lambda B, x, m, a=act: B.conv_epilogue(
             x, m, scale_fn(x), torch.linspace(-1, 1, x.shape[1], device=x.device, dtype=x.dtype), a)

@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 CHECKS = [
-    "neighbor_fill", "conv_epilogue", "masked_affine_act", "masked_max_pool2d", "masked_avg_pool2d",
+    "neighbor_fill", "neighbor_fill_in_place", "conv_epilogue", "masked_affine_act", "masked_max_pool2d", "masked_avg_pool2d",
     "masked_mean", "low_precision", "removed_region_invariance", "all_ones_mask", "autograd", "opcheck",
     "compile_fullgraph", "public_ops_dispatch",
 ]
@@ -68,6 +68,24 @@ def _checks():
         # several tiles (H, W > one tile) so the halo exchange between programs is exercised
         x, m = data(1, 2, 40, 37, p=0.8)
         close(T.neighbor_fill(x, m, 2), R.neighbor_fill(x, m, 2), 2e-6, "fill multi-tile")
+
+    def neighbor_fill_in_place():
+        # Dense tensors and the interior of a padded buffer (a strided view), removed pixels NaN:
+        # reached ones take the fill, the rest (and the border) keep their bits.
+        for dtype in (torch.float32, torch.float64):
+            for cl in (False, True):
+                for iters in (0, 1, 3):
+                    x, m = data(1, 3, 20, 19, dtype=dtype, cl=cl, p=0.8)
+                    x = torch.where(m > 0, x, torch.full((), float("nan"), dtype=dtype))
+                    for view in (False, True):
+                        mine = F.pad(x, (1, 2, 2, 1), value=5.0) if view else x.clone()
+                        ref = mine.clone()
+                        inner = (lambda t: t[:, :, 2:22, 1:20]) if view else (lambda t: t)
+                        assert T.neighbor_fill_(inner(mine), m, iters) is not None
+                        R.neighbor_fill_(inner(ref), m, iters)
+                        what = f"fill_ {dtype} cl={cl} iters={iters} view={view}"
+                        assert torch.equal(mine.isnan(), ref.isnan()), f"{what}: NaN moved"
+                        close(mine.nan_to_num(), ref.nan_to_num(), TOL[dtype], what)
 
     def conv_epilogue():
         y, keep = data(p=0.4)
@@ -291,8 +309,9 @@ def _compile_for_hopper() -> dict:
         p = lambda *names, idx=(): dict(i64, **{n: f"*{dt}" for n in names}, **{n: "*i64" for n in idx})  # noqa: E731
         acc64 = dt == "fp64"
         build(NF.fill_distance_kernel, dict(mask_ptr=f"*{dt}", dist_ptr="*i32"), dict(T=2, BH=16, BW=32))
-        build(NF.neighbor_fill_kernel, dict(p("x_ptr", "out_ptr"), dist_ptr="*i32"),
-              dict(T=2, RB=16, BC=8 if dt == "bf16" else 1, ACC64=acc64))
+        for inplace in (False, True):
+            build(NF.neighbor_fill_kernel, dict(p("x_ptr", "out_ptr"), dist_ptr="*i32"),
+                  dict(T=2, RB=16, BC=8 if dt == "bf16" else 1, ACC64=acc64, INPLACE=inplace))
         for act in (range(10) if dt == "bf16" else (1,)):
             build(E.conv_epilogue_kernel, p("y_ptr", "keep_ptr", "scale_ptr", "bias_ptr", "out_ptr"),
                   dict(HAS_SCALE=True, HAS_BIAS=True, ACT=act, CHANNELS_LAST=dt == "bf16", ACC64=acc64, BLOCK=1024))

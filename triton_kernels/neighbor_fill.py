@@ -44,7 +44,8 @@ def fill_distance_kernel(mask_ptr, dist_ptr, H, W, T: tl.constexpr, BH: tl.const
 
 @triton.jit
 def neighbor_fill_kernel(x_ptr, out_ptr, dist_ptr, C, H, W, s_n, s_c, s_h, s_w,
-                         T: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, ACC64: tl.constexpr):
+                         T: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, ACC64: tl.constexpr,
+                         INPLACE: tl.constexpr = False):
     # Block: RB x RB pixels (flattened) x BC channels. BC = 1 for contiguous (NCHW) tensors, where
     # a plane is contiguous; a channel vector for channels_last, where channels are.
     TILE: tl.constexpr = RB - 2 * T
@@ -62,9 +63,11 @@ def neighbor_fill_kernel(x_ptr, out_ptr, dist_ptr, C, H, W, s_n, s_c, s_h, s_w,
     offs = n.to(tl.int64) * s_n + cs.to(tl.int64) * s_c + rows.to(tl.int64) * s_h + cols.to(tl.int64) * s_w
     d = tl.load(dist_ptr + dbase + rows * W + cols, mask=in_img, other=-1)
     in_tile = in_img & c_ok & (rows >= h0) & (rows < h0 + TILE) & (cols >= w0) & (cols < w0 + TILE)
-    # Ring 0 and never-reached pixels of the tile itself; ring pixels are written below.
-    x0 = tl.load(x_ptr + offs, mask=in_tile & (d == 0), other=0.0)
-    tl.store(out_ptr + offs, x0, mask=in_tile & ((d == 0) | (d > T)))
+    # Ring 0 and never-reached pixels of the tile itself; ring pixels are written below. In place
+    # (out_ptr is x_ptr) they already hold what they keep.
+    if not INPLACE:
+        x0 = tl.load(x_ptr + offs, mask=in_tile & (d == 0), other=0.0)
+        tl.store(out_ptr + offs, x0, mask=in_tile & ((d == 0) | (d > T)))
     for t in tl.static_range(1, T + 1):
         grow = T - t
         region = in_img & (rows >= h0 - grow) & (rows < h0 + TILE + grow) & \
@@ -111,21 +114,33 @@ def distance(mask: torch.Tensor, iters: int, wrap=identity) -> torch.Tensor:
     return dist
 
 
+def _launch(x, out, mask, iters, channels_inner, wrap, inplace):
+    n, c, h, w = x.shape
+    dist = distance(mask, iters, wrap)
+    rb = _block(iters)
+    tile = rb - 2 * iters
+    # Channels innermost: a vector of channels per pixel keeps the loads contiguous; else one plane.
+    bc = min(32, triton.next_power_of_2(c)) if channels_inner else 1
+    if bc > 1 and rb > 16:
+        bc = min(bc, 8)  # keep the block (rb * rb * bc values) within registers
+    s_n, s_c, s_h, s_w = x.stride()
+    wrap(neighbor_fill_kernel)[(n * triton.cdiv(c, bc), triton.cdiv(h, tile), triton.cdiv(w, tile))](
+        x, out, dist, c, h, w, s_n, s_c, s_h, s_w, T=iters, RB=rb, BC=bc, ACC64=x.dtype == torch.float64,
+        INPLACE=inplace)
+
+
 def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, wrap=identity) -> torch.Tensor:
     x, fmt, _ = dense(x)
     mask = mask.to(x.dtype).contiguous()
     if iters <= 0:
         return torch.where(mask > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    n, c, h, w = x.shape
     out = torch.empty_like(x, memory_format=fmt)
-    dist = distance(mask, iters, wrap)
-    rb = _block(iters)
-    tile = rb - 2 * iters
-    # channels_last: a vector of channels per pixel keeps the loads contiguous; NCHW: one plane.
-    bc = min(32, triton.next_power_of_2(c)) if fmt is torch.channels_last else 1
-    if bc > 1 and rb > 16:
-        bc = min(bc, 8)  # keep the block (rb * rb * bc values) within registers
-    s_n, s_c, s_h, s_w = x.stride()
-    wrap(neighbor_fill_kernel)[(n * triton.cdiv(c, bc), triton.cdiv(h, tile), triton.cdiv(w, tile))](
-        x, out, dist, c, h, w, s_n, s_c, s_h, s_w, T=iters, RB=rb, BC=bc, ACC64=x.dtype == torch.float64)
+    _launch(x, out, mask, iters, fmt is torch.channels_last, wrap, inplace=False)
     return out
+
+
+def neighbor_fill_(x: torch.Tensor, mask: torch.Tensor, iters: int, wrap=identity) -> None:
+    """In place, where the fill reaches (reference: neighbor_fill_); x may be any strided view."""
+    if iters <= 0 or x.numel() == 0:
+        return
+    _launch(x, x, mask.to(x.dtype).contiguous(), iters, x.stride(1) == 1, wrap, inplace=True)

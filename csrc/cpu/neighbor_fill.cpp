@@ -12,6 +12,7 @@
 // innermost (contiguous, vectorisable).
 #include "common.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -232,6 +233,77 @@ void fill_nhwc(const scalar_t* x, scalar_t* out, const uint8_t* vis, const std::
   });
 }
 
+// In place: only the pixels the fill reaches (levels 1..iters) are written; visible and
+// unreached pixels are never touched, so x may be any strided view (the interior of a padded
+// buffer, say). A filled pixel reads only lower levels, which are final when it is computed.
+// Channels innermost (stride 1, channels_last or a view of it): one task per (sample, channel
+// block), as fill_nhwc. Otherwise one task per (sample, channel), as fill_nchw.
+template <typename scalar_t>
+void fill_strided_inplace(scalar_t* x, const std::vector<FillPlan>& plans, int64_t N, int64_t C, int64_t W,
+                          int64_t sN, int64_t sC, int64_t sH, int64_t sW) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  auto offset = [&](int32_t p) { return static_cast<int64_t>(p / W) * sH + static_cast<int64_t>(p % W) * sW; };
+  if (sC == 1) {
+    constexpr int64_t kBlock = 64;
+    const int64_t blocks = (C + kBlock - 1) / kBlock;
+    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      opmath_t acc[kBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks;
+        const int64_t c0 = (task % blocks) * kBlock;
+        const int64_t cb = std::min(kBlock, C - c0);
+        scalar_t* xs = x + n * sN + c0;
+        const FillPlan& plan = plans[n];
+        for (size_t i = 0; i < plan.pixel.size(); ++i) {
+          const int cnt = plan.count[i];
+          for (int64_t c = 0; c < cb; ++c) acc[c] = 0;
+          for (int k = 0; k < cnt; ++k) {
+            const scalar_t* q = xs + offset(plan.neighbour[i][k]);
+            for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<opmath_t>(q[c]);
+          }
+          scalar_t* o = xs + offset(plan.pixel[i]);
+          const opmath_t denom = static_cast<opmath_t>(cnt);
+          for (int64_t c = 0; c < cb; ++c) o[c] = static_cast<scalar_t>(acc[c] / denom);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C;
+      scalar_t* xs = x + n * sN + (plane % C) * sC;
+      const FillPlan& plan = plans[n];
+      for (size_t i = 0; i < plan.pixel.size(); ++i) {
+        opmath_t acc = 0;
+        for (int k = 0; k < plan.count[i]; ++k) acc += static_cast<opmath_t>(xs[offset(plan.neighbour[i][k])]);
+        xs[offset(plan.pixel[i])] = static_cast<scalar_t>(acc / static_cast<opmath_t>(plan.count[i]));
+      }
+    }
+  });
+}
+
+void neighbor_fill_inplace_cpu(at::Tensor& x, const at::Tensor& mask, int64_t iters) {
+  check_image(x, "neighbor_fill_: x");
+  check_mask_like(mask, x, x.size(2), x.size(3), "neighbor_fill_: mask");
+  TORCH_CHECK(iters >= 0, "neighbor_fill_: iters must be >= 0, got ", iters);
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+              "neighbor_fill_: x has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  if (iters == 0 || x.numel() == 0) return;
+  TORCH_CHECK(H * W < (int64_t(1) << 31), "neighbor_fill_: H*W too large");
+  const at::Tensor vis = visible_map(mask);
+  const uint8_t* vp = vis.data_ptr<uint8_t>();
+  std::vector<FillPlan> plans(N);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) plans[n] = plan_fill(vp + n * H * W, H, W, iters);
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "neighbor_fill_inplace_cpu", [&] {
+    fill_strided_inplace<scalar_t>(x.data_ptr<scalar_t>(), plans, N, C, W, x.stride(0), x.stride(1), x.stride(2),
+                                   x.stride(3));
+  });
+}
+
 at::Tensor neighbor_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask, int64_t iters) {
   check_image(x_in, "neighbor_fill: x");
   check_mask_like(mask, x_in, x_in.size(2), x_in.size(3), "neighbor_fill: mask");
@@ -266,6 +338,7 @@ at::Tensor neighbor_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask, int
 
 TORCH_LIBRARY_IMPL(masked_ops, CPU, m) {
   m.impl("neighbor_fill", &neighbor_fill_cpu);
+  m.impl("neighbor_fill_", &neighbor_fill_inplace_cpu);
 }
 
 }  // namespace cpu

@@ -8,6 +8,8 @@
 // visible values, then one in-place pass per ring that touches only that ring's pixels.
 #include "common.cuh"
 
+#include <ATen/MemoryOverlap.h>
+
 namespace masked_ops {
 namespace cuda {
 namespace {
@@ -85,17 +87,16 @@ __global__ void fill_ring_kernel(const int32_t* __restrict__ dist, scalar_t* __r
   out[i] = static_cast<scalar_t>(sum / static_cast<acc_t>(cnt));  // cnt >= 1 by definition of the ring
 }
 
-at::Tensor neighbor_fill_cuda(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters) {
-  check_cuda_args(x_in, mask_in, "neighbor_fill");
-  TORCH_CHECK(iters >= 0, "neighbor_fill: iters must be >= 0, got ", iters);
-  TORCH_CHECK(iters < (1 << 20), "neighbor_fill: iters too large: ", iters);
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const auto fmt = format_of(x_in);
-  const at::Tensor x = x_in.contiguous(fmt);
-  const at::Tensor mask = mask_in.to(x.scalar_type()).contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
+// The fill on dense x (contiguous or channels_last, format `fmt`) into dense `out`; out may be x
+// itself (in place), and then the init pass is skipped: visible and unreached pixels keep
+// their values and only the ring pixels are written.
+void run_fill(const at::Tensor& x, const at::Tensor& mask_in, int64_t iters, at::Tensor& out,
+              at::MemoryFormat fmt) {
   const int64_t total = x.numel();
-  if (total == 0) return out;
+  if (total == 0) return;
+  const bool in_place = out.is_same(x);
+  if (in_place && iters == 0) return;
+  const at::Tensor mask = mask_in.to(x.scalar_type()).contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor dist = at::empty({N, H, W}, x.options().dtype(at::kInt));
@@ -107,10 +108,12 @@ at::Tensor neighbor_fill_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
           mask.data_ptr<scalar_t>(), dist.data_ptr<int32_t>(), static_cast<index_t>(pixels),
           static_cast<int>(H), static_cast<int>(W), static_cast<int>(iters));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      fill_init_kernel<scalar_t, index_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), dist.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-          static_cast<index_t>(total), static_cast<index_t>(C), static_cast<index_t>(H * W), cl);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!in_place) {
+        fill_init_kernel<scalar_t, index_t><<<blocks_for(total), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), dist.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
+            static_cast<index_t>(total), static_cast<index_t>(C), static_cast<index_t>(H * W), cl);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       for (int ring = 1; ring <= iters; ++ring) {
         fill_ring_kernel<scalar_t, index_t><<<blocks_for(total), kThreads, 0, stream>>>(
             dist.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), static_cast<index_t>(total),
@@ -119,7 +122,40 @@ at::Tensor neighbor_fill_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
       }
     });
   });
+}
+
+void check_iters(int64_t iters, const char* op) {
+  TORCH_CHECK(iters >= 0, op, ": iters must be >= 0, got ", iters);
+  TORCH_CHECK(iters < (1 << 20), op, ": iters too large: ", iters);
+}
+
+at::Tensor neighbor_fill_cuda(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters) {
+  check_cuda_args(x_in, mask_in, "neighbor_fill");
+  check_iters(iters, "neighbor_fill");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const auto fmt = format_of(x_in);
+  const at::Tensor x = x_in.contiguous(fmt);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  run_fill(x, mask_in, iters, out, fmt);
   return out;
+}
+
+void neighbor_fill_inplace_cuda(at::Tensor& x, const at::Tensor& mask_in, int64_t iters) {
+  check_cuda_args(x, mask_in, "neighbor_fill_");
+  check_iters(iters, "neighbor_fill_");
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+              "neighbor_fill_: x has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = format_of(x);
+  if (x.is_contiguous(fmt)) {
+    run_fill(x, mask_in, iters, x, fmt);
+    return;
+  }
+  // A strided view (the interior of a padded buffer): the ring kernels index densely, so fill
+  // a dense copy and write it back.
+  at::Tensor dense = x.contiguous(fmt);
+  run_fill(dense, mask_in, iters, dense, fmt);
+  x.copy_(dense);
 }
 
 }  // namespace
@@ -128,4 +164,5 @@ at::Tensor neighbor_fill_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
 
 TORCH_LIBRARY_IMPL(masked_ops, CUDA, m) {
   m.impl("neighbor_fill", &masked_ops::cuda::neighbor_fill_cuda);
+  m.impl("neighbor_fill_", &masked_ops::cuda::neighbor_fill_inplace_cuda);
 }

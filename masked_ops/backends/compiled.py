@@ -42,6 +42,11 @@ def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tens
     return _ops().neighbor_fill(x, mask, int(iters))
 
 
+def neighbor_fill_(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+    _ops().neighbor_fill_(x, mask, int(iters))
+    return x
+
+
 def conv_epilogue(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor], activation: str = "none") -> torch.Tensor:
     return _ops().conv_epilogue(y, keep, scale, bias, activation)
@@ -96,6 +101,10 @@ def _register() -> None:
     @torch.library.register_fake(lib + "neighbor_fill")
     def _(x, mask, iters):
         return torch.empty_like(x, memory_format=_memory_format(x))
+
+    @torch.library.register_fake(lib + "neighbor_fill_")
+    def _(x, mask, iters):
+        return None
 
     @torch.library.register_fake(lib + "conv_epilogue")
     def _(y, keep, scale, bias, activation):

@@ -5,6 +5,7 @@ every benchmark, so it is written for clarity, not speed. All other backends
 (cpp, cuda, triton) implement the same primitives with the same signatures:
 
     neighbor_fill(x, mask, iters) -> x_filled
+    neighbor_fill_(x, mask, iters) -> x        (in place, where the fill reaches; no autograd)
     conv_epilogue(y, keep, scale, bias, activation) -> out
     masked_affine_act(x, mask, scale, shift, activation) -> out
     masked_max_pool2d(x, mask, kernel_size, stride, padding, dilation, ceil_mode) -> (y, mask_out)
@@ -65,6 +66,28 @@ def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tens
         known = torch.where(newly, torch.ones_like(known), known)
     # Visible pixels carry x (and its gradient); filled pixels carry the detached fill.
     return torch.where(mask > 0, out, filled)
+
+
+def reached(mask: torch.Tensor, iters: int) -> torch.Tensor:
+    """Bool N x 1 x H x W: visible, or within ``iters`` 3x3 steps (Chebyshev distance) of a visible pixel."""
+    m = (mask > 0).to(torch.float32)
+    if iters > 0:
+        m = F.max_pool2d(m, 2 * iters + 1, 1, iters)
+    return m > 0
+
+
+def neighbor_fill_(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+    """neighbor_fill written into ``x`` itself, where the fill reaches; returns x.
+
+    Reached removed pixels take the fill's values; visible pixels and pixels the fill never
+    reaches keep whatever x holds there (so ``iters == 0`` changes nothing). For converted
+    models that own their activations, outside autograd: a fill that only writes the ring
+    pixels instead of copying the whole map.
+    """
+    if iters > 0:
+        write = reached(mask, iters) & ~(mask > 0)
+        x.copy_(torch.where(write, neighbor_fill(x, mask, iters), x))
+    return x
 
 
 def conv_epilogue(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],

@@ -61,7 +61,7 @@ def _no_launch(kernel):
     return _NoLaunch()
 
 
-def _register(name: str, launcher):
+def _register(name: str, launcher, mutates_args=()):
     """Register ``launcher(..., wrap=...)`` as the op masked_ops_triton::<name>."""
     qualname = f"{NAMESPACE}::{name}"
     if USES_TRITON_OP:
@@ -69,12 +69,12 @@ def _register(name: str, launcher):
             return launcher(*args, wrap=_wrap_triton)
         impl.__signature__ = launcher.__op_signature__
         impl.__annotations__ = launcher.__op_annotations__
-        return _triton_op(qualname, impl, mutates_args=())
+        return _triton_op(qualname, impl, mutates_args=mutates_args)
     def impl(*args):
         return launcher(*args)
     impl.__signature__ = launcher.__op_signature__
     impl.__annotations__ = launcher.__op_annotations__
-    op = torch.library.custom_op(qualname, impl, mutates_args=())
+    op = torch.library.custom_op(qualname, impl, mutates_args=mutates_args)
 
     @op.register_fake
     def _fake(*args):
@@ -106,6 +106,10 @@ if AVAILABLE:
     def _fill_launch(x, mask, iters, wrap=lambda k: k):
         return _fill.neighbor_fill(x, mask, iters, wrap=wrap)
 
+    @_signature(x=Tensor, mask=Tensor, iters=int, returns=None)
+    def _fill_inplace_launch(x, mask, iters, wrap=lambda k: k):
+        _fill.neighbor_fill_(x, mask, iters, wrap=wrap)
+
     @_signature(y=Tensor, keep=Tensor, scale=Optional[Tensor], bias=Optional[Tensor], activation=str,
                 returns=Tensor)
     def _epilogue_launch(y, keep, scale, bias, activation, wrap=lambda k: k):
@@ -131,6 +135,7 @@ if AVAILABLE:
         return _mean.masked_mean(x, mask, wrap=wrap)
 
     _fill_op = _register("neighbor_fill", _fill_launch)
+    _fill_inplace_op = _register("neighbor_fill_", _fill_inplace_launch, mutates_args=("x",))
     _epilogue_op = _register("conv_epilogue", _epilogue_launch)
     _affine_op = _register("masked_affine_act", _affine_launch)
     _max_pool_op = _register("masked_max_pool2d", _max_pool_launch)
@@ -152,6 +157,12 @@ if AVAILABLE:
 def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
     require()
     return _fill_op(x, mask, int(iters))
+
+
+def neighbor_fill_(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+    require()
+    _fill_inplace_op(x, mask, int(iters))
+    return x
 
 
 def conv_epilogue(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],
