@@ -31,6 +31,9 @@ TORCH_LIBRARY(masked_ops, m) {
   m.def("neighbor_fill_(Tensor(a!) x, Tensor mask, int iters) -> ()");
   // act(y * scale + bias) on kept positions, 0 elsewhere. scale: N x 1 x Ho x Wo or None.
   m.def("conv_epilogue(Tensor y, Tensor keep, Tensor? scale, Tensor? bias, str activation) -> Tensor");
+  // The same epilogue written over y (a conv output the converted model owns; no autograd): a
+  // large fresh buffer costs more to fault in than the pass itself on CPU.
+  m.def("conv_epilogue_(Tensor(a!) y, Tensor keep, Tensor? scale, Tensor? bias, str activation) -> ()");
   // act(x * scale[c] + shift[c]) on visible pixels, 0 elsewhere (eval-mode BatchNorm + activation).
   m.def("masked_affine_act(Tensor x, Tensor mask, Tensor scale, Tensor shift, str activation) -> Tensor");
   // (y, mask_out, indices): max pool of x with removed = 0, zeroed where mask_out = 0;

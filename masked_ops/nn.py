@@ -35,7 +35,7 @@ from . import _checks as C
 from .activations import apply_activation, check_activation
 from .backends import resolve
 from .modes import check_mode, fill_iters
-from .ops import bn_affine, conv_mask_path
+from .ops import bn_affine, conv_mask_path, epilogue_of_fresh
 
 Key = int  # masks are named by small ints; structural tuples of ints map to them
 INPUT: Key = 0
@@ -341,9 +341,9 @@ class MaskedConv2d(MaskedLayer):
         if self.scale_key is None:
             # fill / zero: the bias rides in the vendor conv (fused there for free).
             y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-            return backend.conv_epilogue(y, keep, None, None, self.activation)
+            return epilogue_of_fresh(backend, y, keep, None, None, self.activation)
         y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
-        return backend.conv_epilogue(y, keep, masks[self.scale_key], b, self.activation)
+        return epilogue_of_fresh(backend, y, keep, masks[self.scale_key], b, self.activation)
 
     def describe(self):
         k, s, p = self.kernel, self.stride, self.padding

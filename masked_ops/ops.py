@@ -98,8 +98,15 @@ def _masked_conv2d(backend, x, m, weight, bias, kernel, stride, padding, dilatio
     else:
         xin = backend.neighbor_fill(x, m, iters)
     y = F.conv2d(xin, weight, None, stride, padding, dilation, groups)
-    out = backend.conv_epilogue(y, keep, scale, bias, activation)
-    return out, keep
+    return epilogue_of_fresh(backend, y, keep, scale, bias, activation), keep
+
+
+def epilogue_of_fresh(backend, y, keep, scale, bias, activation):
+    """conv_epilogue of a conv output nobody else holds: written over y unless autograd records
+    (on CPU, faulting in a large new buffer costs more than the epilogue's pass itself)."""
+    if y.requires_grad and torch.is_grad_enabled():
+        return backend.conv_epilogue(y, keep, scale, bias, activation)
+    return backend.conv_epilogue_(y, keep, scale, bias, activation)
 
 
 def masked_affine_act(x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,

@@ -139,6 +139,52 @@ def test_neighbor_fill_in_place_rejects_overlapping_memory(backend):
         resolve(torch.device(DEVICE), backend).neighbor_fill_(x, m, 1)
 
 
+# ----------------------------------------------------------------------------- conv_epilogue_ (in place)
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("act,layout,dtype,with_scale,kind", list(cycle_product(
+    ACTS, LAYOUTS, (torch.float64, torch.float32, torch.bfloat16), (False, True), MASK_KINDS, length=12)))
+def test_conv_epilogue_in_place(backend, act, layout, dtype, with_scale, kind):
+    """Written over y, the epilogue equals the copying one of the same backend exactly and the
+    reference within tolerance; NaN at removed positions is selected away; strided y works
+    (through a dense copy) and keeps its strides."""
+    from masked_ops.backends import reference as R
+    from masked_ops.backends import resolve
+
+    B = resolve(torch.device(DEVICE), backend)
+    n, c, h, w = 2, 6, 7, 9
+    keep = make_mask(kind, n, h, w, seed=3, device=DEVICE).to(dtype)
+    y = make_input(n, c, h, w, dtype, layout, seed=4, device=DEVICE)
+    y.masked_fill_(keep == 0, float("nan"))
+    scale = (torch.rand(n, 1, h, w, generator=torch.Generator().manual_seed(5)) * 3).to(dtype).to(DEVICE) \
+        if with_scale else None
+    bias = torch.linspace(-1, 1, c, dtype=dtype, device=DEVICE)
+    expected = B.conv_epilogue(y, keep, scale, bias, act)
+    strides = y.stride()
+    with torch.no_grad():
+        out = B.conv_epilogue_(y, keep, scale, bias, act)
+    assert out is y and y.stride() == strides
+    assert torch.equal(y, expected)
+    assert (y.masked_select((keep == 0).expand_as(y)) == 0).all()  # NaN there selected away to exactly 0
+    torch.testing.assert_close(expected, R.conv_epilogue(
+        make_input(n, c, h, w, dtype, layout, seed=4, device=DEVICE), keep, scale, bias, act), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_conv2d_without_autograd_matches_with(backend, mode):
+    """Without autograd the public op writes its epilogue over the conv output: same result."""
+    case = ConvCase(2, 4, 5, 11, 10, (3, 3), stride=(2, 2), padding=(1, 1))
+    x = make_input(2, case.c_in, 11, 10, torch.float32, "channels_last", seed=2, device=DEVICE)
+    m = make_mask("patches", 2, 11, 10, seed=2, device=DEVICE)
+    w, b = make_conv_params(case, torch.float32, device=DEVICE)
+    with mo.set_backend(backend):
+        with torch.no_grad():
+            fast = mo.masked_conv2d(x, m, w, b, case.stride, case.padding, mode=mode, activation="relu")[0]
+        slow = mo.masked_conv2d(x.requires_grad_(), m, w, b, case.stride, case.padding, mode=mode,
+                                activation="relu")[0]
+    assert slow.requires_grad and torch.equal(fast, slow.detach())
+
+
 # ----------------------------------------------------------------------------- masked_conv2d
 _CONV = conv_cases()
 

@@ -51,6 +51,14 @@ def test_opcheck_neighbor_fill_in_place(layout, dtype):
     _opcheck(_ops().neighbor_fill_.default, (buf[:, :, 2:, 1:-1], m, 2))
 
 
+@pytest.mark.parametrize("layout,dtype", SAMPLES)
+def test_opcheck_conv_epilogue_in_place(layout, dtype):
+    y, keep = _sample(layout, dtype, requires_grad=False)
+    _opcheck(_ops().conv_epilogue_.default, (y.clone(), keep, None, None, "relu6"))
+    _opcheck(_ops().conv_epilogue_.default, (y.clone(), keep, keep * 2.25, torch.randn(3, dtype=dtype), "silu"))
+    _opcheck(_ops().conv_epilogue_.default, (y.clone()[:, :, ::2], keep[:, :, ::2], None, None, "none"))
+
+
 @pytest.mark.parametrize("layout,dtype", SAMPLES[1:])
 def test_opcheck_conv_epilogue(layout, dtype):
     y, keep = _sample(layout, dtype)

@@ -79,6 +79,10 @@ def _cases():
         cases[f"epilogue_{act}"] = lambda B, x, m, a=act: B.conv_epilogue(
             x, m, scale_fn(x), torch.linspace(-1, 1, x.shape[1], device=x.device, dtype=x.dtype), a)
     cases["epilogue_plain"] = lambda B, x, m: B.conv_epilogue(x, m, None, None, "none")
+    cases["epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(
+        x.clone(), m, scale_fn(x), torch.linspace(-1, 1, x.shape[1], device=x.device, dtype=x.dtype), "relu6")
+    cases["strided_epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(
+        torch.cat([x, x], dim=3)[..., ::2], m, None, None, "silu")
     cases["affine_relu"] = lambda B, x, m: B.masked_affine_act(
         x, m, torch.linspace(0.5, 2, x.shape[1], device=x.device, dtype=x.dtype),
         torch.linspace(-1, 1, x.shape[1], device=x.device, dtype=x.dtype), "relu")

@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 CHECKS = [
-    "neighbor_fill", "neighbor_fill_in_place", "conv_epilogue", "masked_affine_act", "masked_max_pool2d", "masked_avg_pool2d",
+    "neighbor_fill", "neighbor_fill_in_place", "conv_epilogue", "conv_epilogue_in_place", "masked_affine_act", "masked_max_pool2d", "masked_avg_pool2d",
     "masked_mean", "low_precision", "removed_region_invariance", "all_ones_mask", "autograd", "opcheck",
     "compile_fullgraph", "public_ops_dispatch",
 ]
@@ -86,6 +86,22 @@ def _checks():
                         what = f"fill_ {dtype} cl={cl} iters={iters} view={view}"
                         assert torch.equal(mine.isnan(), ref.isnan()), f"{what}: NaN moved"
                         close(mine.nan_to_num(), ref.nan_to_num(), TOL[dtype], what)
+
+    def conv_epilogue_in_place():
+        for cl in (False, True):
+            for strided in (False, True):
+                y, keep = data(p=0.4, cl=cl)
+                y = y.masked_fill(keep == 0, float("nan"))
+                if strided:
+                    y = torch.cat([y, y], dim=3)[..., ::2]
+                    keep = torch.cat([keep, keep], dim=3)[..., ::2]
+                scale = torch.rand(keep.shape) * 3
+                bias = torch.randn(3)
+                ref = R.conv_epilogue(y, keep, scale, bias, "relu6")
+                strides = y.stride()
+                T.conv_epilogue_(y, keep, scale, bias, "relu6")
+                assert y.stride() == strides
+                close(y, ref, 2e-6, f"conv_epilogue_ cl={cl} strided={strided}")
 
     def conv_epilogue():
         y, keep = data(p=0.4)

@@ -11,7 +11,7 @@ import triton.language as tl
 from masked_ops.activations import ACTIVATION_CODES
 
 from .activations import activate
-from .layout import dense, identity
+from .layout import dense, dense_format, identity
 
 BLOCK = 1024
 
@@ -63,20 +63,31 @@ def affine_act_kernel(x_ptr, mask_ptr, scale_ptr, shift_ptr, out_ptr, total, C, 
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=inb)
 
 
-def conv_epilogue(y, keep, scale, bias, activation="none", wrap=identity):
+def conv_epilogue(y, keep, scale, bias, activation="none", wrap=identity, out=None):
+    """out=y writes the result over a dense y (each element is read and written by one lane)."""
     y, fmt, cl = dense(y)
     n, c, h, w = y.shape
     keep = keep.to(y.dtype).contiguous()
     # Inputs rounded to y's dtype as in the reference; placeholders keep the signature fixed.
     scale_t = scale.to(y.dtype).contiguous() if scale is not None else keep
     bias_t = bias.to(y.dtype).contiguous() if bias is not None else keep
-    out = torch.empty_like(y, memory_format=fmt)
+    out = torch.empty_like(y, memory_format=fmt) if out is None else out
     total = y.numel()
     wrap(conv_epilogue_kernel)[(triton.cdiv(total, BLOCK),)](
         y, keep, scale_t, bias_t, out, total, c, h * w,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[activation],
         CHANNELS_LAST=cl, ACC64=y.dtype == torch.float64, BLOCK=BLOCK)
     return out
+
+
+def conv_epilogue_(y, keep, scale, bias, activation="none", wrap=identity) -> None:
+    """conv_epilogue written over y (reference: conv_epilogue_); a strided y goes through a dense copy."""
+    if y.numel() == 0:
+        return
+    if y.is_contiguous(memory_format=dense_format(y)):
+        conv_epilogue(y, keep, scale, bias, activation, wrap=wrap, out=y)
+    else:
+        y.copy_(conv_epilogue(y, keep, scale, bias, activation, wrap=wrap))
 
 
 def masked_affine_act(x, mask, scale, shift, activation="none", wrap=identity):

@@ -6,6 +6,7 @@
 // once per (n, h, w) in NHWC and once per plane row in NCHW.
 #include "common.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -76,11 +77,13 @@ std::vector<at::opmath_type<scalar_t>> channel_vector(const std::optional<at::Te
 
 at::Tensor epilogue(const at::Tensor& y_in, const at::Tensor& keep_in, const std::optional<at::Tensor>& pix_in,
                     const std::optional<at::Tensor>& mul, const std::optional<at::Tensor>& add,
-                    const std::string& activation) {
+                    const std::string& activation, bool in_place = false) {
   const Act act = activation_from_name(activation);
   const auto fmt = layout_of(y_in);
   const at::Tensor y = y_in.contiguous(fmt);
-  at::Tensor out = at::empty_like(y, y.options().memory_format(fmt));
+  // In place: the kernels read and write each element at the same index, so out may be y when
+  // y is dense; a strided y is computed into a new tensor and copied back.
+  at::Tensor out = in_place && y.is_same(y_in) ? y : at::empty_like(y, y.options().memory_format(fmt));
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
   if (y.numel() == 0) return out;
   const at::Tensor keep = keep_in.contiguous();
@@ -103,11 +106,12 @@ at::Tensor epilogue(const at::Tensor& y_in, const at::Tensor& keep_in, const std
       }
     });
   });
+  if (in_place && !out.is_same(y_in)) y_in.copy_(out);
   return out;
 }
 
-at::Tensor conv_epilogue_cpu(const at::Tensor& y, const at::Tensor& keep, const std::optional<at::Tensor>& scale,
-                             const std::optional<at::Tensor>& bias, c10::string_view activation) {
+void check_conv_epilogue(const at::Tensor& y, const at::Tensor& keep, const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& bias) {
   check_image(y, "conv_epilogue: y");
   check_mask_like(keep, y, y.size(2), y.size(3), "conv_epilogue: keep");
   if (scale.has_value() && scale->defined()) {
@@ -122,7 +126,20 @@ at::Tensor conv_epilogue_cpu(const at::Tensor& y, const at::Tensor& keep, const 
                 y.size(1), ",), got ", bias->sizes());
     TORCH_CHECK(bias->device().is_cpu(), "conv_epilogue: bias must be a CPU tensor");
   }
+}
+
+at::Tensor conv_epilogue_cpu(const at::Tensor& y, const at::Tensor& keep, const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_conv_epilogue(y, keep, scale, bias);
   return epilogue(y, keep, scale, std::nullopt, bias, std::string(activation));
+}
+
+void conv_epilogue_inplace_cpu(at::Tensor& y, const at::Tensor& keep, const std::optional<at::Tensor>& scale,
+                               const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_conv_epilogue(y, keep, scale, bias);
+  TORCH_CHECK(at::has_internal_overlap(y) != at::MemOverlap::Yes,
+              "conv_epilogue_: y has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
+  epilogue(y, keep, scale, std::nullopt, bias, std::string(activation), /*in_place=*/true);
 }
 
 at::Tensor masked_affine_act_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& scale,
@@ -141,6 +158,7 @@ at::Tensor masked_affine_act_cpu(const at::Tensor& x, const at::Tensor& mask, co
 
 TORCH_LIBRARY_IMPL(masked_ops, CPU, m) {
   m.impl("conv_epilogue", &conv_epilogue_cpu);
+  m.impl("conv_epilogue_", &conv_epilogue_inplace_cpu);
   m.impl("masked_affine_act", &masked_affine_act_cpu);
 }
 

@@ -5,15 +5,18 @@
 // by the mask: removed values may be NaN/inf). Half and bfloat16 are computed in float.
 #include "common.cuh"
 
+#include <ATen/MemoryOverlap.h>
+
 namespace masked_ops {
 namespace cuda {
 namespace {
 
 // conv_epilogue: a = scale[n, pixel] (optional), b = bias[c] (optional), keep per (n, pixel).
 template <typename scalar_t, typename index_t>
-__global__ void conv_epilogue_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ keep,
+// y and out may be the same buffer (conv_epilogue_): each thread reads and writes one index.
+__global__ void conv_epilogue_kernel(const scalar_t* y, const scalar_t* __restrict__ keep,
                                      const scalar_t* __restrict__ scale, const scalar_t* __restrict__ bias,
-                                     scalar_t* __restrict__ out, index_t total, index_t C, index_t HW,
+                                     scalar_t* out, index_t total, index_t C, index_t HW,
                                      bool channels_last, int act) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -59,9 +62,9 @@ int activation_code(c10::string_view name) {
   TORCH_CHECK(false, "unknown activation '", std::string(name), "'");
 }
 
-at::Tensor conv_epilogue_cuda(const at::Tensor& y_in, const at::Tensor& keep_in,
-                              const c10::optional<at::Tensor>& scale_in, const c10::optional<at::Tensor>& bias_in,
-                              c10::string_view activation) {
+at::Tensor run_conv_epilogue(const at::Tensor& y_in, const at::Tensor& keep_in,
+                             const c10::optional<at::Tensor>& scale_in, const c10::optional<at::Tensor>& bias_in,
+                             c10::string_view activation, bool in_place) {
   check_cuda_args(y_in, keep_in, "conv_epilogue");
   const int act = activation_code(activation);
   c10::cuda::CUDAGuard guard(y_in.device());
@@ -80,7 +83,8 @@ at::Tensor conv_epilogue_cuda(const at::Tensor& y_in, const at::Tensor& keep_in,
                 " elements, got ", bias_in->sizes());
     bias = bias_in->to(dtype).contiguous();
   }
-  at::Tensor out = at::empty(y.sizes(), y.options().memory_format(fmt));
+  // In place on a dense y: out is y itself; a strided y is computed densely and copied back.
+  at::Tensor out = in_place && y.is_same(y_in) ? y : at::empty(y.sizes(), y.options().memory_format(fmt));
   const int64_t total = y.numel();
   if (total == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -95,7 +99,20 @@ at::Tensor conv_epilogue_cuda(const at::Tensor& y_in, const at::Tensor& keep_in,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  if (in_place && !out.is_same(y_in)) y_in.copy_(out);
   return out;
+}
+
+at::Tensor conv_epilogue_cuda(const at::Tensor& y, const at::Tensor& keep, const c10::optional<at::Tensor>& scale,
+                              const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  return run_conv_epilogue(y, keep, scale, bias, activation, /*in_place=*/false);
+}
+
+void conv_epilogue_inplace_cuda(at::Tensor& y, const at::Tensor& keep, const c10::optional<at::Tensor>& scale,
+                                const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  TORCH_CHECK(at::has_internal_overlap(y) != at::MemOverlap::Yes,
+              "conv_epilogue_: y has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
+  run_conv_epilogue(y, keep, scale, bias, activation, /*in_place=*/true);
 }
 
 at::Tensor masked_affine_act_cuda(const at::Tensor& x_in, const at::Tensor& mask_in, const at::Tensor& scale_in,
@@ -135,5 +152,6 @@ at::Tensor masked_affine_act_cuda(const at::Tensor& x_in, const at::Tensor& mask
 
 TORCH_LIBRARY_IMPL(masked_ops, CUDA, m) {
   m.impl("conv_epilogue", &masked_ops::cuda::conv_epilogue_cuda);
+  m.impl("conv_epilogue_", &masked_ops::cuda::conv_epilogue_inplace_cuda);
   m.impl("masked_affine_act", &masked_ops::cuda::masked_affine_act_cuda);
 }

@@ -52,6 +52,12 @@ def conv_epilogue(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Ten
     return _ops().conv_epilogue(y, keep, scale, bias, activation)
 
 
+def conv_epilogue_(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], activation: str = "none") -> torch.Tensor:
+    _ops().conv_epilogue_(y, keep, scale, bias, activation)
+    return y
+
+
 def masked_affine_act(x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                       activation: str = "none") -> torch.Tensor:
     return _ops().masked_affine_act(x, mask, scale, shift, activation)
@@ -109,6 +115,10 @@ def _register() -> None:
     @torch.library.register_fake(lib + "conv_epilogue")
     def _(y, keep, scale, bias, activation):
         return torch.empty_like(y, memory_format=_memory_format(y))
+
+    @torch.library.register_fake(lib + "conv_epilogue_")
+    def _(y, keep, scale, bias, activation):
+        return None
 
     @torch.library.register_fake(lib + "masked_affine_act")
     def _(x, mask, scale, shift, activation):

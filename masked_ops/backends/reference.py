@@ -7,6 +7,7 @@ every benchmark, so it is written for clarity, not speed. All other backends
     neighbor_fill(x, mask, iters) -> x_filled
     neighbor_fill_(x, mask, iters) -> x        (in place, where the fill reaches; no autograd)
     conv_epilogue(y, keep, scale, bias, activation) -> out
+    conv_epilogue_(y, keep, scale, bias, activation) -> y   (in place; no autograd)
     masked_affine_act(x, mask, scale, shift, activation) -> out
     masked_max_pool2d(x, mask, kernel_size, stride, padding, dilation, ceil_mode) -> (y, mask_out)
     masked_avg_pool2d(x, mask, kernel_size, stride, padding, ceil_mode, count_include_pad) -> (y, mask_out)
@@ -101,6 +102,12 @@ def conv_epilogue(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Ten
         z = z + bias.view(1, -1, 1, 1).to(z.dtype)
     z = apply_activation(z, activation)
     return _zero_removed(z, keep)
+
+
+def conv_epilogue_(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], activation: str = "none") -> torch.Tensor:
+    """conv_epilogue written over ``y`` (a conv output the caller owns; no autograd); returns y."""
+    return y.copy_(conv_epilogue(y, keep, scale, bias, activation))
 
 
 def masked_affine_act(x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor,

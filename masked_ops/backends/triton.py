@@ -115,6 +115,11 @@ if AVAILABLE:
     def _epilogue_launch(y, keep, scale, bias, activation, wrap=lambda k: k):
         return _epilogue.conv_epilogue(y, keep, scale, bias, activation, wrap=wrap)
 
+    @_signature(y=Tensor, keep=Tensor, scale=Optional[Tensor], bias=Optional[Tensor], activation=str,
+                returns=None)
+    def _epilogue_inplace_launch(y, keep, scale, bias, activation, wrap=lambda k: k):
+        _epilogue.conv_epilogue_(y, keep, scale, bias, activation, wrap=wrap)
+
     @_signature(x=Tensor, mask=Tensor, scale=Tensor, shift=Tensor, activation=str, returns=Tensor)
     def _affine_launch(x, mask, scale, shift, activation, wrap=lambda k: k):
         return _epilogue.masked_affine_act(x, mask, scale, shift, activation, wrap=wrap)
@@ -137,6 +142,7 @@ if AVAILABLE:
     _fill_op = _register("neighbor_fill", _fill_launch)
     _fill_inplace_op = _register("neighbor_fill_", _fill_inplace_launch, mutates_args=("x",))
     _epilogue_op = _register("conv_epilogue", _epilogue_launch)
+    _epilogue_inplace_op = _register("conv_epilogue_", _epilogue_inplace_launch, mutates_args=("y",))
     _affine_op = _register("masked_affine_act", _affine_launch)
     _max_pool_op = _register("masked_max_pool2d", _max_pool_launch)
     _avg_pool_op = _register("masked_avg_pool2d", _avg_pool_launch)
@@ -169,6 +175,13 @@ def conv_epilogue(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Ten
                   bias: Optional[torch.Tensor], activation: str = "none") -> torch.Tensor:
     require()
     return _epilogue_op(y, keep, scale, bias, activation)
+
+
+def conv_epilogue_(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], activation: str = "none") -> torch.Tensor:
+    require()
+    _epilogue_inplace_op(y, keep, scale, bias, activation)
+    return y
 
 
 def masked_affine_act(x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
