@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-OPS = ("neighbor_fill", "neighbor_fill_", "conv_epilogue", "conv_epilogue_", "masked_affine_act", "masked_max_pool2d", "masked_avg_pool2d",
-       "masked_mean")
+OPS = ("neighbor_fill", "neighbor_fill_", "conv_epilogue", "conv_epilogue_", "masked_affine_act",
+       "masked_max_pool2d", "masked_avg_pool2d", "masked_mean")
 
 
 def _extension():
