@@ -17,7 +17,10 @@ namespace masked_ops {
 namespace cpu {
 namespace {
 
-template <typename scalar_t, Act A, bool PIX>
+// INPLACE: out holds y on entry (y is unused). The loops read and write through one restrict
+// pointer then; two pointers to the same buffer would make the compiler's alias check fail at
+// run time and fall back to its scalar loop.
+template <typename scalar_t, Act A, bool PIX, bool INPLACE>
 void epilogue_kernel(const scalar_t* y, scalar_t* out, const scalar_t* keep, const scalar_t* pix,
                      const at::opmath_type<scalar_t>* mul, const at::opmath_type<scalar_t>* add, int64_t N,
                      int64_t C, int64_t HW, bool channels_last) {
@@ -27,13 +30,13 @@ void epilogue_kernel(const scalar_t* y, scalar_t* out, const scalar_t* keep, con
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / C, c = plane % C;
-        const scalar_t* yp = y + plane * HW;
-        scalar_t* op = out + plane * HW;
-        const scalar_t* kp = keep + n * HW;
-        const scalar_t* sp = PIX ? pix + n * HW : nullptr;
+        scalar_t* __restrict__ op = out + plane * HW;
+        const scalar_t* __restrict__ yp = INPLACE ? nullptr : y + plane * HW;
+        const scalar_t* __restrict__ kp = keep + n * HW;
+        const scalar_t* __restrict__ sp = PIX ? pix + n * HW : nullptr;
         const opmath_t m = mul[c], a = add[c];
         for (int64_t i = 0; i < HW; ++i) {
-          opmath_t z = static_cast<opmath_t>(yp[i]);
+          opmath_t z = static_cast<opmath_t>(INPLACE ? op[i] : yp[i]);
           if constexpr (PIX) z = z * static_cast<opmath_t>(sp[i]);
           op[i] = select_if(static_cast<scalar_t>(activate<A>(z * m + a)), static_cast<opmath_t>(kp[i]) > opmath_t(0));
         }
@@ -43,18 +46,20 @@ void epilogue_kernel(const scalar_t* y, scalar_t* out, const scalar_t* keep, con
   }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, N * HW, grain, [&](int64_t begin, int64_t end) {
+    const opmath_t* __restrict__ mv = mul;
+    const opmath_t* __restrict__ av = add;
     for (int64_t p = begin; p < end; ++p) {
-      scalar_t* op = out + p * C;
+      scalar_t* __restrict__ op = out + p * C;
       if (!(static_cast<opmath_t>(keep[p]) > opmath_t(0))) {
         std::fill(op, op + C, scalar_t(0));
         continue;
       }
-      const scalar_t* yp = y + p * C;
+      const scalar_t* __restrict__ yp = INPLACE ? nullptr : y + p * C;
       const opmath_t s = PIX ? static_cast<opmath_t>(pix[p]) : opmath_t(1);
       for (int64_t c = 0; c < C; ++c) {
-        opmath_t z = static_cast<opmath_t>(yp[c]);
+        opmath_t z = static_cast<opmath_t>(INPLACE ? op[c] : yp[c]);
         if constexpr (PIX) z = z * s;
-        op[c] = static_cast<scalar_t>(activate<A>(z * mul[c] + add[c]));
+        op[c] = static_cast<scalar_t>(activate<A>(z * mv[c] + av[c]));
       }
     }
   });
@@ -93,16 +98,21 @@ at::Tensor epilogue(const at::Tensor& y_in, const at::Tensor& keep_in, const std
     const auto mulv = channel_vector<scalar_t>(mul, C, 1.0, y.scalar_type());
     const auto addv = channel_vector<scalar_t>(add, C, 0.0, y.scalar_type());
     const scalar_t* pp = has_pix ? pix.const_data_ptr<scalar_t>() : nullptr;
+    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+    const scalar_t* kp = keep.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
     dispatch_activation(act, [&](auto a) {
       constexpr Act A = decltype(a)::value;
-      if (has_pix) {
-        epilogue_kernel<scalar_t, A, true>(y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                           keep.const_data_ptr<scalar_t>(), pp, mulv.data(), addv.data(), N, C,
-                                           HW, fmt == at::MemoryFormat::ChannelsLast);
+      const bool same = out.is_same(y);
+      if (has_pix && same) {
+        epilogue_kernel<scalar_t, A, true, true>(nullptr, op, kp, pp, mulv.data(), addv.data(), N, C, HW, cl);
+      } else if (has_pix) {
+        epilogue_kernel<scalar_t, A, true, false>(yp, op, kp, pp, mulv.data(), addv.data(), N, C, HW, cl);
+      } else if (same) {
+        epilogue_kernel<scalar_t, A, false, true>(nullptr, op, kp, nullptr, mulv.data(), addv.data(), N, C, HW, cl);
       } else {
-        epilogue_kernel<scalar_t, A, false>(y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                            keep.const_data_ptr<scalar_t>(), nullptr, mulv.data(), addv.data(),
-                                            N, C, HW, fmt == at::MemoryFormat::ChannelsLast);
+        epilogue_kernel<scalar_t, A, false, false>(yp, op, kp, nullptr, mulv.data(), addv.data(), N, C, HW, cl);
       }
     });
   });
