@@ -9,7 +9,7 @@ TORCHVISION_VERSION ?= 0.28.0
 REGISTRY_PIP := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PIP)
 PYTEST_ARGS ?=
 
-.PHONY: all torch install build test test-fast test-gpu demo bench bench-gpu cmake-build clean
+.PHONY: all torch install build test test-fast test-gpu demo bench bench-gpu bench-gpu-lime cmake-build clean
 
 all: test
 
@@ -61,6 +61,14 @@ bench-gpu:
 	mkdir -p $${OUT:-build}; $(PYTHON) bench/gpu.py $(BENCH_ARGS) > $${OUT:-build}/bench-gpu.log 2>&1; \
 	  rc=$$?; cat $${OUT:-build}/bench-gpu.log; \
 	  if [ -n "$$OUT" ]; then cp bench/results/gpu-*.json bench/results/gpu-*.md "$$OUT"/ 2>/dev/null; fi; exit $$rc
+
+# Issue 5's GPU figure: LIME with 1,000 samples on ResNet-50, end to end (our grey and layer masking,
+# the lime package), written to bench/results/cuda-lime-<date>.json (and $$OUT).
+bench-gpu-lime:
+	$(GPU_INSTALL)
+	mkdir -p $${OUT:-build}; $(PYTHON) bench/bench_lime.py --device cuda --model resnet50 --repeats 5 \
+	  > $${OUT:-build}/bench-gpu-lime.log 2>&1; rc=$$?; grep -v "it/s" $${OUT:-build}/bench-gpu-lime.log; \
+	  if [ -n "$$OUT" ]; then cp bench/results/cuda-lime-*.json "$$OUT"/ 2>/dev/null; fi; exit $$rc
 
 # The same sources built against libtorch with CMake, so CMakeLists.txt cannot rot.
 cmake-build: torch

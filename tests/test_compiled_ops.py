@@ -164,3 +164,33 @@ def test_torch_compile_fullgraph_masked_conv2d(mode):
         eager = f(x, m, w, b)
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, m, w, b)
     torch.testing.assert_close(compiled, eager)
+
+
+def test_torch_compile_fullgraph_converted_model_with_in_place_ops():
+    """A converted model without autograd writes its fills and epilogues in place (a fill into its
+    own input, another into the interior view of a padded copy): torch.compile functionalizes
+    those mutations and traces the whole forward, with the eager result."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.c = nn.Conv2d(8, 8, 3, stride=2)
+
+        def forward(self, x):
+            return self.c(F.pad(torch.relu(self.b(torch.relu(self.a(x)))), (0, 1, 0, 1))).mean((2, 3))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = make_input(2, 3, 12, 11, torch.float32, seed=6)
+    m = make_mask("patches", 2, 12, 11, seed=6)
+    torch._dynamo.reset()
+    with torch.no_grad(), mo.set_backend(BACKEND):
+        lm = mo.layer_mask(net)
+        assert lm.layers["b"].fill_in_place
+        eager = lm(x, m)
+        compiled = torch.compile(lm, fullgraph=True, backend="aot_eager")(x, m)
+    torch.testing.assert_close(compiled, eager)
