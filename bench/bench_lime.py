@@ -6,8 +6,8 @@
 Same model, same photo (scikit-image's cat, 224 x 224), same SLIC segments for every contender;
 each figure is wall time of one full explanation (sampling, masks, every forward pass, the
 regression) and its ratio to plain PyTorch measured in the same run: the unmasked model's forward
-of as many images in batches of --batch-size, i.e. the floor of any explainer that paints pixels and runs the plain model (layer masking,
-which runs a converted model, can go below it).
+of as many images in batches of --batch-size, i.e. the floor of any explainer that paints pixels
+and runs the plain model (layer masking runs a converted model and can go below it).
 Every contender runs the same model in the same memory format (--format; channels_last by
 default on CPU, as `masked-ops explain` does: oneDNN's depthwise convs are much faster so), the
 lime package included, so the comparison is about the explainers, not the memory format.
