@@ -175,10 +175,30 @@ void fill_nchw(const scalar_t* x, scalar_t* out, const uint8_t* vis, const std::
   });
 }
 
+constexpr int64_t kChannelBlock = 64;
+
+// The filled pixels of one sample over one block of cb <= kChannelBlock channels (channels
+// innermost), in level order; at(p) is the element offset of flat pixel p from xs.
+template <typename scalar_t, typename Offset>
+void fill_channel_block(scalar_t* xs, const FillPlan& plan, int64_t cb, Offset at) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t acc[kChannelBlock];
+  for (size_t i = 0; i < plan.pixel.size(); ++i) {
+    const int cnt = plan.count[i];
+    for (int64_t c = 0; c < cb; ++c) acc[c] = 0;
+    for (int k = 0; k < cnt; ++k) {
+      const scalar_t* q = xs + at(plan.neighbour[i][k]);
+      for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<opmath_t>(q[c]);
+    }
+    scalar_t* o = xs + at(plan.pixel[i]);
+    const opmath_t denom = static_cast<opmath_t>(cnt);
+    for (int64_t c = 0; c < cb; ++c) o[c] = static_cast<scalar_t>(acc[c] / denom);
+  }
+}
+
 template <typename scalar_t>
 void fill_nhwc(const scalar_t* x, scalar_t* out, const uint8_t* vis, const std::vector<FillPlan>& plans,
                int64_t N, int64_t C, int64_t H, int64_t W) {
-  using opmath_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W;
   if (plans.empty()) {
     // iters == 0: zero the removed pixels, one task range over all pixels of the batch.
@@ -196,14 +216,12 @@ void fill_nhwc(const scalar_t* x, scalar_t* out, const uint8_t* vis, const std::
     });
     return;
   }
-  constexpr int64_t kBlock = 64;
-  const int64_t blocks = (C + kBlock - 1) / kBlock;
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    opmath_t acc[kBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
-      const int64_t c0 = (task % blocks) * kBlock;
-      const int64_t cb = std::min(kBlock, C - c0);
+      const int64_t c0 = (task % blocks) * kChannelBlock;
+      const int64_t cb = std::min(kChannelBlock, C - c0);
       const scalar_t* xs = x + n * HW * C + c0;
       scalar_t* os = out + n * HW * C + c0;
       const uint8_t* v = vis + n * HW;
@@ -215,20 +233,7 @@ void fill_nhwc(const scalar_t* x, scalar_t* out, const uint8_t* vis, const std::
           std::fill(o, o + cb, scalar_t(0));
         }
       }
-      const FillPlan& plan = plans[n];
-      const size_t count = plan.pixel.size();
-      for (size_t i = 0; i < count; ++i) {
-        scalar_t* o = os + static_cast<int64_t>(plan.pixel[i]) * C;
-        const int cnt = plan.count[i];
-        const auto& nb = plan.neighbour[i];
-        for (int64_t c = 0; c < cb; ++c) acc[c] = 0;
-        for (int k = 0; k < cnt; ++k) {
-          const scalar_t* q = os + static_cast<int64_t>(nb[k]) * C;
-          for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<opmath_t>(q[c]);
-        }
-        const opmath_t denom = static_cast<opmath_t>(cnt);
-        for (int64_t c = 0; c < cb; ++c) o[c] = static_cast<scalar_t>(acc[c] / denom);
-      }
+      fill_channel_block(os, plans[n], cb, [C](int32_t p) { return static_cast<int64_t>(p) * C; });
     }
   });
 }
@@ -244,27 +249,12 @@ void fill_strided_inplace(scalar_t* x, const std::vector<FillPlan>& plans, int64
   using opmath_t = at::opmath_type<scalar_t>;
   auto offset = [&](int32_t p) { return static_cast<int64_t>(p / W) * sH + static_cast<int64_t>(p % W) * sW; };
   if (sC == 1) {
-    constexpr int64_t kBlock = 64;
-    const int64_t blocks = (C + kBlock - 1) / kBlock;
+    const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
     at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-      opmath_t acc[kBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / blocks;
-        const int64_t c0 = (task % blocks) * kBlock;
-        const int64_t cb = std::min(kBlock, C - c0);
-        scalar_t* xs = x + n * sN + c0;
-        const FillPlan& plan = plans[n];
-        for (size_t i = 0; i < plan.pixel.size(); ++i) {
-          const int cnt = plan.count[i];
-          for (int64_t c = 0; c < cb; ++c) acc[c] = 0;
-          for (int k = 0; k < cnt; ++k) {
-            const scalar_t* q = xs + offset(plan.neighbour[i][k]);
-            for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<opmath_t>(q[c]);
-          }
-          scalar_t* o = xs + offset(plan.pixel[i]);
-          const opmath_t denom = static_cast<opmath_t>(cnt);
-          for (int64_t c = 0; c < cb; ++c) o[c] = static_cast<scalar_t>(acc[c] / denom);
-        }
+        const int64_t c0 = (task % blocks) * kChannelBlock;
+        fill_channel_block(x + n * sN + c0, plans[n], std::min(kChannelBlock, C - c0), offset);
       }
     });
     return;
