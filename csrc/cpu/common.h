@@ -43,22 +43,10 @@ inline at::Tensor visible_map(const at::Tensor& mask) {
   return mask.reshape({mask.size(0), mask.size(2), mask.size(3)}).gt(0).to(at::kByte).contiguous();
 }
 
-// value where keep, else +0, as a bitwise and with an all-ones/all-zeros word: a select
-// (the dropped value never enters arithmetic) that vectorises without branches.
+// Unsigned integer of a scalar's width, for selects done as bitwise ands (neighbor_fill.cpp).
 template <typename scalar_t>
 using bits_of = std::conditional_t<sizeof(scalar_t) == 2, uint16_t,
                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
-
-template <typename scalar_t>
-inline scalar_t select_if(scalar_t value, bool keep) {
-  using B = bits_of<scalar_t>;
-  B b;
-  std::memcpy(&b, &value, sizeof(B));
-  b &= static_cast<B>(B(0) - static_cast<B>(keep));
-  scalar_t out;
-  std::memcpy(&out, &b, sizeof(B));
-  return out;
-}
 
 // ATen's pooling_output_shape (aten/src/ATen/native/Pool.h), including the ceil_mode rule
 // that the last window must start inside the input or the left padding.

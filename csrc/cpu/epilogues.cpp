@@ -38,7 +38,9 @@ void epilogue_kernel(const scalar_t* y, scalar_t* out, const scalar_t* keep, con
         for (int64_t i = 0; i < HW; ++i) {
           opmath_t z = static_cast<opmath_t>(INPLACE ? op[i] : yp[i]);
           if constexpr (PIX) z = z * static_cast<opmath_t>(sp[i]);
-          op[i] = select_if(static_cast<scalar_t>(activate<A>(z * m + a)), static_cast<opmath_t>(kp[i]) > opmath_t(0));
+          // A ternary select of floats vectorises as a blend (the bitwise select_if did not).
+          const scalar_t v = static_cast<scalar_t>(activate<A>(z * m + a));
+          op[i] = static_cast<opmath_t>(kp[i]) > opmath_t(0) ? v : scalar_t(0);
         }
       }
     });

@@ -111,8 +111,8 @@ FillPlan plan_fill(const uint8_t* visible, int64_t H, int64_t W, int64_t iters) 
   return plan;
 }
 
-// Per-sample select masks as all-ones / all-zeros words of the scalar's width (see
-// select_if in common.h): zeroing removed pixels becomes a bitwise and that vectorises.
+// Per-sample select masks as all-ones / all-zeros words of the scalar's width: zeroing removed
+// pixels becomes a bitwise and (a select: NaN there never enters arithmetic) that vectorises.
 template <typename scalar_t>
 std::vector<bits_of<scalar_t>> select_masks(const uint8_t* vis, int64_t count) {
   std::vector<bits_of<scalar_t>> sel(count);
