@@ -259,15 +259,30 @@ void fill_strided_inplace(scalar_t* x, const std::vector<FillPlan>& plans, int64
     });
     return;
   }
+  // One channel at a time: the element offsets of each sample's filled pixels and their
+  // neighbours are computed once, not once per channel.
+  std::vector<std::vector<int64_t>> offsets(N);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const FillPlan& plan = plans[n];
+      auto& off = offsets[n];
+      off.resize(plan.pixel.size() * 9);
+      for (size_t i = 0; i < plan.pixel.size(); ++i) {
+        off[i * 9] = offset(plan.pixel[i]);
+        for (int k = 0; k < plan.count[i]; ++k) off[i * 9 + 1 + k] = offset(plan.neighbour[i][k]);
+      }
+    }
+  });
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / C;
       scalar_t* xs = x + n * sN + (plane % C) * sC;
       const FillPlan& plan = plans[n];
-      for (size_t i = 0; i < plan.pixel.size(); ++i) {
+      const int64_t* off = offsets[n].data();
+      for (size_t i = 0; i < plan.pixel.size(); ++i, off += 9) {
         opmath_t acc = 0;
-        for (int k = 0; k < plan.count[i]; ++k) acc += static_cast<opmath_t>(xs[offset(plan.neighbour[i][k])]);
-        xs[offset(plan.pixel[i])] = static_cast<scalar_t>(acc / static_cast<opmath_t>(plan.count[i]));
+        for (int k = 0; k < plan.count[i]; ++k) acc += static_cast<opmath_t>(xs[off[1 + k]]);
+        xs[off[0]] = static_cast<scalar_t>(acc / static_cast<opmath_t>(plan.count[i]));
       }
     }
   });
