@@ -364,12 +364,8 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
         rows.append((node.name, _describe_target(node, model), layer.describe()))
     _schedule_frees(steps, output)
     in_place = _mark_in_place_fills(steps, output)
-    rows = [(n, what, steps_rule(n, rule, in_place)) for n, what, rule in rows]
+    rows = [(n, what, in_place[n].describe() if n in in_place else rule) for n, what, rule in rows]
     return LayerMasked(model, graph, steps, mg, output, rows, mode)
-
-
-def steps_rule(name, rule, in_place):
-    return in_place[name].describe() if name in in_place else rule
 
 
 def _mark_in_place_fills(steps: List[_Step], output) -> Dict[str, mnn.MaskedLayer]:
@@ -389,9 +385,9 @@ def _mark_in_place_fills(steps: List[_Step], output) -> Dict[str, mnn.MaskedLaye
         root[s.name] = s.name
         nodes = s.node.all_input_nodes if s.kind == "plain" else [n for n in s.inputs if isinstance(n, fx.Node)]
         for n in nodes:
-            readers.setdefault(root[n.name], []).append(i)
+            readers.setdefault(root.get(n.name, n.name), []).append(i)
     returned = set()
-    fx.node.map_arg(output, lambda n: returned.add(root[n.name]))
+    fx.node.map_arg(output, lambda n: returned.add(root.get(n.name, n.name)))
     marked = {}
     for i, s in enumerate(steps):
         layer = s.layer

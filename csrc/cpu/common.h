@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
@@ -41,6 +42,13 @@ inline void check_mask_like(const at::Tensor& m, const at::Tensor& x, int64_t h,
 // Visibility of every pixel as bytes (N x H x W): computed once, shared by all channels.
 inline at::Tensor visible_map(const at::Tensor& mask) {
   return mask.reshape({mask.size(0), mask.size(2), mask.size(3)}).gt(0).to(at::kByte).contiguous();
+}
+
+// An in-place op's output argument: writing a tensor whose elements share memory (an expanded
+// tensor) in place would be ambiguous.
+inline void check_writable(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, name,
+              " has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
 }
 
 // Unsigned integer of a scalar's width, for selects done as bitwise ands (neighbor_fill.cpp).

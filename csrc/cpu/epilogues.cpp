@@ -6,7 +6,6 @@
 // once per (n, h, w) in NHWC and once per plane row in NCHW.
 #include "common.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -149,8 +148,7 @@ at::Tensor conv_epilogue_cpu(const at::Tensor& y, const at::Tensor& keep, const 
 void conv_epilogue_inplace_cpu(at::Tensor& y, const at::Tensor& keep, const std::optional<at::Tensor>& scale,
                                const std::optional<at::Tensor>& bias, c10::string_view activation) {
   check_conv_epilogue(y, keep, scale, bias);
-  TORCH_CHECK(at::has_internal_overlap(y) != at::MemOverlap::Yes,
-              "conv_epilogue_: y has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
+  check_writable(y, "conv_epilogue_: y");
   epilogue(y, keep, scale, std::nullopt, bias, std::string(activation), /*in_place=*/true);
 }
 

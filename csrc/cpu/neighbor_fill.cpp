@@ -12,7 +12,6 @@
 // innermost (contiguous, vectorisable).
 #include "common.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -292,8 +291,7 @@ void neighbor_fill_inplace_cpu(at::Tensor& x, const at::Tensor& mask, int64_t it
   check_image(x, "neighbor_fill_: x");
   check_mask_like(mask, x, x.size(2), x.size(3), "neighbor_fill_: mask");
   TORCH_CHECK(iters >= 0, "neighbor_fill_: iters must be >= 0, got ", iters);
-  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
-              "neighbor_fill_: x has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
+  check_writable(x, "neighbor_fill_: x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (iters == 0 || x.numel() == 0) return;
   TORCH_CHECK(H * W < (int64_t(1) << 31), "neighbor_fill_: H*W too large");

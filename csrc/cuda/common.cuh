@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -88,6 +89,13 @@ inline int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t 
   int64_t out = (in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0)) / s + 1;
   if (ceil_mode && (out - 1) * s >= in + p) --out;
   return out;
+}
+
+// An in-place op's output argument: writing a tensor whose elements share memory (an expanded
+// tensor) in place would be ambiguous.
+inline void check_writable(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, name,
+              " has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
 }
 
 inline void check_cuda_args(const at::Tensor& x, const at::Tensor& mask, const char* op) {

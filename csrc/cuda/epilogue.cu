@@ -5,8 +5,6 @@
 // by the mask: removed values may be NaN/inf). Half and bfloat16 are computed in float.
 #include "common.cuh"
 
-#include <ATen/MemoryOverlap.h>
-
 namespace masked_ops {
 namespace cuda {
 namespace {
@@ -110,8 +108,7 @@ at::Tensor conv_epilogue_cuda(const at::Tensor& y, const at::Tensor& keep, const
 
 void conv_epilogue_inplace_cuda(at::Tensor& y, const at::Tensor& keep, const c10::optional<at::Tensor>& scale,
                                 const c10::optional<at::Tensor>& bias, c10::string_view activation) {
-  TORCH_CHECK(at::has_internal_overlap(y) != at::MemOverlap::Yes,
-              "conv_epilogue_: y has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
+  check_writable(y, "conv_epilogue_: y");
   run_conv_epilogue(y, keep, scale, bias, activation, /*in_place=*/true);
 }
 

@@ -8,8 +8,6 @@
 // visible values, then one in-place pass per ring that touches only that ring's pixels.
 #include "common.cuh"
 
-#include <ATen/MemoryOverlap.h>
-
 namespace masked_ops {
 namespace cuda {
 namespace {
@@ -143,8 +141,7 @@ at::Tensor neighbor_fill_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
 void neighbor_fill_inplace_cuda(at::Tensor& x, const at::Tensor& mask_in, int64_t iters) {
   check_cuda_args(x, mask_in, "neighbor_fill_");
   check_iters(iters, "neighbor_fill_");
-  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
-              "neighbor_fill_: x has overlapping memory (an expanded tensor?); writing it in place is ambiguous");
+  check_writable(x, "neighbor_fill_: x");
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = format_of(x);
   if (x.is_contiguous(fmt)) {
