@@ -9,7 +9,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,12 +79,9 @@ def _extensions():
 
 
 setup(
-    packages=["masked_ops", "masked_ops.backends", "masked_ops.explain", "masked_ops.experiments",
-              "masked_ops.triton_kernels", "masked_ops.data"],
-    # Our Triton kernels live in the top-level folder triton_kernels/ (DESIGN.md section 3), but
-    # "triton_kernels" is also a package the Triton project publishes: install ours as
-    # masked_ops.triton_kernels so the import is never ambiguous.
-    package_dir={"masked_ops.triton_kernels": "triton_kernels"},
+    # Every subpackage lives inside masked_ops/ (the Triton kernels in masked_ops/_triton), so an
+    # editable install needs no remapping and always imports from this checkout.
+    packages=find_packages(include=["masked_ops", "masked_ops.*"]),
     package_data={"masked_ops.data": ["*.txt", "*.json", "*.png", "*.jpg"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

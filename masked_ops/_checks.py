@@ -14,7 +14,8 @@ IntPair = Union[int, Sequence[int]]
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) or torch.export traces: no data-dependent Python there."""
     try:
         return torch.compiler.is_compiling()
     except AttributeError:  # torch < 2.3
@@ -71,9 +72,12 @@ def check_mask(mask, x: torch.Tensor, name: str = "mask", *, check_values: bool 
                          f"{tuple(x.shape)}, got {tuple(mask.shape)}")
     if mask.device != x.device:
         raise ValueError(f"{name} is on {mask.device} but x is on {x.device}; both must be on the same device")
-    if check_values and mask.dtype != torch.bool and not _is_compiling():
+    if check_values and mask.dtype != torch.bool:
         bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
+        if is_compiling():
+            # Traced (torch.compile / export): a tensor assert raises at run time without a graph break.
+            torch._assert_async(~bad.any(), f"{name} must hold only 0 (removed) and 1 (visible)")
+        elif bool(bad.any()):
             raise ValueError(f"{name} must hold only 0 (removed) and 1 (visible); got other values "
                              f"(e.g. {mask[bad].flatten()[0].item()!r}). Soft masks are not supported: "
                              f"threshold them first, e.g. mask > 0.5")
@@ -128,6 +132,9 @@ def check_conv_args(x: torch.Tensor, weight, bias, stride, padding, dilation, gr
     dilation = pair(dilation, "dilation", minimum=1)
     kernel = (weight.shape[2], weight.shape[3])
     check_window_fits(x, kernel, padding, dilation, "weight")
+    out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+              for size, p, d, k, s in zip(x.shape[2:], padding, dilation, kernel, stride)]
+    check_output_size(x, (x.shape[0], c_out, *out_hw), f"masked_conv2d with padding={padding}")
     return kernel, stride, padding, dilation
 
 
@@ -164,9 +171,28 @@ def check_channel_vector(t, name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def check_iters(iters) -> int:
+def check_iters(iters, x: torch.Tensor) -> int:
+    """iters >= 0, capped where more rings change nothing (modes.saturated_rings)."""
     if isinstance(iters, bool) or not isinstance(iters, int):
         raise TypeError(f"iters must be an int >= 0, got {iters!r}")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
-    return iters
+    from .modes import saturated_rings
+
+    return saturated_rings(iters, x.shape[2], x.shape[3])
+
+
+# An output this many times larger than the input it comes from is a mistyped argument, not a
+# model: refuse it with a message instead of letting the allocation exhaust memory.
+MAX_GROWTH = 64
+
+
+def check_output_size(x: torch.Tensor, out_shape, what: str) -> None:
+    """Refuse an output that would dwarf its input (e.g. padding=10**6): a clear error, not an OOM kill."""
+    numel = 1
+    for s in out_shape:
+        numel *= int(s)
+    if numel > MAX_GROWTH * max(x.numel(), 1) and numel * x.element_size() > 2 ** 30:
+        raise ValueError(f"{what}: the output would have shape {tuple(int(s) for s in out_shape)} "
+                         f"({numel * x.element_size() / 2 ** 30:.1f} GiB) from an input of shape {tuple(x.shape)}; "
+                         f"check the padding/kernel arguments")

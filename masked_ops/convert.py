@@ -3,18 +3,22 @@
     import masked_ops as mo, torchvision
     lm = mo.layer_mask(torchvision.models.resnet50().eval(), mode="fill")
     logits = lm(x, mask)          # mask N x 1 x H x W, 1 = visible; or lm(x_with_nans)
+    print(lm.code)                # the generated forward: mask path, then the masked layers
 
 How it works:
 1. The model is traced symbolically (torch.fx). Module types with a rule are leaves.
 2. Every node that receives a masked value is handed to its rule (masked_ops.rules), which
-   returns a masked layer (masked_ops.nn). Nodes that only see unmasked values (the SE
-   branch after its global pool, the classifier after the head pool) run unchanged.
+   says what the node lowers to: a masked layer (masked_ops.nn), the node unchanged, or
+   explicit padding for the conv/pool that reads it. Nodes that only see unmasked values (the
+   SE branch after its global pool, the classifier after the head pool) are copied unchanged.
    A conv absorbs the eval-mode BatchNorm (folded, exact) and the activation that follow
    it into its epilogue; anything that would move spatial positions without a rule
    raises, naming the node.
-3. Each layer registers the masks it needs in one MaskGraph (the mask pyramid). A
-   forward first evaluates the whole pyramid from the input mask (shared by layers of
-   the same geometry), then runs the activation path.
+3. The result is a new fx graph, compiled to Python by fx: ``forward(x, mask=None)`` first
+   checks the input and computes every mask the layers need (masked_ops.masks; one node per
+   distinct geometry, shared by every layer that needs it), then runs the activation path,
+   passing each layer its masks as arguments. The product is a ``torch.fx.GraphModule``, so
+   torch.compile and torch.export take it whole, with no Python loop at run time.
 
 The original model is never modified: parameters are shared (folded convs own folded
 copies). The trace is a snapshot of the model's mode at conversion: convert again after
@@ -26,18 +30,20 @@ original model's running statistics; nothing is folded.
 """
 from __future__ import annotations
 
+import copy
+import operator
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import _checks as C
+from . import masks as M
 from . import nn as mnn
 from . import rules as R
+from .backends import preload
 from .modes import check_mode
-from .ops import bn_affine
 from .rules import register_rule  # noqa: F401  (re-exported: masked_ops.convert.register_rule)
 
 __all__ = ["layer_mask", "LayerMasked", "register_rule", "TraceError"]
@@ -78,162 +84,107 @@ def _trace(model: nn.Module) -> fx.Graph:
             f"(masked_ops.register_rule(ModuleType, rule)) so it becomes a leaf of the trace.") from exc
 
 
-class _Sym:
-    """What the converter knows about a value: masked (mask key, layout), plain, or padded."""
+# ----------------------------------------------------------------------------- the mask path
+class MaskBuilder:
+    """Emits the mask path into the new graph: one node per distinct (function, arguments).
 
-    __slots__ = ("kind", "key", "layout", "padded")
+    Mask nodes go right after the input mask, before any activation, in the order they are first
+    asked for; a second request for the same structure returns the existing node. Every function
+    called is in masked_ops.masks.
+    """
 
-    def __init__(self, kind, key=None, layout=None, padded=None):
-        self.kind, self.key, self.layout, self.padded = kind, key, layout, padded
+    def __init__(self, graph: fx.Graph, input_mask: fx.Node):
+        self.graph, self.cursor = graph, input_mask
+        self.nodes: Dict[tuple, fx.Node] = {}
 
+    def _emit(self, fn, args: tuple, kwargs: Optional[dict] = None, name: Optional[str] = None) -> fx.Node:
+        key = (fn, args, tuple(sorted((kwargs or {}).items())))
+        node = self.nodes.get(key)
+        if node is None:
+            with self.graph.inserting_after(self.cursor):
+                node = self.graph.create_node("call_function", fn, args, kwargs or {}, name=name)
+            self.nodes[key] = self.cursor = node
+        return node
 
-PLAIN_SYM = _Sym("plain")
+    def __len__(self):
+        return sum(1 for (fn, _, _) in self.nodes if fn is not operator.getitem)
 
+    def conv(self, m, kernel, stride, padding, dilation, mode, padding_visible, prepad) -> Tuple[fx.Node, Optional[fx.Node]]:
+        """(keep, scale or None) of a conv reading mask ``m`` (masks.conv_masks)."""
+        if M.conv_keeps_input_mask(kernel, stride, padding, prepad, mode):
+            return m, None
+        geometry = (m, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+        extra = {} if prepad is None else {"prepad": prepad}
+        if mode != "renorm":
+            return self._emit(M.conv_keep, geometry, extra, name="keep"), None
+        both = self._emit(M.renorm_masks, geometry + (bool(padding_visible),), extra, name="renorm_masks")
+        return self._emit(operator.getitem, (both, 0), name="keep"), \
+            self._emit(operator.getitem, (both, 1), name="renorm_scale")
 
-class RuleContext:
-    """What a rule may ask about the graph (see masked_ops.rules)."""
+    def pool(self, m, kernel, stride, padding, dilation, ceil_mode, prepad) -> fx.Node:
+        extra = {} if prepad is None else {"prepad": prepad}
+        return self._emit(M.pool_mask, (m, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation),
+                                        bool(ceil_mode)), extra, name="pool_mask")
 
-    def __init__(self, root, mode, concat, fold_bn, padding_visible, training):
-        self.root, self.mode, self.concat = root, mode, concat
-        self.fold_bn, self.padding_visible, self.training = fold_bn, padding_visible, training
-        self.syms: Dict[fx.Node, _Sym] = {}
-        self.absorbed: Dict[fx.Node, fx.Node] = {}
-        self.current: Optional[fx.Node] = None
+    def adaptive(self, m, output_size) -> Tuple[fx.Node, fx.Node]:
+        frac = self._emit(M.adaptive_fraction, (m, tuple(output_size)), name="bin_fraction")
+        return frac, self._emit(M.indicator, (frac,), name="bin_mask")
 
-    def module(self, node) -> nn.Module:
-        return self.root.get_submodule(node.target)
-
-    def value(self, arg):
-        """The constant behind an argument: literals, or parameters/buffers (get_attr)."""
-        if isinstance(arg, fx.Node):
-            if arg.op == "get_attr":
-                obj = self.root
-                for part in arg.target.split("."):
-                    obj = getattr(obj, part)
-                return obj
-            raise ValueError(f"layer_mask: node {self.current.name!r} needs {arg.name!r} to be a constant "
-                             f"(parameter, buffer or literal), but it is computed at run time")
-        if isinstance(arg, (list, tuple)):
-            return type(arg)(self.value(a) for a in arg)
-        return arg
-
-    def _sym(self, arg) -> _Sym:
-        return self.syms.get(arg, PLAIN_SYM) if isinstance(arg, fx.Node) else PLAIN_SYM
-
-    def is_masked(self, arg) -> bool:
-        return self._sym(arg).kind == "masked"
-
-    def layout(self, arg) -> Optional[str]:
-        return self._sym(arg).layout
-
-    def padded(self, arg) -> Optional[R.Padded]:
-        return self._sym(arg).padded
-
-    def sole_user(self, node) -> Optional[fx.Node]:
-        users = list(node.users)
-        return users[0] if len(users) == 1 else None
-
-    def absorb(self, node) -> None:
-        """Mark ``node`` as computed by the current node's layer (fused BN / activation)."""
-        self.absorbed[node] = self.current
-
-    def eval_bn(self, node):
-        """(bn module, fused activation or None) if ``node`` is an eval-mode BatchNorm module."""
-        if node is None or node.op != "call_module":
-            return None
-        m = self.module(node)
-        rule = R.module_rule(m)
-        if rule is not R._bn_rule or m.training or not getattr(m, "track_running_stats", True) \
-                or getattr(m, "running_mean", None) is None:
-            return None
-        act = None
-        if hasattr(m, "act"):  # timm BatchNormAct2d
-            if not isinstance(getattr(m, "drop", nn.Identity()), nn.Identity):
-                return None
-            act = R.activation_module_name(m.act)
-            if act is None:
-                return None
-        return m, act
-
-    @staticmethod
-    def bn_affine(bn):
-        return bn_affine(bn)
+    def join(self, masks: List[fx.Node], how: str) -> fx.Node:
+        uniq = list(dict.fromkeys(masks))
+        if len(uniq) == 1:
+            return uniq[0]
+        # Intersection and union do not depend on order or repeats; the vote counts every input.
+        srcs = tuple(sorted(uniq, key=lambda n: n.name)) if how != "majority" else tuple(masks)
+        return self._emit(M.join, (srcs, how), name=f"{how}_mask")
 
 
-class _Step:
-    __slots__ = ("name", "kind", "layer", "node", "inputs", "free")
+# ----------------------------------------------------------------------------- the module
+class LayerMasked(fx.GraphModule):
+    """A layer-masked model: ``forward(x, mask=None)``, generated code in ``self.code``.
 
-    def __init__(self, name, kind, layer=None, node=None, inputs=()):
-        self.name, self.kind, self.layer, self.node, self.inputs = name, kind, layer, node, list(inputs)
-        self.free: List[str] = []
+    ``print(lm)`` / ``lm.summary()`` lists the rule used at every node of the original model;
+    ``print(lm.code)`` shows the generated forward.
+    """
 
+    def __init__(self, root, graph: fx.Graph, rows=None, mode: Optional[str] = None, source: Optional[str] = None,
+                 n_masks: Optional[int] = None):
+        super().__init__(root, graph, class_name="LayerMasked")
+        self._rows, self.mode, self.source, self._n_masks = rows or [], mode, source or "model", n_masks or 0
 
-class LayerMasked(nn.Module):
-    """A layer-masked model: ``forward(x, mask=None)``; see :func:`layer_mask`."""
+    def recompile(self):
+        result = super().recompile()
+        # fx wraps the class's __call__ in a handler that prints the generated line of an error. Under
+        # torch.compile that handler is traced when the compiled forward raises (a bad mask), and fails
+        # with an unrelated dynamo error; the plain module call keeps the original error.
+        type(self).__call__ = nn.Module.__call__
+        return result
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, steps: List[_Step], mask_graph: mnn.MaskGraph,
-                 output, rows, mode: str):
-        super().__init__()
-        self.model = model  # shared parameters; never modified
-        self.layers = nn.ModuleDict()
-        for s in steps:
-            if s.layer is not None:
-                self.layers[s.name] = s.layer
-        self._graph, self._steps, self.mask_graph, self._output = graph, steps, mask_graph, output
-        self._rows, self.mode = rows, mode
+    def __reduce__(self):
+        # fx pickles a GraphModule as its code and re-traces it on load, which our checked mask
+        # functions refuse (they do not take Proxies); pickle the graph's nodes themselves instead.
+        targets = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
+        owned = {t: (self.get_submodule(t) if _is_module_path(self, t) else _get_attr(self, t)) for t in targets}
+        return (_rebuild_layer_masked, (owned, _graph_nodes(self.graph), self._rows, self.mode, self.source,
+                                        self._n_masks))
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        C.check_input(x)
-        if mask is None:
-            visible = ~torch.isnan(x).any(dim=1, keepdim=True)
-            m = visible.to(x.dtype)
-        else:
-            C.check_mask(mask, x)
-            m = C.as_float_mask(mask, x)
-        # The one zeroing of the raw input: NaN/inf/anything at removed pixels is selected away here,
-        # so every later layer sees exactly 0 there (the activation-path invariant).
-        x = torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        masks = self.mask_graph.evaluate(m)
-        env = {}
-        for step in self._steps:
-            kind = step.kind
-            if kind == "input":
-                env[step.name] = x
-            elif kind == "masked":
-                env[step.name] = step.layer.run([env[i.name] if isinstance(i, fx.Node) else i for i in step.inputs],
-                                                masks)
-            elif kind == "alias":
-                env[step.name] = env[step.inputs[0].name]
-            else:
-                env[step.name] = self._run_plain(step.node, env)
-            for name in step.free:
-                del env[name]
-        return fx.node.map_arg(self._output, lambda n: env[n.name])
-
-    def _run_plain(self, node: fx.Node, env):
-        args = fx.node.map_arg(node.args, lambda n: env[n.name])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-        if node.op == "call_module":
-            return self.model.get_submodule(node.target)(*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "get_attr":
-            obj = self.model
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            return obj
-        raise RuntimeError(f"unexpected node {node.format_node()}")
+    def __deepcopy__(self, memo):
+        rebuild, args = self.__reduce__()
+        return rebuild(*copy.deepcopy(args, memo))
 
     def summary(self) -> str:
         """One line per node: its name, what the original model does there, and the rule used."""
         w = max([len(r[0]) for r in self._rows] + [4])
-        lines = [f"LayerMasked({type(self.model).__name__}, mode={self.mode!r}): {len(self._rows)} nodes, "
-                 f"{len(self.mask_graph)} mask-path ops (computed once per forward)",
+        lines = [f"LayerMasked({self.source}, mode={self.mode!r}): {len(self._rows)} nodes, "
+                 f"{self._n_masks} mask-path ops (computed once per forward; print(model.code) shows them)",
                  f"{'node':<{w}}  rule"]
         lines += [f"{n:<{w}}  {rule}    [{what}]" for n, what, rule in self._rows]
         return "\n".join(lines)
+
+    @property
+    def layers(self) -> Dict[str, mnn.MaskedLayer]:
+        """The masked layers by name (the fx node name of what each replaces)."""
+        return {name: mod for name, mod in self.named_children() if isinstance(mod, mnn.MaskedLayer)}
 
     def rules_used(self) -> Dict[str, str]:
         """node name -> rule description (for tests and tooling)."""
@@ -241,6 +192,58 @@ class LayerMasked(nn.Module):
 
     def __repr__(self):
         return self.summary()
+
+    def __str__(self):
+        return self.summary()
+
+
+class _Ref:
+    """A reference to an earlier node, by name, in a pickled graph."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+def _graph_nodes(graph: fx.Graph) -> list:
+    """The graph as plain data: (op, name, target, args, kwargs), node arguments as _Ref."""
+    to_ref = lambda n: _Ref(n.name)  # noqa: E731
+    return [(n.op, n.name, n.target, fx.node.map_arg(n.args, to_ref), fx.node.map_arg(n.kwargs, to_ref))
+            for n in graph.nodes]
+
+
+def _graph_from_nodes(nodes: list) -> fx.Graph:
+    graph, env = fx.Graph(), {}
+
+    def resolve(a):
+        if isinstance(a, _Ref):
+            return env[a.name]
+        if isinstance(a, (list, tuple)):
+            return type(a)(resolve(v) for v in a)
+        if isinstance(a, dict):
+            return {k: resolve(v) for k, v in a.items()}
+        return a
+
+    for op, name, target, args, kwargs in nodes:
+        env[name] = graph.create_node(op, target, resolve(args), resolve(kwargs), name=name)
+    return graph
+
+
+def _is_module_path(root: nn.Module, target: str) -> bool:
+    try:
+        root.get_submodule(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _get_attr(root, target: str):
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _rebuild_layer_masked(owned, nodes, rows, mode, source, n_masks):
+    return LayerMasked(owned, _graph_from_nodes(nodes), rows, mode, source, n_masks)
 
 
 def _describe_target(node, root) -> str:
@@ -269,17 +272,20 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
     all-ones mask reproduces the model exactly (default False, as in partial convolution:
     the border is renormalised).
 
-    The returned module's ``forward(x, mask=None)`` takes x N x C x H x W and mask
-    N x 1 x H x W (bool or 0/1 float, 1 = visible); with ``mask=None`` a pixel with NaN in
+    The returned ``torch.fx.GraphModule``'s ``forward(x, mask=None)`` takes x N x C x H x W and
+    mask N x 1 x H x W (bool or 0/1 float, 1 = visible); with ``mask=None`` a pixel with NaN in
     any channel is removed. It returns what the model returns (spatial outputs come back
-    zeroed at removed positions). ``print(lm)`` / ``lm.summary()`` shows the rule of each node.
+    zeroed at removed positions). ``print(lm)`` / ``lm.summary()`` shows the rule of each node,
+    ``print(lm.code)`` the generated forward.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_mode(mode)
-    if concat not in ("majority", "union", "intersection"):
-        raise ValueError(f"concat must be 'majority', 'union' or 'intersection', got {concat!r}")
+    if concat not in M.JOINS:
+        raise ValueError(f"concat must be one of {M.JOINS}, got {concat!r}")
     R.register_optional_rules()
+    preload()
+    source = type(model).__name__
     if R.module_rule(model) is not None:
         # A lone layer (an nn.Conv2d, ...): fx never treats the root as a leaf, so wrap it.
         model = nn.Sequential(model)
@@ -288,45 +294,93 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
         warnings.warn("layer_mask: the model is in train mode; BatchNorm will use batch statistics over the "
                       "visible pixels (running statistics are not updated) and nothing is folded. "
                       "Call model.eval() before layer_mask for inference.", UserWarning, stacklevel=2)
-    graph = _trace(model)
-    ctx = RuleContext(model, mode, concat, fold_bn, padding_visible, training)
-    mg = mnn.MaskGraph()
-    steps: List[_Step] = []
-    rows = []
-    output = None
-    seen_input = False
-    for node in graph.nodes:
-        ctx.current = node
-        if node.op == "placeholder":
-            if seen_input:
-                raise ValueError(f"layer_mask: the model takes a second input {node.target!r}; only "
-                                 f"single-input models are supported")
-            seen_input = True
-            ctx.syms[node] = _Sym("masked", mnn.INPUT, "nchw")
-            steps.append(_Step(node.name, "input"))
-            rows.append((node.name, "input", "masked input (N x C x H x W, mask N x 1 x H x W)"))
-            continue
-        if node.op == "output":
-            output = node.args[0]
-            for n in node.all_input_nodes:
-                if ctx._sym(n).kind == "padded":
-                    raise ValueError(f"layer_mask: the model returns an explicitly padded map ({n.name})")
-            continue
-        if node in ctx.absorbed:
-            owner = ctx.absorbed[node]
-            ctx.syms[node] = ctx.syms[owner]
-            steps.append(_Step(node.name, "alias", inputs=[owner]))
-            rows.append((node.name, _describe_target(node, model), f"fused into {owner.name}"))
-            continue
-        inputs = node.all_input_nodes
-        if not any(ctx._sym(n).kind != "plain" for n in inputs):
-            steps.append(_Step(node.name, "plain", node=node))
-            if node.op in ("call_module", "call_function", "call_method"):
-                rows.append((node.name, _describe_target(node, model), "plain (no masked input)"))
-            continue
-        rule = R.node_rule(node, model)
+    traced = _trace(model)
+    ctx = R.RuleContext(model, mode, concat, fold_bn, padding_visible, training)
+    return _Converter(model, ctx).run(traced, source)
+
+
+class _Converter:
+    """Walks the traced graph once, emitting the layer-masked graph."""
+
+    def __init__(self, model: nn.Module, ctx: R.RuleContext):
+        self.model, self.ctx = model, ctx
+        self.graph = fx.Graph()
+        self.env: Dict[fx.Node, object] = {}  # original node -> value in the new graph
+        self.root: Dict[str, object] = {}     # qualified name -> module / tensor of the new module
+        self.layers: Dict[fx.Node, mnn.MaskedLayer] = {}  # new call_module node -> its layer
+        self.rows = []
+
+    # -- helpers
+    def _arg(self, a):
+        return fx.node.map_arg(a, lambda n: self.env[n])
+
+    def _copy_plain(self, node: fx.Node) -> fx.Node:
+        """The node unchanged, reading the new graph's values (its module/attribute shared)."""
+        if node.op in ("call_module", "get_attr"):
+            obj = self.model
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            self.root[node.target] = obj
+        return self.graph.node_copy(node, lambda n: self.env[n])
+
+    def _layer_name(self, node: fx.Node) -> str:
+        name = node.name
+        taken = set(self.root) | {t.split(".")[0] for t in self.root}
+        while name in taken or hasattr(fx.GraphModule, name):
+            name = name + "_masked"
+        return name
+
+    # -- the walk
+    def run(self, traced: fx.Graph, source: str) -> LayerMasked:
+        ctx, g = self.ctx, self.graph
+        output = None
+        for node in traced.nodes:
+            ctx.current = node
+            if node.op == "placeholder":
+                if self.env:
+                    raise ValueError(f"layer_mask: the model takes a second input {node.target!r}; only "
+                                     f"single-input models are supported")
+                x = g.placeholder("x")
+                mask = g.placeholder("mask", default_value=None)
+                m = g.call_function(M.input_mask, (x, mask))
+                m.name = "input_mask"
+                self.masks = MaskBuilder(g, m)
+                # The one selection of the raw input: NaN/inf/anything at removed pixels is selected
+                # away here, so every later layer sees exactly 0 there (the activation-path invariant).
+                self.env[node] = g.call_function(M.select_visible, (x, m))
+                ctx.syms[node] = R.Sym("masked", m, "nchw")
+                self.rows.append((node.name, "input", "masked input (N x C x H x W, mask N x 1 x H x W)"))
+                continue
+            if node.op == "output":
+                for n in node.all_input_nodes:
+                    if ctx.sym(n).kind == "padded":
+                        raise ValueError(f"layer_mask: the model returns an explicitly padded map ({n.name})")
+                output = g.output(self._arg(node.args[0]))
+                continue
+            if node in ctx.absorbed:
+                owner = ctx.absorbed[node]
+                self.env[node], ctx.syms[node] = self.env[owner], ctx.syms[owner]
+                self.rows.append((node.name, _describe_target(node, self.model), f"fused into {owner.name}"))
+                continue
+            if not any(ctx.sym(n).kind != "plain" for n in node.all_input_nodes):
+                self.env[node] = self._copy_plain(node)
+                if node.op in ("call_module", "call_function", "call_method"):
+                    self.rows.append((node.name, _describe_target(node, self.model), "plain (no masked input)"))
+                continue
+            self._lower(node)
+        assert output is not None
+        self._mark_in_place_fills(output)
+        g.lint()
+        for node, layer in self.layers.items():
+            self.root[node.target] = layer
+        rows = [(n, what, self._describe.get(n, rule)) for n, what, rule in self.rows]
+        return LayerMasked(self.root, g, rows, ctx.mode, source, len(self.masks))
+
+    def _lower(self, node: fx.Node) -> None:
+        ctx = self.ctx
+        rule = R.node_rule(node, self.model)
+        what = _describe_target(node, self.model)
         if rule is None:
-            what = _describe_target(node, model)
             raise ValueError(
                 f"layer_mask: no layer-masking rule for node {node.name!r} ({what}) which reads a masked "
                 f"spatial map; it could leak the mask. Register one with "
@@ -334,83 +388,55 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
                 f"rule) (see masked_ops.rules).")
         result = rule(node, ctx)
         if result is R.PLAIN:
-            steps.append(_Step(node.name, "plain", node=node))
-            ctx.syms[node] = PLAIN_SYM
-            continue
+            self.env[node] = self._copy_plain(node)
+            ctx.syms[node] = R.PLAIN_SYM
+            return
         if isinstance(result, R.Padded):
-            src = ctx._sym(result.source)
+            src = ctx.sym(result.source)
             if src.kind != "masked" or src.layout != "nchw":
                 raise ValueError(f"layer_mask: node {node.name!r} pads a value that is not a masked NCHW map")
-            ctx.syms[node] = _Sym("padded", src.key, src.layout, result)
-            rows.append((node.name, _describe_target(node, model), f"padding {result.pads} (merged into its consumer)"))
-            continue
-        layer = result
-        layer_inputs = getattr(layer, "inputs", None)
-        if layer_inputs is None:
-            layer_inputs = [node.args[0]]
-            layer.inputs = layer_inputs
-        for i in layer_inputs:
-            if ctx._sym(i).kind == "padded":
-                raise ValueError(f"layer_mask: node {node.name!r} ({_describe_target(node, model)}) reads the "
-                                 f"explicitly padded map {i.name!r}; explicit padding is supported only "
-                                 f"directly before a conv or a max pool")
-        in_keys = [ctx._sym(i).key if ctx._sym(i).kind == "masked" else None for i in layer_inputs]
-        out_key = layer.plan(mg, in_keys)
-        layout = getattr(layer, "out_layout", None) or next(
-            (ctx._sym(i).layout for i in layer_inputs if ctx._sym(i).kind == "masked"), "nchw")
-        ctx.syms[node] = PLAIN_SYM if out_key is None else _Sym("masked", out_key, layout)
-        del layer.inputs  # kept on the step instead (fx nodes are not module state)
-        steps.append(_Step(node.name, "masked", layer=layer, inputs=layer_inputs))
-        rows.append((node.name, _describe_target(node, model), layer.describe()))
-    _schedule_frees(steps, output)
-    in_place = _mark_in_place_fills(steps, output)
-    rows = [(n, what, in_place[n].describe() if n in in_place else rule) for n, what, rule in rows]
-    return LayerMasked(model, graph, steps, mg, output, rows, mode)
+            ctx.syms[node] = R.Sym("padded", src.mask, src.layout, result)
+            self.rows.append((node.name, what, f"padding {result.pads} (merged into its consumer)"))
+            return
+        lowered = result if isinstance(result, R.Lowered) else R.Lowered(result, [node.args[0]])
+        layer = lowered.layer
+        if not isinstance(layer, mnn.MaskedLayer):
+            raise TypeError(f"layer_mask: the rule for node {node.name!r} ({what}) returned {type(layer).__name__}; "
+                            f"a rule returns a masked_ops.nn.MaskedLayer, rules.Lowered, rules.Padded or rules.PLAIN")
+        for i in lowered.inputs:
+            if ctx.sym(i).kind == "padded":
+                raise ValueError(f"layer_mask: node {node.name!r} ({what}) reads the explicitly padded map "
+                                 f"{i.name!r}; explicit padding is supported only directly before a conv or a "
+                                 f"max pool")
+        in_masks = [ctx.sym(i).mask if ctx.sym(i).kind == "masked" else None for i in lowered.inputs]
+        mask_args, out_mask = layer.masks(self.masks, in_masks)
+        name = self._layer_name(node)
+        self.root[name] = layer  # reserve the name; the final root is filled after the walk
+        new = self.graph.call_module(name, tuple(self._arg(i) for i in lowered.inputs) + tuple(mask_args))
+        self.layers[new] = layer
+        self.env[node] = new
+        layout = lowered.layout or next((ctx.layout(i) for i in lowered.inputs if ctx.is_masked(i)), "nchw")
+        ctx.syms[node] = R.PLAIN_SYM if out_mask is None else R.Sym("masked", out_mask, layout)
+        self.rows.append((node.name, what, layer.describe()))
 
+    def _mark_in_place_fills(self, output: fx.Node) -> None:
+        """Let a conv fill its input in place when nothing else can see that input.
 
-def _mark_in_place_fills(steps: List[_Step], output) -> Dict[str, mnn.MaskedLayer]:
-    """Let a conv fill its input in place when nothing else can see that input.
-
-    The input must be a fresh tensor made by a masked layer (not the model's input, not a view)
-    whose value, under every alias of it (fused BatchNorm/activation nodes are aliases of their
-    conv), is read by that conv alone and is not returned. Returns the layers marked, by step name.
-    """
-    root: Dict[str, str] = {}  # value name -> name of the step that computed the tensor
-    by_name = {s.name: s for s in steps}
-    readers: Dict[str, List[int]] = {}
-    for i, s in enumerate(steps):
-        if s.kind == "alias":
-            root[s.name] = root[s.inputs[0].name]
-            continue
-        root[s.name] = s.name
-        nodes = s.node.all_input_nodes if s.kind == "plain" else [n for n in s.inputs if isinstance(n, fx.Node)]
-        for n in nodes:
-            readers.setdefault(root.get(n.name, n.name), []).append(i)
-    returned = set()
-    fx.node.map_arg(output, lambda n: returned.add(root.get(n.name, n.name)))
-    marked = {}
-    for i, s in enumerate(steps):
-        layer = s.layer
-        if s.kind != "masked" or not getattr(layer, "can_fill_in_place", False) or not isinstance(s.inputs[0], fx.Node):
-            continue
-        src = root[s.inputs[0].name]
-        producer = by_name[src]
-        if producer.kind == "masked" and getattr(producer.layer, "fresh_output", False) \
-                and readers.get(src) == [i] and src not in returned:
-            layer.fill_in_place = True
-            marked[s.name] = layer
-    return marked
-
-
-def _schedule_frees(steps: List[_Step], output) -> None:
-    """Drop each intermediate value right after its last reader (as eager PyTorch would)."""
-    last: Dict[str, int] = {}
-    for i, s in enumerate(steps):
-        readers = s.node.all_input_nodes if s.kind == "plain" else [n for n in s.inputs if isinstance(n, fx.Node)]
-        for n in readers:
-            last[n.name] = i
-    keep = set()
-    fx.node.map_arg(output, lambda n: keep.add(n.name))
-    for name, i in last.items():
-        if name not in keep:
-            steps[i].free.append(name)
+        The input must be a fresh tensor made by a masked layer (not the model's input, not a view),
+        read by that conv alone (fused BatchNorm/activation nodes are the conv's own value, so they
+        are no extra readers) and not returned.
+        """
+        self._describe = {}
+        returned = set(output.all_input_nodes)
+        by_new = {}
+        for old, new in self.env.items():
+            if isinstance(new, fx.Node) and new in self.layers:
+                by_new.setdefault(new, old.name)
+        for node, layer in self.layers.items():
+            if not isinstance(layer, mnn.MaskedConv2d) or not layer.can_fill_in_place:
+                continue
+            src = node.args[0]
+            producer = self.layers.get(src)
+            if producer is not None and producer.fresh_output and len(src.users) == 1 and src not in returned:
+                layer.fill_in_place = True
+                self._describe[by_new[node]] = layer.describe()

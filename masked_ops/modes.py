@@ -27,3 +27,10 @@ def fill_iters(kernel: Tuple[int, int], dilation: Tuple[int, int] = (1, 1)) -> i
     """
     (kh, kw), (dh, dw) = kernel, dilation
     return max(dh * (kh - 1), dw * (kw - 1))
+
+
+def saturated_rings(iters: int, h: int, w: int) -> int:
+    """``iters`` capped at max(H, W) - 1: each ring grows the known region by one pixel in every
+    direction, so after that many rings the fill has reached every pixel it ever can and more
+    rings change nothing. Every backend caps here, so 10**9 rings cost what max(H, W) - 1 do."""
+    return max(0, min(int(iters), max(int(h), int(w)) - 1))

@@ -1,9 +1,12 @@
-"""Public functional ops of masked_ops (DESIGN.md section 3).
+"""Public functional ops of masked_ops (docs/design.md, "Semantics").
 
 Each op validates its arguments (masked_ops._checks), canonicalises the mask, computes
-the mask path (which depends on the mask alone) and hands the activation path to the
-selected backend's primitives (masked_ops.backends). The heavy convolution itself stays
-with ATen (oneDNN / cuDNN): the backends fuse what surrounds it.
+its mask path (masked_ops.masks, which depends on the mask alone) and calls the op's *core*:
+the unchecked activation path that takes precomputed masks. The converted models
+(masked_ops.nn, built by masked_ops.convert) call the same cores with the masks their graph
+computes once per forward, so every op's math lives in one place. The cores hand the fused
+work to the selected backend's primitives (masked_ops.backends); the heavy convolution itself
+stays with ATen (oneDNN / cuDNN).
 
 Masks: N x 1 x H x W, 1 = visible, 0 = removed, bool or float. Output masks come back in
 the dtype of the mask that was passed in.
@@ -16,48 +19,84 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from . import masks as M
 from .activations import check_activation
 from .backends import resolve
 from .modes import fill_iters
 
 
-# ----------------------------------------------------------------------------- mask path
-def conv_mask_path(mask: torch.Tensor, kernel, stride, padding, dilation, mode: str,
-                   padding_visible: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Output mask m' and (renorm only) the scale k_h*k_w / window_sum of a conv.
+# ----------------------------------------------------------------------------- in place or not
+def owns_for_writing(t: torch.Tensor) -> bool:
+    """Whether a tensor the caller owns may be written in place: not when autograd records it
+    (it may be saved for backward), and not under torch.compile / export, where inductor plans
+    buffers itself and functional ops trace more simply."""
+    return not (t.requires_grad and torch.is_grad_enabled()) and not C.is_compiling()
 
-    ``mask`` is a canonical float mask. Both come from one window sum of the mask per output
-    position, shared by all channels. m' = maxpool(m) with the conv's geometry, i.e.
-    window_sum > 0. With ``padding_visible`` the zero-padded border counts as visible in the
-    renorm denominator (so an all-ones mask reproduces the plain conv exactly); by default
-    it counts as removed, as in the paper and NVIDIA's partial convolution.
+
+def epilogue_of_fresh(backend, y, keep, scale, bias, activation):
+    """conv_epilogue of a conv output nobody else holds: written over y where that is allowed
+    (on CPU, faulting in a large new buffer costs more than the epilogue's pass itself)."""
+    if owns_for_writing(y):
+        return backend.conv_epilogue_(y, keep, scale, bias, activation)
+    return backend.conv_epilogue(y, keep, scale, bias, activation)
+
+
+# ----------------------------------------------------------------------------- conv
+def conv_input(backend, x, m, iters: int, kernel, stride, dilation, *, prepad: M.Prepad = None,
+               zeroed: bool = False, in_place: bool = False, grad_through_zeros: bool = True) -> torch.Tensor:
+    """The input the vendor conv reads: x filled ``iters`` rings deep, explicitly padded.
+
+    ``zeroed``: x is already exactly 0 at removed pixels (a converted model's activations), so a
+    fill of 0 rings has nothing to do. ``in_place``: the caller owns x (nobody else reads it), so
+    the fill may write the ring pixels into x itself. Explicit padding (``prepad``) is applied
+    after the fill, like the conv's own padding: the padded border is never filled; the fill then
+    writes into the padded copy that F.pad makes anyway. Unreached removed pixels keep 0.
     """
-    kh, kw = kernel
-    ones = torch.ones(1, 1, kh, kw, dtype=mask.dtype, device=mask.device)
-    wsum = F.conv2d(mask, ones, None, stride, padding, dilation)
-    keep = (wsum > 0.5).to(mask.dtype)
-    if mode != "renorm":
-        return keep, None
-    if padding_visible and (padding[0] or padding[1]):
-        ph, pw = padding
-        padded = F.pad(mask, (pw, pw, ph, ph), value=1.0)
-        wsum = F.conv2d(padded, ones, None, stride, 0, dilation)
-    # Ratio in at least float32 (fp16 would round k*k/ws), float64 stays float64.
-    scale = (kh * kw) / wsum.to(torch.promote_types(wsum.dtype, torch.float32)).clamp_min(1.0)
-    scale = torch.where(keep > 0, scale, torch.zeros_like(scale)).to(mask.dtype)
-    return keep, scale
+    if prepad is not None:
+        pads = M.explicit_pads(prepad, x, kernel, stride, dilation)
+        if iters and zeroed and owns_for_writing(x) and min(pads) >= 0:
+            left, _, top, _ = pads
+            h, w = x.shape[-2:]
+            xp = F.pad(x, pads)
+            backend.neighbor_fill_(xp[:, :, top:top + h, left:left + w], m, iters)
+            return xp
+        if iters or not zeroed:
+            x = backend.neighbor_fill(x, m, iters)
+        return F.pad(x, pads)
+    if iters == 0:
+        if zeroed:
+            return x
+        if tuple(kernel) == (1, 1) and not grad_through_zeros:
+            # A 1x1 conv reads only its own pixel and the epilogue selects removed positions away,
+            # so zeroing is not needed, unless gradients flow: NaN there would reach weight.grad.
+            return x
+        return backend.neighbor_fill(x, m, 0)
+    if in_place and zeroed and owns_for_writing(x):
+        return backend.neighbor_fill_(x, m, iters)
+    return backend.neighbor_fill(x, m, iters)
 
 
-# ----------------------------------------------------------------------------- ops
-def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
-    """Fill removed pixels from visible neighbours, ``iters`` rings deep (0 = zero them).
+def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],
+              weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
+              iters: int, activation: str = "none", *, prepad: M.Prepad = None, zeroed: bool = False,
+              in_place: bool = False) -> torch.Tensor:
+    """The masked conv after its checks and its mask path (``keep``, ``scale`` from masks.conv_masks).
 
-    See masked_ops.backends.reference.neighbor_fill for the exact rule.
+    fill -> vendor conv -> fused epilogue. In fill/zero modes the bias rides in the vendor
+    conv; in renorm mode it is added after the scale, in the epilogue.
     """
-    C.check_input(x)
-    C.check_mask(mask, x)
-    iters = C.check_iters(iters)
-    return resolve(x.device).neighbor_fill(x, C.as_float_mask(mask, x), iters)
+    backend = resolve(x.device)
+    kernel = (weight.shape[2], weight.shape[3])
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    xin = conv_input(backend, x, m, iters, kernel, stride, dilation, prepad=prepad, zeroed=zeroed,
+                     in_place=in_place, grad_through_zeros=grad)
+    w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    if scale is None:
+        y = F.conv2d(xin, w, b, stride, padding, dilation, groups)
+        return epilogue_of_fresh(backend, y, keep, None, None, activation)
+    y = F.conv2d(xin, w, None, stride, padding, dilation, groups)
+    return epilogue_of_fresh(backend, y, keep, scale, b, activation)
 
 
 def masked_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
@@ -79,34 +118,30 @@ def masked_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                                                           groups, mode)
     check_activation(activation)
     m = C.as_float_mask(mask, x)
-    backend = resolve(x.device)
-    y, keep = _masked_conv2d(backend, x, m, weight, bias, kernel, stride, padding, dilation, groups,
-                             mode, padding_visible, activation)
+    keep, scale = M.conv_masks(m, kernel, stride, padding, dilation, mode, padding_visible)
+    iters = fill_iters(kernel, dilation) if mode == "fill" else 0
+    y = conv_core(x, m, keep, scale, weight, bias, stride, padding, dilation, groups, iters, activation)
     return y, C.restore_mask_dtype(keep, mask)
 
 
-def _masked_conv2d(backend, x, m, weight, bias, kernel, stride, padding, dilation, groups, mode,
-                   padding_visible, activation, mask_path=None):
-    """The unchecked core, shared with the converted models (which precompute the mask path)."""
-    keep, scale = mask_path if mask_path is not None else \
-        conv_mask_path(m, kernel, stride, padding, dilation, mode, padding_visible)
-    iters = fill_iters(kernel, dilation) if mode == "fill" else 0
-    if iters == 0 and kernel == (1, 1) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        # A 1x1 conv reads only its own pixel and the epilogue selects removed positions away, so
-        # the zeroing pass is not needed. With gradients it is: NaN there would reach weight.grad.
-        xin = x
-    else:
-        xin = backend.neighbor_fill(x, m, iters)
-    y = F.conv2d(xin, weight, None, stride, padding, dilation, groups)
-    return epilogue_of_fresh(backend, y, keep, scale, bias, activation), keep
+def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+    """Fill removed pixels from visible neighbours, ``iters`` rings deep (0 = zero them).
+
+    See masked_ops.backends.reference.neighbor_fill for the exact rule. Rings beyond what
+    covers the image change nothing, so ``iters`` is capped at max(H, W) - 1 (any larger
+    count gives the same result at no extra cost).
+    """
+    C.check_input(x)
+    C.check_mask(mask, x)
+    iters = C.check_iters(iters, x)
+    return resolve(x.device).neighbor_fill(x, C.as_float_mask(mask, x), iters)
 
 
-def epilogue_of_fresh(backend, y, keep, scale, bias, activation):
-    """conv_epilogue of a conv output nobody else holds: written over y unless autograd records
-    (on CPU, faulting in a large new buffer costs more than the epilogue's pass itself)."""
-    if y.requires_grad and torch.is_grad_enabled():
-        return backend.conv_epilogue(y, keep, scale, bias, activation)
-    return backend.conv_epilogue_(y, keep, scale, bias, activation)
+# ----------------------------------------------------------------------------- normalisation
+def affine_core(x: torch.Tensor, m: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                activation: str = "none") -> torch.Tensor:
+    """act(x * scale + shift) on visible pixels, 0 elsewhere (scale/shift cast to x's dtype)."""
+    return resolve(x.device).masked_affine_act(x, m, scale.to(x.dtype), shift.to(x.dtype), activation)
 
 
 def masked_affine_act(x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -120,8 +155,7 @@ def masked_affine_act(x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, 
     C.check_channel_vector(scale, "scale", x)
     C.check_channel_vector(shift, "shift", x)
     check_activation(activation)
-    m = C.as_float_mask(mask, x)
-    return resolve(x.device).masked_affine_act(x, m, scale, shift, activation), mask
+    return affine_core(x, C.as_float_mask(mask, x), scale, shift, activation), mask
 
 
 def masked_batch_norm_act(x: torch.Tensor, mask: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm,
@@ -143,6 +177,7 @@ def bn_affine(bn) -> Tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+# ----------------------------------------------------------------------------- pooling
 def masked_max_pool2d(x: torch.Tensor, mask: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
                       ceil_mode: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Max pool of the masked input (removed = 0, as in the paper); mask_out = maxpool(mask)."""
@@ -166,8 +201,13 @@ def masked_avg_pool2d(x: torch.Tensor, mask: torch.Tensor, kernel_size, stride=N
     return y, C.restore_mask_dtype(m2, mask)
 
 
+def mean_core(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Global masked mean of a checked input: N x C."""
+    return resolve(x.device).masked_mean(x, m)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Global masked average pool: sum over visible pixels / their count -> N x C (0 if none)."""
     C.check_input(x)
     C.check_mask(mask, x)
-    return resolve(x.device).masked_mean(x, C.as_float_mask(mask, x))
+    return mean_core(x, C.as_float_mask(mask, x))

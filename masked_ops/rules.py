@@ -1,10 +1,15 @@
-"""Layer rules of layer_mask: which masked layer handles which fx node (DESIGN.md section 2).
+"""The rules of layer_mask: which masked layer each fx node lowers to (docs/design.md).
+
+This module is the converter's rule table: every rule below is registered by the ``@rule(...)``
+decorator above it, naming the module types, functions and method names it handles, so the
+file reads as the table. ``RuleContext`` (what a rule may ask about the graph) sits beside them.
 
 A rule is a function ``rule(node, ctx)`` called for an fx node that receives at least one
-masked input. It returns one of:
+masked input. It returns what the node lowers to:
 
-- a :class:`masked_ops.nn.MaskedLayer` (optionally with ``layer.inputs``, the fx nodes or
-  constants it reads; default ``[node.args[0]]``);
+- a :class:`masked_ops.nn.MaskedLayer`, which reads ``node.args[0]``; or
+  :class:`Lowered` ``(layer, inputs=..., layout=...)`` when it reads other values (fx nodes or
+  constants) or changes the activations' layout;
 - ``PLAIN``: run the node unchanged (metadata queries such as ``x.size()``);
 - a :class:`Padded`: explicit zero padding, consumed by the conv/pool that reads it.
 
@@ -24,14 +29,16 @@ rule is also the way out when a module cannot be traced (data-dependent control 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nn as mnn
+from .ops import bn_affine
 
 PLAIN = object()
 
@@ -43,6 +50,16 @@ class Padded:
     source: object
     pads: Union[Tuple[int, int, int, int], str]
     value: float = 0.0
+
+
+@dataclass
+class Lowered:
+    """A node lowered to ``layer``, reading ``inputs`` (fx nodes or constants, in the order of the
+    layer's forward); ``layout`` names the output's layout when the layer changes it."""
+
+    layer: mnn.MaskedLayer
+    inputs: Sequence = field(default_factory=list)
+    layout: Optional[str] = None
 
 
 Rule = Callable[..., object]
@@ -68,6 +85,15 @@ def register_rule(target, rule: Rule) -> Rule:
     return rule
 
 
+def rule(*targets):
+    """Decorator: register the decorated function as the rule of every target."""
+    def decorate(fn: Rule) -> Rule:
+        for t in targets:
+            register_rule(t, fn)
+        return fn
+    return decorate
+
+
 def module_rule(module: nn.Module) -> Optional[Rule]:
     cls = type(module)
     for base in cls.__mro__:
@@ -86,6 +112,88 @@ def node_rule(node, root) -> Optional[Rule]:
     if node.op == "call_method":
         return _method_rules.get(node.target)
     return None
+
+
+# ----------------------------------------------------------------------------- the context
+class Sym:
+    """What the converter knows about a value: masked (mask, layout), plain, or padded."""
+
+    __slots__ = ("kind", "mask", "layout", "padded")
+
+    def __init__(self, kind, mask=None, layout=None, padded=None):
+        self.kind, self.mask, self.layout, self.padded = kind, mask, layout, padded
+
+
+PLAIN_SYM = Sym("plain")
+
+
+class RuleContext:
+    """What a rule may ask about the graph being converted."""
+
+    def __init__(self, root, mode, concat, fold_bn, padding_visible, training):
+        self.root, self.mode, self.concat = root, mode, concat
+        self.fold_bn, self.padding_visible, self.training = fold_bn, padding_visible, training
+        self.syms: Dict[fx.Node, Sym] = {}
+        self.absorbed: Dict[fx.Node, fx.Node] = {}
+        self.current: Optional[fx.Node] = None
+
+    def module(self, node) -> nn.Module:
+        return self.root.get_submodule(node.target)
+
+    def value(self, arg):
+        """The constant behind an argument: literals, or parameters/buffers (get_attr)."""
+        if isinstance(arg, fx.Node):
+            if arg.op == "get_attr":
+                obj = self.root
+                for part in arg.target.split("."):
+                    obj = getattr(obj, part)
+                return obj
+            raise ValueError(f"layer_mask: node {self.current.name!r} needs {arg.name!r} to be a constant "
+                             f"(parameter, buffer or literal), but it is computed at run time")
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.value(a) for a in arg)
+        return arg
+
+    def sym(self, arg) -> Sym:
+        return self.syms.get(arg, PLAIN_SYM) if isinstance(arg, fx.Node) else PLAIN_SYM
+
+    def is_masked(self, arg) -> bool:
+        return self.sym(arg).kind == "masked"
+
+    def layout(self, arg) -> Optional[str]:
+        return self.sym(arg).layout
+
+    def padded(self, arg) -> Optional[Padded]:
+        return self.sym(arg).padded
+
+    def sole_user(self, node) -> Optional[fx.Node]:
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    def absorb(self, node) -> None:
+        """Mark ``node`` as computed by the current node's layer (fused BN / activation)."""
+        self.absorbed[node] = self.current
+
+    def eval_bn(self, node):
+        """(bn module, fused activation or None) if ``node`` is an eval-mode BatchNorm module."""
+        if node is None or node.op != "call_module":
+            return None
+        m = self.module(node)
+        if module_rule(m) is not batch_norm or m.training or not getattr(m, "track_running_stats", True) \
+                or getattr(m, "running_mean", None) is None:
+            return None
+        act = None
+        if hasattr(m, "act"):  # timm BatchNormAct2d
+            if not isinstance(getattr(m, "drop", nn.Identity()), nn.Identity):
+                return None
+            act = activation_module_name(m.act)
+            if act is None:
+                return None
+        return m, act
+
+    @staticmethod
+    def bn_affine(bn):
+        return bn_affine(bn)
 
 
 def _arg(node, i, name, default=None):
@@ -107,19 +215,23 @@ ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu
 ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh"}
 
 
+def activation_module_name(m: nn.Module) -> Optional[str]:
+    """The fused-epilogue name of an activation *module* (None if it has no fused form)."""
+    if type(m) in ACT_MODULES:
+        return ACT_MODULES[type(m)]
+    if type(m) is nn.Identity:
+        return "none"
+    if type(m) is nn.GELU and m.approximate == "none":
+        return "gelu"
+    if type(m) is nn.LeakyReLU and m.negative_slope == 0.01:
+        return "leaky_relu"
+    return None
+
+
 def activation_name(node, root) -> Optional[str]:
     """The fused-epilogue name of an activation node (None if it is not a plain activation)."""
     if node.op == "call_module":
-        m = root.get_submodule(node.target)
-        if type(m) in ACT_MODULES:
-            return ACT_MODULES[type(m)]
-        if type(m) is nn.LeakyReLU and m.negative_slope == 0.01:
-            return "leaky_relu"
-        if type(m) is nn.GELU and m.approximate == "none":
-            return "gelu"
-        if type(m) is nn.Identity:
-            return "none"
-        return None
+        return activation_module_name(root.get_submodule(node.target))
     if node.op == "call_function":
         if node.target in ACT_FUNCTIONS:
             return ACT_FUNCTIONS[node.target]
@@ -132,37 +244,21 @@ def activation_name(node, root) -> Optional[str]:
     return None
 
 
-def activation_module_name(m: nn.Module) -> Optional[str]:
-    """Activation name of an activation *module* (as held by timm's BatchNormAct2d)."""
-    if type(m) in ACT_MODULES:
-        return ACT_MODULES[type(m)]
-    if type(m) is nn.Identity:
-        return "none"
-    if type(m) is nn.GELU and m.approximate == "none":
-        return "gelu"
-    if type(m) is nn.LeakyReLU and m.negative_slope == 0.01:
-        return "leaky_relu"
-    return None
-
-
-def _activation_rule(node, ctx):
+@rule(*ACT_MODULES, nn.LeakyReLU, nn.GELU, *ACT_FUNCTIONS, F.gelu, F.leaky_relu, *ACT_METHODS)
+def activation(node, ctx):
     name = activation_name(node, ctx.root)
+    layout = ctx.layout(node.args[0])
     if name is None:  # e.g. GELU(approximate="tanh"): still per pixel
-        target = ctx.module(node) if node.op == "call_module" else node.target
-        return mnn.MaskedPointwise(target if callable(target) else None, str(node.target), layout=ctx.layout(node.args[0]))
-    return mnn.MaskedActivation(name, layout=ctx.layout(node.args[0]))
-
-
-for _t in list(ACT_MODULES) + [nn.LeakyReLU, nn.GELU]:
-    register_rule(_t, _activation_rule)
-for _f in list(ACT_FUNCTIONS) + [F.gelu, F.leaky_relu]:
-    register_rule(_f, _activation_rule)
-for _m in ACT_METHODS:
-    register_rule(_m, _activation_rule)
+        if node.op == "call_module":
+            return mnn.MaskedPointwise(ctx.module(node), str(node.target), layout=layout)
+        extra_args, kwargs = tuple(ctx.value(a) for a in node.args[1:]), ctx.value(dict(node.kwargs))
+        fn = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
+        return mnn.MaskedPointwise(mnn.Bound(fn, extra_args, kwargs), str(node.target), layout=layout)
+    return mnn.MaskedActivation(name, layout=layout)
 
 
 # ----------------------------------------------------------------------------- conv, BN fusion
-def _absorb_bn_act(node, ctx, conv: mnn.MaskedConv2d) -> mnn.MaskedConv2d:
+def _absorb_bn_act(node, ctx, conv: mnn.MaskedConv2d, x) -> Lowered:
     """Fold a following eval BatchNorm and fuse a following activation into ``conv``."""
     tail = node
     if ctx.fold_bn and not ctx.training:
@@ -175,14 +271,14 @@ def _absorb_bn_act(node, ctx, conv: mnn.MaskedConv2d) -> mnn.MaskedConv2d:
             tail = user
             if act is not None:  # timm BatchNormAct2d carries its own activation
                 conv.activation = act
-                return conv
+                return Lowered(conv, [x])
     user = ctx.sole_user(tail)
     if user is not None:
         act = activation_name(user, ctx.root)
         if act is not None:
             conv.activation = act
             ctx.absorb(user)
-    return conv
+    return Lowered(conv, [x])
 
 
 def _conv_input(node, ctx, x_node):
@@ -195,7 +291,8 @@ def _conv_input(node, ctx, x_node):
     return padded.source, padded.pads
 
 
-def _conv_module_rule(node, ctx):
+@rule(nn.Conv2d)
+def conv_module(node, ctx):
     conv = ctx.module(node)
     x, prepad = _conv_input(node, ctx, node.args[0])
     if ctx.layout(x) != "nchw":
@@ -203,20 +300,19 @@ def _conv_module_rule(node, ctx):
     if prepad is not None and isinstance(conv.padding, str):
         _reject(node, "combines explicit padding with padding='same'")
     layer = mnn.MaskedConv2d.from_conv(conv, ctx.mode, prepad=prepad, padding_visible=ctx.padding_visible)
-    layer.inputs = [x]
-    return _absorb_bn_act(node, ctx, layer)
+    return _absorb_bn_act(node, ctx, layer, x)
 
 
-def _conv_same_rule(node, ctx):
+def conv_same(node, ctx):
     """timm Conv2dSame / efficientnet_pytorch Conv2dDynamicSamePadding: TF SAME from the input size."""
     conv = ctx.module(node)
     layer = mnn.MaskedConv2d(conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups, ctx.mode,
                              prepad="same", padding_visible=ctx.padding_visible, source=type(conv).__name__)
-    layer.inputs = [node.args[0]]
-    return _absorb_bn_act(node, ctx, layer)
+    return _absorb_bn_act(node, ctx, layer, node.args[0])
 
 
-def _conv_function_rule(node, ctx):
+@rule(F.conv2d, torch.conv2d)
+def conv_function(node, ctx):
     x, prepad = _conv_input(node, ctx, node.args[0])
     weight = ctx.value(_arg(node, 1, "weight"))
     bias = ctx.value(_arg(node, 2, "bias"))
@@ -228,18 +324,12 @@ def _conv_function_rule(node, ctx):
         padding = 0
     layer = mnn.MaskedConv2d(weight, bias, stride, padding, dilation, groups, ctx.mode, prepad=prepad,
                              padding_visible=ctx.padding_visible, source="F.conv2d")
-    layer.inputs = [x]
-    return _absorb_bn_act(node, ctx, layer)
+    return _absorb_bn_act(node, ctx, layer, x)
 
 
-register_rule(nn.Conv2d, _conv_module_rule)
-register_rule(F.conv2d, _conv_function_rule)
-register_rule(torch.conv2d, _conv_function_rule)
-
-
-def _bn_rule(node, ctx):
+@rule(nn.BatchNorm2d)
+def batch_norm(node, ctx):
     bn = ctx.eval_bn(node)
-    act = None
     if bn is None:  # train mode
         module = ctx.module(node)
         act = getattr(module, "act", None)
@@ -256,38 +346,41 @@ def _bn_rule(node, ctx):
     return mnn.MaskedAffine(module, act or "none")
 
 
-def _batch_norm_function_rule(node, ctx):
-    training = _arg(node, 5, "training", False)
-    if training:
+@dataclass
+class _BatchNormConstants:
+    """The attributes ops.bn_affine reads, from an F.batch_norm call's constant arguments."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: float
+
+    @property
+    def num_features(self):
+        return self.running_mean.shape[0]
+
+
+@rule(F.batch_norm)
+def batch_norm_function(node, ctx):
+    if _arg(node, 5, "training", False):
         _reject(node, "calls F.batch_norm in training mode; use an nn.BatchNorm2d module")
-
-    class _BN:  # the attributes ops.bn_affine reads
-        running_mean = ctx.value(_arg(node, 1, "running_mean"))
-        running_var = ctx.value(_arg(node, 2, "running_var"))
-        weight = ctx.value(_arg(node, 3, "weight"))
-        bias = ctx.value(_arg(node, 4, "bias"))
-        eps = ctx.value(_arg(node, 7, "eps", 1e-5))
-        num_features = running_mean.shape[0]
-
-    return mnn.MaskedAffine(_BN(), "none")
+    bn = _BatchNormConstants(*(ctx.value(_arg(node, i, n, d)) for i, n, d in
+                               ((1, "running_mean", None), (2, "running_var", None), (3, "weight", None),
+                                (4, "bias", None), (7, "eps", 1e-5))))
+    return mnn.MaskedAffine(bn, "none")
 
 
-register_rule(nn.BatchNorm2d, _bn_rule)
-register_rule(F.batch_norm, _batch_norm_function_rule)
-
-
-def _group_norm_rule(node, ctx):
+@rule(nn.GroupNorm)
+def group_norm(node, ctx):
     gn = ctx.module(node)
     return mnn.MaskedGroupNorm(gn.num_groups, gn.weight, gn.bias, gn.eps)
 
 
-def _group_norm_function_rule(node, ctx):
+@rule(F.group_norm)
+def group_norm_function(node, ctx):
     return mnn.MaskedGroupNorm(ctx.value(_arg(node, 1, "num_groups")), ctx.value(_arg(node, 2, "weight")),
                                ctx.value(_arg(node, 3, "bias")), ctx.value(_arg(node, 4, "eps", 1e-5)))
-
-
-register_rule(nn.GroupNorm, _group_norm_rule)
-register_rule(F.group_norm, _group_norm_function_rule)
 
 
 def _channel_last_only(node, ctx, what):
@@ -296,33 +389,34 @@ def _channel_last_only(node, ctx, what):
                       f"(permute to channels-last first, as ConvNeXt does, or register a rule)")
 
 
-def _layer_norm_rule(node, ctx):
+@rule(nn.LayerNorm, F.layer_norm)
+def layer_norm(node, ctx):
     _channel_last_only(node, ctx, "LayerNorm over the last dim(s)")
-    shape = ctx.module(node).normalized_shape if node.op == "call_module" else ctx.value(_arg(node, 1, "normalized_shape"))
+    if node.op == "call_module":
+        fn = ctx.module(node)
+        shape = fn.normalized_shape
+    else:
+        args = [ctx.value(a) for a in node.args[1:]]
+        kwargs = {k: ctx.value(v) for k, v in node.kwargs.items()}
+        shape = ctx.value(_arg(node, 1, "normalized_shape"))
+        fn = mnn.Bound(F.layer_norm, args, kwargs)
     if len(tuple(shape)) != 1:
         _reject(node, "normalises over more than the channel dim")
-    fn = ctx.module(node) if node.op == "call_module" else (
-        lambda x, _a=node.args[1:], _k=dict(node.kwargs): F.layer_norm(x, *[ctx.value(a) for a in _a],
-                                                                       **{k: ctx.value(v) for k, v in _k.items()}))
     return mnn.MaskedPointwise(fn, "layer_norm over channels", layout="nhwc")
 
 
-def _linear_rule(node, ctx):
+@rule(nn.Linear, F.linear)
+def linear(node, ctx):
     _channel_last_only(node, ctx, "a Linear layer")
     if node.op == "call_module":
         return mnn.MaskedPointwise(ctx.module(node), "per-pixel Linear", layout="nhwc")
     w, b = ctx.value(_arg(node, 1, "weight")), ctx.value(_arg(node, 2, "bias"))
-    return mnn.MaskedPointwise(lambda x: F.linear(x, w, b), "per-pixel F.linear", layout="nhwc")
-
-
-register_rule(nn.LayerNorm, _layer_norm_rule)
-register_rule(F.layer_norm, _layer_norm_rule)
-register_rule(nn.Linear, _linear_rule)
-register_rule(F.linear, _linear_rule)
+    return mnn.MaskedPointwise(mnn.Bound(F.linear, (w, b)), "per-pixel F.linear", layout="nhwc")
 
 
 # ----------------------------------------------------------------------------- pooling
-def _maxpool_rule(node, ctx):
+@rule(nn.MaxPool2d, F.max_pool2d, torch.max_pool2d)
+def max_pool(node, ctx):
     if node.op == "call_module":
         p = ctx.module(node)
         if p.return_indices:
@@ -337,12 +431,11 @@ def _maxpool_rule(node, ctx):
     padded = ctx.padded(node.args[0])
     x, prepad, value = (node.args[0], None, float("-inf")) if padded is None else \
         (padded.source, padded.pads, padded.value)
-    layer = mnn.MaskedMaxPool2d(*args, prepad=prepad, pad_value=value)
-    layer.inputs = [x]
-    return layer
+    return Lowered(mnn.MaskedMaxPool2d(*args, prepad=prepad, pad_value=value), [x])
 
 
-def _avgpool_rule(node, ctx):
+@rule(nn.AvgPool2d, F.avg_pool2d)
+def avg_pool(node, ctx):
     if ctx.padded(node.args[0]) is not None:
         _reject(node, "average-pools an explicitly padded input (not supported)")
     if node.op == "call_module":
@@ -355,7 +448,8 @@ def _avgpool_rule(node, ctx):
     return mnn.MaskedAvgPool2d(*vals)
 
 
-def _adaptive_rule(node, ctx):
+@rule(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
+def adaptive_avg_pool(node, ctx):
     size = ctx.module(node).output_size if node.op == "call_module" else ctx.value(_arg(node, 1, "output_size"))
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     if None in size:
@@ -363,16 +457,8 @@ def _adaptive_rule(node, ctx):
     return mnn.MaskedAdaptiveAvgPool2d(size, name=str(node.target))
 
 
-register_rule(nn.MaxPool2d, _maxpool_rule)
-register_rule(F.max_pool2d, _maxpool_rule)
-register_rule(torch.max_pool2d, _maxpool_rule)
-register_rule(nn.AvgPool2d, _avgpool_rule)
-register_rule(F.avg_pool2d, _avgpool_rule)
-register_rule(nn.AdaptiveAvgPool2d, _adaptive_rule)
-register_rule(F.adaptive_avg_pool2d, _adaptive_rule)
-
-
-def _mean_rule(node, ctx):
+@rule(torch.mean, "mean")
+def spatial_mean(node, ctx):
     dims = ctx.value(_arg(node, 1, "dim"))
     keepdim = bool(ctx.value(_arg(node, 2, "keepdim", False)))
     dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
@@ -384,12 +470,9 @@ def _mean_rule(node, ctx):
     return mnn.MaskedSpatialMean(keepdim, layout)
 
 
-register_rule(torch.mean, _mean_rule)
-register_rule("mean", _mean_rule)
-
-
 # ----------------------------------------------------------------------------- shape ops
-def _flatten_rule(node, ctx):
+@rule(nn.Flatten, torch.flatten, "flatten")
+def flatten(node, ctx):
     if node.op == "call_module":
         m = ctx.module(node)
         start, end = m.start_dim, m.end_dim
@@ -397,20 +480,22 @@ def _flatten_rule(node, ctx):
         start, end = ctx.value(_arg(node, 1, "start_dim", 0)), ctx.value(_arg(node, 2, "end_dim", -1))
     if start != 1 or end not in (-1, 3) or ctx.layout(node.args[0]) != "nchw":
         _reject(node, "flattens a masked map other than N x (C*H*W) (a flatten head)")
-    return mnn.FlattenHead(lambda x: torch.flatten(x, 1), "flatten(1)")
+    return mnn.FlattenHead("flatten(1)")
 
 
-def _view_rule(node, ctx):
+@rule("view", "reshape", torch.reshape)
+def view(node, ctx):
     shape = [ctx.value(a) if not hasattr(a, "op") else a for a in node.args[1:]]
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = list(shape[0])
     if len(shape) == 2 and shape[1] == -1 and ctx.layout(node.args[0]) == "nchw":
-        return mnn.FlattenHead(lambda x, *_: torch.flatten(x, 1), f"{node.target}(N, -1)")
+        return mnn.FlattenHead(f"{node.target}(N, -1)")
     _reject(node, f"reshapes a masked map to {shape}; only the flatten head view(N, -1) is supported "
                   f"(spatial reshapes would move the mask)")
 
 
-def _permute_rule(node, ctx):
+@rule(torch.permute, "permute")
+def permute(node, ctx):
     dims = [ctx.value(a) for a in node.args[1:]]
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = list(dims[0])
@@ -424,55 +509,37 @@ def _permute_rule(node, ctx):
         out = "nchw"
     else:
         _reject(node, f"permutes a {layout} masked map with dims {dims}; only NCHW <-> NHWC is supported")
-    layer = mnn.Relayout(dims)
-    layer.out_layout = out
-    return layer
+    return Lowered(mnn.Relayout(dims), [node.args[0]], layout=out)
 
 
-def _identity_rule(node, ctx):
+@rule("contiguous", nn.Identity)
+def identity(node, ctx):
     return mnn.Identity(str(node.target))
 
 
-def _metadata_rule(node, ctx):
+@rule("size", "dim", getattr)
+def metadata(node, ctx):
     return PLAIN
 
 
-def _dropout_rule(node, ctx):
+@rule(nn.Dropout, nn.Dropout2d, nn.AlphaDropout, F.dropout, F.dropout2d)
+def dropout(node, ctx):
+    layout = ctx.layout(node.args[0])
     if node.op == "call_module":
         m = ctx.module(node)
         p = getattr(m, "p", getattr(m, "drop_prob", 0.0))  # timm's DropPath calls it drop_prob
         if not m.training or p == 0:
             return mnn.Identity(type(m).__name__ + " (eval)")
-        return mnn.MaskedPointwise(m, type(m).__name__ + " (train)", zero_preserving=True,
-                                   layout=ctx.layout(node.args[0]))
-    training = ctx.value(_arg(node, 2, "training", True))
-    if not training:
+        return mnn.MaskedPointwise(m, type(m).__name__ + " (train)", zero_preserving=True, layout=layout)
+    if not ctx.value(_arg(node, 2, "training", True)):
         return mnn.Identity(f"{node.target} (eval)")
-    p = ctx.value(_arg(node, 1, "p", 0.5))
-    return mnn.MaskedPointwise(lambda x: F.dropout(x, p, True), "dropout (train)", zero_preserving=True,
-                               layout=ctx.layout(node.args[0]))
+    p, fn = ctx.value(_arg(node, 1, "p", 0.5)), node.target
+    return mnn.MaskedPointwise(mnn.Bound(fn, (p, True)), f"{getattr(fn, '__name__', fn)} (train)",
+                               zero_preserving=True, layout=layout)
 
 
-register_rule(nn.Flatten, _flatten_rule)
-register_rule(torch.flatten, _flatten_rule)
-register_rule("flatten", _flatten_rule)
-register_rule("view", _view_rule)
-register_rule("reshape", _view_rule)
-register_rule(torch.reshape, _view_rule)
-register_rule(torch.permute, _permute_rule)
-register_rule("permute", _permute_rule)
-register_rule("contiguous", _identity_rule)
-register_rule(nn.Identity, _identity_rule)
-for _m in ("size", "dim"):
-    register_rule(_m, _metadata_rule)
-register_rule(getattr, _metadata_rule)
-for _t in (nn.Dropout, nn.Dropout2d, nn.AlphaDropout):
-    register_rule(_t, _dropout_rule)
-register_rule(F.dropout, _dropout_rule)
-register_rule(F.dropout2d, _dropout_rule)
-
-
-def _pad_rule(node, ctx):
+@rule(nn.ZeroPad2d, nn.ConstantPad2d, F.pad)
+def pad(node, ctx):
     if node.op == "call_module":
         m = ctx.module(node)
         pads, value = tuple(m.padding), float(getattr(m, "value", 0.0))
@@ -487,22 +554,17 @@ def _pad_rule(node, ctx):
     return Padded(node.args[0], pads, value)
 
 
-register_rule(nn.ZeroPad2d, _pad_rule)
-register_rule(nn.ConstantPad2d, _pad_rule)
-register_rule(F.pad, _pad_rule)
-
-
 # ----------------------------------------------------------------------------- joins
 _BINARY = {operator.add: ("+", "add"), operator.iadd: ("+=", "add"), torch.add: ("add", "add"),
            operator.sub: ("-", "sub"), operator.isub: ("-=", "sub"), torch.sub: ("sub", "sub"),
            operator.mul: ("*", "mul"), operator.imul: ("*=", "mul"), torch.mul: ("mul", "mul"),
            operator.truediv: ("/", "div"), torch.div: ("div", "div")}
-_BINARY_FNS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
 _BINARY_METHODS = {"add": "add", "add_": "add", "mul": "mul", "mul_": "mul", "sub": "sub", "sub_": "sub",
                    "div": "div", "div_": "div"}
 
 
-def _binary_rule(node, ctx):
+@rule(*_BINARY, *_BINARY_METHODS)
+def binary(node, ctx):
     if node.op == "call_method":
         kind, name = _BINARY_METHODS[node.target], f".{node.target}()"
     else:
@@ -514,89 +576,70 @@ def _binary_rule(node, ctx):
         _reject(node, "combines an NCHW and an NHWC masked map")
     if kind == "div" and ctx.is_masked(b):
         _reject(node, "divides by a masked map")
-    fn = _BINARY_FNS[kind]  # out of place: inputs may still be read by other layers
-    layer = mnn.MaskedBinary(fn, name, kind, layout=ctx.layout(a) or ctx.layout(b))
+    layer = mnn.MaskedBinary(kind, name, layout=ctx.layout(a) or ctx.layout(b))
     user = ctx.sole_user(node)
     act = activation_name(user, ctx.root) if user is not None and kind in ("add", "sub") else None
     if act is not None:  # ResNet's relu(x + shortcut): one pass, in place
         layer.activation = act
         ctx.absorb(user)
-    layer.inputs = [a, b]
-    return layer
+    return Lowered(layer, [a, b])
 
 
-for _f in _BINARY:
-    register_rule(_f, _binary_rule)
-for _m in _BINARY_METHODS:
-    register_rule(_m, _binary_rule)
-
-
-def _cat_rule(node, ctx):
+@rule(torch.cat, torch.concat)
+def cat(node, ctx):
     tensors = list(node.args[0])
     dim = ctx.value(_arg(node, 1, "dim", 0))
     layouts = {ctx.layout(t) for t in tensors}
     if layouts != {"nchw"} or dim % 4 != 1:
         _reject(node, f"concatenates masked maps along dim {dim}; only the channel dim of NCHW maps is supported")
-    layer = mnn.MaskedConcat(ctx.concat, 1, len(tensors))
-    layer.inputs = tensors
-    return layer
-
-
-register_rule(torch.cat, _cat_rule)
-register_rule(torch.concat, _cat_rule)
+    return Lowered(mnn.MaskedConcat(ctx.concat, len(tensors)), tensors)
 
 
 # ----------------------------------------------------------------------------- optional packages
-def _stochastic_depth_rule(node, ctx):
+def stochastic_depth(node, ctx):
+    layout = ctx.layout(node.args[0])
+    if node.op == "call_module":
+        m = ctx.module(node)
+        if not m.training or m.p == 0:
+            return mnn.Identity("StochasticDepth (eval)")
+        return mnn.MaskedPointwise(m, "StochasticDepth (train)", zero_preserving=True, layout=layout)
     training = ctx.value(_arg(node, 3, "training", True))
     p = ctx.value(_arg(node, 1, "p"))
     if not training or p == 0:
         return mnn.Identity("stochastic_depth (eval)")
-    mode = ctx.value(_arg(node, 2, "mode"))
-    return mnn.MaskedPointwise(lambda x: node.target(x, p, mode, True), "stochastic_depth (train)",
-                               zero_preserving=True, layout=ctx.layout(node.args[0]))
+    mode, fn = ctx.value(_arg(node, 2, "mode")), node.target
+    return mnn.MaskedPointwise(mnn.Bound(fn, (p, mode, True)), "stochastic_depth (train)",
+                               zero_preserving=True, layout=layout)
 
 
-def _stochastic_depth_module_rule(node, ctx):
-    m = ctx.module(node)
-    if not m.training or m.p == 0:
-        return mnn.Identity("StochasticDepth (eval)")
-    return mnn.MaskedPointwise(m, "StochasticDepth (train)", zero_preserving=True, layout=ctx.layout(node.args[0]))
-
-
+# (module, attribute, rule): types of optional packages, registered once the user has imported
+# the package (their models are the only ones that can contain them).
+OPTIONAL_RULES = (
+    ("torchvision.ops.misc", "FrozenBatchNorm2d", batch_norm),
+    # torchvision.ops re-exports the function under the submodule's name: import the module itself.
+    ("torchvision.ops.stochastic_depth", "stochastic_depth", stochastic_depth),
+    ("torchvision.ops.stochastic_depth", "StochasticDepth", stochastic_depth),
+    ("timm.layers.norm_act", "BatchNormAct2d", batch_norm),
+    ("timm.layers.norm_act", "FrozenBatchNormAct2d", batch_norm),
+    ("timm.layers.conv2d_same", "Conv2dSame", conv_same),
+    ("timm.layers.drop", "DropPath", dropout),
+    ("efficientnet_lite_pytorch.utils", "Conv2dDynamicSamePadding", conv_same),
+)
 _optional_done: set = set()
 
 
-def _optional(module_name: str, register: Callable) -> None:
-    """Register rules for an optional package's types; skipped when it is missing or different."""
+def register_optional_rules() -> None:
+    """Register OPTIONAL_RULES for the packages imported so far (called at every conversion)."""
     import importlib
     import sys
 
-    # Only packages the user already imported (their models are the only ones that can appear);
-    # called again at every conversion, so a package imported later is picked up then.
-    if module_name in _optional_done or module_name.split(".")[0] not in sys.modules:
-        return
-    _optional_done.add(module_name)
-    try:
-        mod = importlib.import_module(module_name)
-    except Exception:  # not installed, or fails to import here: its modules cannot appear
-        return
-    try:
-        register(mod)
-    except AttributeError:  # a version without that class
-        pass
-
-
-def register_optional_rules() -> None:
-    _optional("torchvision.ops.misc", lambda m: register_rule(m.FrozenBatchNorm2d, _bn_rule))
-    # torchvision.ops re-exports the function under the submodule's name: import the module itself.
-    _optional("torchvision.ops.stochastic_depth", lambda m: (
-        register_rule(m.stochastic_depth, _stochastic_depth_rule),
-        register_rule(m.StochasticDepth, _stochastic_depth_module_rule)))
-    _optional("timm.layers.norm_act", lambda m: (register_rule(m.BatchNormAct2d, _bn_rule),
-                                                  register_rule(m.FrozenBatchNormAct2d, _bn_rule)))
-    _optional("timm.layers.conv2d_same", lambda m: register_rule(m.Conv2dSame, _conv_same_rule))
-    _optional("timm.layers.drop", lambda m: register_rule(m.DropPath, _dropout_rule))
-    _optional("efficientnet_lite_pytorch.utils",
-              lambda m: register_rule(m.Conv2dDynamicSamePadding, _conv_same_rule))
-
+    for module_name, attr, fn in OPTIONAL_RULES:
+        key = (module_name, attr)
+        if key in _optional_done or module_name.split(".")[0] not in sys.modules:
+            continue
+        _optional_done.add(key)
+        try:
+            target = getattr(importlib.import_module(module_name), attr)
+        except Exception:  # not installed, fails to import here, or a version without that name
+            continue
+        register_rule(target, fn)

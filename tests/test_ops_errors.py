@@ -206,3 +206,34 @@ def test_compiled_kernels_check_again():
         torch.ops.masked_ops.conv_epilogue(x, torch.ones(N, 1, H, W), None, None, "swish2")
     with pytest.raises(RuntimeError, match="stride must be positive"):
         torch.ops.masked_ops.masked_max_pool2d(x, torch.ones(N, 1, H, W), [3, 3], [0, 1], [1, 1], [1, 1], False)
+
+
+# ----------------------------------------------------------------------------- integer blow-ups
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_huge_fill_iterations_cost_nothing_extra(backend):
+    """Rings beyond max(H, W) - 1 reach nothing new: 10**9 of them give the saturated fill, at once
+    (before the cap this was killed by the out-of-memory killer), on every backend and in place."""
+    if not mo.available(backend):
+        pytest.skip(f"backend {backend} not built")
+    import time
+
+    from masked_ops.backends import _load
+
+    x = torch.randn(2, 3, 16, 16)
+    m = torch.zeros(2, 1, 16, 16)
+    m[:, :, 0, 0] = 1  # one visible pixel in a corner: 15 rings reach the opposite one
+    with mo.set_backend(backend):
+        t0 = time.perf_counter()
+        huge = mo.neighbor_fill(x, m, 10 ** 9)
+        elapsed = time.perf_counter() - t0
+        saturated = mo.neighbor_fill(x, m, 15)
+        kernel = _load(backend).neighbor_fill(x, m, 10 ** 9)  # the primitive itself caps too
+        in_place = _load(backend).neighbor_fill_(torch.where(m > 0, x, 0.0), m, 10 ** 9)
+    assert torch.equal(huge, saturated) and torch.equal(kernel, saturated) and torch.equal(in_place, saturated)
+    assert not torch.equal(saturated, mo.neighbor_fill(x, m, 14))  # 15 rings are needed: the cap is tight
+    assert elapsed < 30  # generous: the point is that it finishes at all
+
+
+def test_padding_that_would_dwarf_the_input_is_refused():
+    with raises(ValueError, "padding", "GiB", "shape"):
+        mo.masked_conv2d(_x(), _mask(), _weight(), padding=10 ** 5)

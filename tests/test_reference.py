@@ -127,10 +127,10 @@ def test_reference_renorm_is_partial_convolution(case, padding_visible):
 
 
 def test_renorm_scale_is_exact_in_float64():
-    from masked_ops.ops import conv_mask_path
+    from masked_ops.masks import renorm_masks
 
     m = make_mask("random", 2, 7, 8, seed=1).double()
-    keep, scale = conv_mask_path(m, (3, 3), (1, 1), (1, 1), (1, 1), "renorm")
+    keep, scale = renorm_masks(m, (3, 3), (1, 1), (1, 1), (1, 1))
     window_sum = F.conv2d(m, torch.ones(1, 1, 3, 3, dtype=torch.float64), padding=1)
     expected = torch.where(window_sum > 0, 9.0 / window_sum.clamp_min(1), torch.zeros((), dtype=torch.float64))
     torch.testing.assert_close(scale, expected, rtol=1e-15, atol=0)
@@ -153,9 +153,10 @@ def test_all_ones_mask_is_the_plain_conv(backend, dtype, mode, case):
     ones = torch.ones(case.n, 1, case.h, case.w, dtype=torch.bool)
     with mo.set_backend(backend):
         y, keep = mo.masked_conv2d(x, ones, weight, bias, **case.kwargs(), mode=mode, padding_visible=True)
-    plain = F.conv2d(x, weight, None, **case.kwargs())
-    if bias is not None:  # the epilogue adds the bias after the conv, as ATen's conv does internally
-        plain = plain + bias.view(1, -1, 1, 1)
+    if mode == "renorm" and bias is not None:  # renorm adds the bias after its scale, in the epilogue
+        plain = F.conv2d(x, weight, None, **case.kwargs()) + bias.view(1, -1, 1, 1)
+    else:  # fill/zero: exactly the layer's own conv, bias included
+        plain = F.conv2d(x, weight, bias, **case.kwargs())
     assert keep.all()
     assert torch.equal(y, plain)
     torch.testing.assert_close(y, F.conv2d(x, weight, bias, **case.kwargs()), rtol=1e-6, atol=1e-6)

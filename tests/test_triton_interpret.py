@@ -301,10 +301,10 @@ def _compile_for_hopper() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from masked_ops.triton_kernels import epilogue as E
-    from masked_ops.triton_kernels import masked_mean as M
-    from masked_ops.triton_kernels import neighbor_fill as NF
-    from masked_ops.triton_kernels import pooling as P
+    from masked_ops._triton import epilogue as E
+    from masked_ops._triton import masked_mean as M
+    from masked_ops._triton import neighbor_fill as NF
+    from masked_ops._triton import pooling as P
 
     target = GPUTarget("cuda", 90, 32)
     results = {}

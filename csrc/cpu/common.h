@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,6 +29,13 @@ inline void check_image(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, name, " must have shape N x C x H x W, got ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating, got ", x.scalar_type());
+}
+
+// Rings beyond max(H, W) - 1 reach nothing new (each grows the known region by one pixel), so the
+// fill caps its ring count there: any larger count gives the same result at no extra cost
+// (masked_ops/modes.py saturated_rings is the same rule in Python).
+inline int64_t saturated_rings(int64_t iters, int64_t H, int64_t W) {
+  return std::min<int64_t>(iters, std::max<int64_t>(std::max<int64_t>(H, W) - 1, 0));
 }
 
 // mask/keep: N x 1 x H x W in x's dtype (the primitives' convention, see reference.py).

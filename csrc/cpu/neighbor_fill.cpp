@@ -293,6 +293,7 @@ void neighbor_fill_inplace_cpu(at::Tensor& x, const at::Tensor& mask, int64_t it
   TORCH_CHECK(iters >= 0, "neighbor_fill_: iters must be >= 0, got ", iters);
   check_writable(x, "neighbor_fill_: x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  iters = saturated_rings(iters, H, W);
   if (iters == 0 || x.numel() == 0) return;
   TORCH_CHECK(H * W < (int64_t(1) << 31), "neighbor_fill_: H*W too large");
   const at::Tensor vis = visible_map(mask);
@@ -316,6 +317,7 @@ at::Tensor neighbor_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask, int
   at::Tensor out = at::empty_like(x, x.options().memory_format(fmt));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (x.numel() == 0) return out;
+  iters = saturated_rings(iters, H, W);
   TORCH_CHECK(H * W < (int64_t(1) << 31), "neighbor_fill: H*W too large");
   const at::Tensor vis = visible_map(mask);
   const uint8_t* vp = vis.data_ptr<uint8_t>();

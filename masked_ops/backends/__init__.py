@@ -50,6 +50,7 @@ class set_backend:
     def __init__(self, name: str):
         self._previous = get_backend()
         _state.name = _check_name(name)
+        preload()
 
     def __enter__(self):
         return self
@@ -67,11 +68,24 @@ def _load(name: str) -> Optional[ModuleType]:
             mod = importlib.import_module(f"{__name__}.{module}")
             if name in ("cpp", "cuda", "triton"):
                 mod.require(name)
+                _views[mod.__name__] = _CompileView(mod, _load("torch"))
             _cache[name] = mod
         except Exception as exc:  # ImportError, missing CUDA kernels, no Triton, ...
             _cache[name] = None
             _errors[name] = f"{type(exc).__name__}: {exc}"
     return _cache[name]
+
+
+def preload() -> None:
+    """Import the backends the current selection can resolve to, outside any torch.compile trace
+    (dynamo cannot trace an import: the first resolve() inside a compiled region must find them
+    cached). Called by set_backend and layer_mask."""
+    name = get_backend()
+    candidates = ("torch", "cpp", "cuda", "triton") if name == "auto" else ("torch", name)
+    for candidate in candidates:
+        if candidate == "triton" and not (torch.cuda.is_available() or _triton_runs_on_cpu()):
+            continue
+        _load(candidate)
 
 
 def available(name: str) -> bool:
@@ -91,7 +105,52 @@ def _triton_runs_on_cpu() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(device: torch.device, name: Optional[str] = None) -> ModuleType:
+# How each primitive runs inside torch.compile / torch.export, per primitive, chosen by measurement
+# (bench/README.md, "Under torch.compile"): "kernel" keeps the backend's fused kernel as one opaque
+# op; "decompose" uses the reference formulation in torch ops, which inductor can fuse with its
+# neighbours (a conv epilogue into one pointwise loop after the vendor conv, for example).
+# In-place variants are never used under compile (inductor plans buffers itself).
+UNDER_COMPILE: Dict[str, str] = {
+    "neighbor_fill": "kernel",
+    "conv_epilogue": "kernel",
+    "masked_affine_act": "kernel",
+    "masked_max_pool2d": "kernel",
+    "masked_avg_pool2d": "kernel",
+    "masked_mean": "kernel",
+}
+
+
+class _CompileView:
+    """A backend as seen under torch.compile: per primitive the kernel or the reference (UNDER_COMPILE)."""
+
+    def __init__(self, kernels: ModuleType, reference: ModuleType):
+        self._kernels, self._reference = kernels, reference
+
+    def __getattr__(self, name):
+        base = name[:-1] if name.endswith("_") else name
+        use = self._reference if UNDER_COMPILE.get(base) == "decompose" else self._kernels
+        return getattr(use, name)
+
+
+_views: Dict[str, _CompileView] = {}
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def resolve(device: torch.device, name: Optional[str] = None):
+    """The backend to use for tensors on ``device`` (under torch.compile: its compile view)."""
+    mod = _resolve(device, name)
+    if not _is_compiling():
+        return mod
+    return _views.get(mod.__name__, mod)  # made at load time: nothing is created while tracing
+
+
+def _resolve(device: torch.device, name: Optional[str] = None) -> ModuleType:
     """The backend module to use for tensors on ``device``."""
     name = _check_name(name or get_backend())
     is_cuda = device.type == "cuda"

@@ -29,7 +29,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import masks as M
 from ..activations import apply_activation
+from ..modes import saturated_rings
 
 # Guard for denominators; window sums and counts are integers >= 1 wherever they are used,
 # so this only avoids a 0/0 that is selected away afterwards.
@@ -52,6 +54,7 @@ def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tens
     the visible pixels.
     """
     out = _zero_removed(x, mask)
+    iters = saturated_rings(iters, x.shape[2], x.shape[3])
     if iters <= 0:
         return out
     c = x.shape[1]
@@ -85,6 +88,7 @@ def neighbor_fill_(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Ten
     models that own their activations, outside autograd: a fill that only writes the ring
     pixels instead of copying the whole map.
     """
+    iters = saturated_rings(iters, x.shape[2], x.shape[3])
     if iters > 0:
         write = reached(mask, iters) & ~(mask > 0)
         x.copy_(torch.where(write, neighbor_fill(x, mask, iters), x))
@@ -123,7 +127,7 @@ def masked_max_pool2d(x, mask, kernel_size, stride, padding, dilation, ceil_mode
     """Max pool of the masked input (removed = 0, as in the paper), times maxpool(mask)."""
     xm = _zero_removed(x, mask)
     y = F.max_pool2d(xm, kernel_size, stride, padding, dilation, ceil_mode)
-    m2 = F.max_pool2d(mask, kernel_size, stride, padding, dilation, ceil_mode)
+    m2 = M.pool_mask(mask, kernel_size, stride, padding, dilation, ceil_mode)
     return _zero_removed(y, m2), m2
 
 
@@ -131,7 +135,7 @@ def masked_avg_pool2d(x, mask, kernel_size, stride, padding, ceil_mode, count_in
     """avgpool(x * m) times the indicator avgpool(m) > 0 (the paper's rule)."""
     xm = _zero_removed(x, mask)
     y = F.avg_pool2d(xm, kernel_size, stride, padding, ceil_mode, count_include_pad)
-    m2 = (F.avg_pool2d(mask, kernel_size, stride, padding, ceil_mode, True) > 0).to(mask.dtype)
+    m2 = M.pool_mask(mask, kernel_size, stride, padding, (1, 1), ceil_mode)
     return _zero_removed(y, m2), m2
 
 

@@ -23,10 +23,10 @@ from .autograd import FORMULAS
 try:
     import triton  # noqa: F401
 
-    from masked_ops.triton_kernels import epilogue as _epilogue
-    from masked_ops.triton_kernels import masked_mean as _mean
-    from masked_ops.triton_kernels import neighbor_fill as _fill
-    from masked_ops.triton_kernels import pooling as _pool
+    from masked_ops._triton import epilogue as _epilogue
+    from masked_ops._triton import masked_mean as _mean
+    from masked_ops._triton import neighbor_fill as _fill
+    from masked_ops._triton import pooling as _pool
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # ImportError (no Triton), or a Triton too old for our kernels
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"

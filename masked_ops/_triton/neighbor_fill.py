@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from masked_ops.modes import saturated_rings
+
 from .layout import dense, identity
 
 
@@ -116,6 +118,7 @@ def distance(mask: torch.Tensor, iters: int, wrap=identity) -> torch.Tensor:
 
 def _launch(x, out, mask, iters, channels_inner, wrap, inplace):
     n, c, h, w = x.shape
+    iters = saturated_rings(iters, h, w)
     dist = distance(mask, iters, wrap)
     rb = _block(iters)
     tile = rb - 2 * iters
