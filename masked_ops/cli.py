@@ -452,7 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
-        parser.print_help(sys.stderr)
+        print(f"{PREFIX}: error: give a command: explain or experiment (see: {PREFIX} --help)", file=sys.stderr)
         return 2
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning

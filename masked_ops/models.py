@@ -96,15 +96,15 @@ class ModelInfo:
     weights: str = ""
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        """3 x H x W (or 1 x 3 x H x W) pixels in [0, 1] -> 1 x 3 x S x S: the shorter side resized to S,
-        the centre square cut out (aspect ratio kept)."""
+        """3 x H x W (or N x 3 x H x W) pixels in [0, 1] -> 1 x 3 x S x S (N x 3 x S x S): the shorter side
+        resized to S, the centre square cut out (aspect ratio kept; experiments.images.centre_view)."""
         from .experiments.images import centre_view
 
-        x = image[0] if image.dim() == 4 else image
+        x = image[None] if image.dim() == 3 else image
         s = self.input_size
         if tuple(x.shape[-2:]) == (s, s):
-            return x[None].float()
-        return centre_view(x.float(), s)[None]
+            return x.float()
+        return torch.stack([centre_view(one.float(), s) for one in x])
 
     def class_name(self, index: int) -> str:
         return self.class_names[index] if 0 <= index < len(self.class_names) else f"class {index}"

@@ -376,6 +376,7 @@ def test_load_image_conversions(tmp_path):
     (["explain", "{photo}", "--window", "8x"], "expected pixels as N or HxW"),
     (["experiment", "removal", "--strategies", "purple", "--out", "{tmp}/exp"], "unknown strategy 'purple'"),
     (["experiment", "nosuch"], "invalid choice"),
+    ([], "give a command"),
 ])
 def test_bad_input_fails_with_one_prefixed_line(argv, message, photo, tmp_path, capsys):
     (tmp_path / "notimage.png").write_text("this is not a PNG")
@@ -385,7 +386,7 @@ def test_bad_input_fails_with_one_prefixed_line(argv, message, photo, tmp_path, 
     subs = {"photo": photo, "notimage": str(tmp_path / "notimage.png"), "rgba": str(tmp_path / "rgba.png"),
             "tmp": str(tmp_path)}
     argv = [a.format(**subs) for a in argv]
-    if argv[0] == "explain":
+    if argv[:1] == ["explain"]:
         argv += [a for a in ["--model", MODEL] if "--model" not in argv]
         argv += [] if "--out" in argv else ["--out", str(tmp_path / "out.png")]
     try:

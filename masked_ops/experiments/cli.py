@@ -12,6 +12,7 @@ checkpoints (OUT/<experiment>/units/). Errors are one line starting with "masked
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional
@@ -157,4 +158,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     args._prog = "python -m masked_ops.experiments"
     args._argv = list(sys.argv[1:] if argv is None else argv)
-    return run_from_args(args)
+    try:
+        return run_from_args(args)
+    except KeyboardInterrupt:
+        print("masked-ops: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one "masked-ops:" line, as `masked-ops experiment` gives
+        if os.environ.get("MASKED_OPS_DEBUG") == "1":
+            raise
+        from ..cli import report_error
+
+        return report_error(e)
