@@ -424,8 +424,8 @@ def run_explain(args) -> int:
         from .explain.figure import explanation_figure
 
         fig = explanation_figure(x.cpu(), explanations, info.class_name(target),
-                                 title=_title(info, method_desc, target, top, probs),
-                                 shared_scale=args.shared_scale, title_color="red" if info.pretrained is False else None)
+                                 title=_title(info, method_desc, target, top, probs), shared_scale=args.shared_scale,
+                                 title_color="red" if info.pretrained is False else None)
         _write_png(fig, png)
         print(f"wrote {os.path.abspath(png)}")
     return 0

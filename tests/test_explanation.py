@@ -61,7 +61,8 @@ def test_save_and_load_round_trip(setup, tmp_path):
     with np.load(tmp_path / "e.npz") as z:  # readable without masked_ops
         assert z["attributions"].shape == (1, 2, H, W)
         meta = json.loads(str(z["meta"]))
-    assert meta["format"] == "masked_ops.explanations/1" and meta["image_name"] == "noise"
+    assert meta["format"] == "masked_ops.explanations/1" and meta["explanations"][0]["meta"]["image_name"] == "noise"
+    assert back.meta == {"image_name": "noise"} and exp.meta == {}
 
 
 def test_several_explanations_in_one_file(setup, tmp_path):

@@ -61,9 +61,10 @@ class Explanation:
         return maps.numpy()
 
     def save(self, path, **meta) -> None:
-        """Write this explanation (arrays and metadata; ``meta`` adds to ``self.meta``) to an .npz file,
-        atomically. ``Explanation.load(path)`` reads it back; see ``save_explanations`` for the layout."""
-        save_explanations(path, [self], meta=meta)
+        """Write this explanation to an .npz file, atomically; ``meta`` (JSON-able) is stored with
+        ``self.meta`` and comes back in the loaded explanation's ``meta``. ``Explanation.load(path)``
+        reads it back; see ``save_explanations`` for the layout."""
+        save_explanations(path, [dataclasses.replace(self, meta={**self.meta, **meta})])
 
     @classmethod
     def load(cls, path, strategy: Optional[str] = None) -> "Explanation":
