@@ -155,6 +155,7 @@ def run_recipe(module_name: str) -> dict:
     return namespace
 
 
+@pytest.mark.slow  # a real EfficientNet-Lite0, a few hundred layer-masked forward passes
 def test_captum_recipe_runs_as_documented():
     pytest.importorskip("captum.attr")
     ns = run_recipe("masked_ops.explain.adapters.captum")
@@ -169,6 +170,7 @@ def test_captum_recipe_runs_as_documented():
         torch.testing.assert_close(ns["ablation"][0, c], ours.heatmap(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a real EfficientNet-Lite0, a few hundred layer-masked forward passes
 def test_quantus_recipe_runs_as_documented():
     _quantus()
     ns = run_recipe("masked_ops.explain.adapters.quantus")
