@@ -1,4 +1,8 @@
-"""Adapters, each run through the real installed package (lime, Captum, Quantus)."""
+"""Adapters, each run through the real installed package (lime, Captum, Quantus): the recipes of the
+module docstrings run verbatim, every Quantus 0.6 faithfulness metric with a perturb_func runs and agrees
+with Quantus's own baseline replacement of the same whole pixels."""
+import importlib
+import textwrap
 import warnings
 
 import numpy as np
@@ -133,6 +137,113 @@ def test_captum_kernel_shap_and_lime_run(setup):
     assert lime.shape == (1, 4, H, W) and torch.isfinite(lime).all()
 
 
+# ----------------------------------------------------------------------------- recipes, verbatim
+def recipe(module_name: str) -> str:
+    """The literal block after the first "::" of a module's docstring (the documented recipe)."""
+    doc = importlib.import_module(module_name).__doc__
+    lines = []
+    for line in doc[doc.index("::\n") + 3:].splitlines():
+        if line.strip() and not line.startswith("    "):
+            break
+        lines.append(line)
+    return textwrap.dedent("\n".join(lines)).strip("\n")
+
+
+def run_recipe(module_name: str) -> dict:
+    namespace = {}
+    exec(compile(recipe(module_name), f"<recipe of {module_name}>", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.slow  # a real EfficientNet-Lite0, a few hundred layer-masked forward passes
+def test_captum_recipe_runs_as_documented():
+    pytest.importorskip("captum.attr")
+    ns = run_recipe("masked_ops.explain.adapters.captum")
+    for name in ("ablation", "lime", "shap", "occlusion"):
+        assert ns[name].shape == (1, 4, 224, 224) and torch.isfinite(ns[name]).all(), name
+    assert ns["attributions"].shape == (1, 3, 224, 224)
+    assert ns["target"] in range(281, 286)  # a cat
+    # Captum's FeatureAblation through the adapter = our occlusion of the same segments (logits)
+    strat = get_strategy("layer", ns["model"], mean=ns["info"].mean, std=ns["info"].std)
+    ours = explain_occlusion(strat, ns["images"][0], segments=ns["segments"], targets=ns["target"], output="logit")
+    for c in range(3):
+        torch.testing.assert_close(ns["ablation"][0, c], ours.heatmap(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # a real EfficientNet-Lite0, a few hundred layer-masked forward passes
+def test_quantus_recipe_runs_as_documented():
+    _quantus()
+    ns = run_recipe("masked_ops.explain.adapters.quantus")
+    curve = np.asarray(ns["curve"])
+    assert curve.shape == (1, 48) and np.isfinite(curve).all()
+    # the last point has every pixel removed: layer masking's output with nothing visible
+    with torch.no_grad():
+        empty = ns["net"](torch.full_like(ns["images"], float("nan"))).softmax(1)[0, int(ns["y"][0])]
+    assert curve[0, -1] == pytest.approx(float(empty), abs=1e-5)
+    assert curve[0, 0] > curve[0, -1]  # removing the most relevant pixels first lowers the class
+    assert sorted(ns["road_scores"]) == [10, 30, 50, 70, 90]
+
+
+def test_lime_recipe_runs_as_documented():
+    pytest.importorskip("lime.lime_image")
+    ns = run_recipe("masked_ops.explain.adapters.lime_adapter")
+    exp = ns["explanation"]
+    assert exp.top_labels[0] in range(281, 286)  # a cat
+    weights = np.array([w for _, w in exp.local_exp[exp.top_labels[0]]])
+    assert np.isfinite(weights).all() and np.abs(weights).max() > 0
+
+
+# ----------------------------------------------------------------------------- captum: one map per image
+def test_captum_segment_map_per_image(setup):
+    attr = pytest.importorskip("captum.attr")
+    from masked_ops.explain.adapters.captum import CaptumForward, captum_inputs
+
+    model, image, seg = setup
+    images = torch.stack([image, image.flip(-1)])
+    segs = torch.stack([seg, grid_segments(H, W, 2, 4)])  # 9 and 8 segments
+    fwd = CaptumForward(model, "layer")
+    args = captum_inputs(images, segs)
+    assert args["feature_mask"].shape == (2, 4, H, W)
+    with torch.no_grad():
+        both = attr.FeatureAblation(fwd).attribute(**args, target=1, perturbations_per_eval=4)
+        for i in range(2):
+            alone = attr.FeatureAblation(fwd).attribute(**captum_inputs(images[i], segs[i]), target=1)
+            torch.testing.assert_close(both[i], alone[0], rtol=1e-5, atol=1e-6)
+            ours = explain_occlusion(get_strategy("layer", model), images[i], segments=segs[i], targets=1,
+                                     output="logit")
+            torch.testing.assert_close(both[i, 0], ours.heatmap(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="N x H x W"):
+        captum_inputs(images, torch.stack([seg] * 3))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        captum_inputs(images * 255)
+
+
+# ----------------------------------------------------------------------------- lime: uint8 images
+def test_lime_uint8_image_converted_or_explained(setup):
+    lime_image = pytest.importorskip("lime.lime_image")
+    from masked_ops.explain.adapters.lime_adapter import lime_classifier_fn, to_lime_image
+
+    model, image, seg = setup
+    u8 = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    fn = lime_classifier_fn(model)
+    explainer = lime_image.LimeImageExplainer(random_state=0)
+    with pytest.raises(ValueError):  # lime itself cannot write NaN into uint8: the documented failure
+        explainer.explain_instance(u8, fn, hide_color=float("nan"), num_samples=10,
+                                   segmentation_fn=lambda img: seg.numpy())
+    converted = to_lime_image(u8)
+    assert converted.dtype == np.float64 and np.array_equal(converted, u8 / 255.0)
+    assert np.array_equal(to_lime_image(image), image.permute(1, 2, 0).double().numpy())
+    exp = explainer.explain_instance(converted, fn, hide_color=float("nan"), labels=(0,), top_labels=None,
+                                     num_samples=20, batch_size=10, segmentation_fn=lambda img: seg.numpy())
+    assert len(exp.local_exp[0]) == 9
+    with pytest.raises(TypeError, match="to_lime_image"):  # lime with hide_color=None passes uint8 through
+        fn(u8[None])
+    with pytest.raises(ValueError, match="divide a 0-255 image by 255"):
+        to_lime_image(u8.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fn(u8[None].astype(np.float32))
+
+
 # ----------------------------------------------------------------------------- quantus
 def _quantus():
     with warnings.catch_warnings():
@@ -140,59 +251,161 @@ def _quantus():
         return pytest.importorskip("quantus")
 
 
-def test_quantus_pixel_flipping_removes_with_layer_masking(setup):
+QH = QW = 16  # small: every metric runs twice (ours, reference) and once more with layer masking
+
+
+@pytest.fixture(scope="module")
+def qsetup():
+    from masked_ops.experiments.images import image_set
+
+    images, _ = image_set(["chelsea", "coffee"], size=QH)
+    a = np.random.RandomState(0).rand(2, 1, QH, QW).astype(np.float32)
+    return tiny_cnn(), images.numpy(), np.array([1, 3]), a
+
+
+def _whole_pixels(indices, pixels, channels=3):
+    """Flat C x H x W indices -> every channel of their pixels (the test's transcription of "whole pixels")."""
+    p = np.asarray(indices) % pixels
+    return np.concatenate([p + c * pixels for c in range(channels)], axis=-1)
+
+
+def _reference_perturb(arr, indices=None, mask=None, **kwargs):
+    """Quantus's own baseline replacement with 0 (black), applied to the whole pixels named."""
+    from quantus.functions.perturb_func import batch_baseline_replacement_by_indices
+
+    arr = np.asarray(arr)
+    if mask is not None:  # IROF (Quantus's own baseline_replacement_by_mask asserts equal shapes: 3 vs 1 channel)
+        return np.where(np.broadcast_to(mask, arr.shape), 0.0, arr).astype(arr.dtype)
+    if arr.ndim == 2:
+        return batch_baseline_replacement_by_indices(arr, _whole_pixels(indices, arr.shape[1] // 3),
+                                                     perturb_baseline=0.0)
+    out = arr.reshape(arr.shape[0], -1).copy()  # ROAD: one C x H x W sample
+    out[:, np.asarray(indices) % out.shape[1]] = 0.0
+    return out.reshape(arr.shape)
+
+
+def _metrics(quantus, perturb):
+    common = dict(perturb_func=perturb, disable_warnings=True)
+    return {
+        "PixelFlipping": quantus.PixelFlipping(features_in_step=32, **common),
+        "RegionPerturbation": quantus.RegionPerturbation(patch_size=4, regions_evaluation=6, **common),
+        "Selectivity": quantus.Selectivity(patch_size=4, **common),
+        "SensitivityN": quantus.SensitivityN(features_in_step=32, n_max_percentage=0.5, **common),
+        "FaithfulnessCorrelation": quantus.FaithfulnessCorrelation(nr_runs=6, subset_size=32, **common),
+        "FaithfulnessEstimate": quantus.FaithfulnessEstimate(features_in_step=32, **common),
+        "MonotonicityCorrelation": quantus.MonotonicityCorrelation(nr_samples=2, features_in_step=32, **common),
+        "Monotonicity": quantus.Monotonicity(features_in_step=32, **common),
+        "IROF": quantus.IROF(**common),
+        "ROAD": quantus.ROAD(percentages=[10, 50, 90], **common),
+        "Infidelity": quantus.Infidelity(perturb_patch_sizes=[4], n_perturb_samples=1, **common),
+    }
+
+
+METRICS = ("PixelFlipping", "RegionPerturbation", "Selectivity", "SensitivityN", "FaithfulnessCorrelation",
+           "FaithfulnessEstimate", "MonotonicityCorrelation", "Monotonicity", "IROF", "ROAD", "Infidelity")
+
+
+def test_every_quantus_faithfulness_metric_with_a_perturb_func_is_covered():
+    quantus = _quantus()
+    import inspect
+
+    from quantus.helpers.enums import EvaluationCategory
+
+    with_perturb = sorted(name for name, cls in vars(quantus).items()
+                          if inspect.isclass(cls) and issubclass(cls, quantus.Metric)
+                          and getattr(cls, "evaluation_category", None) == EvaluationCategory.FAITHFULNESS
+                          and "perturb_func" in inspect.signature(cls.__init__).parameters)
+    assert with_perturb == sorted(METRICS)
+
+
+def _score(metric, model, x, y, a):
+    np.random.seed(0)  # FaithfulnessCorrelation draws random subsets
+    out = metric(model=model, x_batch=x, y_batch=y, a_batch=a, device="cpu")
+    return np.asarray(list(out.values()) if isinstance(out, dict) else out, dtype=np.float64)
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_quantus_metric_removes_the_whole_pixels_quantus_names(name, qsetup, monkeypatch):
+    """Ours (NaN, then the "black" strategy paints 0) equals Quantus's own replacement of the same whole
+    pixels by 0 on the plain model, in every calling convention; layer masking runs and differs."""
+    quantus = _quantus()
+    from masked_ops.explain.adapters.quantus import nan_perturb_func, negzero_perturb_func
+
+    if not hasattr(np, "trapz"):  # Quantus 0.6's AUC helper calls np.trapz, gone in NumPy 2.4
+        monkeypatch.setattr(np, "trapz", np.trapezoid, raising=False)
+    model, x, y, a = qsetup
+    infidelity = name == "Infidelity"  # its formula subtracts the perturbed input: the -0.0 marker
+    ours_fn = negzero_perturb_func if infidelity else nan_perturb_func
+    black = NaNMaskedModel(model, "black", negative_zero=infidelity).eval()
+    ours = _score(_metrics(quantus, ours_fn)[name], black, x, y, a)
+    reference = _score(_metrics(quantus, _reference_perturb)[name], black, x, y, a)
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6, equal_nan=True)
+    layer = NaNMaskedModel(model, "layer", negative_zero=infidelity).eval()
+    scores = _score(_metrics(quantus, ours_fn)[name], layer, x, y, a)
+    assert scores.size and np.isfinite(scores).all() or name == "MonotonicityCorrelation", scores
+
+
+def test_quantus_pixel_flipping_with_layer_masking_transcribed(qsetup):
     quantus = _quantus()
     from masked_ops.explain.adapters.quantus import nan_perturb_func
 
-    model, image, seg = setup
+    model, x, y, a = qsetup
     net = NaNMaskedModel(model, "layer").eval()
-    x = image[None].repeat(2, 1, 1, 1).numpy()
-    x[1] = x[1, :, ::-1].copy()
-    a = np.random.RandomState(0).rand(2, 1, H, W).astype(np.float32)
-    y = np.array([1, 3])
-    step = 3 * H * W // 6
+    step = 32
     metric = quantus.PixelFlipping(features_in_step=step, perturb_func=nan_perturb_func, disable_warnings=True,
                                    normalise=False, abs=False)
     scores = np.asarray(metric(model=net, x_batch=x, y_batch=y, a_batch=a, device="cpu", softmax=True))
-    # transcription: remove the pixels of the top attributions, step by step; a pixel goes once any channel does
-    strat = get_strategy("layer", model)
+    # transcription: Quantus ranks the C x H x W values of the broadcast attribution; after step k the pixels
+    # of the first (k + 1) * step of them are removed, whole
     order = np.argsort(-np.broadcast_to(a, x.shape).reshape(2, -1), axis=1)
+    strat = get_strategy("layer", model)
+    steps = 3 * QH * QW // step
     want = []
-    for s in range(6):
-        removed = np.zeros((2, 3 * H * W), dtype=bool)
-        np.put_along_axis(removed, order[:, :(s + 1) * step], True, axis=1)
-        visible = ~removed.reshape(2, 3, H, W).any(1, keepdims=True)
+    for k in range(steps):
+        removed = np.zeros((2, QH * QW), dtype=bool)
+        np.put_along_axis(removed, order[:, :(k + 1) * step] % (QH * QW), True, axis=1)
+        visible = ~removed.reshape(2, 1, QH, QW)
         with torch.no_grad():
             p = strat(torch.from_numpy(x), torch.from_numpy(visible)).softmax(1).numpy()
         want.append(p[np.arange(2), y])
-    assert scores.shape == (2, 6) and np.isfinite(scores[:, :-1]).all()
+    assert scores.shape == (2, steps) and np.isfinite(scores).all()
     np.testing.assert_allclose(scores, np.stack(want, 1), rtol=1e-5, atol=1e-6)
+    removed_after_first = len(np.unique(order[0, :step] % (QH * QW)))
+    assert step // 3 <= removed_after_first <= step // 3 + 2  # a step of 32 values: ~32 / 3 whole pixels
 
 
-def test_quantus_region_perturbation_runs(setup):
-    quantus = _quantus()
-    from masked_ops.explain.adapters.quantus import nan_perturb_func
+def test_nan_perturb_func_conventions():
+    from masked_ops.explain.adapters.quantus import nan_perturb_func, negzero_perturb_func
 
-    model, image, _ = setup
-    net = NaNMaskedModel(model, "layer").eval()
-    x = image[None].numpy()
-    a = np.random.RandomState(1).rand(1, 1, H, W).astype(np.float32)
-    metric = quantus.RegionPerturbation(patch_size=8, regions_evaluation=4, perturb_func=nan_perturb_func,
-                                        disable_warnings=True, normalise=False)
-    scores = np.asarray(metric(model=net, x_batch=x, y_batch=np.array([0]), a_batch=a, device="cpu"))
-    assert scores.shape == (1, 4) and np.isfinite(scores).all()
-    # removing regions changes the prediction (the perturbation reached the model as a mask)
-    assert np.abs(np.diff(scores[0])).max() > 0
-
-
-def test_nan_perturb_funcs():
-    from masked_ops.explain.adapters.quantus import nan_perturb_func, nan_perturb_func_unbatched
-
-    arr = np.zeros((2, 6), dtype=np.float32)
-    out = nan_perturb_func(arr, np.array([[0, 2], [5, 1]]))
-    assert np.isnan(out).sum() == 4 and np.isnan(out[0, [0, 2]]).all() and np.isnan(out[1, [5, 1]]).all()
-    assert not np.isnan(arr).any()
+    # batched, flattened (C x H x W = 3 x 2 x 2): index 1 and 6 name pixels 1 and 2, every channel goes
+    arr = np.arange(24, dtype=np.float32).reshape(2, 12)
+    out = nan_perturb_func(arr, np.array([[1], [6]]))
+    assert np.isnan(out[0].reshape(3, 4)[:, 1]).all() and np.isnan(out[1].reshape(3, 4)[:, 2]).all()
+    assert np.isnan(out).sum() == 6 and not np.isnan(arr).any()
+    # one sample (ROAD): C x H x W with flat indices
+    one = nan_perturb_func(np.zeros((3, 2, 2)), np.array([4, 11]))
+    assert np.isnan(one[:, 0, 0]).all() and np.isnan(one[:, 1, 1]).all() and np.isnan(one).sum() == 6
+    # masks (IROF): N x 1 x H x W over N x C x H x W
+    mask = np.zeros((1, 1, 2, 2), dtype=bool)
+    mask[0, 0, 1, 0] = True
+    m = nan_perturb_func(np.zeros((1, 3, 2, 2)), mask=mask)
+    assert np.isnan(m[0, :, 1, 0]).all() and np.isnan(m).sum() == 3
+    z = negzero_perturb_func(np.ones((1, 12)), np.array([[0]]))
+    assert (z.reshape(3, 4)[:, 0] == 0).all() and np.signbit(z.reshape(3, 4)[:, 0]).all()
     with pytest.raises(TypeError, match="floating"):
         nan_perturb_func(np.zeros((1, 3), dtype=np.int64), np.array([[0]]))
-    one = nan_perturb_func_unbatched(np.zeros((3, 4, 4)), (slice(0, 2), slice(1, 3)), indexed_axes=[1, 2])
-    assert np.isnan(one).sum() == 3 * 4 and np.isnan(one[:, 0:2, 1:3]).all()
+    with pytest.raises(ValueError, match="channels"):
+        nan_perturb_func(np.zeros((1, 4)), np.array([[0]]))
+    assert nan_perturb_func(np.zeros((1, 4)), np.array([[0]]), channels=1)[0, 0] != 0  # NaN
+
+
+def test_nan_model_refuses_images_outside_0_1(setup):
+    model, image, _ = setup
+    with pytest.raises(ValueError, match="divide a 0-255 image by 255"):
+        NaNMaskedModel(model, "layer")(image[None] * 255)
+    x = image[None].clone()
+    x[..., :4, :] = float("nan")  # removed pixels may hold anything: only the visible ones are checked
+    x[..., :2, :] = 1e6
+    x[:, 0, :2, :] = float("nan")
+    with torch.no_grad():
+        NaNMaskedModel(model, "layer")(x)

@@ -34,4 +34,8 @@ def test_cuda_backend_availability_matches_the_build():
     import masked_ops as mo
 
     has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("masked_ops::neighbor_fill", "CUDA")
-    assert mo.available("cuda") == has_cuda_kernels, mo.backends.unavailable_reason("cuda")
+    from masked_ops.backends import _load
+
+    assert (_load("cuda") is not None) == has_cuda_kernels, mo.backends.unavailable_reason("cuda")
+    # available() says whether the backend can run here: built kernels and a CUDA device
+    assert mo.available("cuda") == (has_cuda_kernels and torch.cuda.is_available())

@@ -88,17 +88,30 @@ def preload() -> None:
         _load(candidate)
 
 
+def _no_device_reason(name: str) -> Optional[str]:
+    """Why a loaded backend still cannot run on this machine (None: it can)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device on this machine (the CUDA kernels are built, but nothing can run them)"
+    if name == "triton" and not torch.cuda.is_available() and not _triton_runs_on_cpu():
+        return "no CUDA device on this machine (Triton runs on CPU tensors only under TRITON_INTERPRET=1)"
+    return None
+
+
 def available(name: str) -> bool:
-    """Whether a backend can run here (compiled pieces present)."""
+    """Whether a backend can run *here*: its pieces are built or installed, and for "cuda" (and
+    "triton", unless TRITON_INTERPRET=1) a CUDA device is present. "auto" and "torch" always can."""
     _check_name(name)
     if name == "auto":
         return True
-    return _load(name) is not None
+    return _load(name) is not None and _no_device_reason(name) is None
 
 
 def unavailable_reason(name: str) -> Optional[str]:
+    """Why ``available(name)`` is False (None when it is True)."""
+    if name == "auto":
+        return None
     _load(name)
-    return _errors.get(name)
+    return _errors.get(name) or _no_device_reason(name)
 
 
 def _triton_runs_on_cpu() -> bool:

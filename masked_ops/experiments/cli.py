@@ -5,12 +5,14 @@
 
 NAME: removal, leakage (both parts), leakage-salient, leakage-probe, faithfulness, linearity, all,
 or report (rebuild OUT/README.md and the plots from the results already in OUT). Every run writes
-OUT/<experiment>/results.json and refreshes OUT/README.md; an interrupted run started again with
-the same arguments resumes from its checkpoints (OUT/<experiment>/units/).
+OUT/<experiment>/results.json (naming the model and its weights under "model") and refreshes
+OUT/README.md; an interrupted run started again with the same arguments resumes from its
+checkpoints (OUT/<experiment>/units/). Errors are one line starting with "masked-ops:".
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional
@@ -36,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=NAMES, help="which experiment to run (or 'report')")
     p.add_argument("--model", default="efficientnet-lite0",
                    help="model name for masked_ops.models.load_model (default: the pretrained EfficientNet-Lite0)")
+    p.add_argument("--weights", default=None,
+                   help="weights for --model: DEFAULT, a torchvision weight name or timm tag (from the local cache, "
+                        "never downloaded), random, or a state_dict file (masked_ops.models.load_model)")
     p.add_argument("--images", nargs="+", default=["bundled"],
                    help="image specs: 'bundled' (all bundled photos), skimage names, china, flower, motorcycle, "
                         "file paths (default: bundled)")
@@ -80,12 +85,13 @@ def _command(args) -> str:
 
 
 def run_from_args(args) -> int:
-    """Run what ``args`` asks for; bad input -> message on stderr and exit status 2."""
+    """Run what ``args`` asks for; bad input -> one ``masked-ops: error:`` line on stderr and exit status 2."""
+    from ..cli import report_error
+
     try:
         return _run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError) as e:
+        return report_error(e)
 
 
 def _run(args) -> int:
@@ -98,6 +104,7 @@ def _run(args) -> int:
     from .leakage import salient_vs_moved, shape_probe
     from .linearity import linearity
     from .removal import removal_curves
+    from .runner import annotate_results
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,7 +115,8 @@ def _run(args) -> int:
     from ..models import load_model
 
     strategies = _strategies(args.strategies)
-    model, info = load_model(args.model)
+    model, info = load_model(args.model, args.weights)
+    print(f"model: {info.describe()}")
     size = args.size or info.input_size
     common = dict(seed=args.seed, mean=info.mean, std=info.std, batch_size=args.batch_size, out=args.out,
                   fresh=args.fresh, progress=not args.no_progress)
@@ -131,6 +139,7 @@ def _run(args) -> int:
                                            image_names=names, **common)
         elif exp == "linearity":
             res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, **common)
+        annotate_results(args.out, exp, model=info.as_dict())  # results name the model and its weights
         if res.get("units_computed") or not report.has_record(args.out, exp):
             # a rerun that only reloads checkpoints keeps the record of the run that did the work
             report.record_command(args.out, exp, _command(args), time.time() - start, time.process_time() - cpu)
@@ -141,10 +150,22 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m masked_ops.experiments", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import Parser
+
+    p = Parser(prog="python -m masked_ops.experiments", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
     args._prog = "python -m masked_ops.experiments"
     args._argv = list(sys.argv[1:] if argv is None else argv)
-    return run_from_args(args)
+    try:
+        return run_from_args(args)
+    except KeyboardInterrupt:
+        print("masked-ops: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one "masked-ops:" line, as `masked-ops experiment` gives
+        if os.environ.get("MASKED_OPS_DEBUG") == "1":
+            raise
+        from ..cli import report_error
+
+        return report_error(e)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .._io import atomic_write
 from .runner import write_json_atomic
 
 ORDER = ("removal", "leakage-salient", "leakage-probe", "faithfulness", "linearity")
@@ -58,10 +59,26 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+def model_line(*results: Optional[dict]) -> str:
+    """"model: NAME, weights: W" from the first results carrying a "model" entry (the CLI adds it);
+    random weights are said loudly. Empty when no result names its model."""
+    for r in results:
+        m = (r or {}).get("model")
+        if isinstance(m, dict):
+            text = f"model: {m.get('name')}, weights: {m.get('weights') or 'unknown'}"
+            if m.get("pretrained") is False:
+                text = "RANDOM WEIGHTS (numbers say nothing about a trained model): " + text
+            return text
+    return ""
+
+
+def _save(fig, path: Path, *results: Optional[dict]) -> None:
+    caption = model_line(*results)
+    if caption:
+        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=9,
+                 color="red" if caption.startswith("RANDOM") else "black")
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_removal(r: dict, path: Path) -> None:
@@ -82,7 +99,7 @@ def plot_removal(r: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Random 16x16 patch removal: {r['n_images']} images x {r['repeats']} orders")
-    _save(fig, path)
+    _save(fig, path, r)
     plt.close(fig)
 
 
@@ -120,7 +137,7 @@ def plot_leakage(salient: Optional[dict], probe: Optional[dict], path: Path) -> 
                      fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    _save(fig, path)
+    _save(fig, path, salient, probe)
     plt.close(fig)
 
 
@@ -144,7 +161,7 @@ def plot_faithfulness(r: dict, path: Path) -> None:
         ax.set_ylabel("explained under")
         ax.set_title(f"{kind} AUC ({better} = more faithful)", fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    _save(fig, path)
+    _save(fig, path, r)
     plt.close(fig)
 
 
@@ -162,7 +179,7 @@ def plot_linearity(r: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"Linearity: {r['groups']} disjoint patch groups of {100 * r['group_fraction']:.1f}% each")
-    _save(fig, path)
+    _save(fig, path, r)
     plt.close(fig)
 
 
@@ -296,7 +313,9 @@ def write_report(out, command: Optional[str] = None) -> Path:
         parts.append(findings.read_text().strip())
     for exp, title, fn in SECTIONS:
         if exp in results:
-            parts += [f"## {title}", fn(results[exp]), f"Numbers: [`{exp}/results.json`]({exp}/results.json)."]
+            line = model_line(results[exp])
+            parts += [f"## {title}"] + ([f"*{line[0].upper() + line[1:]}.*"] if line else []) + \
+                [fn(results[exp]), f"Numbers: [`{exp}/results.json`]({exp}/results.json)."]
     cmds_path = out / "commands.json"
     if cmds_path.exists():
         cmds = json.loads(cmds_path.read_text())
@@ -308,7 +327,6 @@ def write_report(out, command: Optional[str] = None) -> Path:
                   "2-core machine.",
                   _table(["experiment", "command", "wall s", "CPU s"], rows)]
     path = out / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text("\n\n".join(parts) + "\n")
-    tmp.replace(path)
+    with atomic_write(path, "w") as f:
+        f.write("\n\n".join(parts) + "\n")
     return path

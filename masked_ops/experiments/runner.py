@@ -19,14 +19,14 @@ With ``out_dir=None`` nothing is written: units live in memory for one call.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Mapping, Optional
 
 import numpy as np
+
+from .._io import atomic_write
 
 _KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -37,18 +37,12 @@ def _canonical(config: Mapping) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON through a temporary file (normal 0644-style permissions), then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 class Run:
@@ -100,16 +94,8 @@ class Run:
         if self._memory is not None:
             self._memory[key] = {k: np.asarray(v) for k, v in arrays.items()}
             return
-        path = self._path(key)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(self._path(key)) as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
     def map(self, keys: Iterable[str], compute: Callable[[str], Mapping[str, np.ndarray]],
             desc: Optional[str] = None) -> Dict[str, Dict[str, np.ndarray]]:
@@ -147,6 +133,20 @@ class Run:
         path = self.dir / "results.json"
         write_json_atomic(path, results)
         return path
+
+
+def annotate_results(out_dir, experiment: str, **fields) -> Optional[Path]:
+    """Add ``fields`` to OUT/<experiment>/results.json (e.g. the model's name and weights, which the
+    experiment functions, given only an nn.Module, cannot know); None when there is no such file."""
+    if out_dir is None:
+        return None
+    path = Path(out_dir) / experiment / "results.json"
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    results.update(fields)
+    write_json_atomic(path, results)
+    return path
 
 
 def _progress(**kwargs):

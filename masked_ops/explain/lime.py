@@ -81,7 +81,7 @@ def _run(method, strategy, image, samples, weights, alpha, *, targets, segments,
                               output=output, progress=progress, desc=f"{method} ({strategy.name})")
     coef, intercept, score = weighted_ridge(samples, outputs, weights, alpha)
     return Explanation(method, strategy.name, list(targets), coef.float(), segments.cpu(),
-                       intercept.float(), score.float(), samples, outputs)
+                       intercept.float(), score.float(), samples, outputs, output=output)
 
 
 def explain_lime(strategy: Strategy, image: torch.Tensor, *, targets: Union[None, int, Sequence[int]] = None,

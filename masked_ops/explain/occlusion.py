@@ -1,12 +1,20 @@
-"""Occlusion / feature ablation over a grid or superpixels, batched through any strategy.
+"""Occlusion / feature ablation over a grid, superpixels or sliding windows, batched through any strategy.
 
 The attribution of segment k is f(full image) - f(image with segment k removed), for each
 target: one forward pass per segment, all in batches. A grid of patches is occlusion in the
 sense of Zeiler & Fergus (non-overlapping windows); superpixels make it feature ablation.
+
+Sliding windows (``window``, ``stride``; as Captum's ``Occlusion``): windows start every
+``stride`` pixels, ``ceil((size - window) / stride) + 1`` of them per axis (the last one clipped
+at the border, so every pixel is covered), and a pixel's attribution is the mean drop over the
+windows that cover it. Pixels covered by the same windows form one segment of the returned
+Explanation (rows and columns separate, so these cells are rectangles), which keeps it a
+segment map plus per-segment weights like the other explainers.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import math
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -14,20 +22,80 @@ from .perturb import (Explanation, check_output, forward_samples, get_segments, 
                       resolve_batch_size, resolve_targets)
 from .strategies import Strategy
 
+Size = Union[int, Sequence[int]]
+
+
+def _pair(value: Size, name: str) -> Tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+        raise ValueError(f"{name} must be an int >= 1 or a pair of them (height, width), got {value!r}")
+    return pair
+
+
+def _axis_cover(size: int, window: int, stride: int) -> torch.Tensor:
+    """P x size bool: window p (starting at p * stride, clipped at the border) covers pixel y."""
+    count = math.ceil((size - window) / stride) + 1
+    starts = torch.arange(count)[:, None] * stride
+    y = torch.arange(size)[None, :]
+    return (y >= starts) & (y < starts + window)
+
+
+def window_cells(height: int, width: int, window: Size, stride: Optional[Size] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(segments H x W, cover P x K bool) of sliding windows: segment k = the pixels covered by exactly
+    the same windows; cover[p, k] = window p covers segment k. Windows are numbered row-major."""
+    wh, ww = _pair(window, "window")
+    sh, sw = _pair(window if stride is None else stride, "stride")
+    if wh > height or ww > width:
+        raise ValueError(f"window {wh} x {ww} is larger than the image ({height} x {width})")
+    for s, w, d in ((sh, wh, height), (sw, ww, width)):
+        if s > w and w < d:
+            raise ValueError(f"stride {s} is larger than the window {w}: pixels between windows would never be "
+                             f"removed (use a stride <= the window)")
+    rows, cols = _axis_cover(height, wh, sh), _axis_cover(width, ww, sw)
+    row_classes, row_of = torch.unique(rows.T, dim=0, return_inverse=True)  # classes x P_rows
+    col_classes, col_of = torch.unique(cols.T, dim=0, return_inverse=True)
+    segments = row_of[:, None] * col_classes.shape[0] + col_of[None, :]
+    cover = row_classes.T[:, None, :, None] & col_classes.T[None, :, None, :]  # Pr x Pc x Kr x Kc
+    return segments, cover.reshape(rows.shape[0] * cols.shape[0], -1)
+
 
 def explain_occlusion(strategy: Strategy, image: torch.Tensor, *, targets: Union[None, int, Sequence[int]] = None,
-                      segments: Union[str, torch.Tensor] = "grid", n_segments: int = 64, batch_size: Optional[int] = None,
-                      output: str = "prob", seed: int = 0, progress: Optional[bool] = None) -> Explanation:
-    """Drop in output when each segment alone is removed (T x K weights); default segments: 8 x 8 grid."""
+                      segments: Union[str, torch.Tensor, None] = None, n_segments: int = 64,
+                      window: Optional[Size] = None, stride: Optional[Size] = None,
+                      batch_size: Optional[int] = None, output: str = "prob", seed: int = 0,
+                      progress: Optional[bool] = None) -> Explanation:
+    """Drop in output when each segment (or each sliding window) is removed; T x K weights.
+
+    Default: an 8 x 8 grid of segments. ``window`` (and ``stride``, default = window) switch to
+    sliding windows (see the module docstring); they exclude ``segments``.
+    """
     image = prepare_image(image)
     check_output(output)
     batch_size = resolve_batch_size(batch_size, image.device)
-    seg = get_segments(image, segments, n_segments, seed)
-    k = int(seg.max()) + 1
+    if window is None:
+        if stride is not None:
+            raise ValueError("stride applies to sliding windows: give window too")
+        seg = get_segments(image, "grid" if segments is None else segments, n_segments, seed)
+        samples = 1.0 - torch.eye(int(seg.max()) + 1, dtype=torch.float64)  # row k: everything but segment k
+        cover = None
+    else:
+        if segments is not None:
+            raise ValueError("occlusion takes either segments or a sliding window, not both")
+        seg, cover = window_cells(image.shape[1], image.shape[2], window, stride)
+        seg = seg.to(image.device)
+        samples = 1.0 - cover.double()  # row p: everything but window p
     targets, full = resolve_targets(strategy, image, targets, output)
-    samples = 1.0 - torch.eye(k, dtype=torch.float64)  # row k: everything but segment k
     outputs = forward_samples(strategy, image, seg, samples, targets, batch_size=batch_size, output=output,
                               progress=progress, desc=f"occlusion ({strategy.name})")
-    weights = (full.double().cpu()[None, :] - outputs).T  # T x K
+    drops = full.double().cpu()[None, :] - outputs  # P x T
+    if cover is None:
+        weights = drops.T
+        meta = {}
+    else:
+        c = cover.double()
+        weights = (c.T @ drops / c.sum(0)[:, None]).T  # mean drop over the windows covering each cell
+        meta = {"window": list(_pair(window, "window")), "stride": list(_pair(window if stride is None else stride,
+                                                                                "stride"))}
     return Explanation("occlusion", strategy.name, targets, weights.float(), seg.cpu(), samples=samples,
-                       outputs=outputs)
+                       outputs=outputs, output=output, meta=meta)

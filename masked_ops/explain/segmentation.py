@@ -6,7 +6,7 @@ samples into S x H x W masks in one indexing operation.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -14,13 +14,27 @@ import torch
 METHODS = ("grid", "slic", "quickshift", "felzenszwalb")
 
 
-def grid_segments(height: int, width: int, cells: int = 8) -> torch.Tensor:
-    """cells x cells rectangular segments (the last row/column absorb the remainder)."""
-    if cells < 1:
-        raise ValueError(f"cells must be >= 1, got {cells}")
-    rows = torch.clamp(torch.arange(height) * cells // height, max=cells - 1)
-    cols = torch.clamp(torch.arange(width) * cells // width, max=cells - 1)
-    return rows[:, None] * cells + cols[None, :]
+def grid_segments(height: int, width: int, cells: int = 8, cols: Optional[int] = None) -> torch.Tensor:
+    """``cells`` rows x ``cols`` columns (default: ``cells``) of rectangular segments, row-major labels."""
+    cols = cells if cols is None else cols
+    if cells < 1 or cols < 1:
+        raise ValueError(f"cells and cols must be >= 1, got {cells} and {cols}")
+    r = torch.clamp(torch.arange(height) * cells // height, max=cells - 1)
+    c = torch.clamp(torch.arange(width) * cols // width, max=cols - 1)
+    return r[:, None] * cols + c[None, :]
+
+
+def grid_shape(height: int, width: int, n_segments: int) -> Tuple[int, int]:
+    """(rows, cols) of a grid of about ``n_segments`` cells, as square as the image allows.
+
+    rows = round(sqrt(n * H / W)), cols = round(n / rows): a square image with a square number
+    gives the square grid (64 -> 8 x 8); 2 cells split the longer side (never a 1-cell grid for n >= 2).
+    """
+    rows = max(1, int(round((n_segments * height / width) ** 0.5)))
+    cols = max(1, int(round(n_segments / rows)))
+    if n_segments >= 2 and rows * cols < 2:
+        rows, cols = (2, 1) if height > width else (1, 2)
+    return min(rows, height), min(cols, width)
 
 
 def relabel(labels) -> torch.Tensor:
@@ -34,7 +48,7 @@ def segment(image: torch.Tensor, method: str = "slic", n_segments: int = 50, see
             **options) -> torch.Tensor:
     """H x W labels 0..K-1 of a 3 x H x W image in [0, 1].
 
-    method: "grid" (``n_segments`` is rounded to a square number of cells), "slic"
+    method: "grid" (rows x cols of about ``n_segments`` cells, see ``grid_shape``), "slic"
     (``n_segments`` target, compactness 20, sigma 1), "quickshift" (LIME's default: kernel_size 4,
     max_dist 200, ratio 0.2) or "felzenszwalb". ``options`` go to the scikit-image function.
     Raises ValueError for an unknown method or a segmentation with fewer than two segments
@@ -45,8 +59,7 @@ def segment(image: torch.Tensor, method: str = "slic", n_segments: int = 50, see
                          f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
     h, w = image.shape[1:]
     if method == "grid":
-        cells = max(1, int(round(n_segments ** 0.5)))
-        seg = grid_segments(h, w, cells)
+        seg = grid_segments(h, w, *grid_shape(h, w, n_segments))
     elif method in METHODS:
         import skimage.segmentation as S
 

@@ -6,12 +6,18 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..perturb import check_pixel_range
 from ..strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy, get_strategy
 
 
-def nan_mask(images: torch.Tensor) -> torch.Tensor:
-    """N x 1 x H x W bool mask: a pixel is visible iff none of its channels is NaN."""
-    return ~torch.isnan(images).any(dim=1, keepdim=True)
+def nan_mask(images: torch.Tensor, negative_zero: bool = False) -> torch.Tensor:
+    """N x 1 x H x W bool mask: a pixel is visible iff none of its channels is NaN (and, with
+    ``negative_zero``, not all of its channels are -0.0, the marker that survives arithmetic)."""
+    visible = ~torch.isnan(images).any(dim=1, keepdim=True)
+    if negative_zero:
+        marked = ((images == 0) & torch.signbit(images)).all(dim=1, keepdim=True)
+        visible &= ~marked
+    return visible
 
 
 class StrategyModule(nn.Module):
@@ -38,11 +44,22 @@ class NaNMaskedModel(StrategyModule):
     ``strategy`` is a Strategy or a strategy name (default "layer": layer masking); with a name,
     ``model``/``mean``/``std``/``mode`` build it. Removed values are replaced by 0 before the
     strategy sees them (strategies never read them anyway), so NaN never reaches the model.
-    ``softmax=True`` returns probabilities instead of logits.
+    ``softmax=True`` returns probabilities instead of logits. ``negative_zero=True`` also reads a
+    pixel whose channels are all -0.0 as removed (the marker of the Quantus adapter's
+    ``negzero_perturb_func``). The visible pixels must lie in [0, 1] (checked: a 0-255 or an
+    already normalised image is refused instead of giving meaningless outputs).
     """
 
+    def __init__(self, *args, negative_zero: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.negative_zero = bool(negative_zero)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        visible = nan_mask(images)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError(f"NaNMaskedModel expects N x C x H x W images, got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        visible = nan_mask(images, self.negative_zero)
         clean = torch.where(visible, images, torch.zeros((), dtype=images.dtype, device=images.device))
+        check_pixel_range(clean, "NaNMaskedModel input")
         out = self.strategy(clean, visible)
         return out.softmax(1) if self.softmax else out
