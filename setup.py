@@ -80,7 +80,7 @@ def _extensions():
 
 setup(
     packages=["masked_ops", "masked_ops.backends", "masked_ops.explain", "masked_ops.experiments",
-              "masked_ops.triton_kernels", "masked_ops.data"],
+              "masked_ops.triton_kernels", "masked_ops.data", "masked_ops.dataset"],
     # Our Triton kernels live in the top-level folder triton_kernels/ (DESIGN.md section 3), but
     # "triton_kernels" is also a package the Triton project publishes: install ours as
     # masked_ops.triton_kernels so the import is never ambiguous.

@@ -3,6 +3,9 @@
     masked-ops explain IMAGE [--model efficientnet-lite0] [--method lime|occlusion|kernel-shap]
                              [--masking layer,grey,...] [--samples N] [--seed S] [--out out.png]
     masked-ops explain --demo          # scikit-image's cat, LIME, layer masking vs grey
+    masked-ops explain DIR --out results.h5 [--top-k K] [--batch-images N] [--fresh]
+                                       # every image of a folder, one HDF5 file (masked_ops.dataset);
+                                       # also `torchrun --nproc-per-node G -m masked_ops.cli explain DIR ...`
     masked-ops experiment ...          # the paper's experiments (masked_ops.experiments.cli)
 
 ``explain`` prints the model's top-5 classes and writes a PNG: the image, then for each masking
@@ -83,6 +86,9 @@ def _add_explain(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output PNG (default: <image>-<method>.png, demo: "
                                                   f"{DEMO_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from .dataset.cli import add_arguments as add_folder_arguments  # issue 15: IMAGE may be a folder
+
+    add_folder_arguments(p)
     p.set_defaults(func=run_explain)
     return p
 
@@ -126,6 +132,10 @@ def run_explain(args) -> int:
     from . import models as M
     from .explain import METHODS, get_strategy
 
+    if args.image and os.path.isdir(str(args.image)) and not args.demo:  # issue 15: a folder of images
+        from .dataset.explain import run_folder
+
+        return run_folder(args)
     if args.demo:
         args.image = args.image or DEMO_IMAGE
     if not args.image:
