@@ -48,8 +48,10 @@ def _photos():
     return out
 
 
-def make_folder(root, size: int = 80) -> list:
-    """Bundled photos + flipped / cropped copies in two class folders ("3", "7"), one corrupt file.
+def make_folder(root, size: int = 80, classes=("1", "5")) -> list:
+    """Bundled photos + flipped / cropped copies in two class folders, one corrupt file (in the second).
+
+    The class folders name classes of tiny_model, which predicts 1 or 5 on these photos.
 
     Returns the relative paths of the readable images. Images are shrunk to ``size`` px (short side)
     so that the tests stay fast.
@@ -58,7 +60,7 @@ def make_folder(root, size: int = 80) -> list:
 
     paths = []
     for k, (name, img) in enumerate(sorted(_photos().items())):
-        cls = "3" if k % 2 == 0 else "7"
+        cls = classes[k % 2]
         os.makedirs(os.path.join(root, cls), exist_ok=True)
         im = Image.fromarray(np.ascontiguousarray(img[:, :, :3]))
         im = im.resize((max(size, round(size * im.width / im.height)), size), Image.BILINEAR)
@@ -68,8 +70,8 @@ def make_folder(root, size: int = 80) -> list:
             ext = ".png" if i % 2 == 0 else ".jpg"
             v.save(os.path.join(root, cls, vname + ext))
             paths.append(f"{cls}/{vname}{ext}")
-    with open(os.path.join(root, "7", "broken.jpg"), "wb") as f:
+    with open(os.path.join(root, classes[1], "broken.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with open(os.path.join(root, "3", "notes.txt"), "w") as f:  # not an image: ignored
+    with open(os.path.join(root, classes[0], "notes.txt"), "w") as f:  # not an image: ignored
         f.write("ignored")
     return sorted(paths)

@@ -127,10 +127,10 @@ def test_single_process_output(folder, reference):
     root, paths = folder
     r = H.read_h5(reference)
     assert r["path"] == paths  # every readable image once, sorted; the text file ignored
-    assert [p for p, _ in r["errors"]] == ["7/broken.jpg"] and "cannot be read" in r["errors"][0][1]
+    assert [p for p, _ in r["errors"]] == ["5/broken.jpg"] and "cannot be read" in r["errors"][0][1]
     assert r["label"].tolist() == [int(p.split("/")[0]) for p in paths]
     assert r["label_name"] == [p.split("/")[0] for p in paths]
-    assert r["attrs"]["format"] == H.FORMAT and r["attrs"]["classes"] == ["3", "7"]
+    assert r["attrs"]["format"] == H.FORMAT and r["attrs"]["classes"] == ["1", "5"]
     assert r["attrs"]["threads_per_process"] == 1 and r["attrs"]["masking"] == MASKING.split(",")
     assert set(r["attributions"]) == set(MASKING.split(","))
     assert r["model_classes"] == [f"c{i}" for i in range(10)]
@@ -253,13 +253,13 @@ def test_rerun_skips_and_refuses_other_settings(folder, reference, tmp_path, cap
         capsys.readouterr()
         assert cli.main(["explain", root, "--out", out] + ARGS) == 0  # nothing new: file untouched
         assert "processed 0" in capsys.readouterr().out and os.stat(out).st_mtime_ns == mtime
-        shutil.copy(os.path.join(root, "3", "astronaut.png"), os.path.join(root, "7", "new.png"))
+        shutil.copy(os.path.join(root, "1", "astronaut.png"), os.path.join(root, "5", "new.png"))
         assert cli.main(["explain", root, "--out", out] + ARGS) == 0  # one new image: only it is computed
         assert "processed 1, 19 were finished before" in capsys.readouterr().out
         r = H.read_h5(out)
-        i, j = r["path"].index("3/astronaut.png"), r["path"].index("7/new.png")
+        i, j = r["path"].index("1/astronaut.png"), r["path"].index("5/new.png")
         assert np.array_equal(r["attributions"]["layer"][i], r["attributions"]["layer"][j])
-        assert r["label"][j] == 7
+        assert r["label"][j] == 5
         other = [a if a != "16" else "20" for a in ARGS]
         assert cli.main(["explain", root, "--out", out] + other) == 2
         assert "other settings (differs in: samples)" in capsys.readouterr().err

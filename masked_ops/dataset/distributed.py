@@ -70,6 +70,18 @@ class Dist:
 
             dist.barrier()
 
+    def sync(self, name: str, interval: float = 0.05) -> None:
+        """Every rank waits until all have called ``sync(name)`` (a barrier through the store, so no
+        backend collective and no timeout however long the wait)."""
+        if not self.distributed:
+            return
+        if self.store is None:
+            self.barrier()
+            return
+        self.add(f"sync/{name}", 1)
+        while self.count(f"sync/{name}") < self.world:
+            time.sleep(interval)
+
     def all_done(self, on_poll: Optional[Callable[[], None]] = None, interval: float = 0.2) -> None:
         """Called once by every rank when its shard is finished. Rank 0 returns when all ranks are
         done (calling ``on_poll`` meanwhile, e.g. to refresh the progress bar); the others return at
@@ -153,7 +165,8 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        kw = dict(device_id=device) if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
     store = None
     try:  # private but present since torch 1.8; without it progress falls back to a final barrier
         from torch.distributed import distributed_c10d
@@ -162,3 +175,20 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0
     except Exception:
         store = None
     return Dist(dist.get_rank(), dist.get_world_size(), local, backend, store)
+
+
+_ACTIVE: Optional[Dist] = None
+
+
+def join(device: Optional[torch.device] = None, backend: str = "auto") -> Dist:
+    """Join the process group once for the whole process (the experiments' ``Run`` then shards its
+    units over the ranks); a world of one without torchrun."""
+    global _ACTIVE
+    if _ACTIVE is None:
+        _ACTIVE = setup(device or torch.device("cpu"), backend)
+    return _ACTIVE
+
+
+def active() -> Dist:
+    """The Dist joined by ``join`` (a world of one if none was)."""
+    return _ACTIVE if _ACTIVE is not None else Dist()

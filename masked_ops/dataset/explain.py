@@ -78,7 +78,7 @@ def settings_from_args(args) -> Settings:
 
 
 class ImageExplainer:
-    """One rank's model and strategies; ``explain(path, label, label_name) -> Row``."""
+    """One rank's model and strategies: ``explain(load(path), item, label) -> Row``."""
 
     def __init__(self, settings: Settings, device: torch.device):
         from .. import models as M
@@ -115,14 +115,25 @@ class ImageExplainer:
         cfg.update(H.versions())
         return cfg
 
+    @staticmethod
+    def load(path: str) -> torch.Tensor:
+        """The image as 3 x H x W in [0, 1]; any failure to decode it is a ValueError (listed, not fatal)."""
+        from .. import models as M
+
+        try:
+            return M.load_image(path)
+        except ValueError:
+            raise
+        except Exception as e:  # PIL raises SyntaxError, DecompressionBombError, ... on some files
+            raise ValueError(f"image {path!r} cannot be read: {type(e).__name__}: {e}") from e
+
     @torch.inference_mode()
-    def explain(self, path: str, item: Item, label: int) -> H.Row:
-        """Explain one image file (raises ValueError when it cannot be read or explained)."""
+    def explain(self, image: torch.Tensor, item: Item, label: int) -> H.Row:
+        """Explain one loaded image (raises ValueError when it cannot be explained, e.g. one segment)."""
         from .. import models as M
         from ..explain.segmentation import segment
 
         s = self.settings
-        image = M.load_image(path)
         size = (int(image.shape[-2]), int(image.shape[-1]))
         x = self.info.prepare(image).to(self.device)[0]
         seg = segment(x.cpu(), s.segments, n_segments=s.n_segments, seed=s.seed)
@@ -217,6 +228,10 @@ def _prepare(folder: Folder, out: str, config: dict, fresh: bool, token: str) ->
     for name in os.listdir(parts):  # temporary files of a killed run
         if name.startswith(".") and ".tmp-" in name:
             os.unlink(os.path.join(parts, name))
+    folder_out, name_out = os.path.split(os.path.abspath(out))
+    for name in os.listdir(folder_out):  # a merge that was killed
+        if name.startswith(f".{name_out}.tmp-"):
+            os.unlink(os.path.join(folder_out, name))
     _write_json(cfg_path, config)
 
     done = set()
@@ -303,7 +318,7 @@ def _run(listing: Folder, out: str, settings: Settings, dev: torch.device, dist:
     reuse_out = False
     if dist.is_main:
         plan, reuse_out = _prepare(listing, out, config, fresh, token)
-    dist.barrier()
+    dist.sync("plan")
     if not dist.is_main:
         plan = _read_plan(out, token)
     labels = label_indices(listing, explainer.info.class_names)
@@ -324,7 +339,8 @@ def _run(listing: Folder, out: str, settings: Settings, dev: torch.device, dist:
         for path, label_name in shard[b:b + batch_images]:
             item = Item(path, label_name)
             try:
-                rows.append(explainer.explain(listing.full_path(item), item, labels.get(label_name, -1)))
+                image = explainer.load(listing.full_path(item))
+                rows.append(explainer.explain(image, item, labels.get(label_name, -1)))
             except ValueError as e:  # unreadable or unexplainable image: listed, the run goes on
                 errors.append((path, str(e)))
                 _warn(f"masked-ops: warning: {path}: {e}", bar)
