@@ -283,6 +283,39 @@ def test_bad_input_fails_cleanly(argv, message, folder, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def _row(path, value, hw=(6, 5)):
+    seg = (np.arange(hw[0] * hw[1]).reshape(hw) % 3).astype(np.uint16)
+    return H.Row(path, value % 4, "c", (40, 50), value, np.asarray([value, 1, 2]), np.asarray([0.5, 0.3, 0.2], np.float32),
+                 seg, {"a": np.full(hw, value, np.float32), "b": -np.full(hw, value, np.float32)})
+
+
+def test_merge_sorts_deduplicates_and_streams_in_blocks(tmp_path):
+    """Sources interleaved as ranks write them, a duplicate, an error explained on a later attempt."""
+    paths = [f"d/{i:03d}.png" for i in range(23)]
+    srcs = []
+    for r in range(3):  # three ranks, strided shards, checkpoint files of 4 rows
+        mine = paths[r::3]
+        for b in range(0, len(mine), 4):
+            srcs.append(str(tmp_path / f"r{r}-{b}.h5"))
+            errs = [("d/999.png", "broken")] if r == 0 and b == 0 else []
+            H.write_file(srcs[-1], [_row(p, int(p[2:5])) for p in mine[b:b + 4]], errs, strategies=["a", "b"],
+                         attrs={})
+    srcs.append(str(tmp_path / "again.h5"))  # a row written twice, and the error one readable after all
+    H.write_file(srcs[-1], [_row(paths[7], 7), _row("d/999.png", 999)], strategies=["a", "b"], attrs={})
+    out = str(tmp_path / "out.h5")
+    assert H.merge(srcs[::-1], out, attrs={"x": 1}, run={}, strategies=["a", "b"], model_classes=["m"],
+                   block=5) == (24, 0)
+    r = H.read_h5(out)
+    assert r["path"] == paths + ["d/999.png"] and r["errors"] == []
+    values = [int(p[2:5]) for p in r["path"]]
+    assert r["target"].tolist() == values and r["label"].tolist() == [v % 4 for v in values]
+    assert [m[0, 0] for m in r["attributions"]["a"]] == values
+    assert [m[0, 0] for m in r["attributions"]["b"]] == [-v for v in values]
+    assert r["topk_class"][:, 0].tolist() == values and r["attrs"]["x"] == 1
+    with pytest.raises(ValueError, match="strategies"):
+        H.merge(srcs[:1], out, attrs={}, run={}, strategies=["a"], model_classes=[])
+
+
 def test_write_h5_one_image(tmp_path):
     from masked_ops.explain import explain_occlusion, get_strategy
     from masked_ops.models import top_classes

@@ -347,7 +347,7 @@ def _run(listing: Folder, out: str, settings: Settings, dev: torch.device, dist:
             dist.add("images", 1)
             refresh()
         H.write_file(os.path.join(parts, _batch_name(dist.rank, shard[b][0])), rows, errors,
-                     strategies=list(settings.masking), attrs=config, model_classes=(), compress=False)
+                     strategies=list(settings.masking), attrs=config, model_classes=())
     dist.all_done(on_poll=refresh)
     if bar is not None:
         bar.close()

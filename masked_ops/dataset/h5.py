@@ -258,16 +258,18 @@ def done_paths(path: str) -> Tuple[List[str], List[str]]:
 
 # ----------------------------------------------------------------------------- merging
 def merge(sources: Sequence[str], out: str, *, attrs: Mapping, run: Mapping, strategies: Sequence[str],
-          model_classes: Sequence[str], progress: bool = False) -> Tuple[int, int]:
+          model_classes: Sequence[str], progress: bool = False, block: int = 64) -> Tuple[int, int]:
     """Merge files of the same run into ``out`` (atomically), rows sorted by path, one row per path.
 
-    Rows are copied one at a time, so memory stays at one image whatever the size of the sources.
-    A path found in several sources (a run stopped between the merge and the clean-up) is kept
-    once. Returns (rows, errors).
+    Every source is sorted by path, so each is read front to back in slices while the output is
+    written in blocks of ``block`` rows: memory stays at a few blocks, and only the sources whose
+    rows span the current block are open. A path found in several sources (a run stopped between
+    the merge and the clean-up) is kept once. Returns (rows, errors).
     """
     h5py = _h5py()
     where: Dict[str, Tuple[int, int]] = {}
     errors: Dict[str, str] = {}
+    last: Dict[int, int] = {}
     k, hw = 0, (0, 0)
     for si, src in enumerate(sources):
         with h5py.File(src, "r") as f:
@@ -275,7 +277,9 @@ def merge(sources: Sequence[str], out: str, *, attrs: Mapping, run: Mapping, str
                 raise ValueError(f"{src}: strategies {sorted(f['attributions'].keys())} differ from "
                                  f"{sorted(strategies)}")
             for j, p in enumerate(f["path"].asstr()[:].tolist()):
-                where.setdefault(p, (si, j))
+                if p not in where:
+                    where[p] = (si, j)
+                    last[si] = j
             for p, m in zip(f["errors/path"].asstr()[:].tolist(), f["errors/message"].asstr()[:].tolist()):
                 errors.setdefault(p, m)
             if f["path"].shape[0]:
@@ -286,22 +290,56 @@ def merge(sources: Sequence[str], out: str, *, attrs: Mapping, run: Mapping, str
     for p in where:
         errors.pop(p, None)  # explained after all (an error once, readable on a later attempt)
     order = sorted(where)
-    position = {p: i for i, p in enumerate(order)}
+    names = list(ROW_DATASETS) + [f"attributions/{s}" for s in strategies]
+    readers: Dict[int, _Reader] = {}
     bar = _bar(len(order), "merge", progress)
-    with atomic_h5(out) as f:
-        _write_common(f, sorted(errors.items()), attrs, run, model_classes)
-        ds = _create(f, len(order), strategies, k, hw, compress=True)
-        for si, src in enumerate(sources):
-            mine = sorted((j, position[p]) for p, (s, j) in where.items() if s == si)
-            if not mine:
-                continue
-            with h5py.File(src, "r") as g:
-                for j, i in mine:
-                    for name in list(ROW_DATASETS) + [f"attributions/{s}" for s in strategies]:
-                        ds[name][i] = g[name][j]
-                    bar.update(1)
-    bar.close()
+    try:
+        with atomic_h5(out) as f:
+            _write_common(f, sorted(errors.items()), attrs, run, model_classes)
+            ds = _create(f, len(order), strategies, k, hw, compress=True)
+            for b in range(0, len(order), block):
+                cols: Dict[str, list] = {name: [] for name in names}
+                for p in order[b:b + block]:
+                    si, j = where[p]
+                    if si not in readers:
+                        readers[si] = _Reader(sources[si], names, block)
+                    row = readers[si].row(j)
+                    for name in names:
+                        cols[name].append(row[name])
+                    if j == last[si]:
+                        readers.pop(si).close()
+                n = len(cols["path"])
+                for name in names:
+                    if name in ("path", "label_name"):
+                        ds[name][b:b + n] = np.asarray(cols[name], dtype=object)
+                    else:
+                        ds[name][b:b + n] = np.stack(cols[name])
+                bar.update(n)
+    finally:
+        for r in readers.values():
+            r.close()
+        bar.close()
     return len(order), len(errors)
+
+
+class _Reader:
+    """Rows of one source file, read front to back in slices."""
+
+    def __init__(self, path: str, names: Sequence[str], step: int):
+        self.f = _h5py().File(path, "r")
+        self.ds = {n: (self.f[n].asstr() if n in ("path", "label_name") else self.f[n]) for n in names}
+        self.step = step
+        self.lo = self.hi = 0
+        self.buf: Dict[str, np.ndarray] = {}
+
+    def row(self, j: int) -> Dict[str, np.ndarray]:
+        if not self.lo <= j < self.hi:
+            self.lo, self.hi = j, j + self.step
+            self.buf = {n: d[self.lo:self.hi] for n, d in self.ds.items()}
+        return {n: b[j - self.lo] for n, b in self.buf.items()}
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def _bar(total: int, desc: str, enabled: bool):
