@@ -12,7 +12,8 @@ is the command's own clock (from listing the folder to the merged file: model lo
 imports excluded), and ``cpu`` the CPU seconds of all its processes (children rusage, which a loaded
 machine inflates less than wall time). Contenders run round robin (repeat r of each before
 repeat r+1 of any); medians and all values are kept. The 2-process output is checked bit for bit
-against the 1-process one.
+against the 1-process one. Every contender runs with OMP_WAIT_POLICY=PASSIVE (unless set): on a
+shared, oversubscribed host, spinning OpenMP threads make the 2-thread run several times slower.
 
 The merge (rank 0's serial part) is timed on its own: --merge-rows synthetic rows at 224 x 224
 with two strategies and 64 segments, in checkpoint files of 8 (written as the runner writes them),
@@ -51,6 +52,7 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     env.pop("OMP_NUM_THREADS", None)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: fairer on a shared host
     if os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     return env
