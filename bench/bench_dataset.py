@@ -18,6 +18,9 @@ shared, oversubscribed host, spinning OpenMP threads make the 2-thread run sever
 The merge (rank 0's serial part) is timed on its own: --merge-rows synthetic rows at 224 x 224
 with two strategies and 64 segments, in checkpoint files of 8 (written as the runner writes them),
 merged into one file (rows/s, process CPU s per row, bytes per row).
+``rank``: what one rank costs beside its forwards, at 1 thread: decode + resize + SLIC per image
+(the CPU side a GPU rank also runs, serially), its peak resident memory (ru_maxrss) after one
+explanation, and the model's parameter bytes.
 Results: bench/results/cpu-dataset-<date>.json.
 """
 from __future__ import annotations
@@ -121,6 +124,39 @@ def bench_merge(rows: int, tmp: str) -> dict:
                 output_bytes_per_row=size / rows, checkpoint_bytes_per_row=shard_bytes / rows, files=len(files))
 
 
+RANK_PROFILE = r"""
+import json, resource, sys, time
+import torch
+torch.set_num_threads(1)
+from masked_ops.dataset.explain import ImageExplainer, Settings
+from masked_ops.dataset.folder import scan_folder
+from masked_ops.explain.segmentation import segment
+folder, model, method, masking, n_segments = sys.argv[1:6]
+listing = scan_folder(folder)
+e = ImageExplainer(Settings(model=model, method=method, masking=masking.split(","), samples=500,
+                            segments="grid" if method == "occlusion" else "slic", n_segments=int(n_segments)),
+                   torch.device("cpu"))
+t0 = time.process_time()
+for it in listing.items:  # the CPU side of an image: decode, resize, SLIC (a GPU rank does it too, serially)
+    segment(e.info.prepare(e.load(listing.full_path(it)))[0], "slic", n_segments=50)
+cpu_side = (time.process_time() - t0) / len(listing.items)
+it = listing.items[0]
+e.explain(e.load(listing.full_path(it)), it, -1)
+params = sum(p.numel() * p.element_size() for p in e.model.parameters())
+print(json.dumps(dict(cpu_side_s_per_image=cpu_side, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      model_parameter_mb=params / 2 ** 20, forward_batch=e.batch_size)))
+"""
+
+
+def rank_profile(folder, args, env) -> dict:
+    """One rank's CPU-side cost per image (decode + resize + SLIC at 1 thread) and its peak memory."""
+    res = subprocess.run([sys.executable, "-c", RANK_PROFILE, folder, args.model, args.method, args.masking,
+                          str(args.n_segments)], env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet-lite0")
@@ -132,6 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--merge-rows", type=int, default=2000)
     p.add_argument("--out", default=None)
+    p.add_argument("--rank-only", action="store_true",
+                   help="measure only the rank profile and add it to the --out JSON (which must exist)")
     args = p.parse_args(argv)
 
     import torch
@@ -144,6 +182,16 @@ def main(argv=None) -> int:
         folder = os.path.join(tmp, "photos")
         n = make_bench_folder(folder, args.image_size, args.views)
         env = _env()
+        if args.rank_only:
+            with open(out) as f:
+                summary = json.load(f)
+            summary["rank"] = dict(rank_profile(folder, args, env), measured=datetime.datetime.now(
+                datetime.timezone.utc).isoformat(timespec="seconds"), loadavg=os.getloadavg())
+            with open(out, "w") as f:
+                json.dump(summary, f, indent=2)
+                f.write("\n")
+            print(json.dumps(summary["rank"]))
+            return 0
         common = ["explain", folder, "--model", args.model, "--method", args.method, "--masking", args.masking,
                   "--segments", "grid", "--n-segments", str(args.n_segments), "--no-progress", "--fresh"]
         cli = [sys.executable, "-m", "masked_ops.cli"]
@@ -188,6 +236,7 @@ def main(argv=None) -> int:
             r["speedup_end_to_end"] = base["median_wall_s"] / r["median_wall_s"]
             r["speedup_in_run"] = base["median_in_run_s"] / r["median_in_run_s"]
         merge = bench_merge(args.merge_rows, tmp) if args.merge_rows else None
+        rank = rank_profile(folder, args, env)
         from masked_ops.models import load_model
 
         _, info = load_model(args.model)
@@ -199,7 +248,7 @@ def main(argv=None) -> int:
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             torch=torch.__version__, masked_ops=masked_ops.__version__, python=platform.python_version(),
             machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-            loadavg_before=load_before, loadavg_after=os.getloadavg(), results=results, merge=merge)
+            loadavg_before=load_before, loadavg_after=os.getloadavg(), results=results, merge=merge, rank=rank)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump(summary, f, indent=2)

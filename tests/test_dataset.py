@@ -200,6 +200,45 @@ def test_torchrun_two_processes_bit_identical(folder, reference, tmp_path):
         assert f["run"].attrs["world_size"] == 2
 
 
+def _descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _kill_tree(pid):
+    """SIGKILL a process and all its descendants (the workers first), and wait until they are gone."""
+    pids = _descendants(pid)
+    for p in reversed(pids):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 30
+    while any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in pids[1:]) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
 def _batch_files(parts):
     return [f for f in os.listdir(parts) if f.startswith("r") and f.endswith(".h5")] if os.path.isdir(parts) else []
 
@@ -207,20 +246,20 @@ def _batch_files(parts):
 def test_kill_and_resume_equals_uninterrupted_run(folder, reference, tmp_path):
     out = str(tmp_path / "resumed.h5")
     parts = out + ".parts"
-    # slowed down (the plain model sleeps) so that the kill lands mid-run; -9 on the whole group
+    # slowed down (the plain model sleeps) so that the kill lands mid-run; SIGKILL to every process
     proc = subprocess.Popen(_torchrun(2, ["explain", folder[0], "--out", out, "--batch-images", "2"] + ARGS),
-                            env=_env(MASKED_OPS_TEST_DELAY="0.05"), stdout=subprocess.DEVNULL,
+                            env=_env(MASKED_OPS_TEST_DELAY="0.1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
         while len(_batch_files(parts)) < 3 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)  # torchrun starts each worker in a session of its own: kill them one by one
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
     assert not os.path.exists(out)  # no output that looks complete
     done = len(_batch_files(parts))
     assert 3 <= done

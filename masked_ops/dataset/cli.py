@@ -26,8 +26,9 @@ def add_arguments(parser) -> None:
     """One argument group, used when IMAGE is a folder (and ignored for a single image)."""
     g = parser.add_argument_group(
         "when IMAGE is a folder",
-        "every image under it (DIR/<class>/<image> gives labels) into one HDF5 file (--out results.h5), "
-        "resumable; also as `torchrun --nproc-per-node G -m masked_ops.cli explain DIR ...`")
+        "every image under it (DIR/<class>/<image> gives labels) into one HDF5 file (--out results.h5, "
+        "default DIR-METHOD.h5), resumable, 1 torch thread per process unless --threads; also as "
+        "`torchrun --nproc-per-node G -m masked_ops.cli explain DIR ...`")
     g.add_argument("--top-k", type=_positive, default=DEFAULT_TOP_K,
                    help=f"clean top-k classes stored per image (default {DEFAULT_TOP_K})")
     g.add_argument("--batch-images", type=_positive, default=DEFAULT_BATCH_IMAGES,

@@ -112,10 +112,12 @@ def _run(args) -> int:
 
     from ..dataset.distributed import env_world, join
 
-    world = env_world()[1]
+    rank, world, _ = env_world()
     if args.threads or world > 1:
         torch.set_num_threads(args.threads or 1)
     if args.name == "report":
+        if rank != 0:  # under torchrun the report is rank 0's
+            return 0
         path = report.write_report(args.out)
         print(f"report: {path}")
         return 0
