@@ -189,6 +189,7 @@ def test_one_image_matches_the_explainer(folder, reference):
 
 
 # ----------------------------------------------------------------------------- torchrun
+@pytest.mark.slow  # subprocesses: ~10 s on an idle 2-core machine, ~40 s under load
 def test_torchrun_two_processes_bit_identical(folder, reference, tmp_path):
     out = str(tmp_path / "two.h5")
     res = subprocess.run(_torchrun(2, ["explain", folder[0], "--out", out] + ARGS), env=_env(),
@@ -243,6 +244,7 @@ def _batch_files(parts):
     return [f for f in os.listdir(parts) if f.startswith("r") and f.endswith(".h5")] if os.path.isdir(parts) else []
 
 
+@pytest.mark.slow  # subprocesses: ~10 s on an idle 2-core machine, ~40 s under load
 def test_kill_and_resume_equals_uninterrupted_run(folder, reference, tmp_path):
     out = str(tmp_path / "resumed.h5")
     parts = out + ".parts"

@@ -80,6 +80,7 @@ def test_removal_accuracy_against_labels_matches_a_direct_count(folder):
         removal_curves(model, images, ["grey"], fractions=fractions, repeats=1, labels=[1, 2], progress=False)
 
 
+@pytest.mark.slow  # subprocesses: ~10 s on an idle 2-core machine, ~40 s under load
 def test_torchrun_experiment_equals_single_process(folder, tmp_path, capsys):
     root, _ = folder
     one, two = str(tmp_path / "one"), str(tmp_path / "two")

@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
                    help=f"clean top-k classes stored per image (default {DEFAULT_TOP_K})")
     g.add_argument("--batch-images", type=_positive, default=DEFAULT_BATCH_IMAGES,
                    help=f"images per checkpoint file; a killed rank loses at most one (default {DEFAULT_BATCH_IMAGES})")
-    g.add_argument("--fresh", action="store_true", help="discard checkpoints and an existing --out, start over")
+    g.add_argument("--fresh", action="store_true", help="delete the checkpoints and an existing --out first, start over")
     g.add_argument("--keep-parts", action="store_true", help="keep the checkpoint files (OUT.parts/) after the merge")
     g.add_argument("--dist-backend", choices=BACKENDS, default="auto",
                    help="torch.distributed backend under torchrun (default: nccl with --device cuda, else gloo)")

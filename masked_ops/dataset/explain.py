@@ -204,8 +204,11 @@ def _differences(a: dict, b: dict) -> str:
 def _prepare(folder: Folder, out: str, config: dict, fresh: bool, token: str) -> Tuple[dict, bool]:
     """Rank 0: check and set up OUT.parts, find what is done, write the plan. Returns (plan, reuse OUT)."""
     parts = _parts_dir(out)
-    if fresh and os.path.isdir(parts):
-        shutil.rmtree(parts)
+    if fresh:  # start over: a fresh run killed before its merge then resumes without --fresh
+        if os.path.isdir(parts):
+            shutil.rmtree(parts)
+        if os.path.isfile(out):
+            os.unlink(out)
     os.makedirs(parts, exist_ok=True)
     cfg_path = os.path.join(parts, "config.json")
     if os.path.exists(cfg_path):
@@ -214,7 +217,7 @@ def _prepare(folder: Folder, out: str, config: dict, fresh: bool, token: str) ->
             raise ValueError(f"{parts} holds checkpoints of a run with other settings (differs in: "
                              f"{_differences(saved, config)}); use another --out or --fresh to discard them")
     reuse_out = False
-    if os.path.exists(out) and not fresh:
+    if os.path.exists(out):
         try:
             existing = H.file_config(out)
         except OSError as e:
