@@ -80,6 +80,19 @@ def test_removal_accuracy_against_labels_matches_a_direct_count(folder):
         removal_curves(model, images, ["grey"], fractions=fractions, repeats=1, labels=[1, 2], progress=False)
 
 
+def test_units_computed_counts_each_run_alone(folder, tmp_path):
+    """Two runs in one process (a world of one): the second counts its own units, not the first's too."""
+    root, _ = folder
+    prev = torch.get_num_threads()
+    try:
+        for out in ("a", "b"):
+            assert exp_cli.main(["removal", "--images", root, "--out", str(tmp_path / out)] + ARGS) == 0
+            res = json.load(open(tmp_path / out / "removal" / "results.json"))
+            assert res["units_computed"] == 1 + 2 * 18
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.mark.slow  # subprocesses: ~10 s on an idle 2-core machine, ~40 s under load
 def test_torchrun_experiment_equals_single_process(folder, tmp_path, capsys):
     root, _ = folder

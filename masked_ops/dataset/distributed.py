@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
 import time
 from typing import Callable, Optional
@@ -29,6 +30,7 @@ from .cli import BACKENDS
 
 DEFAULT_THREADS = 1
 _PREFIX = "masked_ops"
+_SETUPS = itertools.count()
 
 
 @dataclasses.dataclass
@@ -40,6 +42,7 @@ class Dist:
     local_rank: int = 0
     backend: Optional[str] = None
     store: object = None  # the c10d store of the default process group (None in a world of one)
+    namespace: str = "0"  # keys of one setup() (a process may run several jobs on one torchrun store)
     _local: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -52,7 +55,7 @@ class Dist:
 
     def _key(self, name: str) -> str:
         # torchrun restarts workers (--max-restarts) inside the same store: one namespace per attempt
-        return f"{_PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+        return f"{_PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{self.namespace}/{name}"
 
     def add(self, name: str, amount: int = 1) -> int:
         """Add to a counter shared by all ranks; returns its new global value."""
@@ -174,7 +177,8 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0
         store = distributed_c10d._get_default_store()
     except Exception:
         store = None
-    return Dist(dist.get_rank(), dist.get_world_size(), local, backend, store)
+    # every rank calls setup() the same number of times, so the n-th call has the same keys everywhere
+    return Dist(dist.get_rank(), dist.get_world_size(), local, backend, store, namespace=str(next(_SETUPS)))
 
 
 _ACTIVE: Optional[Dist] = None

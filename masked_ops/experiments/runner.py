@@ -25,6 +25,7 @@ the same way whichever rank computes it, so the results do not depend on the num
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional
 import numpy as np
 
 _KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_RUNS = itertools.count()
 
 
 def _canonical(config: Mapping) -> dict:
@@ -71,6 +73,7 @@ class Run:
         self.computed = 0  # units computed (not loaded) by this process: what tests count
         self.computed_all = 0  # ... by all ranks
         self._maps = 0
+        self._tag = f"{experiment}.{next(_RUNS)}"  # the ranks build their Runs in the same order
         self._memory: Optional[Dict[str, Dict[str, np.ndarray]]] = None
         # units in memory cannot be shared between processes: every rank then computes everything
         self.dist = (dist if dist is not None else active()) if out_dir is not None else Dist()
@@ -81,13 +84,13 @@ class Run:
         self.dir = Path(out_dir) / experiment
         self.units_dir = self.dir / "units"
         if not self.dist.is_main:  # rank 0 sets the folder up; the others wait and check they see it
-            self.dist.sync(f"{experiment}/init")
+            self.dist.sync(f"{self._tag}/init")
             if not (self.dir / "config.json").exists():
                 raise ValueError(f"{self.dir / 'config.json'} (written by rank 0) is not visible here: --out "
                                  f"must be on a filesystem that every rank shares")
             return
         self._setup(fresh)
-        self.dist.sync(f"{experiment}/init")
+        self.dist.sync(f"{self._tag}/init")
 
     def _setup(self, fresh: bool) -> None:
         experiment = self.experiment
@@ -145,7 +148,7 @@ class Run:
             if not _KEY.match(k):
                 raise ValueError(f"unit key must match {_KEY.pattern}, got {k!r}")
         todo = [k for k in keys if not self.done(k)]
-        dist, tag = self.dist, f"{self.experiment}/map{self._maps}"
+        dist, tag = self.dist, f"{self._tag}/map{self._maps}"
         self._maps += 1
         # shard ALL keys (not the ones this rank sees undone: another rank may be saving already)
         mine = todo if not dist.distributed else [k for k in keys[dist.rank::dist.world] if not self.done(k)]
@@ -156,10 +159,16 @@ class Run:
             for key in mine:
                 self.save(key, compute(key))
                 self.computed += 1
-                bar.update(dist.add(tag, 1) + initial - bar.n)  # global count under torchrun
-            dist.sync(tag)
-            self.computed_all += dist.count(tag)
-            bar.update(dist.count(tag) + initial - bar.n)
+                if dist.distributed:
+                    bar.update(dist.add(tag, 1) + initial - bar.n)  # the global count
+                else:
+                    bar.update(1)
+            if dist.distributed:
+                dist.sync(tag)
+                self.computed_all += dist.count(tag)
+                bar.update(dist.count(tag) + initial - bar.n)
+            else:
+                self.computed_all = self.computed
         finally:
             bar.close()
         return {k: self.load(k) for k in keys}
