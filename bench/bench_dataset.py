@@ -42,7 +42,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # this worktree first, then the tests helpers
 
 
 def _free_port() -> int:
@@ -171,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--rank-only", action="store_true",
                    help="measure only the rank profile and add it to the --out JSON (which must exist)")
     args = p.parse_args(argv)
+    # this checkout's package first, then the tests' helpers (done here, not at import: `make bench`
+    # imports every bench_*.py under pytest)
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
     import torch
 
