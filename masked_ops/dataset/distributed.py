@@ -6,10 +6,15 @@ CPU runs, NCCL for CUDA runs (one GPU per rank, ``cuda:LOCAL_RANK``). Without to
 WORLD_SIZE, or WORLD_SIZE=1) nothing is initialised and the run is a world of one.
 
 The ranks share little: rank 0 writes the plan (which images are still to do) and every rank
-reads it after one barrier; then each rank works alone on ``plan[rank::world]``. Progress is
-counted in the rendezvous store torchrun already runs (``store.add``, no collective), so rank 0
-can show one bar with global counts while the ranks run at their own pace, and rank 0 waits for
-the others by polling that store (no barrier timeout, however long the slowest shard takes).
+reads it after one barrier; then each rank works alone on ``plan[rank::world]``. The barriers and
+the progress counts go through the rendezvous store torchrun already runs (``store.add``): rank 0
+shows one bar with global counts while the ranks run at their own pace, and waits for the others
+by polling the store (no barrier timeout, however long the slowest shard takes). No collective of
+the backend is needed, so gloo / NCCL only have to initialise (a plain ``dist.barrier()`` is the
+fallback where the store is not reachable).
+
+``join()`` / ``active()`` / ``leave()``: one process group for a whole process, used by the
+experiments (masked_ops.experiments.runner.Run shards its units over ``active()``).
 
 Threads: ``DEFAULT_THREADS = 1`` torch thread per process, in every run, with or without
 torchrun. Results are then bit-identical whatever the number of processes (a CPU kernel's
@@ -196,3 +201,11 @@ def join(device: Optional[torch.device] = None, backend: str = "auto") -> Dist:
 def active() -> Dist:
     """The Dist joined by ``join`` (a world of one if none was)."""
     return _ACTIVE if _ACTIVE is not None else Dist()
+
+
+def leave() -> None:
+    """Leave the process group joined by ``join`` (nothing to do in a world of one)."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        _ACTIVE.close()
+        _ACTIVE = None

@@ -94,9 +94,9 @@ def run_from_args(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        from ..dataset.distributed import active
+        from ..dataset.distributed import leave
 
-        active().close()  # torchrun: leave the process group (nothing to do in a world of one)
+        leave()  # torchrun: leave the process group (nothing to do in a world of one)
 
 
 def _run(args) -> int:
