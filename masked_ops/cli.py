@@ -2,6 +2,9 @@
 
     masked-ops explain IMAGE [options]   explain one image: a file or a bundled sample (chelsea, china, ...)
     masked-ops explain --demo            scikit-image's cat, LIME, layer masking vs grey
+    masked-ops explain DIR --out results.h5 [--top-k K] [--batch-images N] [--fresh]
+                                         every image of a folder into one HDF5 file (masked_ops.dataset);
+                                         also `torchrun --nproc-per-node G -m masked_ops.cli explain DIR ...`
     masked-ops experiment NAME ...       the paper's experiments (masked_ops.experiments.cli)
 
 ``explain`` options, by group (``masked-ops explain --help`` says more):
@@ -242,6 +245,9 @@ def _add_explain(sub) -> argparse.ArgumentParser:
     _add_method_options(p)
     _add_target_options(p)
     _add_output_options(p)
+    from .dataset.cli import add_arguments as add_folder_arguments  # IMAGE may be a folder (masked_ops.dataset)
+
+    add_folder_arguments(p)
     p.set_defaults(func=run_explain)
     return p
 
@@ -266,8 +272,17 @@ def _save_npz(path: str, explanations, image, meta) -> None:
     save_explanations(path, explanations, image=image, meta=meta)
 
 
+def _save_h5(path: str, explanations, image, meta) -> None:
+    from .dataset.h5 import write_h5
+
+    settings = {k: (v if isinstance(v, (str, int, float, bool)) else repr(v))
+                for k, v in meta.items() if k not in ("top", "image")}
+    write_h5(path, explanations, image=meta["image"], top=meta["top"], image_size=tuple(image.shape[-2:]),
+             settings=settings)
+
+
 # extension -> writer(path, explanations, image 3 x H x W, metadata dict)
-SAVE_FORMATS: Dict[str, Callable] = {".npz": _save_npz}
+SAVE_FORMATS: Dict[str, Callable] = {".npz": _save_npz, ".h5": _save_h5, ".hdf5": _save_h5}
 
 
 def _check_writable(path: str, flag: str) -> None:
@@ -362,6 +377,10 @@ def run_explain(args) -> int:
     from .explain import METHODS as EXPLAINERS
     from .explain import get_strategy
 
+    if args.image and os.path.isdir(str(args.image)) and not args.demo:  # a folder of images
+        from .dataset.explain import run_folder
+
+        return run_folder(args)
     if args.demo:
         args.image = args.image or DEMO_IMAGE
     if not args.image:
@@ -416,7 +435,7 @@ def run_explain(args) -> int:
 
     meta = {"image": str(args.image), "model": info.as_dict(), "method": args.method, "settings": method_desc,
             "target": target, "target_name": info.class_name(target), "target_probability": float(probs[target]),
-            "output": args.output, "seed": args.seed, "masking": masking}
+            "output": args.output, "seed": args.seed, "masking": masking, "top": top}
     if save is not None:
         SAVE_FORMATS[os.path.splitext(save)[1].lower()](save, explanations, x.cpu(), meta)
         print(f"wrote {os.path.abspath(save)}")

@@ -8,6 +8,12 @@ or report (rebuild OUT/README.md and the plots from the results already in OUT).
 OUT/<experiment>/results.json (naming the model and its weights under "model") and refreshes
 OUT/README.md; an interrupted run started again with the same arguments resumes from its
 checkpoints (OUT/<experiment>/units/). Errors are one line starting with "masked-ops:".
+
+``--images DIR`` runs on every image of a folder; in the ImageFolder layout (``DIR/<class>/<image>``,
+class folders named by class index, ImageNet WordNet id or class name) removal and leakage-salient
+also report top-1 accuracy against the labels beside agreement with the clean prediction. Under
+``torchrun --nproc-per-node G -m masked_ops.cli experiment ...`` the units are shared out over the
+ranks (gloo) and rank 0 writes the results and the report (OUT on a filesystem all ranks see).
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "never downloaded), random, or a state_dict file (masked_ops.models.load_model)")
     p.add_argument("--images", nargs="+", default=["bundled"],
                    help="image specs: 'bundled' (all bundled photos), skimage names, china, flower, motorcycle, "
-                        "file paths (default: bundled)")
+                        "file paths, or a folder (DIR/<class>/<image> gives labels) (default: bundled)")
     p.add_argument("--augment", type=int, default=0,
                    help="extra views (flip, corner crops) per photo, 0-9 (default 0; the shape probe uses "
                         "--probe-augment)")
@@ -60,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="strategies that score the explanations (faithfulness; default: --strategies)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's input size)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 per process under torchrun)")
     p.add_argument("--fresh", action="store_true", help="discard this experiment's checkpoints in OUT first")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -92,6 +99,10 @@ def run_from_args(args) -> int:
         return _run(args)
     except (ValueError, TypeError, OSError) as e:
         return report_error(e)
+    finally:
+        from ..dataset.distributed import leave
+
+        leave()  # torchrun: leave the process group (nothing to do in a world of one)
 
 
 def _run(args) -> int:
@@ -100,15 +111,20 @@ def _run(args) -> int:
     # (functions, not modules: the package re-exports ``linearity`` the function under the module's name)
     from . import report
     from .faithfulness import lime_faithfulness
-    from .images import image_set
+    from .images import labelled_image_set
     from .leakage import salient_vs_moved, shape_probe
     from .linearity import linearity
     from .removal import removal_curves
     from .runner import annotate_results
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from ..dataset.distributed import env_world, join
+
+    rank, world, _ = env_world()
+    if args.threads or world > 1:
+        torch.set_num_threads(args.threads or 1)
     if args.name == "report":
+        if rank != 0:  # under torchrun the report is rank 0's
+            return 0
         path = report.write_report(args.out)
         print(f"report: {path}")
         return 0
@@ -118,19 +134,28 @@ def _run(args) -> int:
     model, info = load_model(args.model, args.weights)
     print(f"model: {info.describe()}")
     size = args.size or info.input_size
+    dist = join()  # a world of one without torchrun
+    main = dist.is_main
     common = dict(seed=args.seed, mean=info.mean, std=info.std, batch_size=args.batch_size, out=args.out,
-                  fresh=args.fresh, progress=not args.no_progress)
+                  fresh=args.fresh, progress=not args.no_progress and main)
     todo = {"all": EXPERIMENTS, "leakage": ("leakage-salient", "leakage-probe")}.get(args.name, (args.name,))
-    imgs, names = image_set(args.images, size, args.augment)
+    iset = labelled_image_set(args.images, size, args.augment, class_names=list(info.class_names))
+    imgs, names = iset.images, iset.names
+    labels = iset.labels if iset.labelled else None
+    if main and any(iset.label_names):
+        n_lab = int((iset.labels >= 0).sum())
+        print(f"labels: {n_lab} of {len(names)} images have a class folder naming a class of {info.name}"
+              + ("" if n_lab else " (accuracy is not reported)"), file=sys.stderr)
     for exp in todo:
         start, cpu = time.time(), time.process_time()
         if exp == "removal":
             res = removal_curves(model, imgs, strategies, repeats=args.repeats or 5, image_names=names,
-                                   class_names=list(info.class_names), **common)
+                                 class_names=list(info.class_names), labels=labels, **common)
         elif exp == "leakage-salient":
-            res = salient_vs_moved(model, imgs, strategies, image_names=names, **common)
+            res = salient_vs_moved(model, imgs, strategies, image_names=names, labels=labels, **common)
         elif exp == "leakage-probe":
-            pimgs, pnames = image_set(args.images, size, args.probe_augment)
+            pset = labelled_image_set(args.images, size, args.probe_augment)
+            pimgs, pnames = pset.images, pset.names
             res = shape_probe(model, pimgs, strategies, groups=[n.split(":")[0] for n in pnames], **common)
         elif exp == "faithfulness":
             evaluators = _strategies(args.evaluators) if args.evaluators else None
@@ -139,14 +164,34 @@ def _run(args) -> int:
                                            image_names=names, **common)
         elif exp == "linearity":
             res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, **common)
+        if not main:
+            continue
         annotate_results(args.out, exp, model=info.as_dict())  # results name the model and its weights
         if res.get("units_computed") or not report.has_record(args.out, exp):
             # a rerun that only reloads checkpoints keeps the record of the run that did the work
             report.record_command(args.out, exp, _command(args), time.time() - start, time.process_time() - cpu)
         print(f"{exp}: done in {time.time() - start:.0f} s -> {args.out}/{exp}/results.json", file=sys.stderr)
+        if "clean_accuracy" in res:
+            print(accuracy_line(exp, res))
+    if not main:
+        return 0
     path = report.write_report(args.out)
     print(f"report: {path}")
     return 0
+
+
+def accuracy_line(exp: str, res: dict) -> str:
+    """One line: top-1 accuracy against the labels beside agreement with the clean prediction."""
+    if exp == "removal":
+        parts = [f"{s} {v['mean_accuracy']:.3f} (agreement {v['mean_agreement']:.3f})"
+                 for s, v in res["strategies"].items()]
+        what = "mean top-1 accuracy over the fractions"
+    else:
+        parts = [f"{s} {v['accuracy_salient']:.3f} (agreement {v['agreement_salient']:.3f})"
+                 for s, v in res["strategies"].items()]
+        what = "top-1 accuracy with the salient region removed"
+    return (f"{exp}: {what}, {res['n_labelled']} labelled images (clean accuracy {res['clean_accuracy']:.3f}): "
+            + ", ".join(parts))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -8,7 +8,8 @@
     Removing the object should destroy the prediction: high agreement under the salient mask means
     the hole's outline still gives the class away (leakage; the paper: lowest with layer masking).
     Under the moved mask the object is intact: low agreement there is the hole itself misleading
-    the model (missingness bias).
+    the model (missingness bias). With ``labels`` (an image folder in ImageFolder layout) also the
+    top-1 accuracy against the labels under both masks, and the clean accuracy.
 
 (b) ``shape_probe``: fixed mask shapes (square, disk, bars, triangle, cross; equal area, jittered
     position) on many images; a cross-validated logistic regression on the model's log-probabilities
@@ -28,7 +29,7 @@ import torch
 from . import masks as M
 from .common import DEFAULT_STRATEGIES, StrategySpec, Subject, base_config, check_images
 from .metrics import agreement, kl_divergence, mean_se
-from .removal import _subject
+from .removal import _subject, check_labels
 from .runner import Run
 
 PROBE_SHAPES = M.SHAPES
@@ -49,7 +50,7 @@ def gradient_saliency(subject: Subject, images: torch.Tensor, classes: torch.Ten
 def salient_vs_moved(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_STRATEGIES, *,
                      area: float = 0.25, seed: int = 0, mean=None, std=None, batch_size: int = 32, out=None,
                      fresh: bool = False, progress: bool = True,
-                     image_names: Optional[Sequence[str]] = None) -> dict:
+                     image_names: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> dict:
     """Leakage (a); returns (and with ``out`` writes under out/leakage-salient) the results dict."""
     images = check_images(images)
     if not 0.0 < area < 1.0:
@@ -90,10 +91,18 @@ def salient_vs_moved(model, images: torch.Tensor, strategies: StrategySpec = DEF
     results = {"experiment": "leakage-salient", "area": area, "n_images": n,
                "removed_area": float(base["salient"].mean()),
                "moved_overlap_mean": float(base["overlap"].mean()), "strategies": {}}
+    labelled = check_labels(labels, n)
+    if labelled is not None:
+        lab, sel = labelled
+        results.update(labels=lab.tolist(), n_labelled=int(sel.sum()),
+                       clean_accuracy=float(agreement(lab[sel], clean_pred[sel]).mean()))
     for s in subject.names:
         u = units[s]
         row = {}
         for which in regions:
+            if labelled is not None:
+                c_m, c_se = mean_se(agreement(lab[sel], u[f"pred_{which}"][sel]))
+                row.update({f"accuracy_{which}": float(c_m), f"accuracy_{which}_se": float(c_se)})
             a_m, a_se = mean_se(agreement(clean_pred, u[f"pred_{which}"]))
             p_m, p_se = mean_se(u[f"p_clean_{which}"])
             k_m, k_se = mean_se(u[f"kl_{which}"])

@@ -12,6 +12,10 @@ strategy predicts on the very same masks. Metrics per strategy and fraction:
 - ``top_class``/``top_share``: the most frequent prediction and its share;
 - ``mean_agreement``: agreement averaged over the fractions (the paper's summary number), with a
   bootstrap confidence interval over images.
+- with ``labels`` (an image folder in ImageFolder layout): ``accuracy`` per fraction and
+  ``mean_accuracy`` (top-1 equal to the label: the paper's own measure), over the images that have a
+  label, beside the agreement; ``clean_accuracy`` is the unmasked model's. Labels change only the
+  summary, never a unit: adding them to a finished run recomputes nothing.
 
 Unit of work (one checkpoint): one strategy on one image, all fractions and orders.
 """
@@ -62,7 +66,7 @@ def removal_curves(model, images: torch.Tensor, strategies: StrategySpec = DEFAU
                    fractions: Sequence[float] = FRACTIONS, repeats: int = 5, patch: int = 16, seed: int = 0,
                    mean=None, std=None, batch_size: int = 32, out=None, fresh: bool = False,
                    progress: bool = True, image_names: Optional[Sequence[str]] = None,
-                   class_names: Optional[Sequence[str]] = None) -> dict:
+                   class_names: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> dict:
     """Run the removal-curve experiment; returns (and with ``out`` writes) the results dict."""
     images = check_images(images)
     if not isinstance(repeats, int) or repeats < 1:
@@ -90,7 +94,7 @@ def removal_curves(model, images: torch.Tensor, strategies: StrategySpec = DEFAU
 
     units = run.map(keys, compute, desc="removal")
     results = summarise(units, clean.argmax(-1).numpy(), subject.names, fractions, repeats, seed=seed,
-                        class_names=class_names)
+                        class_names=class_names, labels=labels)
     return run.finish(results, config, image_names, paper=PAPER)
 
 
@@ -105,13 +109,18 @@ def _subject(model, strategies, mean, std, batch_size, seed) -> Subject:
 
 def summarise(units: Mapping[str, Mapping[str, np.ndarray]], clean_pred: np.ndarray, names: Sequence[str],
               fractions: Sequence[float], repeats: int, *, seed: int = 0,
-              class_names: Optional[Sequence[str]] = None) -> dict:
+              class_names: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> dict:
     """Aggregate per-unit arrays into per-strategy curves (see the module docstring)."""
     n = len(clean_pred)
+    labelled = check_labels(labels, n)
     out = {"experiment": "removal", "fractions": list(fractions), "repeats": repeats, "n_images": n,
            "max_entropy_bits": float(np.log2(n * repeats)),
            "clean_entropy_bits": class_histogram_entropy(np.asarray(clean_pred)), "strategies": {}}
-    per_image = {}
+    if labelled is not None:
+        lab, sel = labelled
+        out.update(labels=lab.tolist(), n_labelled=int(sel.sum()),
+                   clean_accuracy=float(agreement(lab[sel], np.asarray(clean_pred)[sel]).mean()))
+    per_image, per_image_acc = {}, {}
     for s in names:
         pred = np.stack([units[f"{s}--{i:04d}"]["pred"] for i in range(n)])          # N x F x R
         kl = np.stack([units[f"{s}--{i:04d}"]["kl"] for i in range(n)])
@@ -133,6 +142,14 @@ def summarise(units: Mapping[str, Mapping[str, np.ndarray]], clean_pred: np.ndar
             "mean_agreement": float(per_image_curve_mean.mean()), "mean_agreement_ci95": [lo, hi],
             "mean_kl": float(kl.mean()),
         }
+        if labelled is not None:
+            acc = agreement(lab[sel][:, None, None], pred[sel]).mean(axis=2)                  # N_l x F
+            c_mean, c_se = mean_se(acc)
+            curve = acc.mean(axis=1)
+            lo, hi = bootstrap_ci(curve, seed=seed)
+            out["strategies"][s].update(accuracy=c_mean.tolist(), accuracy_se=c_se.tolist(),
+                                        mean_accuracy=float(curve.mean()), mean_accuracy_ci95=[lo, hi])
+            per_image_acc[s] = curve
         per_image[s] = per_image_curve_mean
     # Paired over images (same images, same masks): layer masking minus each other strategy.
     out["paired_vs_layer"] = {}
@@ -142,4 +159,22 @@ def summarise(units: Mapping[str, Mapping[str, np.ndarray]], clean_pred: np.ndar
                 d = per_image["layer"] - per_image[s]
                 lo, hi = bootstrap_ci(d, seed=seed)
                 out["paired_vs_layer"][s] = {"mean_agreement_difference": float(d.mean()), "ci95": [lo, hi]}
+                if s in per_image_acc:
+                    d = per_image_acc["layer"] - per_image_acc[s]
+                    lo, hi = bootstrap_ci(d, seed=seed)
+                    out["paired_vs_layer"][s].update(mean_accuracy_difference=float(d.mean()),
+                                                     accuracy_ci95=[lo, hi])
     return out
+
+
+def check_labels(labels, n: int):
+    """(labels as int64, mask of labelled images) or None when no image has a label (-1 = none)."""
+    if labels is None:
+        return None
+    lab = np.asarray(labels)
+    if lab.shape != (n,) or lab.dtype.kind not in "iu":
+        raise ValueError(f"labels must be {n} integer class indices (-1 = no label), got shape {lab.shape} "
+                         f"dtype {lab.dtype}")
+    lab = lab.astype(np.int64)
+    sel = lab >= 0
+    return (lab, sel) if sel.any() else None

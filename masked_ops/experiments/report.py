@@ -84,15 +84,21 @@ def _save(fig, path: Path, *results: Optional[dict]) -> None:
 def plot_removal(r: dict, path: Path) -> None:
     plt = _plt()
     x = [100 * f for f in r["fractions"]]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    labelled = "clean_accuracy" in r
+    fig, axes = plt.subplots(1, 4 if labelled else 3, figsize=(20 if labelled else 15, 4.2))
     for s, v in r["strategies"].items():
         st = _style(s)
         axes[0].errorbar(x, v["agreement"], yerr=v["agreement_se"], label=s, capsize=2, **st)
         axes[1].plot(x, v["kl"], label=s, **st)
         axes[2].plot(x, v["entropy_bits"], label=s, **st)
+        if labelled:
+            axes[3].errorbar(x, v["accuracy"], yerr=v["accuracy_se"], label=s, capsize=2, **st)
     axes[2].axhline(r["clean_entropy_bits"], color="k", lw=0.8, ls=":", label="clean predictions")
     titles = ("top-1 agreement with the clean prediction", "KL(clean || masked), nats",
               "entropy of the predicted-class histogram, bits")
+    if labelled:
+        axes[3].axhline(r["clean_accuracy"], color="k", lw=0.8, ls=":", label="clean accuracy")
+        titles += (f"top-1 accuracy against the labels ({r['n_labelled']} images)",)
     for ax, t in zip(axes, titles):
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("patches removed (%)")
@@ -198,11 +204,15 @@ def _removal_md(r: dict) -> str:
     fr = r["fractions"]
     pick = [i for i, f in enumerate(fr) if round(f * 10) % 2 == 0 or f in (0.0, 1.0)]
     rows = []
+    labelled = "clean_accuracy" in r
     for s, v in sorted(r["strategies"].items(), key=lambda kv: -kv[1]["mean_agreement"]):
         lo, hi = v["mean_agreement_ci95"]
-        rows.append([f"**{s}**" if s in LAYER else s, f"{_f(v['mean_agreement'])} [{_f(lo)}, {_f(hi)}]",
+        acc = [f"{_f(v['mean_accuracy'])} [{_f(v['mean_accuracy_ci95'][0])}, {_f(v['mean_accuracy_ci95'][1])}]"] \
+            if labelled else []
+        rows.append([f"**{s}**" if s in LAYER else s] + acc + [f"{_f(v['mean_agreement'])} [{_f(lo)}, {_f(hi)}]",
                      _f(v["mean_kl"], 2)] + [_f(v["agreement"][i], 2) for i in pick])
-    head = ["strategy", "mean top-1 agreement [95% CI]", "mean KL"] + [f"{round(100 * fr[i])}%" for i in pick]
+    head = ["strategy"] + (["mean top-1 accuracy vs labels [95% CI]"] if labelled else []) + \
+        ["mean top-1 agreement [95% CI]", "mean KL"] + [f"{round(100 * fr[i])}%" for i in pick]
     ent_rows = []
     for s, v in r["strategies"].items():
         cells = [f"{_f(v['entropy_bits'][i], 2)} ({v['top_class_name'][i]}, {100 * v['top_share'][i]:.0f}%)"
@@ -212,7 +222,11 @@ def _removal_md(r: dict) -> str:
     paper = r.get("paper", {})
     return "\n\n".join([
         f"{r['n_images']} images x {r['repeats']} random patch orders, 16x16 patches. Agreement = top-1 "
-        f"prediction equal to the clean one (the bundled photos have no labels). Paper ({paper.get('model')}): "
+        f"prediction equal to the clean one"
+        + (f"; accuracy = top-1 prediction equal to the label, over the {r['n_labelled']} labelled images "
+           f"(clean accuracy {_f(r['clean_accuracy'])}); the columns per fraction are agreement"
+           if labelled else " (the images have no labels)")
+        + f". Paper ({paper.get('model')}): "
         f"mean top-1 over the fractions "
         + ", ".join(f"{k} {v}" for k, v in paper.get("mean_agreement", {}).items()) + ".",
         _table(head, rows),
@@ -229,8 +243,11 @@ def _removal_md(r: dict) -> str:
 
 def _salient_md(r: dict) -> str:
     rows = []
+    labelled = "clean_accuracy" in r
     for s, v in r["strategies"].items():
-        rows.append([f"**{s}**" if s in LAYER else s,
+        acc = [f"{_f(v[f'accuracy_{w}'], 2)} ± {_f(v[f'accuracy_{w}_se'], 2)}" for w in ("salient", "moved")] \
+            if labelled else []
+        rows.append([f"**{s}**" if s in LAYER else s] + acc + [
                      f"{_f(v['agreement_salient'], 2)} ± {_f(v['agreement_salient_se'], 2)}",
                      f"{_f(v['p_clean_salient'])} ± {_f(v['p_clean_salient_se'])}",
                      f"{_f(v['agreement_moved'], 2)} ± {_f(v['agreement_moved_se'], 2)}",
@@ -238,8 +255,12 @@ def _salient_md(r: dict) -> str:
     return "\n\n".join([
         f"{r['n_images']} images; a blob of {100 * r['area']:.0f}% of the image over the most salient region "
         f"(plain model's gradient saliency, smoothed), and the same blob moved to where it overlaps the "
-        f"first least (mean overlap {100 * r['moved_overlap_mean']:.0f}%). Mean ± standard error over images.",
-        _table(["strategy", "agreement, salient removed (lower = less leakage)", "p(clean class), salient removed",
+        f"first least (mean overlap {100 * r['moved_overlap_mean']:.0f}%). Mean ± standard error over images."
+        + (f" Accuracy against the labels over the {r['n_labelled']} labelled images (clean accuracy "
+           f"{_f(r['clean_accuracy'])})." if labelled else ""),
+        _table(["strategy"] + (["accuracy vs labels, salient removed", "accuracy vs labels, moved"] if labelled
+                               else []) +
+               ["agreement, salient removed (lower = less leakage)", "p(clean class), salient removed",
                 "agreement, moved (higher = less bias)", "p(clean class), moved", "p gap (moved - salient)"],
                rows)])
 

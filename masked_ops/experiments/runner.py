@@ -15,9 +15,17 @@ Layout under ``out_dir/<experiment>/``::
 A run started again with a *different* configuration refuses to mix results: it raises
 and names the keys that differ (use another out dir, or ``fresh=True`` to discard them).
 With ``out_dir=None`` nothing is written: units live in memory for one call.
+
+Under torchrun (masked_ops.dataset.distributed.join() called first, as ``masked-ops experiment``
+does) the units are sharded: rank r computes ``keys[r::world]``, every rank waits for the others
+(through the rendezvous store) and then loads all units from ``out_dir``, which must be on a
+filesystem every rank sees; rank 0 alone writes config.json and results.json. Each unit is computed
+the same way whichever rank computes it, so the results do not depend on the number of processes
+(at the same threads per process).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -29,6 +37,7 @@ import numpy as np
 from .._io import atomic_write
 
 _KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_RUNS = itertools.count()
 
 
 def _canonical(config: Mapping) -> dict:
@@ -49,18 +58,36 @@ class Run:
     """Checkpoint store of one experiment run (see the module docstring)."""
 
     def __init__(self, out_dir, experiment: str, config: Mapping, *, fresh: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, dist=None):
+        from ..dataset.distributed import Dist, active
+
         self.experiment = experiment
         self.config = _canonical(config)
         self.progress = progress
         self.computed = 0  # units computed (not loaded) by this process: what tests count
+        self.computed_all = 0  # ... by all ranks
+        self._maps = 0
+        self._tag = f"{experiment}.{next(_RUNS)}"  # the ranks build their Runs in the same order
         self._memory: Optional[Dict[str, Dict[str, np.ndarray]]] = None
+        # units in memory cannot be shared between processes: every rank then computes everything
+        self.dist = (dist if dist is not None else active()) if out_dir is not None else Dist()
         if out_dir is None:
             self.dir = self.units_dir = None
             self._memory = {}
             return
         self.dir = Path(out_dir) / experiment
         self.units_dir = self.dir / "units"
+        if not self.dist.is_main:  # rank 0 sets the folder up; the others wait and check they see it
+            self.dist.sync(f"{self._tag}/init")
+            if not (self.dir / "config.json").exists():
+                raise ValueError(f"{self.dir / 'config.json'} (written by rank 0) is not visible here: --out "
+                                 f"must be on a filesystem that every rank shares")
+            return
+        self._setup(fresh)
+        self.dist.sync(f"{self._tag}/init")
+
+    def _setup(self, fresh: bool) -> None:
+        experiment = self.experiment
         if fresh and self.units_dir.exists():
             shutil.rmtree(self.units_dir)
         cfg_path = self.dir / "config.json"
@@ -107,13 +134,27 @@ class Run:
             if not _KEY.match(k):
                 raise ValueError(f"unit key must match {_KEY.pattern}, got {k!r}")
         todo = [k for k in keys if not self.done(k)]
-        bar = _progress(total=len(keys), initial=len(keys) - len(todo), desc=desc or self.experiment,
-                        disable=not self.progress)
+        dist, tag = self.dist, f"{self._tag}/map{self._maps}"
+        self._maps += 1
+        # shard ALL keys (not the ones this rank sees undone: another rank may be saving already)
+        mine = todo if not dist.distributed else [k for k in keys[dist.rank::dist.world] if not self.done(k)]
+        initial = len(keys) - len(todo)
+        bar = _progress(total=len(keys), initial=initial, desc=desc or self.experiment,
+                        disable=not self.progress or not dist.is_main)
         try:
-            for key in todo:
+            for key in mine:
                 self.save(key, compute(key))
                 self.computed += 1
-                bar.update(1)
+                if dist.distributed:
+                    bar.update(dist.add(tag, 1) + initial - bar.n)  # the global count
+                else:
+                    bar.update(1)
+            if dist.distributed:
+                dist.sync(tag)
+                self.computed_all += dist.count(tag)
+                bar.update(dist.count(tag) + initial - bar.n)
+            else:
+                self.computed_all = self.computed
         finally:
             bar.close()
         return {k: self.load(k) for k in keys}
@@ -123,12 +164,12 @@ class Run:
         results["config"] = config
         results["image_names"] = list(image_names) if image_names is not None else None
         results.update(extra)
-        results["units_computed"] = self.computed
+        results["units_computed"] = self.computed_all
         self.write_results(results)
         return results
 
     def write_results(self, results: Mapping) -> Optional[Path]:
-        if self.dir is None:
+        if self.dir is None or not self.dist.is_main:
             return None
         path = self.dir / "results.json"
         write_json_atomic(path, results)
@@ -158,6 +199,8 @@ def _progress(**kwargs):
 
 
 class _NoBar:
+    n = 0
+
     def update(self, n=1):
         pass
 
