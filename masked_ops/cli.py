@@ -313,7 +313,8 @@ def output_paths(args) -> Tuple[Optional[str], Optional[str]]:
         _check_writable(save, "--save")
         ext = os.path.splitext(save)[1].lower()
         if ext not in SAVE_FORMATS:
-            raise CliError(f"--save must name a {' or '.join(SAVE_FORMATS)} file, got {save!r}")
+            names = list(SAVE_FORMATS)
+            raise CliError(f"--save must name a {', '.join(names[:-1])} or {names[-1]} file, got {save!r}")
         if png is not None and os.path.abspath(png) == os.path.abspath(save):
             raise CliError("--out and --save name the same file")
     return png, save

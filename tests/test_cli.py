@@ -297,7 +297,7 @@ def test_explain_china_like_the_experiments(tmp_path, capsys):
     (["--method", "occlusion", "--window", "8", "--n-segments", "9"], "--n-segments does not apply with --window"),
     (["--method", "occlusion", "--window", "80"], "larger than the 48 x 48 model input"),
     (["--method", "kernel-shap", "--samples", "2"], "--samples must be >= 3 for kernel-shap"),
-    (["--save", "{tmp}/a.h5"], "--save must name a .npz file"),
+    (["--save", "{tmp}/a.csv"], "--save must name a .npz, .h5 or .hdf5 file"),
     (["--out", "{tmp}/a.npz"], "attributions go to --save"),
     (["--out", "{tmp}"], "is a folder"),
     (["--save", "{tmp}"], "is a folder"),
@@ -469,3 +469,16 @@ def test_default_model_is_the_real_pretrained_efficientnet():
         top = model((x - mean) / std)[0].topk(3).indices.tolist()
     assert top[0] in range(281, 286), [info.class_names[i] for i in top]  # a cat
     assert info.class_names[285] == "Egyptian cat" and len(info.class_names) == 1000
+
+
+def test_save_h5_for_one_image_reads_back_with_plain_h5py(photo, tmp_path, capsys):
+    """--save FILE.h5 writes the folder schema (masked_ops.dataset.h5) for one image."""
+    h5py = pytest.importorskip("h5py")
+    out = tmp_path / "one.h5"
+    code, stdout, err = _run(["explain", photo, "--method", "occlusion", "--n-segments", "4", "--masking", "grey",
+                              "--save", str(out)] + FAST, capsys)
+    assert code == 0, err
+    with h5py.File(out) as f:
+        assert f["attributions/grey"].shape[0] == 1 and f["path"].asstr()[0] == photo
+        assert f["target"][0] == f["topk_class"][0, 0]  # the default target is the top-1
+        assert len(set(f["segments"][0].ravel().tolist())) >= 2
