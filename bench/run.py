@@ -27,6 +27,7 @@ import contextlib
 import datetime as _dt
 import io
 import os
+import signal
 import sys
 import warnings
 
@@ -289,6 +290,10 @@ def parse_args(argv=None):
     return a
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -303,6 +308,7 @@ def main(argv=None) -> str:
     print(f"masked_ops benchmark: {meta}", flush=True)
     records = []
     sections = args.only or ["ops", "compile", "models"]
+    signal.signal(signal.SIGTERM, _stop)  # a timeout's SIGTERM still writes what finished
     try:
         if "ops" in sections:
             bench_ops(args, device, records)

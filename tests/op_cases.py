@@ -186,3 +186,96 @@ def cycle_product(*axes: Sequence, length: Optional[int] = None) -> Iterator[tup
 
 def all_pairs(a: Sequence, b: Sequence) -> List[tuple]:
     return list(itertools.product(a, b))
+
+
+# ----------------------------------------------------------------------------- one accuracy rule
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_accurate(ours: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype,
+                    what: str) -> None:
+    """The accuracy rule of every fused backend (CPU, Triton interpreter, GPU), after flash-attention:
+    against the float64 reference ``truth``, the error of ``ours`` is at most twice the error of plain
+    PyTorch (``plain``: the reference backend run in ``dtype``), plus two units in the last place of
+    ``dtype`` at the output's scale (where plain PyTorch happens to be exact). In float64 itself the
+    kernels must match the reference to 1e-10 relative."""
+    assert ours.shape == truth.shape, f"{what}: shape {tuple(ours.shape)} != reference {tuple(truth.shape)}"
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    err = max_error(ours, truth)
+    if dtype == torch.float64:
+        assert err <= 1e-10 * scale, f"{what}: float64 error {err:.3g}"
+        return
+    bound = 2 * max_error(plain, truth) + 2 * torch.finfo(dtype).eps * scale
+    assert err <= bound, f"{what}: error {err:.3g} > 2 x plain PyTorch's {max_error(plain, truth):.3g} + 2 ulp"
+
+
+# ----------------------------------------------------------------------------- one list of primitive cases
+def primitive_cases() -> dict:
+    """Every backend primitive in several configurations: name -> f(backend module, x, m) -> tensor(s).
+
+    Shared by the CPU sweep (test_backend_agreement), the Triton interpreter and the GPU tests, so that
+    every backend meets the same cases. Inputs: x N x C x H x W, m N x 1 x H x W 0/1 in x's dtype.
+    """
+    from masked_ops.activations import ACTIVATIONS
+
+    def scale_of(x):
+        g = torch.Generator(x.device).manual_seed(1)
+        return torch.rand(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, generator=g).to(x.dtype) * 2
+
+    def ramp(x, lo=-1.0, hi=1.0):
+        return torch.linspace(lo, hi, x.shape[1], device=x.device, dtype=x.dtype)
+
+    cases = {}
+    for iters in (0, 1, 2, 6):
+        cases[f"fill{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill(x, m, it)
+        cases[f"fill_inplace{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill_(
+            torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device)), m, it)
+
+    def padded_fill_in_place(B, x, m):  # into the interior of a padded buffer (a strided view)
+        buf = F.pad(torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device)), (0, 1, 2, 1), value=3.0)
+        B.neighbor_fill_(buf[:, :, 2:2 + x.shape[2], :x.shape[3]], m, 2)
+        return buf
+
+    cases["padded_fill_inplace"] = padded_fill_in_place
+    for act in ACTIVATIONS:
+        cases[f"epilogue_{act}"] = lambda B, x, m, a=act: B.conv_epilogue(x, m, scale_of(x), ramp(x), a)
+    cases["epilogue_plain"] = lambda B, x, m: B.conv_epilogue(x, m, None, None, "none")
+    cases["epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(x.clone(), m, scale_of(x), ramp(x), "relu6")
+    cases["strided_epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(
+        torch.cat([x, x], dim=3)[..., ::2], m, None, None, "silu")
+    cases["affine_relu"] = lambda B, x, m: B.masked_affine_act(x, m, ramp(x, 0.5, 2), ramp(x), "relu")
+    cases["affine_silu"] = lambda B, x, m: B.masked_affine_act(x, m, ramp(x, 0.5, 2), ramp(x), "silu")
+    for geo in (((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 2), (2, 2), (0, 0), (1, 1), True),
+                ((3, 3), (1, 1), (1, 1), (2, 2), True), ((3, 2), (1, 2), (1, 0), (2, 1), True)):
+        cases[f"maxpool{geo}"] = lambda B, x, m, g=geo: B.masked_max_pool2d(x, m, *g)
+    for geo in (((3, 3), (2, 2), (1, 1), False, True), ((3, 3), (2, 2), (1, 1), True, False),
+                ((2, 2), (2, 2), (0, 0), False, True), ((2, 3), (2, 1), (1, 1), True, True)):
+        cases[f"avgpool{geo}"] = lambda B, x, m, g=geo: B.masked_avg_pool2d(x, m, *g)
+    cases["mean"] = lambda B, x, m: B.masked_mean(x, m)
+    return cases
+
+
+def sweep_inputs(dtype: torch.dtype, layout: str, device="cpu", n=2, c=5, h=17, w=19, seed=0):
+    """(x, m) for the primitive sweep: patches removed, the last sample with nothing visible."""
+    x = make_input(n, c, h, w, torch.float64, seed=seed)
+    m = make_mask("patches", n, h, w, seed=seed).to(torch.float64)
+    m[-1] = 0
+    return with_layout(x.to(dtype), layout).to(device), m.to(dtype).to(device)
+
+
+def assert_primitive_sweep(B, dtype: torch.dtype, layout: str, device="cpu", names=None, shape=(2, 5, 17, 19)) -> None:
+    """Every primitive case on backend module ``B`` against the reference, under assert_accurate."""
+    from masked_ops.backends import reference as R
+
+    x, m = sweep_inputs(dtype, layout, device, *shape)
+    for name, f in primitive_cases().items():
+        if names is not None and name not in names:
+            continue
+        truth, ours, plain = f(R, x.double(), m.double()), f(B, x, m), f(R, x, m)
+        truth, ours, plain = [t if isinstance(t, tuple) else (t,) for t in (truth, ours, plain)]
+        for k, (o, p, t) in enumerate(zip(ours, plain, truth)):
+            assert o.dtype == dtype and o.device.type == torch.device(device).type, f"{name}[{k}]: dtype/device"
+            assert_accurate(o, p, t, dtype, f"{name}[{k}] {dtype} {layout}")
+        if layout == "channels_last" and name.startswith(("fill", "epilogue", "affine")) and "inplace" not in name:
+            assert ours[0].is_contiguous(memory_format=torch.channels_last), f"{name}: layout not kept"

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 import masked_ops as mo
 from masked_ops.activations import ACTIVATIONS
-from op_cases import (LAYOUTS, LOW_PRECISION, MASK_KINDS, MODES, ConvCase, available_backends, conv_cases,
-                      cycle_product, make_conv_params, make_input, make_mask, pool_cases, tolerance)
+from op_cases import (LAYOUTS, LOW_PRECISION, MASK_KINDS, MODES, ConvCase, assert_accurate, assert_primitive_sweep,
+                      available_backends, conv_cases, cycle_product, make_conv_params, make_input, make_mask,
+                      pool_cases, tolerance)
 
 # GPU helpers reuse this module with their own list (e.g. ["cuda", "triton"] on CUDA tensors).
 BACKENDS_UNDER_TEST = available_backends(["cpp"])
@@ -266,10 +267,6 @@ def test_masked_mean(backend, kind, layout):
 
 
 # ----------------------------------------------------------------------------- low precision rule
-def _max_err(a, ref):
-    return (a.double() - ref).abs().max().item()
-
-
 _LOWP_OPS = {
     "fill": lambda x, m, w, b: mo.neighbor_fill(x, m, 2),
     "conv_fill": lambda x, m, w, b: mo.masked_conv2d(x, m, w, b, padding=1, mode="fill", activation="gelu")[0],
@@ -297,9 +294,19 @@ def test_low_precision_error_at_most_twice_torch(backend, dtype, op):
     with mo.set_backend(backend):
         low = fn(x64.to(dtype), m, w64.to(dtype), b64.to(dtype))
     assert low.dtype == dtype
-    err, err_torch = _max_err(low, ref), _max_err(low_torch, ref)
-    slack = 1e-3 if dtype == torch.float16 else 1e-2
-    assert err <= 2 * err_torch + slack, f"{backend} {dtype} error {err:.3g} > 2 x torch's {err_torch:.3g}"
+    assert_accurate(low, low_torch, ref, dtype, f"{backend} {op} {dtype}")
+
+
+# ----------------------------------------------------------------------------- the shared primitive sweep
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32) + LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_primitive_sweep(backend, dtype, layout):
+    """Every primitive case of op_cases (the Triton-interpreter and GPU tests run the same ones) under
+    the one accuracy rule, in every dtype and memory layout."""
+    from masked_ops.backends import _load
+
+    assert_primitive_sweep(_load(backend), dtype, layout, device=DEVICE)
 
 
 # ----------------------------------------------------------------------------- hypothesis

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import masked_ops as mo
 from masked_ops.activations import ACTIVATIONS
 from masked_ops.backends import reference as R
+from op_cases import assert_accurate, assert_primitive_sweep, max_error, primitive_cases
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,72 +49,18 @@ def _fmt(t, fmt):
 
 
 def _err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    return max_error(a, b)
 
 
-def _check_rule(ours, plain, truth, dtype, what):
-    if dtype == torch.float64:
-        assert _err(ours, truth) <= 1e-12, f"{what}: float64 error {_err(ours, truth):.3g}"
-        return
-    ulp = torch.finfo(dtype).eps * max(1.0, truth.abs().max().item())
-    e_ours, e_plain = _err(ours, truth), _err(plain, truth)
-    assert e_ours <= 2 * e_plain + ulp, f"{what}: error {e_ours:.3g} > 2 x plain PyTorch {e_plain:.3g} + ulp"
-
-
-# Every primitive with a few configurations: name -> function(backend module, x, m) -> tensor(s).
-def _cases():
-    scale_fn = lambda x: torch.rand(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device,  # noqa: E731
-                                    generator=torch.Generator(x.device).manual_seed(1)).to(x.dtype) * 2
-    cases = {}
-    for iters in (0, 1, 2, 6):
-        cases[f"fill{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill(x, m, it)
-        cases[f"fill_inplace{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill_(x.clone(), m, it)
-
-    def padded_fill_in_place(B, x, m):  # into the interior of a padded buffer (a strided view)
-        buf = torch.nn.functional.pad(x, (0, 1, 2, 1), value=3.0)
-        B.neighbor_fill_(buf[:, :, 2:2 + x.shape[2], :x.shape[3]], m, 2)
-        return buf
-
-    cases["padded_fill_inplace"] = padded_fill_in_place
-    for act in ACTIVATIONS:
-        cases[f"epilogue_{act}"] = lambda B, x, m, a=act: B.conv_epilogue(
-            x, m, scale_fn(x), torch.linspace(-1, 1, x.shape[1], device=x.device, dtype=x.dtype), a)
-    cases["epilogue_plain"] = lambda B, x, m: B.conv_epilogue(x, m, None, None, "none")
-    cases["epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(
-        x.clone(), m, scale_fn(x), torch.linspace(-1, 1, x.shape[1], device=x.device, dtype=x.dtype), "relu6")
-    cases["strided_epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(
-        torch.cat([x, x], dim=3)[..., ::2], m, None, None, "silu")
-    cases["affine_relu"] = lambda B, x, m: B.masked_affine_act(
-        x, m, torch.linspace(0.5, 2, x.shape[1], device=x.device, dtype=x.dtype),
-        torch.linspace(-1, 1, x.shape[1], device=x.device, dtype=x.dtype), "relu")
-    for geo in (((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 2), (2, 2), (0, 0), (1, 1), True),
-                ((3, 3), (1, 1), (1, 1), (2, 2), True)):
-        cases[f"maxpool{geo}"] = lambda B, x, m, g=geo: B.masked_max_pool2d(x, m, *g)
-    for geo in (((3, 3), (2, 2), (1, 1), False, True), ((3, 3), (2, 2), (1, 1), True, False),
-                ((2, 2), (2, 2), (0, 0), False, True)):
-        cases[f"avgpool{geo}"] = lambda B, x, m, g=geo: B.masked_avg_pool2d(x, m, *g)
-    cases["mean"] = lambda B, x, m: B.masked_mean(x, m)
-    return cases
-
-
-CASES = _cases()
+# The primitive cases and the accuracy rule are the CPU and Triton-interpreter tests' own (op_cases).
+CASES = primitive_cases()
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_op_sweep(backend, dtype, fmt):
-    B = _backend(backend)
-    x64, m64 = _inputs()
-    x, m = _fmt(x64.to(dtype), fmt), m64.to(dtype)
-    for name, f in CASES.items():
-        truth, ours, plain = f(R, x.double(), m.double()), f(B, x, m), f(R, x, m)
-        truth, ours, plain = [t if isinstance(t, tuple) else (t,) for t in (truth, ours, plain)]
-        for k, (o, p, t) in enumerate(zip(ours, plain, truth)):
-            assert o.dtype == dtype and o.device.type == "cuda" and o.shape == t.shape, f"{name}[{k}]"
-            _check_rule(o, p, t, dtype, f"{backend} {name}[{k}] {dtype} {fmt}")
-        if fmt == "channels_last" and name.startswith(("fill", "epilogue", "affine")):
-            assert ours[0].is_contiguous(memory_format=torch.channels_last), f"{name}: layout not kept"
+    assert_primitive_sweep(_backend(backend), dtype, fmt, device="cuda")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -282,7 +229,7 @@ def test_shared_conv_sweep(backend, mode, case, layout):
         with mo.set_backend(backend):
             ours, om = mo.masked_conv2d(cast(x), m, cast(w), cast(b), mode=mode, **case.kwargs())
         assert torch.equal(om, tm)
-        _check_rule(ours, plain, truth, dtype, f"{backend} {mode} {case.id} {layout} {dtype}")
+        assert_accurate(ours, plain, truth, dtype, f"{backend} {mode} {case.id} {layout} {dtype}")
         xp = OC.poison(cast(x), m, float("nan"))
         with mo.set_backend(backend):
             assert torch.equal(mo.masked_conv2d(xp, m, cast(w), cast(b), mode=mode, **case.kwargs())[0], ours)
@@ -306,4 +253,4 @@ def test_shared_pool_sweep(backend, case):
             with mo.set_backend(backend):
                 ours, om = op(x, m, *args, ceil_mode=case.ceil_mode, **kw)
             assert torch.equal(om, tm)
-            _check_rule(ours, plain, truth, dtype, f"{backend} {op.__name__} {case.id} {dtype}")
+            assert_accurate(ours, plain, truth, dtype, f"{backend} {op.__name__} {case.id} {dtype}")
