@@ -43,6 +43,12 @@ TORCH_LIBRARY(masked_ops, m) {
   // (y, mask_out): avg pool of x with removed = 0, zeroed where no visible pixel in the window.
   m.def("masked_avg_pool2d(Tensor x, Tensor mask, int[2] kernel_size, int[2] stride, int[2] padding, "
         "bool ceil_mode, bool count_include_pad) -> (Tensor, Tensor)");
-  // Global masked mean -> N x C; 0 where nothing is visible.
+  // Global masked mean -> N x C: sum(m * x) / sum(m), 0 where sum(m) == 0 (hard and soft masks).
   m.def("masked_mean(Tensor x, Tensor mask) -> Tensor");
+  // The input a soft-masked conv reads: each pixel blended with its neighbour fill by its mask value
+  // in [0, 1], `iters` rings (0: m * x); the hard fill at a 0/1 mask. fill_grad: fill values pass
+  // gradient to x (only the backward reads it).
+  m.def("soft_fill(Tensor x, Tensor mask, int iters, bool fill_grad) -> Tensor");
+  // Its backward: (grad_x, grad_mask), the rings recomputed.
+  m.def("soft_fill_backward(Tensor grad, Tensor x, Tensor mask, int iters, bool fill_grad) -> (Tensor, Tensor)");
 }

@@ -56,12 +56,16 @@ def check_input(x, name: str = "x") -> None:
         raise ValueError(f"{name} must have C, H, W >= 1, got shape {tuple(x.shape)}")
 
 
-def check_mask(mask, x: torch.Tensor, name: str = "mask", *, check_values: bool = True) -> None:
-    """mask: N x 1 x H x W, bool or floating 0/1, on x's device."""
+def check_mask(mask, x: torch.Tensor, name: str = "mask", *, check_values: bool = True,
+               soft: bool = False) -> None:
+    """mask: N x 1 x H x W on x's device; bool or floating 0/1, or (soft) floating in [0, 1]."""
     n, _, h, w = x.shape
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {(n, 1, h, w)}, got {type(mask).__name__}")
     if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+        if soft:
+            raise TypeError(f"{name} must be floating (values in [0, 1]) with soft=True, got {mask.dtype}; "
+                            f"a soft mask is a degree of visibility, e.g. mask.float()")
         raise TypeError(f"{name} must be bool or floating (1 = visible, 0 = removed), got {mask.dtype}")
     if mask.dim() != 4:
         raise ValueError(f"{name} must have shape N x 1 x H x W = {(n, 1, h, w)} (4 dims), "
@@ -72,19 +76,26 @@ def check_mask(mask, x: torch.Tensor, name: str = "mask", *, check_values: bool 
                          f"{tuple(x.shape)}, got {tuple(mask.shape)}")
     if mask.device != x.device:
         raise ValueError(f"{name} is on {mask.device} but x is on {x.device}; both must be on the same device")
-    if check_values and mask.dtype != torch.bool:
+    if not check_values or mask.dtype == torch.bool:
+        return
+    if soft:
+        bad = ~((mask >= 0) & (mask <= 1))  # NaN fails both comparisons
+        rule = f"{name} must hold values in [0, 1] (0 = removed, 1 = visible) and no NaN"
+    else:
         bad = (mask != 0) & (mask != 1)
-        if is_compiling():
-            # Traced (torch.compile / export): a tensor assert raises at run time without a graph break.
-            torch._assert_async(~bad.any(), f"{name} must hold only 0 (removed) and 1 (visible)")
-        elif bool(bad.any()):
-            raise ValueError(f"{name} must hold only 0 (removed) and 1 (visible); got other values "
-                             f"(e.g. {mask[bad].flatten()[0].item()!r}). Soft masks are not supported: "
-                             f"threshold them first, e.g. mask > 0.5")
+        rule = f"{name} must hold only 0 (removed) and 1 (visible)"
+    if is_compiling():
+        # Traced (torch.compile / export): a tensor assert raises at run time without a graph break.
+        torch._assert_async(~bad.any(), rule)
+    elif bool(bad.any()):
+        example = mask.detach()[bad].flatten()[0].item()
+        hint = "" if soft else ("; for a soft mask pass soft=True (layer_mask(..., soft=True)), or threshold it, "
+                                "e.g. mask > 0.5")
+        raise ValueError(f"{rule}; got other values (e.g. {example!r}){hint}")
 
 
 def as_float_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The canonical internal mask: x's dtype, values 0/1, contiguous."""
+    """The canonical internal mask: x's dtype, contiguous (differentiable for a soft mask)."""
     return mask.to(dtype=x.dtype).contiguous()
 
 

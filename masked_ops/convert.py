@@ -93,8 +93,8 @@ class MaskBuilder:
     called is in masked_ops.masks.
     """
 
-    def __init__(self, graph: fx.Graph, input_mask: fx.Node):
-        self.graph, self.cursor = graph, input_mask
+    def __init__(self, graph: fx.Graph, input_mask: fx.Node, soft: Optional[str] = None):
+        self.graph, self.cursor, self.soft = graph, input_mask, soft
         self.nodes: Dict[tuple, fx.Node] = {}
 
     def _emit(self, fn, args: tuple, kwargs: Optional[dict] = None, name: Optional[str] = None) -> fx.Node:
@@ -115,6 +115,8 @@ class MaskBuilder:
             return m, None
         geometry = (m, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
         extra = {} if prepad is None else {"prepad": prepad}
+        if self.soft is not None:
+            extra["soft"] = self.soft
         if mode != "renorm":
             return self._emit(M.conv_keep, geometry, extra, name="keep"), None
         both = self._emit(M.renorm_masks, geometry + (bool(padding_visible),), extra, name="renorm_masks")
@@ -123,12 +125,16 @@ class MaskBuilder:
 
     def pool(self, m, kernel, stride, padding, dilation, ceil_mode, prepad) -> fx.Node:
         extra = {} if prepad is None else {"prepad": prepad}
+        if self.soft is not None:
+            extra["soft"] = self.soft
         return self._emit(M.pool_mask, (m, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation),
                                         bool(ceil_mode)), extra, name="pool_mask")
 
     def adaptive(self, m, output_size) -> Tuple[fx.Node, fx.Node]:
         frac = self._emit(M.adaptive_fraction, (m, tuple(output_size)), name="bin_fraction")
-        return frac, self._emit(M.indicator, (frac,), name="bin_mask")
+        if self.soft is None:
+            return frac, self._emit(M.indicator, (frac,), name="bin_mask")
+        return frac, self._emit(M.adaptive_keep, (m, tuple(output_size), self.soft), name="bin_mask")
 
     def join(self, masks: List[fx.Node], how: str) -> fx.Node:
         uniq = list(dict.fromkeys(masks))
@@ -151,6 +157,7 @@ class LayerMasked(fx.GraphModule):
                  n_masks: Optional[int] = None):
         super().__init__(root, graph, class_name="LayerMasked")
         self._rows, self.mode, self.source, self._n_masks = rows or [], mode, source or "model", n_masks or 0
+        self.soft = next((m.soft for m in self.modules() if isinstance(m, mnn.MaskedLayer)), None)
 
     def recompile(self):
         result = super().recompile()
@@ -175,7 +182,8 @@ class LayerMasked(fx.GraphModule):
     def summary(self) -> str:
         """One line per node: its name, what the original model does there, and the rule used."""
         w = max([len(r[0]) for r in self._rows] + [4])
-        lines = [f"LayerMasked({self.source}, mode={self.mode!r}): {len(self._rows)} nodes, "
+        soft = f", soft={self.soft!r}" if self.soft else ""
+        lines = [f"LayerMasked({self.source}, mode={self.mode!r}{soft}): {len(self._rows)} nodes, "
                  f"{self._n_masks} mask-path ops (computed once per forward; print(model.code) shows them)",
                  f"{'node':<{w}}  rule"]
         lines += [f"{n:<{w}}  {rule}    [{what}]" for n, what, rule in self._rows]
@@ -259,7 +267,8 @@ _TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._Dropout
 
 
 def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority", fold_bn: bool = True,
-               padding_visible: bool = False) -> LayerMasked:
+               padding_visible: bool = False, soft: bool = False, fill_grad: bool = False,
+               soft_keep: str = "max") -> LayerMasked:
     """Return a layer-masked version of ``model`` (an ``nn.Module`` taking one image batch).
 
     mode: "fill" (the paper's layer masking: removed pixels filled from visible neighbours
@@ -271,6 +280,11 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
     padding_visible: renorm only; count zero padding as visible in the denominator, so an
     all-ones mask reproduces the model exactly (default False, as in partial convolution:
     the border is renormalised).
+    soft: the model takes float masks in [0, 1] (a degree of visibility) and is differentiable in
+    them: ``lm(x, mask)`` with ``mask.requires_grad`` gives ``mask.grad`` (docs/design.md, "Soft
+    masks"). At a 0/1 mask it gives the hard model's outputs bit for bit. soft_keep: the rule of
+    soft output masks, "max" (maxpool(m), the hard rule itself) or "prob" (1 - prod(1 - m) over
+    the window). fill_grad: whether fill values pass gradient to x (default False, as in the paper).
 
     The returned ``torch.fx.GraphModule``'s ``forward(x, mask=None)`` takes x N x C x H x W and
     mask N x 1 x H x W (bool or 0/1 float, 1 = visible); with ``mask=None`` a pixel with NaN in
@@ -281,6 +295,7 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_mode(mode)
+    keep_rule = M.check_keep_rule(soft_keep) if soft else None
     if concat not in M.JOINS:
         raise ValueError(f"concat must be one of {M.JOINS}, got {concat!r}")
     R.register_optional_rules()
@@ -296,14 +311,14 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
                       "Call model.eval() before layer_mask for inference.", UserWarning, stacklevel=2)
     traced = _trace(model)
     ctx = R.RuleContext(model, mode, concat, fold_bn, padding_visible, training)
-    return _Converter(model, ctx).run(traced, source)
+    return _Converter(model, ctx, keep_rule, fill_grad).run(traced, source)
 
 
 class _Converter:
     """Walks the traced graph once, emitting the layer-masked graph."""
 
-    def __init__(self, model: nn.Module, ctx: R.RuleContext):
-        self.model, self.ctx = model, ctx
+    def __init__(self, model: nn.Module, ctx: R.RuleContext, soft: Optional[str] = None, fill_grad: bool = False):
+        self.model, self.ctx, self.soft, self.fill_grad = model, ctx, soft, fill_grad
         self.graph = fx.Graph()
         self.env: Dict[fx.Node, object] = {}  # original node -> value in the new graph
         self.root: Dict[str, object] = {}     # qualified name -> module / tensor of the new module
@@ -342,9 +357,9 @@ class _Converter:
                                      f"single-input models are supported")
                 x = g.placeholder("x")
                 mask = g.placeholder("mask", default_value=None)
-                m = g.call_function(M.input_mask, (x, mask))
-                m.name = "input_mask"
-                self.masks = MaskBuilder(g, m)
+                m = g.create_node("call_function", M.input_mask, (x, mask) + ((True,) if self.soft else ()),
+                                  name="input_mask")
+                self.masks = MaskBuilder(g, m, self.soft)
                 # The one selection of the raw input: NaN/inf/anything at removed pixels is selected
                 # away here, so every later layer sees exactly 0 there (the activation-path invariant).
                 self.env[node] = g.call_function(M.select_visible, (x, m))
@@ -403,6 +418,8 @@ class _Converter:
         if not isinstance(layer, mnn.MaskedLayer):
             raise TypeError(f"layer_mask: the rule for node {node.name!r} ({what}) returned {type(layer).__name__}; "
                             f"a rule returns a masked_ops.nn.MaskedLayer, rules.Lowered, rules.Padded or rules.PLAIN")
+        if self.soft is not None:
+            layer.set_soft(self.soft, self.fill_grad)
         for i in lowered.inputs:
             if ctx.sym(i).kind == "padded":
                 raise ValueError(f"layer_mask: node {node.name!r} ({what}) reads the explicitly padded map "

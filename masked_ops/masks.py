@@ -23,12 +23,13 @@ Prepad = Union[None, str, Tuple[int, int, int, int]]
 
 
 # ----------------------------------------------------------------------------- the input
-def input_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The checked float mask of a converted model's input (``mask=None``: NaN pixels are removed)."""
+def input_mask(x: torch.Tensor, mask: Optional[torch.Tensor], soft: bool = False) -> torch.Tensor:
+    """The checked float mask of a converted model's input (``mask=None``: NaN pixels are removed).
+    ``soft``: a mask in [0, 1] (a degree of visibility), kept differentiable."""
     C.check_input(x)
     if mask is None:
         return (~torch.isnan(x).any(dim=1, keepdim=True)).to(x.dtype)
-    C.check_mask(mask, x)
+    C.check_mask(mask, x, soft=soft)
     return C.as_float_mask(mask, x)
 
 
@@ -57,42 +58,101 @@ def explicit_pads(prepad: Prepad, t: torch.Tensor, kernel, stride, dilation) -> 
     return prepad
 
 
-# ----------------------------------------------------------------------------- conv
-def _window_sum(m: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+# ----------------------------------------------------------------------------- windows
+# Output masks of soft (differentiable) layer masking, by rule (``soft=``): "max", the hard rule's
+# maxpool(m) itself (the gradient goes to each window's largest mask value), or "prob",
+# 1 - prod(1 - m) over the window (the chance that some pixel of the window is visible, were each
+# visible with probability m; every pixel of the window gets gradient). Both are exactly the hard
+# masks at binary masks. None: hard masks.
+KEEP_RULES = ("max", "prob")
+
+
+def check_keep_rule(soft) -> Optional[str]:
+    if soft is not None and soft not in KEEP_RULES:
+        raise ValueError(f"soft must be None (hard masks) or one of {KEEP_RULES}, got {soft!r}")
+    return soft
+
+
+def _pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """ATen's pooling_output_shape."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def window_sum(m: torch.Tensor, kernel, stride, padding, dilation, ceil_mode: bool = False) -> torch.Tensor:
+    """Sum of m over each window of a conv (or, with ceil_mode, a pool) of this geometry; zero padding."""
+    kernel, stride, padding, dilation = tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)
+    if ceil_mode:  # pad the far side so the last, partial windows exist (they sum what they cover)
+        extra = []
+        for size, k, s, p, d in zip(m.shape[-2:], kernel, stride, padding, dilation):
+            out = _pool_output_size(size, k, s, p, d, True)
+            extra.append(max(0, (out - 1) * s + d * (k - 1) + 1 - (size + 2 * p)))
+        m = F.pad(m, (padding[1], padding[1] + extra[1], padding[0], padding[0] + extra[0]))
+        padding = (0, 0)
     ones = torch.ones(1, 1, kernel[0], kernel[1], dtype=m.dtype, device=m.device)
     return F.conv2d(m, ones, None, stride, padding, dilation)
 
 
-def conv_keep(mask: torch.Tensor, kernel, stride, padding, dilation, prepad: Prepad = None) -> torch.Tensor:
+def window_keep(mask: torch.Tensor, kernel, stride, padding, dilation, ceil_mode: bool = False,
+                soft: Optional[str] = None) -> torch.Tensor:
+    """1 where the window holds a visible pixel (hard), or its soft relaxation (KEEP_RULES)."""
+    kernel, stride, padding, dilation = tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)
+    if soft != "prob":
+        if ceil_mode:  # a pool's geometry (its padding is at most half its kernel): max pooling itself
+            return F.max_pool2d(mask, kernel, stride, padding, dilation, True)
+        # A conv's geometry (any padding): maxpool(m) with zero padding (m >= 0: the same as max
+        # pooling's -inf padding wherever a window holds an image pixel, and 0 for a window of
+        # padding only, as the window sum says).
+        padded = F.pad(mask, (padding[1], padding[1], padding[0], padding[0]))
+        return F.max_pool2d(padded, kernel, stride, 0, dilation)
+    hard = window_keep(mask, kernel, stride, padding, dilation, ceil_mode, None)
+    # log(1 - m) summed over the window; m = 1 (log 0) is clamped away and its window set to 1 exactly.
+    eps = torch.finfo(mask.dtype).eps
+    log_absent = torch.log1p(-mask.clamp(max=1 - eps))
+    none_visible = torch.exp(window_sum(log_absent, kernel, stride, padding, dilation, ceil_mode))
+    return torch.where(hard >= 1, torch.ones((), dtype=mask.dtype, device=mask.device), 1 - none_visible)
+
+
+# ----------------------------------------------------------------------------- conv
+def conv_keep(mask: torch.Tensor, kernel, stride, padding, dilation, prepad: Prepad = None,
+              soft: Optional[str] = None) -> torch.Tensor:
     """Output mask of a masked conv: maxpool(m) with the conv's geometry, i.e. 1 where the window
-    holds a visible pixel (window_sum(m) > 0). ``prepad``: explicit zero padding applied before
-    the conv (None, (left, right, top, bottom) or "same")."""
-    return conv_masks(mask, kernel, stride, padding, dilation, "fill", False, prepad)[0]
+    holds a visible pixel (soft: its relaxation, KEEP_RULES). ``prepad``: explicit zero padding applied
+    before the conv (None, (left, right, top, bottom) or "same")."""
+    return conv_masks(mask, kernel, stride, padding, dilation, "fill", False, prepad, soft)[0]
 
 
 def renorm_masks(mask: torch.Tensor, kernel, stride, padding, dilation, padding_visible: bool = False,
-                 prepad: Prepad = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 prepad: Prepad = None, soft: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(keep, scale) of a renorm-mode (partial) conv; see conv_masks."""
-    return conv_masks(mask, kernel, stride, padding, dilation, "renorm", padding_visible, prepad)
+    return conv_masks(mask, kernel, stride, padding, dilation, "renorm", padding_visible, prepad, soft)
 
 
 def conv_masks(mask: torch.Tensor, kernel, stride, padding, dilation, mode: str = "fill",
-               padding_visible: bool = False, prepad: Prepad = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+               padding_visible: bool = False, prepad: Prepad = None,
+               soft: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(keep, scale) of a masked conv: the output mask and, in renorm mode, the renorm factor.
 
-    keep = maxpool(m) with the conv's geometry (1 where the window holds a visible pixel),
-    computed as window_sum(m) > 0 so that one window sum serves keep and scale.
-    scale = k_h*k_w / window_sum(m) on kept positions, 0 elsewhere (mode "renorm" only;
-    None otherwise). With ``padding_visible`` the zero-padded border, explicit ``prepad``
-    included, counts as visible in that denominator (an all-ones mask then reproduces the
-    plain conv exactly); by default it counts as removed, as in partial convolution.
+    keep = maxpool(m) with the conv's geometry (1 where the window holds a visible pixel), hard:
+    computed as window_sum(m) > 0 so that one window sum serves keep and scale; soft: window_keep.
+    scale = k_h*k_w / window_sum(m) where that sum is > 0, 0 elsewhere (mode "renorm" only; None
+    otherwise): partial convolution's factor, differentiable in a soft mask. With ``padding_visible``
+    the zero-padded border, explicit ``prepad`` included, counts as visible in that denominator (an
+    all-ones mask then reproduces the plain conv exactly); by default it counts as removed, as in
+    partial convolution.
     """
     kernel, stride, padding, dilation = tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)
     m = mask
     if prepad is not None:
         m = F.pad(m, explicit_pads(prepad, m, kernel, stride, dilation))
-    wsum = _window_sum(m, kernel, stride, padding, dilation)
-    keep = (wsum > 0.5).to(mask.dtype)
+    wsum = None
+    if soft is None:
+        wsum = window_sum(m, kernel, stride, padding, dilation)
+        keep = (wsum > 0).to(mask.dtype)
+    else:
+        keep = window_keep(m, kernel, stride, padding, dilation, False, soft)
     if mode != "renorm":
         return keep, None
     if padding_visible and (prepad is not None or padding[0] or padding[1]):
@@ -100,35 +160,51 @@ def conv_masks(mask: torch.Tensor, kernel, stride, padding, dilation, mode: str 
         if prepad is not None:
             full = F.pad(full, explicit_pads(prepad, mask, kernel, stride, dilation), value=1.0)
         full = F.pad(full, (padding[1], padding[1], padding[0], padding[0]), value=1.0)
-        wsum = _window_sum(full, kernel, stride, (0, 0), dilation)
-    # The ratio in at least float32 (fp16 would round k*k/ws); float64 stays float64.
-    scale = (kernel[0] * kernel[1]) / wsum.to(torch.promote_types(wsum.dtype, torch.float32)).clamp_min(1.0)
-    scale = torch.where(keep > 0, scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
+        wsum = window_sum(full, kernel, stride, (0, 0), dilation)
+    elif wsum is None:
+        wsum = window_sum(m, kernel, stride, padding, dilation)
+    # The ratio in at least float32 (fp16 would round k*k/ws); float64 stays float64. A hard window
+    # sum is an integer >= 1 where it is > 0; a soft one may be any positive number.
+    ws = wsum.to(torch.promote_types(wsum.dtype, torch.float32))
+    scale = (kernel[0] * kernel[1]) / ws.clamp_min(1.0 if soft is None else torch.finfo(ws.dtype).tiny)
+    scale = torch.where(ws > 0, scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
     return keep, scale.to(mask.dtype)
 
 
 def conv_keeps_input_mask(kernel, stride, padding, prepad: Prepad, mode: str) -> bool:
-    """A 1x1, stride-1, unpadded conv (not renorm) keeps exactly the visible pixels: keep = m."""
+    """A 1x1, stride-1, unpadded conv (not renorm) keeps exactly its input mask: keep = m."""
     return tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) \
         and prepad is None and mode != "renorm"
 
 
 # ----------------------------------------------------------------------------- pooling
 def pool_mask(mask: torch.Tensor, kernel, stride, padding, dilation=(1, 1), ceil_mode: bool = False,
-              prepad: Prepad = None) -> torch.Tensor:
-    """Output mask of a max or average pool: maxpool(m), 1 where the window holds a visible pixel.
+              prepad: Prepad = None, soft: Optional[str] = None) -> torch.Tensor:
+    """Output mask of a max or average pool: maxpool(m), 1 where the window holds a visible pixel
+    (soft: its relaxation, KEEP_RULES).
 
     (The paper writes the average pool's as avgpool(m) > 0; for a 0/1 mask that is the same set.)
     """
     kernel, stride, padding, dilation = tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)
     if prepad is not None:
         mask = F.pad(mask, explicit_pads(prepad, mask, kernel, stride, dilation))
-    return F.max_pool2d(mask, kernel, stride, padding, dilation, ceil_mode)
+    if soft is None:
+        return F.max_pool2d(mask, kernel, stride, padding, dilation, ceil_mode)
+    return window_keep(mask, kernel, stride, padding, dilation, ceil_mode, soft)
 
 
 def adaptive_fraction(mask: torch.Tensor, output_size) -> torch.Tensor:
-    """Per bin of an adaptive average pool, the fraction of visible pixels (its denominator)."""
+    """Per bin of an adaptive average pool, the mean mask value (the fraction of visible pixels):
+    the denominator of the masked mean per bin."""
     return F.adaptive_avg_pool2d(mask, tuple(output_size))
+
+
+def adaptive_keep(mask: torch.Tensor, output_size, soft: Optional[str] = None) -> torch.Tensor:
+    """Output mask of an adaptive average pool: 1 where the bin holds a visible pixel (soft: the bin's
+    largest mask value; "prob" is not defined for adaptive bins and uses it too)."""
+    if soft is None:
+        return indicator(adaptive_fraction(mask, output_size))
+    return F.adaptive_max_pool2d(mask, tuple(output_size))
 
 
 def indicator(t: torch.Tensor) -> torch.Tensor:
@@ -141,26 +217,28 @@ JOINS = ("majority", "union", "intersection")
 
 
 def join(masks: Sequence[torch.Tensor], how: str) -> torch.Tensor:
-    """Mask of a join of several masked maps.
+    """Mask of a join of several masked maps, for hard and soft masks alike.
 
-    "intersection" (residual add, any elementwise op): visible where every input is;
-    "union" (Fire's concat): where any input is; "majority" (DenseNet's concat): where at
-    least half the inputs are (a tie counts as visible, so a two-way majority is the union).
+    "intersection" (residual add, any elementwise op): the product of the masks (visible where
+    every input is); "union" (Fire's concat): their maximum; "majority" (DenseNet's concat): the
+    ceil(n/2)-th largest, i.e. visible where at least half the inputs are (a tie counts as visible,
+    so a two-way majority is the union). At 0/1 masks these are exactly the set operations.
     """
     masks = list(masks)
     if how not in JOINS:
         raise ValueError(f"concat must be one of {JOINS}, got {how!r}")
     if len(masks) == 1:
         return masks[0]
+    out = masks[0]
     if how == "intersection":
-        out = masks[0]
         for m in masks[1:]:
-            out = torch.minimum(out, m)
+            out = out * m
         return out
     if how == "union":
-        out = masks[0]
         for m in masks[1:]:
             out = torch.maximum(out, m)
         return out
-    n = len(masks)
-    return ((2 * sum(masks)) >= n).to(masks[0].dtype)
+    k = (len(masks) + 1) // 2
+    if k == 1:
+        return join(masks, "union")
+    return torch.stack(masks).topk(k, dim=0).values[k - 1]

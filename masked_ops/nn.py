@@ -87,6 +87,15 @@ class MaskedLayer(nn.Module):
     rule = "masked"
     # The output is a new tensor (never a view of an input): a consumer may write it in place.
     fresh_output = False
+    # Soft masks (docs/design.md, "Soft masks"): None for hard 0/1 masks, else the rule of soft output
+    # masks (masks.KEEP_RULES); fill_grad: whether fill values pass gradient to x.
+    soft: Optional[str] = None
+    fill_grad: bool = False
+
+    def set_soft(self, rule: Optional[str], fill_grad: bool = False) -> "MaskedLayer":
+        """Make this layer take soft masks in [0, 1] (rule: masks.KEEP_RULES) or hard ones (None)."""
+        self.soft, self.fill_grad = M.check_keep_rule(rule), bool(fill_grad)
+        return self
 
     def masks(self, mb, in_masks) -> MaskArgs:
         m = _first(in_masks)
@@ -97,6 +106,11 @@ class MaskedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return self.describe()
+
+
+def _positive(count: torch.Tensor) -> torch.Tensor:
+    """A mask sum as a denominator: itself where > 0, else 1 (its numerator is then 0)."""
+    return torch.where(count > 0, count, torch.ones_like(count))
 
 
 def _first(items):
@@ -167,7 +181,7 @@ class MaskedConv2d(MaskedLayer):
 
     @property
     def can_fill_in_place(self) -> bool:
-        return self.iters > 0 and self.prepad is None
+        return self.iters > 0 and self.prepad is None and self.soft is None
 
     def masks(self, mb, in_masks):
         m = in_masks[0]
@@ -178,7 +192,7 @@ class MaskedConv2d(MaskedLayer):
     def forward(self, x, m, keep, scale=None):
         return ops.conv_core(x, m, keep, scale, self.weight, self.bias, self.stride, self.padding, self.dilation,
                              self.groups, self.iters, self.activation, prepad=self.prepad, zeroed=True,
-                             in_place=self.fill_in_place)
+                             in_place=self.fill_in_place, soft=self.soft is not None, fill_grad=self.fill_grad)
 
     def describe(self):
         k, s, p = self.kernel, self.stride, self.padding
@@ -231,10 +245,12 @@ class MaskedBatchNormTrain(MaskedLayer):
         self.activation = check_activation(activation)
 
     def forward(self, x, m):
-        count = (m.sum() * 1.0).clamp_min(1.0)
-        mean = x.sum(dim=(0, 2, 3)) / count  # x is 0 at removed positions
-        centered = M.select_visible(x - mean.view(1, -1, 1, 1), m)
-        var = (centered * centered).sum(dim=(0, 2, 3)) / count
+        # Statistics weighted by the mask (x is 0 where m == 0): over the visible pixels for a 0/1 mask.
+        count = _positive(m.sum())
+        mean = (x * m).sum(dim=(0, 2, 3)) / count
+        diff = x - mean.view(1, -1, 1, 1)
+        var = (m * diff * diff).sum(dim=(0, 2, 3)) / count
+        centered = M.select_visible(diff, m)
         y = centered * torch.rsqrt(var + self.bn.eps).view(1, -1, 1, 1)
         if self.bn.weight is not None:
             y = y * self.bn.weight.view(1, -1, 1, 1) + self.bn.bias.view(1, -1, 1, 1)
@@ -251,14 +267,16 @@ class MaskedGroupNorm(MaskedLayer):
         self.num_groups, self.weight, self.bias, self.eps = num_groups, weight, bias, eps
 
     def forward(self, x, m):
+        # Per-sample, per-group statistics weighted by the mask (x is 0 where m == 0).
         n, c, h, w = x.shape
         g = self.num_groups
         xg = x.reshape(n, g, c // g, h * w)
         mg = m.reshape(n, 1, 1, h * w)
-        count = (mg.sum(dim=(2, 3), keepdim=True) * (c // g)).clamp_min(1.0)
-        mean = xg.sum(dim=(2, 3), keepdim=True) / count
-        centered = torch.where(mg > 0, xg - mean, torch.zeros((), dtype=x.dtype, device=x.device))
-        var = (centered * centered).sum(dim=(2, 3), keepdim=True) / count
+        count = _positive(mg.sum(dim=(2, 3), keepdim=True) * (c // g))
+        mean = (xg * mg).sum(dim=(2, 3), keepdim=True) / count
+        diff = xg - mean
+        var = (mg * diff * diff).sum(dim=(2, 3), keepdim=True) / count
+        centered = torch.where(mg > 0, diff, torch.zeros((), dtype=x.dtype, device=x.device))
         y = (centered * torch.rsqrt(var + self.eps)).reshape(n, c, h, w)
         if self.weight is not None:
             y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
@@ -366,10 +384,21 @@ class MaskedMaxPool2d(MaskedLayer):
     def masks(self, mb, in_masks):
         out = mb.pool(in_masks[0], self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode,
                       self.prepad)
+        if self.soft is not None:
+            return [in_masks[0], out], out
         return ([out] if self.prepad is not None else []), out
 
-    def forward(self, x, m_out=None):
+    def forward(self, x, *masks):
+        if self.soft is not None:  # the max of m * x (each pixel weighted once, here), 0 where m_out == 0
+            m, m_out = masks
+            x = x * m
+            if self.prepad is not None:
+                x = F.pad(x, M.explicit_pads(self.prepad, x, self.kernel, self.stride, self.dilation),
+                          value=self.pad_value)
+            y = F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
+            return M.select_visible(y, m_out)
         if self.prepad is not None:
+            (m_out,) = masks
             x = F.pad(x, M.explicit_pads(self.prepad, x, self.kernel, self.stride, self.dilation),
                       value=self.pad_value)
             # The padded border may hold -inf; a window of only border + removed pixels is removed.
@@ -397,9 +426,14 @@ class MaskedAvgPool2d(MaskedLayer):
         self.ceil_mode, self.count_include_pad = bool(ceil_mode), bool(count_include_pad)
 
     def masks(self, mb, in_masks):
-        return [], mb.pool(in_masks[0], self.kernel, self.stride, self.padding, (1, 1), self.ceil_mode, None)
+        out = mb.pool(in_masks[0], self.kernel, self.stride, self.padding, (1, 1), self.ceil_mode, None)
+        return ([in_masks[0], out] if self.soft is not None else []), out
 
-    def forward(self, x):
+    def forward(self, x, *masks):
+        if self.soft is not None:  # the mean of m * x, 0 where m_out == 0
+            m, m_out = masks
+            y = F.avg_pool2d(x * m, self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+            return M.select_visible(y, m_out)
         # A window without visible pixels averages zeros: already 0.
         return F.avg_pool2d(x, self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
 
@@ -428,13 +462,14 @@ class MaskedAdaptiveAvgPool2d(MaskedLayer):
         if self.is_global:
             return [m], None
         frac, keep = mb.adaptive(m, self.output_size)
-        return [frac], keep
+        return ([frac, m] if self.soft is not None else [frac]), keep
 
-    def forward(self, x, m):
+    def forward(self, x, m, m_in=None):
         if self.is_global:
-            y = ops.mean_core(x, m)
+            y = ops.mean_core(x, m, soft=self.soft is not None)
             return y[:, :, None, None] if self.keepdim else y
-        num = F.adaptive_avg_pool2d(x, self.output_size)
+        # Per bin: mean of m * x over mean of m (x is 0 where m == 0, so hard masks need no product).
+        num = F.adaptive_avg_pool2d(x if m_in is None else x * m_in, self.output_size)
         return torch.where(m > 0, num / m.clamp_min(1e-12), torch.zeros((), dtype=x.dtype, device=x.device))
 
     def describe(self):
@@ -452,7 +487,7 @@ class MaskedSpatialMean(MaskedAdaptiveAvgPool2d):
     def forward(self, x, m):
         if self.layout == "nhwc":
             x = x.permute(0, 3, 1, 2)
-        y = ops.mean_core(x, m)
+        y = ops.mean_core(x, m, soft=self.soft is not None)
         if not self.keepdim:
             return y
         return y[:, None, None, :] if self.layout == "nhwc" else y[:, :, None, None]
@@ -472,10 +507,11 @@ class FlattenHead(MaskedLayer):
         self.name = name
 
     def masks(self, mb, in_masks):
-        return [], None
+        return ([in_masks[0]] if self.soft is not None else []), None
 
-    def forward(self, x):
-        return torch.flatten(x, 1)  # already 0 at removed positions
+    def forward(self, x, m=None):
+        # Hard: already 0 at removed positions. Soft: each pixel weighted once, here, by its mask.
+        return torch.flatten(x if m is None else x * m, 1)
 
     def describe(self):
         return f"flatten head ({self.name}; removed = 0, mask dropped)"

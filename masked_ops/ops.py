@@ -76,20 +76,35 @@ def conv_input(backend, x, m, iters: int, kernel, stride, dilation, *, prepad: M
     return backend.neighbor_fill(x, m, iters)
 
 
+def soft_conv_input(backend, x, m, iters: int, kernel, stride, dilation, *, prepad: M.Prepad = None,
+                    fill_grad: bool = False) -> torch.Tensor:
+    """The input a soft-masked conv reads: every pixel blended with the fill by its mask value
+    (``iters == 0``: m * x, the zero and renorm modes), then explicitly padded. At a 0/1 mask this
+    is the hard conv_input, bit for bit."""
+    u = backend.soft_fill(x, m, iters, fill_grad)
+    if prepad is not None:
+        u = F.pad(u, M.explicit_pads(prepad, x, kernel, stride, dilation))
+    return u
+
+
 def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],
               weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
               iters: int, activation: str = "none", *, prepad: M.Prepad = None, zeroed: bool = False,
-              in_place: bool = False) -> torch.Tensor:
+              in_place: bool = False, soft: bool = False, fill_grad: bool = False) -> torch.Tensor:
     """The masked conv after its checks and its mask path (``keep``, ``scale`` from masks.conv_masks).
 
     fill -> vendor conv -> fused epilogue. In fill/zero modes the bias rides in the vendor
-    conv; in renorm mode it is added after the scale, in the epilogue.
+    conv; in renorm mode it is added after the scale, in the epilogue. ``soft``: the mask is a
+    degree of visibility (soft_conv_input), and gradients reach it.
     """
     backend = resolve(x.device)
     kernel = (weight.shape[2], weight.shape[3])
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    xin = conv_input(backend, x, m, iters, kernel, stride, dilation, prepad=prepad, zeroed=zeroed,
-                     in_place=in_place, grad_through_zeros=grad)
+    if soft:
+        xin = soft_conv_input(backend, x, m, iters, kernel, stride, dilation, prepad=prepad, fill_grad=fill_grad)
+    else:
+        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        xin = conv_input(backend, x, m, iters, kernel, stride, dilation, prepad=prepad, zeroed=zeroed,
+                         in_place=in_place, grad_through_zeros=grad)
     w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     if scale is None:
@@ -101,8 +116,9 @@ def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optio
 
 def masked_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                   bias: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1, groups: int = 1,
-                  mode: str = "fill", *, padding_visible: bool = False,
-                  activation: str = "none") -> Tuple[torch.Tensor, torch.Tensor]:
+                  mode: str = "fill", *, padding_visible: bool = False, activation: str = "none",
+                  soft: bool = False, fill_grad: bool = False,
+                  soft_keep: str = "max") -> Tuple[torch.Tensor, torch.Tensor]:
     """Layer-masked Conv2d. Returns (y, mask_out).
 
     mode "fill" (the paper's layer masking): removed pixels are filled from visible
@@ -111,30 +127,44 @@ def masked_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
     output is act(...) on kept positions and 0 elsewhere, and mask_out = maxpool(m) with
     the conv's kernel, stride, padding and dilation. ``activation`` fuses an activation
     into the epilogue (see masked_ops.activations).
+
+    ``soft=True``: the mask is a degree of visibility in [0, 1] and the op is differentiable in it
+    (docs/design.md, "Soft masks"): the conv reads each pixel blended with its fill by its mask
+    value, mask_out is the relaxation ``soft_keep`` ("max": maxpool(m); "prob": 1 - prod(1 - m)
+    over the window). At a 0/1 mask it equals the hard op bit for bit. ``fill_grad``: whether fill
+    values pass gradient to x (default False, as in the paper; the mask always gets its gradient).
     """
     C.check_input(x)
-    C.check_mask(mask, x)
+    C.check_mask(mask, x, soft=soft)
     kernel, stride, padding, dilation = C.check_conv_args(x, weight, bias, stride, padding, dilation,
                                                           groups, mode)
     check_activation(activation)
+    keep_rule = M.check_keep_rule(soft_keep) if soft else None
     m = C.as_float_mask(mask, x)
-    keep, scale = M.conv_masks(m, kernel, stride, padding, dilation, mode, padding_visible)
+    keep, scale = M.conv_masks(m, kernel, stride, padding, dilation, mode, padding_visible, soft=keep_rule)
     iters = fill_iters(kernel, dilation) if mode == "fill" else 0
-    y = conv_core(x, m, keep, scale, weight, bias, stride, padding, dilation, groups, iters, activation)
+    y = conv_core(x, m, keep, scale, weight, bias, stride, padding, dilation, groups, iters, activation,
+                  soft=soft, fill_grad=fill_grad)
     return y, C.restore_mask_dtype(keep, mask)
 
 
-def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, *, soft: bool = False,
+                  fill_grad: bool = False) -> torch.Tensor:
     """Fill removed pixels from visible neighbours, ``iters`` rings deep (0 = zero them).
 
     See masked_ops.backends.reference.neighbor_fill for the exact rule. Rings beyond what
     covers the image change nothing, so ``iters`` is capped at max(H, W) - 1 (any larger
-    count gives the same result at no extra cost).
+    count gives the same result at no extra cost). ``soft=True``: the mask is a degree of
+    visibility in [0, 1] and every pixel is blended with its fill by it (reference.soft_fill;
+    ``iters == 0`` gives m * x), differentiable in the mask; equal to the hard fill at a 0/1 mask.
     """
     C.check_input(x)
-    C.check_mask(mask, x)
+    C.check_mask(mask, x, soft=soft)
     iters = C.check_iters(iters, x)
-    return resolve(x.device).neighbor_fill(x, C.as_float_mask(mask, x), iters)
+    m = C.as_float_mask(mask, x)
+    if soft:
+        return resolve(x.device).soft_fill(x, m, iters, bool(fill_grad))
+    return resolve(x.device).neighbor_fill(x, m, iters)
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -145,13 +175,15 @@ def affine_core(x: torch.Tensor, m: torch.Tensor, scale: torch.Tensor, shift: to
 
 
 def masked_affine_act(x: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                      activation: str = "none") -> Tuple[torch.Tensor, torch.Tensor]:
+                      activation: str = "none", *, soft: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BatchNorm folded to a per-channel affine, plus activation, on visible pixels.
 
-    y = act(x * scale + shift) where mask, 0 elsewhere. Returns (y, mask) (the mask is unchanged).
+    y = act(x * scale + shift) where mask > 0, 0 elsewhere. Returns (y, mask) (the mask is unchanged).
+    ``soft=True`` accepts a mask in [0, 1]: a pointwise layer does not weight its pixels (they are
+    weighted once, where a conv, pool or mean consumes them), so the rule is the same.
     """
     C.check_input(x)
-    C.check_mask(mask, x)
+    C.check_mask(mask, x, soft=soft)
     C.check_channel_vector(scale, "scale", x)
     C.check_channel_vector(shift, "shift", x)
     check_activation(activation)
@@ -178,36 +210,69 @@ def bn_affine(bn) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- pooling
+def pool_core(x: torch.Tensor, m: torch.Tensor, kind: str, kernel, stride, padding, dilation, ceil_mode: bool,
+              count_include_pad: bool = True, soft: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A masked max or average pool of a checked input: (y, mask_out).
+
+    Hard: the backend's fused pool (removed = 0, zeroed where no visible pixel). Soft (``soft`` the
+    keep rule): the pool of m * x (each pixel weighted once, by its mask, where the pool consumes it),
+    0 where mask_out == 0; mask_out = masks.pool_mask. At a 0/1 mask both agree bit for bit.
+    """
+    if soft is None:
+        backend = resolve(x.device)
+        if kind == "max":
+            return backend.masked_max_pool2d(x, m, kernel, stride, padding, dilation, ceil_mode)
+        return backend.masked_avg_pool2d(x, m, kernel, stride, padding, ceil_mode, count_include_pad)
+    xm = M.select_visible(x, m) * m
+    if kind == "max":
+        y = F.max_pool2d(xm, kernel, stride, padding, dilation, ceil_mode)
+    else:
+        y = F.avg_pool2d(xm, kernel, stride, padding, ceil_mode, count_include_pad)
+    m2 = M.pool_mask(m, kernel, stride, padding, dilation, ceil_mode, soft=soft)
+    return M.select_visible(y, m2), m2
+
+
 def masked_max_pool2d(x: torch.Tensor, mask: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
-                      ceil_mode: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Max pool of the masked input (removed = 0, as in the paper); mask_out = maxpool(mask)."""
+                      ceil_mode: bool = False, *, soft: bool = False,
+                      soft_keep: str = "max") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Max pool of the masked input (removed = 0, as in the paper); mask_out = maxpool(mask).
+
+    ``soft=True``: the max pool of m * x, differentiable in a mask in [0, 1] (see pool_core)."""
     C.check_input(x)
-    C.check_mask(mask, x)
+    C.check_mask(mask, x, soft=soft)
     kernel, stride, padding, dilation = C.check_pool_args(x, kernel_size, stride, padding, dilation)
     m = C.as_float_mask(mask, x)
-    y, m2 = resolve(x.device).masked_max_pool2d(x, m, kernel, stride, padding, dilation, bool(ceil_mode))
+    y, m2 = pool_core(x, m, "max", kernel, stride, padding, dilation, bool(ceil_mode),
+                      soft=M.check_keep_rule(soft_keep) if soft else None)
     return y, C.restore_mask_dtype(m2, mask)
 
 
 def masked_avg_pool2d(x: torch.Tensor, mask: torch.Tensor, kernel_size, stride=None, padding=0,
-                      ceil_mode: bool = False, count_include_pad: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """avgpool(x*m) on positions whose window holds a visible pixel; mask_out = that indicator."""
+                      ceil_mode: bool = False, count_include_pad: bool = True, *, soft: bool = False,
+                      soft_keep: str = "max") -> Tuple[torch.Tensor, torch.Tensor]:
+    """avgpool(x*m) on positions whose window holds a visible pixel; mask_out = that indicator.
+
+    ``soft=True``: differentiable in a mask in [0, 1] (see pool_core)."""
     C.check_input(x)
-    C.check_mask(mask, x)
+    C.check_mask(mask, x, soft=soft)
     kernel, stride, padding, _ = C.check_pool_args(x, kernel_size, stride, padding, 1)
     m = C.as_float_mask(mask, x)
-    y, m2 = resolve(x.device).masked_avg_pool2d(x, m, kernel, stride, padding, bool(ceil_mode),
-                                                bool(count_include_pad))
+    y, m2 = pool_core(x, m, "avg", kernel, stride, padding, (1, 1), bool(ceil_mode), bool(count_include_pad),
+                      soft=M.check_keep_rule(soft_keep) if soft else None)
     return y, C.restore_mask_dtype(m2, mask)
 
 
-def mean_core(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Global masked mean of a checked input: N x C."""
+def mean_core(x: torch.Tensor, m: torch.Tensor, soft: bool = False) -> torch.Tensor:
+    """Global masked mean of a checked input: N x C, sum(m * x) / sum(m) (0 where sum(m) == 0): the mean
+    over visible pixels for a 0/1 mask, the mask-weighted mean for a soft one (one primitive for both,
+    differentiable in the mask). ``soft`` is accepted for symmetry with the other cores."""
     return resolve(x.device).masked_mean(x, m)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Global masked average pool: sum over visible pixels / their count -> N x C (0 if none)."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, soft: bool = False) -> torch.Tensor:
+    """Global masked average pool: sum over visible pixels / their count -> N x C (0 if none).
+
+    ``soft=True``: sum(m * x) / sum(m) for a mask in [0, 1], differentiable in it."""
     C.check_input(x)
-    C.check_mask(mask, x)
-    return mean_core(x, C.as_float_mask(mask, x))
+    C.check_mask(mask, x, soft=soft)
+    return mean_core(x, C.as_float_mask(mask, x), soft=soft)

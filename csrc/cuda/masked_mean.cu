@@ -1,5 +1,6 @@
 // masked_ops::masked_mean on CUDA (reference: backends/reference.py masked_mean): for each
-// (n, c), the sum of x over visible pixels divided by their count; 0 where none is visible.
+// (n, c), sum(m * x) / sum(m); 0 where sum(m) == 0. For a 0/1 mask the mean over visible pixels,
+// for a soft mask the mask-weighted mean. Pixels with m == 0 are skipped (NaN there never enters).
 //
 // Contiguous (NCHW) input: one block per (n, c) plane, threads stride over pixels.
 // channels_last input: one block per (n, 32 channels), threads along channels (coalesced) and
@@ -22,9 +23,10 @@ __global__ void mean_planes_kernel(const scalar_t* __restrict__ x, const scalar_
   const scalar_t* m = mask + n * HW;
   acc_t s = acc_t(0), k = acc_t(0);
   for (index_t p = threadIdx.x; p < HW; p += blockDim.x) {
-    if (m[p] > scalar_t(0)) {
-      s += static_cast<acc_t>(xp[p]);
-      k += acc_t(1);
+    const acc_t w = static_cast<acc_t>(m[p]);
+    if (w > acc_t(0)) {
+      s += w * static_cast<acc_t>(xp[p]);
+      k += w;
     }
   }
   sums[threadIdx.x] = s;
@@ -53,9 +55,10 @@ __global__ void mean_channels_last_kernel(const scalar_t* __restrict__ x, const 
   const scalar_t* m = mask + n * HW;
   acc_t s = acc_t(0), k = acc_t(0);
   for (index_t p = threadIdx.y; p < HW; p += kPixelLanes) {
-    if (m[p] > scalar_t(0)) {
-      if (c < C) s += static_cast<acc_t>(x[(n * HW + p) * C + c]);
-      k += acc_t(1);
+    const acc_t w = static_cast<acc_t>(m[p]);
+    if (w > acc_t(0)) {
+      if (c < C) s += w * static_cast<acc_t>(x[(n * HW + p) * C + c]);
+      k += w;
     }
   }
   sums[threadIdx.y][threadIdx.x] = s;

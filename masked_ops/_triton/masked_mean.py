@@ -1,7 +1,8 @@
 """Global masked mean in Triton (reference: masked_ops.backends.reference.masked_mean).
 
-One program per (n, block of channels) sweeps the pixels in chunks, summing x over visible
-pixels and counting them; 0 where nothing is visible.
+One program per (n, block of channels) sweeps the pixels in chunks, summing m * x and m:
+sum(m * x) / sum(m), 0 where sum(m) == 0 (the mean over visible pixels for a 0/1 mask, the
+mask-weighted mean for a soft one). Pixels with m == 0 are selected away.
 """
 import torch
 import triton
@@ -20,17 +21,21 @@ def masked_mean_kernel(x_ptr, mask_ptr, out_ptr, C, HW, s_n, s_c, s_p,
         acc = tl.zeros((BC,), tl.float64)
     else:
         acc = tl.zeros((BC,), tl.float32)
-    cnt = tl.zeros((BP,), tl.float32)
+    if ACC64:
+        cnt = tl.zeros((BP,), tl.float64)
+    else:
+        cnt = tl.zeros((BP,), tl.float32)
     for p0 in range(0, HW, BP):
         ps = p0 + tl.arange(0, BP)
         pok = ps < HW
-        vis = pok & (tl.load(mask_ptr + n * HW + ps, mask=pok, other=0.0) > 0)
+        wgt = tl.load(mask_ptr + n * HW + ps, mask=pok, other=0.0).to(acc.dtype)
+        vis = pok & (wgt > 0)
         ok = vis[:, None] & cok[None, :]
         v = tl.load(x_ptr + n * s_n + ps[:, None].to(tl.int64) * s_p + cs[None, :] * s_c, mask=ok, other=0.0)
-        acc += tl.sum(tl.where(ok, v.to(acc.dtype), 0.0), axis=0)
-        cnt += tl.where(vis, 1.0, 0.0)
+        acc += tl.sum(tl.where(ok, wgt[:, None] * v.to(acc.dtype), 0.0), axis=0)
+        cnt += tl.where(vis, wgt, 0.0)
     total = tl.sum(cnt, axis=0)
-    mean = tl.where(total > 0, acc / tl.maximum(total, 1.0).to(acc.dtype), 0.0)
+    mean = tl.where(total > 0, acc / tl.where(total > 0, total, 1.0).to(acc.dtype), 0.0)
     tl.store(out_ptr + n * C + cs, mean.to(out_ptr.dtype.element_ty), mask=cok)
 
 

@@ -130,20 +130,49 @@ def avg_pool_backward(ctx, grad_y, _grad_m2):
     return _zero_where_removed(gx, mask), None, None, None, None, None, None
 
 
-# -- masked_mean(x, mask) -> N x C
+# -- masked_mean(x, mask) -> N x C: sum(m * x) / sum(m)
 def mean_setup(ctx, inputs, output):
-    _x, mask = inputs
-    ctx.save_for_backward(mask)
+    x, mask = inputs
+    ctx.save_for_backward(x, mask, output)
 
 
 def mean_backward(ctx, grad):
-    (mask,) = ctx.saved_tensors
-    # Count in fp32/fp64: an fp16 sum of a large mask overflows, a bf16 one is inexact.
+    x, mask, mean = ctx.saved_tensors
+    # Sums in fp32/fp64: an fp16 sum of a large mask overflows, a bf16 one is inexact.
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    count = mask.to(acc).sum(dim=(2, 3), keepdim=True)  # N x 1 x 1 x 1
-    per_pixel = (grad[:, :, None, None].to(acc) / count.clamp_min(1)).to(grad.dtype)
-    # Soft-mask gradient goes here: d mean / d mask = (x - mean) / count (x selected where visible).
-    return _zero_where_removed(per_pixel, mask), None
+    den = mask.to(acc).sum(dim=(2, 3), keepdim=True)  # N x 1 x 1 x 1
+    den = torch.where(den > 0, den, torch.ones_like(den))
+    g = grad[:, :, None, None].to(acc) / den  # N x C x 1 x 1
+    gx = _zero_where_removed((g * mask.to(acc)).to(grad.dtype), mask)
+    gmask = None
+    if ctx.needs_input_grad[1]:
+        # d mean_c / d m_p = (x_pc - mean_c) / sum(m), with x selected (0 where m == 0).
+        xs = _zero_where_removed(x, mask).to(acc)
+        gmask = (g * (xs - mean[:, :, None, None].to(acc))).sum(dim=1, keepdim=True).to(mask.dtype)
+    return gx, gmask
+
+
+# -- soft_fill(x, mask, iters, fill_grad): the backward is a fused op of each backend
+def soft_fill_formula(backward_op):
+    """(backward, setup_context) of soft_fill, given the backend's soft_fill_backward op."""
+    def setup(ctx, inputs, output):
+        x, mask, iters, fill_grad = inputs
+        ctx.iters, ctx.fill_grad = int(iters), bool(fill_grad)
+        ctx.save_for_backward(x, mask)
+
+    def backward(ctx, grad):
+        x, mask = ctx.saved_tensors
+        gx, gmask = backward_op(grad.contiguous(memory_format=_memory_format_of(x)), x, mask, ctx.iters,
+                                ctx.fill_grad)
+        return (gx if ctx.needs_input_grad[0] else None), (gmask if ctx.needs_input_grad[1] else None), None, None
+
+    return backward, setup
+
+
+def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    from torch._prims_common import suggest_memory_format
+
+    return suggest_memory_format(t)
 
 
 FORMULAS = {

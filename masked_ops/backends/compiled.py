@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .autograd import FORMULAS
+from .autograd import FORMULAS, soft_fill_formula
 
 try:  # Importing the extension runs its static registrations (schemas and kernels).
     from .. import _C  # noqa: F401
@@ -76,6 +76,10 @@ def masked_avg_pool2d(x, mask, kernel_size, stride, padding, ceil_mode, count_in
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _ops().masked_mean(x, mask)
+
+
+def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False) -> torch.Tensor:
+    return _ops().soft_fill(x, mask, int(iters), bool(fill_grad))
 
 
 # ----------------------------------------------------------------------------- shapes and layouts
@@ -146,8 +150,18 @@ def _register() -> None:
     def _(x, mask):
         return x.new_empty((x.shape[0], x.shape[1]))
 
+    @torch.library.register_fake(lib + "soft_fill")
+    def _(x, mask, iters, fill_grad):
+        return torch.empty_like(x, memory_format=_memory_format(x))
+
+    @torch.library.register_fake(lib + "soft_fill_backward")
+    def _(grad, x, mask, iters, fill_grad):
+        return torch.empty_like(x, memory_format=_memory_format(x)), torch.empty_like(mask)
+
     for name, (backward, setup) in FORMULAS.items():
         torch.library.register_autograd(lib + name, backward, setup_context=setup)
+    backward, setup = soft_fill_formula(lambda *args: _ops().soft_fill_backward(*args))
+    torch.library.register_autograd(lib + "soft_fill", backward, setup_context=setup)
 
 
 if _IMPORT_ERROR is None:

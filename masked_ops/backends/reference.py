@@ -72,6 +72,41 @@ def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tens
     return torch.where(mask > 0, out, filled)
 
 
+def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False) -> torch.Tensor:
+    """The input a soft-masked conv reads: each pixel blended with the fill by its mask value.
+
+    docs/design.md, "Soft masks". With v_0 = x (selected to 0 where m == 0) and the knownness
+    k_0 = m, each of ``iters`` rings does, with box3 the 3x3 sum (zero padding)::
+
+        c = box3(k);  f = box3(k * v) / c;  v <- k * v + (1 - k) * f  where c > 0;  k <- maxpool3(k)
+
+    and returns v. ``iters == 0`` gives m * x (the zero and renorm modes' input). At a 0/1 mask this
+    is exactly ``neighbor_fill`` (a ring fills the unknown pixels next to known ones with the mean of
+    those, known pixels keep x), bit for bit. Differentiable in the mask; ``fill_grad=False`` (the
+    paper's choice) lets fill values carry no gradient to x, only to the mask.
+    """
+    v = _zero_removed(x, mask)
+    iters = saturated_rings(iters, x.shape[2], x.shape[3])
+    if iters <= 0:
+        return v * mask
+    c = x.shape[1]
+    ones_c = torch.ones(c, 1, 3, 3, dtype=x.dtype, device=x.device)
+    ones_1 = torch.ones(1, 1, 3, 3, dtype=x.dtype, device=x.device)
+    k = mask
+    # w: the same values as v, built from x.detach(): the fill reads w, so fill values pass gradient
+    # to the mask (through k and through earlier rings) but, unless fill_grad, not to x.
+    w = v if fill_grad else _zero_removed(x.detach(), mask)
+    for _ in range(iters):
+        cnt = F.conv2d(k, ones_1, padding=1)
+        f = F.conv2d(k * w, ones_c, padding=1, groups=c) / cnt.clamp_min(EPS)
+        known = cnt > 0
+        v_next = torch.where(known, k * v + (1 - k) * f, v)
+        w = v_next if fill_grad else torch.where(known, k * w + (1 - k) * f, w)
+        v = v_next
+        k = F.max_pool2d(k, 3, 1, 1)
+    return v
+
+
 def reached(mask: torch.Tensor, iters: int) -> torch.Tensor:
     """Bool N x 1 x H x W: visible, or within ``iters`` 3x3 steps (Chebyshev distance) of a visible pixel."""
     m = (mask > 0).to(torch.float32)
@@ -140,8 +175,13 @@ def masked_avg_pool2d(x, mask, kernel_size, stride, padding, ceil_mode, count_in
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Global masked average pool: sum(x over visible) / #visible, N x C; all removed -> 0."""
-    xm = _zero_removed(x, mask)
+    """Global masked average pool, N x C: sum(m * x) / sum(m), 0 where sum(m) == 0.
+
+    For a 0/1 mask: the mean over visible pixels (the hard rule); for a soft mask the mask-weighted
+    mean, differentiable in the mask. x is selected first: NaN where m == 0 never enters.
+    """
+    xm = _zero_removed(x, mask) * mask
     num = xm.sum(dim=(2, 3))
     den = mask.sum(dim=(2, 3))
-    return torch.where(den > 0, num / den.clamp_min(1), torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                       torch.zeros((), dtype=x.dtype, device=x.device))

@@ -206,3 +206,9 @@ def masked_avg_pool2d(x, mask, kernel_size, stride, padding, ceil_mode, count_in
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     require()
     return _mean_op(x, mask)
+
+
+def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False) -> torch.Tensor:
+    from . import reference
+
+    return reference.soft_fill(x, mask, iters, fill_grad)

@@ -1,0 +1,322 @@
+// soft_fill on CPU: the input a soft-masked conv reads, forward and backward in fused passes.
+//
+// Reference (the exact math): masked_ops/backends/reference.py soft_fill. Per sample, with the
+// knownness k_0 = m and c_t = box3(k_t), k_{t+1} = maxpool3(k_t) (one channel, shared by all
+// channels), each channel plane runs `iters` rings
+//     v_t = k v + (1 - k) box3(k v) / c    where c > 0 (else v),  k = k_{t-1}, c = c_{t-1}, v = v_{t-1}
+// from v_0 = x selected to 0 where m == 0; iters == 0 gives m * x. Sums run over the 3x3
+// neighbourhood in row-major order in opmath and each ring is rounded to the storage dtype, as
+// the hard fill does (neighbor_fill.cpp), so at a 0/1 mask the result is the hard fill bit for bit.
+//
+// The backward recomputes the rings of a plane (cheaper than saving them) and runs them in
+// reverse with two adjoints: U, the gradient of the value (it reaches the mask through every
+// use), and Gv, the part that reaches x (without fill_grad, fill values pass no gradient to x,
+// as in the paper). The mask's gradient of each ring is summed over channels (per-thread
+// buffers), then carried back through the maxpool3 chain of k (first maximum, as ATen).
+#include "common.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace masked_ops {
+namespace cpu {
+namespace {
+
+// k_0..k_iters (k_0 = m) and c_0..c_{iters-1} of one sample, each an H x W plane in opmath.
+template <typename scalar_t, typename T>
+void knownness(const scalar_t* m, int64_t H, int64_t W, int64_t iters, T* k, T* c) {
+  const int64_t HW = H * W;
+  for (int64_t p = 0; p < HW; ++p) k[p] = static_cast<T>(m[p]);
+  for (int64_t t = 0; t < iters; ++t) {
+    const T* kt = k + t * HW;
+    T* ct = c + t * HW;
+    T* kn = k + (t + 1) * HW;
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t w = 0; w < W; ++w) {
+        T s = T(0), mx = -std::numeric_limits<T>::infinity();
+        for (int64_t dy = -1; dy <= 1; ++dy) {
+          const int64_t hh = h + dy;
+          if (hh < 0 || hh >= H) continue;
+          for (int64_t dx = -1; dx <= 1; ++dx) {
+            const int64_t ww = w + dx;
+            if (ww < 0 || ww >= W) continue;
+            const T v = kt[hh * W + ww];
+            s += v;
+            mx = v > mx ? v : mx;
+          }
+        }
+        ct[h * W + w] = s;
+        kn[h * W + w] = mx;
+      }
+    }
+  }
+}
+
+// box3(k * v) at pixel (h, w), row-major, in opmath.
+template <typename scalar_t, typename T>
+inline T box_kv(const T* k, const scalar_t* v, int64_t h, int64_t w, int64_t H, int64_t W) {
+  T s = T(0);
+  for (int64_t dy = -1; dy <= 1; ++dy) {
+    const int64_t hh = h + dy;
+    if (hh < 0 || hh >= H) continue;
+    for (int64_t dx = -1; dx <= 1; ++dx) {
+      const int64_t ww = w + dx;
+      if (ww < 0 || ww >= W) continue;
+      s += k[hh * W + ww] * static_cast<T>(v[hh * W + ww]);
+    }
+  }
+  return s;
+}
+
+// One ring of one plane: v_out from v_in with knownness k and count c.
+template <typename scalar_t, typename T>
+void ring(const T* k, const T* c, const scalar_t* v, scalar_t* out, int64_t H, int64_t W) {
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t p = h * W + w;
+      const T a = k[p], cnt = c[p];
+      if (!(cnt > T(0)) || a == T(1)) {  // no known neighbour, or fully known: unchanged
+        out[p] = v[p];
+        continue;
+      }
+      const T f = box_kv(k, v, h, w, H, W) / cnt;
+      out[p] = static_cast<scalar_t>(a * static_cast<T>(v[p]) + (T(1) - a) * f);
+    }
+  }
+}
+
+// v_0 of a plane: x where m > 0, else 0 (a select: NaN there never enters).
+template <typename scalar_t>
+void select_plane(const scalar_t* x, const scalar_t* m, scalar_t* out, int64_t HW) {
+  for (int64_t p = 0; p < HW; ++p) out[p] = m[p] > scalar_t(0) ? x[p] : scalar_t(0);
+}
+
+void check_soft_fill(const at::Tensor& x, const at::Tensor& mask, int64_t iters, const char* op) {
+  check_image(x, op);
+  check_mask_like(mask, x, x.size(2), x.size(3), op);
+  TORCH_CHECK(iters >= 0, op, ": iters must be >= 0, got ", iters);
+}
+
+at::Tensor soft_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters, bool /*fill_grad*/) {
+  check_soft_fill(x_in, mask_in, iters, "soft_fill");
+  const auto fmt = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous();  // planes: NCHW inside, the input's format outside
+  const at::Tensor mask = mask_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  iters = saturated_rings(iters, H, W);
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out.contiguous(fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_fill_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* mp = mask.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (iters == 0) {  // m * x, selected
+      at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const scalar_t* m = mp + (plane / C) * HW;
+          const scalar_t* xs = xp + plane * HW;
+          scalar_t* o = op + plane * HW;
+          for (int64_t p = 0; p < HW; ++p)
+            o[p] = m[p] > scalar_t(0) ? static_cast<scalar_t>(static_cast<T>(m[p]) * static_cast<T>(xs[p]))
+                                      : scalar_t(0);
+        }
+      });
+      return;
+    }
+    std::vector<T> k(N * (iters + 1) * HW), c(N * iters * HW);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        knownness(mp + n * HW, H, W, iters, k.data() + n * (iters + 1) * HW, c.data() + n * iters * HW);
+    });
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> a(HW), b(HW);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C;
+        const T* kn = k.data() + n * (iters + 1) * HW;
+        const T* cn = c.data() + n * iters * HW;
+        select_plane(xp + plane * HW, mp + n * HW, a.data(), HW);
+        for (int64_t t = 1; t <= iters; ++t) {
+          scalar_t* dst = t == iters ? op + plane * HW : b.data();
+          ring(kn + (t - 1) * HW, cn + (t - 1) * HW, a.data(), dst, H, W);
+          if (t < iters) std::swap(a, b);
+        }
+      }
+    });
+  });
+  return out.contiguous(fmt);
+}
+
+// 3x3 sum (zero padding) of a plane, into out.
+template <typename T>
+void box3(const T* in, T* out, int64_t H, int64_t W) {
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t w = 0; w < W; ++w) {
+      T s = T(0);
+      for (int64_t dy = -1; dy <= 1; ++dy) {
+        const int64_t hh = h + dy;
+        if (hh < 0 || hh >= H) continue;
+        for (int64_t dx = -1; dx <= 1; ++dx) {
+          const int64_t ww = w + dx;
+          if (ww < 0 || ww >= W) continue;
+          s += in[hh * W + ww];
+        }
+      }
+      out[h * W + w] = s;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                         const at::Tensor& mask_in, int64_t iters, bool fill_grad) {
+  check_soft_fill(x_in, mask_in, iters, "soft_fill_backward");
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "soft_fill_backward: grad must have x's shape ", x_in.sizes(),
+              ", got ", grad_in.sizes());
+  const auto fmt = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
+  const at::Tensor mask = mask_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  iters = saturated_rings(iters, H, W);
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gm = at::zeros_like(mask);
+  if (x.numel() == 0) return {gx.contiguous(fmt), gm};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_fill_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* mp = mask.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    scalar_t* gmp = gm.data_ptr<scalar_t>();
+    if (iters == 0) {  // out = m * x (selected): gx = g * m, gm = sum_c g * x
+      std::vector<T> acc(N * HW, T(0));
+      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const scalar_t* m = mp + n * HW;
+          T* an = acc.data() + n * HW;
+          for (int64_t ch = 0; ch < C; ++ch) {
+            const int64_t off = (n * C + ch) * HW;
+            for (int64_t p = 0; p < HW; ++p) {
+              const bool vis = m[p] > scalar_t(0);
+              const T g = static_cast<T>(gp[off + p]);
+              gxp[off + p] = vis ? static_cast<scalar_t>(g * static_cast<T>(m[p])) : scalar_t(0);
+              an[p] += vis ? g * static_cast<T>(xp[off + p]) : T(0);
+            }
+          }
+          for (int64_t p = 0; p < HW; ++p) gmp[n * HW + p] = static_cast<scalar_t>(an[p]);
+        }
+      });
+      return;
+    }
+    const int64_t KS = (iters + 1) * HW, CS = iters * HW;
+    std::vector<T> k(N * KS), c(N * CS);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) knownness(mp + n * HW, H, W, iters, k.data() + n * KS, c.data() + n * CS);
+    });
+    // Per-thread sums over channels of each ring's mask gradient: [thread][n][ring][pixel].
+    const int threads = at::get_num_threads();
+    std::vector<std::vector<T>> partial(threads);
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T>& dk = partial[at::get_thread_num()];
+      if (dk.empty()) dk.assign(N * CS, T(0));
+      std::vector<scalar_t> vs(iters * HW);          // v_0 .. v_{iters-1}
+      std::vector<T> U(HW), Gv(HW), f(HW), Hs(HW), HF(HW), bH(HW), bHF(HW);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C;
+        const T* kn = k.data() + n * KS;
+        const T* cn = c.data() + n * CS;
+        select_plane(xp + plane * HW, mp + n * HW, vs.data(), HW);
+        for (int64_t t = 1; t < iters; ++t) ring(kn + (t - 1) * HW, cn + (t - 1) * HW, vs.data() + (t - 1) * HW,
+                                                 vs.data() + t * HW, H, W);
+        for (int64_t p = 0; p < HW; ++p) U[p] = Gv[p] = static_cast<T>(gp[plane * HW + p]);
+        for (int64_t t = iters; t >= 1; --t) {
+          const T* a = kn + (t - 1) * HW;
+          const T* cnt = cn + (t - 1) * HW;
+          const scalar_t* v = vs.data() + (t - 1) * HW;
+          T* dkt = dk.data() + n * CS + (t - 1) * HW;
+          for (int64_t h = 0; h < H; ++h) {
+            for (int64_t w = 0; w < W; ++w) {
+              const int64_t p = h * W + w;
+              if (!(cnt[p] > T(0))) {
+                f[p] = Hs[p] = HF[p] = T(0);
+                continue;
+              }
+              f[p] = box_kv(a, v, h, w, H, W) / cnt[p];
+              Hs[p] = U[p] * (T(1) - a[p]) / cnt[p];
+              HF[p] = Hs[p] * f[p];
+              dkt[p] += U[p] * (static_cast<T>(v[p]) - f[p]);  // d/da of a v + (1 - a) f
+            }
+          }
+          box3(Hs.data(), bH.data(), H, W);
+          box3(HF.data(), bHF.data(), H, W);
+          for (int64_t p = 0; p < HW; ++p) {
+            const bool known = cnt[p] > T(0);
+            // Through s = box3(a v) and c = box3(a): d a_q += v_q sum H - sum H f; the value's adjoint
+            // gets a_q sum H (the fill reads v; without fill_grad only the mask-side adjoint U does).
+            dkt[p] += static_cast<T>(v[p]) * bH[p] - bHF[p];
+            const T keep = known ? a[p] : T(1);
+            U[p] = U[p] * keep + a[p] * bH[p];
+            Gv[p] = fill_grad ? U[p] : Gv[p] * keep;
+          }
+        }
+        const scalar_t* m = mp + n * HW;
+        scalar_t* g = gxp + plane * HW;
+        const T* G = fill_grad ? U.data() : Gv.data();
+        for (int64_t p = 0; p < HW; ++p) g[p] = m[p] > scalar_t(0) ? static_cast<scalar_t>(G[p]) : scalar_t(0);
+      }
+    });
+    // Sum the threads' buffers, then carry each ring's gradient back through k_t = maxpool3(k_{t-1}).
+    std::vector<T> dk(N * CS, T(0));
+    for (const auto& part : partial)
+      if (!part.empty())
+        for (size_t i = 0; i < dk.size(); ++i) dk[i] += part[i];
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> carry(HW), next(HW);
+      for (int64_t n = begin; n < end; ++n) {
+        std::fill(carry.begin(), carry.end(), T(0));  // d L / d k_iters: k_iters is not used
+        for (int64_t t = iters; t >= 1; --t) {
+          const T* kp = k.data() + n * KS + (t - 1) * HW;
+          const T* ring_grad = dk.data() + n * CS + (t - 1) * HW;
+          for (int64_t p = 0; p < HW; ++p) next[p] = ring_grad[p];
+          for (int64_t h = 0; h < H; ++h) {
+            for (int64_t w = 0; w < W; ++w) {
+              const T g = carry[h * W + w];
+              if (g == T(0)) continue;
+              int64_t arg = -1;
+              T mx = -std::numeric_limits<T>::infinity();
+              for (int64_t dy = -1; dy <= 1; ++dy) {
+                const int64_t hh = h + dy;
+                if (hh < 0 || hh >= H) continue;
+                for (int64_t dx = -1; dx <= 1; ++dx) {
+                  const int64_t ww = w + dx;
+                  if (ww < 0 || ww >= W) continue;
+                  if (kp[hh * W + ww] > mx) {
+                    mx = kp[hh * W + ww];
+                    arg = hh * W + ww;
+                  }
+                }
+              }
+              next[arg] += g;
+            }
+          }
+          std::swap(carry, next);
+        }
+        for (int64_t p = 0; p < HW; ++p) gmp[n * HW + p] = static_cast<scalar_t>(carry[p]);
+      }
+    });
+  });
+  return {gx.contiguous(fmt), gm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(masked_ops, CPU, m) {
+  m.impl("soft_fill", &soft_fill_cpu);
+  m.impl("soft_fill_backward", &soft_fill_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace masked_ops
