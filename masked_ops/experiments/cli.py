@@ -53,9 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=11, help="points on the deletion/insertion curves (faithfulness)")
     p.add_argument("--evaluators", nargs="+", default=None,
                    help="strategies that score the explanations (faithfulness; default: --strategies)")
+    p.add_argument("--patch", type=int, default=16,
+                   help="patch side in pixels (removal, linearity; must divide the image size; default 16)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's input size)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the model in channels_last memory format (faster depthwise convs on CPU)")
     p.add_argument("--fresh", action="store_true", help="discard this experiment's checkpoints in OUT first")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -109,6 +113,8 @@ def _run(args) -> int:
 
     strategies = _strategies(args.strategies)
     model, info = load_model(args.model)
+    if getattr(args, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
     size = args.size or info.input_size
     common = dict(seed=args.seed, mean=info.mean, std=info.std, batch_size=args.batch_size, out=args.out,
                   fresh=args.fresh, progress=not args.no_progress)
@@ -117,7 +123,7 @@ def _run(args) -> int:
     for exp in todo:
         start, cpu = time.time(), time.process_time()
         if exp == "removal":
-            res = removal_curves(model, imgs, strategies, repeats=args.repeats or 5, image_names=names,
+            res = removal_curves(model, imgs, strategies, repeats=args.repeats or 5, image_names=names, patch=args.patch,
                                    class_names=list(info.class_names), **common)
         elif exp == "leakage-salient":
             res = salient_vs_moved(model, imgs, strategies, image_names=names, **common)
@@ -130,7 +136,8 @@ def _run(args) -> int:
                                            steps=[i / (args.steps - 1) for i in range(args.steps)],
                                            image_names=names, **common)
         elif exp == "linearity":
-            res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, **common)
+            res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, patch=args.patch,
+                            **common)
         if res.get("units_computed") or not report.has_record(args.out, exp):
             # a rerun that only reloads checkpoints keeps the record of the run that did the work
             report.record_command(args.out, exp, _command(args), time.time() - start, time.process_time() - cpu)
