@@ -22,14 +22,13 @@ removal() { run removal --model "$1" --out "reports/$1" --images bundled --augme
   --patch "$(patch "$1")" --strategies $ALL; }
 probe() { run leakage-probe --model "$1" --out "reports/$1" --images bundled --probe-augment 1 --strategies $ALL; }
 salient() { run leakage-salient --model "$1" --out "reports/$1" --images bundled --augment 1 --strategies $ALL; }
-faith() { run faithfulness --model "$1" --out "reports/$1" --images bundled --samples 150 --steps 11 \
-  --strategies grey blur layer inpaint-telea noisy-linear \
-  --evaluators grey blur layer layer-renorm inpaint-telea inpaint-ns noisy-linear segment-mean; }
+faith() { run faithfulness --model "$1" --out "reports/$1" --images bundled --samples 150 --steps 6 \
+  --strategies grey layer noisy-linear --evaluators grey layer inpaint-telea noisy-linear segment-mean; }
 
 case "${1:-}" in
-  a) removal efficientnet-lite0 && removal efficientnet-lite2 && probe efficientnet-lite0 && salient efficientnet-lite0 \
-       && faith efficientnet-lite0 ;;
-  b) removal efficientnet-lite1 && probe efficientnet-lite1 && probe efficientnet-lite2 && salient efficientnet-lite1 \
-       && salient efficientnet-lite2 && faith efficientnet-lite1 && faith efficientnet-lite2 ;;
+  a) removal efficientnet-lite0 && removal efficientnet-lite2 && faith efficientnet-lite0 && faith efficientnet-lite1 \
+       && faith efficientnet-lite2 ;;
+  b) removal efficientnet-lite1 && probe efficientnet-lite0 && probe efficientnet-lite1 && probe efficientnet-lite2 \
+       && salient efficientnet-lite0 && salient efficientnet-lite1 && salient efficientnet-lite2 ;;
   *) echo "usage: $0 a|b (two chains, run side by side)" >&2; exit 2 ;;
 esac

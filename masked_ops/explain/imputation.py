@@ -61,14 +61,14 @@ def hard_mask(mask: torch.Tensor) -> torch.Tensor:
 def blend(images: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """``m * x + (1 - m) * fill``; exactly ``where(mask, x, fill)`` for a bool or 0/1 mask.
 
-    Where m == 0 the output is ``fill`` and where m == 1 it is ``x`` whatever the other holds
-    (NaN included), so removed content never leaks through a multiplication by zero.
+    Where m == 0 the image is never read (NaN there is harmless, and that pixel gets no mask
+    gradient: its content is unknown); elsewhere d out / d m = x - fill. ``fill`` must be finite.
     """
     if mask.dtype == torch.bool:
         return torch.where(mask, images, fill)
     m = mask.to(images.dtype)
-    mixed = m * images + (1 - m) * fill
-    return torch.where(m >= 1, images, torch.where(m <= 0, fill.expand_as(mixed), mixed))
+    x = torch.where(m > 0, images, fill)
+    return m * x + (1 - m) * fill
 
 
 # ----------------------------------------------------------------------------- the linear system
@@ -296,7 +296,7 @@ def segment_mean_fill(images: torch.Tensor, segments: torch.Tensor) -> torch.Ten
         raise TypeError(f"segments must be an integer tensor of labels, got "
                         f"{segments.dtype if isinstance(segments, torch.Tensor) else type(segments).__name__}")
     seg = segments.to(images.device, torch.long)
-    if seg.dim() == 2:
+    if seg.dim() == 2 and tuple(seg.shape) == (h, w):
         seg = seg.expand(n, h, w)
     if tuple(seg.shape) != (n, h, w):
         raise ValueError(f"segments must have shape H x W = {(h, w)} or N x H x W = {(n, h, w)}, "
