@@ -4,7 +4,8 @@
     python -m masked_ops.experiments NAME ...            (the same, on its own)
 
 NAME: removal, leakage (both parts), leakage-salient, leakage-probe, faithfulness, linearity, all,
-or report (rebuild OUT/README.md and the plots from the results already in OUT). Every run writes
+or report (rebuild OUT/README.md and the plots from the results already in OUT), or summary (one
+page comparing the models whose results lie in OUT/<model>/, masked_ops.experiments.summary). Every run writes
 OUT/<experiment>/results.json and refreshes OUT/README.md; an interrupted run started again with
 the same arguments resumes from its checkpoints (OUT/<experiment>/units/).
 """
@@ -16,7 +17,7 @@ import time
 from typing import List, Optional
 
 EXPERIMENTS = ("removal", "leakage-salient", "leakage-probe", "faithfulness", "linearity")
-NAMES = EXPERIMENTS + ("leakage", "all", "report")
+NAMES = EXPERIMENTS + ("leakage", "all", "report", "summary")
 DEFAULT_OUT = "out/experiments"
 
 
@@ -108,6 +109,11 @@ def _run(args) -> int:
     if args.name == "report":
         path = report.write_report(args.out)
         print(f"report: {path}")
+        return 0
+    if args.name == "summary":
+        from .summary import write_summary
+
+        print(f"summary: {write_summary(args.out)}")
         return 0
     from ..models import load_model
 

@@ -32,8 +32,13 @@ def record_command(out, experiment: str, command: str, wall_s: float, cpu_s: flo
     """Remember how an experiment's results were produced (shown in the report)."""
     path = Path(out) / "commands.json"
     data = json.loads(path.read_text()) if path.exists() else {}
+    old = data.get(experiment)
+    chunks = 1
+    if old and old.get("command") == command:  # a resumed chunk of the same run: times add up
+        wall_s, cpu_s = wall_s + old["wall_s"], cpu_s + old["cpu_s"]
+        chunks = old.get("chunks", 1) + 1
     data[experiment] = {"command": command, "wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1),
-                        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                        "chunks": chunks, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     write_json_atomic(path, data)
 
 
@@ -250,6 +255,18 @@ def _faith_md(r: dict) -> str:
                 [f"{_f(r[f'{kind}_auc'][e][v])} ± {_f(r[f'{kind}_auc_se'][e][v])}" for v in ev]
                 for e in r["explainers"]]
         out += [f"{kind.capitalize()} AUC ({note}):", _table(["explained under \\ evaluated under"] + ev, rows)]
+    if "srg" in r:
+        rows = [[f"**{e}**" if e in LAYER else e] +
+                [f"{_f(r['srg'][e][v])} [{_f(r['srg_ci95'][e][v][0])}, {_f(r['srg_ci95'][e][v][1])}]" for v in ev]
+                for e in r["explainers"]]
+        out += ["SRG = AUC(LeRF) - AUC(MoRF) on the clean class's probability (higher = more faithful; 95% "
+                "bootstrap CI over photos):", _table(["explained under \\ evaluated under"] + ev, rows)]
+        rows = [[f"**{e}**" if e in LAYER else e] +
+                [f"{_f(r['road_morf_auc'][e][v])} / {_f(r['road_lerf_auc'][e][v])}" for v in ev]
+                for e in r["explainers"]]
+        out += ["ROAD-style accuracy curves (top-1 agreement with the clean prediction): AUC of MoRF (lower = "
+                "more faithful) / AUC of LeRF (higher = more faithful):",
+                _table(["explained under \\ evaluated under"] + ev, rows)]
     out.append("![faithfulness](faithfulness/faithfulness.png)")
     return "\n\n".join(out)
 
@@ -300,13 +317,14 @@ def write_report(out, command: Optional[str] = None) -> Path:
     cmds_path = out / "commands.json"
     if cmds_path.exists():
         cmds = json.loads(cmds_path.read_text())
-        rows = [[e, f"`{c['command']}`", f"{c['wall_s']:.0f}", f"{c['cpu_s']:.0f}"] for e, c in cmds.items()]
+        rows = [[e, f"`{c['command']}`", f"{c['wall_s']:.0f}", f"{c['cpu_s']:.0f}", str(c.get("chunks", 1))]
+                for e, c in cmds.items()]
         parts += ["## How these numbers were produced",
                   "Each command below resumes from its checkpoints if interrupted (`OUT/<experiment>/units/`, "
                   "not committed). Seeds are the `--seed` values (masks, patch orders, LIME samples, noise "
                   "fill all derive from it). CPU seconds are this process's user+system time on the shared "
                   "2-core machine.",
-                  _table(["experiment", "command", "wall s", "CPU s"], rows)]
+                  _table(["experiment", "command", "wall s", "CPU s", "chunks"], rows)]
     path = out / "README.md"
     tmp = path.with_name(".README.md.tmp")
     tmp.write_text("\n\n".join(parts) + "\n")
