@@ -6,8 +6,11 @@ literature (shap's ``maskers.Image("inpaint_telea" / "inpaint_ns")`` uses the sa
 
 - ``radius`` (default 3 px, shap's choice): the neighbourhood each inpainted pixel is computed from
   (cv2's ``inpaintRadius``); an int >= 1.
-- Each channel is inpainted in float32 (cv2 accepts float only one channel at a time), so the
-  fill is not quantised to 8 bits; the visible pixels keep their exact values. The fill is
+- Each channel is inpainted in float32 (cv2 accepts float only one channel at a time), so the fill
+  is not quantised to 8 bits and visible pixels keep their exact values. Telea runs on the 0-255
+  scale (OpenCV's Telea assumes the 8-bit range even for floats: on [0, 1] it returns noise), then
+  is scaled back; Navier-Stokes runs on the [0, 1] values (its result depends slightly on the
+  scale, by up to ~0.015 on noise images; both scales are legitimate inputs to it). The fill is
   clipped to the range of the channel's visible pixels (Telea extrapolates along gradients and
   can overshoot; the 8-bit path clips too).
 - Images are inpainted one by one on the CPU (OpenCV), in a thread pool of ``workers`` threads
@@ -54,8 +57,11 @@ def check_radius(radius) -> int:
 def _inpaint_one(img: np.ndarray, removed: np.ndarray, flag: int, radius: int) -> np.ndarray:
     cv2 = _cv2()
     out = np.empty_like(img)
+    # OpenCV's Telea assumes the 8-bit value range even for float input (on [0, 1] floats it returns
+    # noise): it runs on the 0-255 scale, in float, scaled back. Navier-Stokes works on [0, 1] floats.
+    scale = 255.0 if flag == cv2.INPAINT_TELEA else 1.0
     for c in range(img.shape[0]):
-        out[c] = cv2.inpaint(np.ascontiguousarray(img[c]), removed, radius, flag)
+        out[c] = cv2.inpaint(np.ascontiguousarray(img[c] * scale), removed, radius, flag) / scale
     return out
 
 
