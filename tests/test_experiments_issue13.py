@@ -73,9 +73,9 @@ def test_record_command_adds_up_resumed_chunks(tmp_path):
     record_command(tmp_path, "removal", "cmd A", 5.0, 2.0)
     rec = json.loads((tmp_path / "commands.json").read_text())["removal"]
     assert (rec["wall_s"], rec["cpu_s"], rec["chunks"]) == (15.0, 6.0, 2)
-    record_command(tmp_path, "removal", "cmd B", 1.0, 1.0)  # another command starts over
+    record_command(tmp_path, "removal", "cmd B", 1.0, 1.0, elapsed_s=99.0)  # another command starts over
     rec = json.loads((tmp_path / "commands.json").read_text())["removal"]
-    assert (rec["wall_s"], rec["chunks"]) == (1.0, 1)
+    assert (rec["wall_s"], rec["chunks"], rec["elapsed_s"]) == (1.0, 1, 99.0)
 
 
 def test_summary_page_compares_models(tmp_path, photos):

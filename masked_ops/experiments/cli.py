@@ -146,7 +146,8 @@ def _run(args) -> int:
                             **common)
         if res.get("units_computed") or not report.has_record(args.out, exp):
             # a rerun that only reloads checkpoints keeps the record of the run that did the work
-            report.record_command(args.out, exp, _command(args), time.time() - start, time.process_time() - cpu)
+            report.record_command(args.out, exp, _command(args), time.time() - start, time.process_time() - cpu,
+                                  report.units_elapsed(args.out, exp))
         print(f"{exp}: done in {time.time() - start:.0f} s -> {args.out}/{exp}/results.json", file=sys.stderr)
     path = report.write_report(args.out)
     print(f"report: {path}")

@@ -28,7 +28,15 @@ def _load(out: Path) -> Dict[str, dict]:
     return found
 
 
-def record_command(out, experiment: str, command: str, wall_s: float, cpu_s: float) -> None:
+def units_elapsed(out, experiment: str) -> Optional[float]:
+    """Seconds from the oldest checkpointed unit of OUT/<experiment> to now: the wall time of a run
+    that was resumed in chunks (each chunk's own times are lost when it is killed)."""
+    units = list((Path(out) / experiment / "units").glob("*.npz"))
+    return time.time() - min(p.stat().st_mtime for p in units) if units else None
+
+
+def record_command(out, experiment: str, command: str, wall_s: float, cpu_s: float,
+                   elapsed_s: Optional[float] = None) -> None:
     """Remember how an experiment's results were produced (shown in the report)."""
     path = Path(out) / "commands.json"
     data = json.loads(path.read_text()) if path.exists() else {}
@@ -39,6 +47,8 @@ def record_command(out, experiment: str, command: str, wall_s: float, cpu_s: flo
         chunks = old.get("chunks", 1) + 1
     data[experiment] = {"command": command, "wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1),
                         "chunks": chunks, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if elapsed_s is not None:
+        data[experiment]["elapsed_s"] = round(elapsed_s, 1)
     write_json_atomic(path, data)
 
 
@@ -317,14 +327,16 @@ def write_report(out, command: Optional[str] = None) -> Path:
     cmds_path = out / "commands.json"
     if cmds_path.exists():
         cmds = json.loads(cmds_path.read_text())
-        rows = [[e, f"`{c['command']}`", f"{c['wall_s']:.0f}", f"{c['cpu_s']:.0f}", str(c.get("chunks", 1))]
-                for e, c in cmds.items()]
+        rows = [[e, f"`{c['command']}`", f"{c['wall_s']:.0f}", f"{c['cpu_s']:.0f}",
+                 f"{c['elapsed_s']:.0f}" if "elapsed_s" in c else ""] for e, c in cmds.items()]
         parts += ["## How these numbers were produced",
                   "Each command below resumes from its checkpoints if interrupted (`OUT/<experiment>/units/`, "
                   "not committed). Seeds are the `--seed` values (masks, patch orders, LIME samples, noise "
-                  "fill all derive from it). CPU seconds are this process's user+system time on the shared "
-                  "2-core machine.",
-                  _table(["experiment", "command", "wall s", "CPU s", "chunks"], rows)]
+                  "fill all derive from it). Wall and CPU seconds are those of the process that finished the "
+                  "run (user+system time on the shared 2-core machine); a run resumed in chunks also shows the "
+                  "elapsed time from its first checkpointed unit to its results.",
+                  _table(["experiment", "command", "wall s (last process)", "CPU s (last process)",
+                          "elapsed s (first unit to results)"], rows)]
     path = out / "README.md"
     tmp = path.with_name(".README.md.tmp")
     tmp.write_text("\n\n".join(parts) + "\n")
