@@ -58,10 +58,16 @@ def has_record(out, experiment: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- plots
-def _style(name: str) -> dict:
+STRONG = ("inpaint-telea", "inpaint-ns", "noisy-linear", "segment-mean")  # the strongest pixel-space fills
+
+
+def _style(name: str, index: int = 0) -> dict:
+    import matplotlib
+
+    colour = {"color": matplotlib.colormaps["tab20"](index % 20)}
     if name in LAYER:
-        return {"lw": 2.4, "ls": "-"}
-    return {"lw": 1.4, "ls": "--"}
+        return {"lw": 2.4, "ls": "-", **colour}
+    return {"lw": 1.8 if name in STRONG else 1.3, "ls": "-." if name in STRONG else "--", **colour}
 
 
 def _plt():
@@ -83,8 +89,8 @@ def plot_removal(r: dict, path: Path) -> None:
     plt = _plt()
     x = [100 * f for f in r["fractions"]]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for s, v in r["strategies"].items():
-        st = _style(s)
+    for k, (s, v) in enumerate(r["strategies"].items()):
+        st = _style(s, k)
         axes[0].errorbar(x, v["agreement"], yerr=v["agreement_se"], label=s, capsize=2, **st)
         axes[1].plot(x, v["kl"], label=s, **st)
         axes[2].plot(x, v["entropy_bits"], label=s, **st)
