@@ -140,7 +140,10 @@ def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DE
         fn = subject.strategies[name]
         if getattr(fn, "name", None) == "segment-mean":
             fn.segments = segs[i]  # lime's hide_color=None: the superpixels themselves
-        logits = subject.predict(name, images[i], segment_masks(segs[i], keep)).double()
+        # Curves share masks (the LeRF curve passes through the insertion curve's masks; all curves start
+        # or end at everything visible / removed): predict each distinct mask once.
+        uniq, inverse = torch.unique(keep, dim=0, return_inverse=True)
+        logits = subject.predict(name, images[i], segment_masks(segs[i], uniq)).double()[inverse]
         c = int(clean_cls[i])
         return logits.softmax(-1)[:, c], (logits.argmax(-1) == c).double()
 
