@@ -279,7 +279,7 @@ def test_cli_bad_input_exits_with_a_message(tmp_path, capsys):
 def test_bundled_image_set_is_all_photos():
     from masked_ops.experiments.images import BUNDLED
 
-    assert len(BUNDLED) == 10 and "chelsea" in BUNDLED and "china" in BUNDLED
+    assert len(BUNDLED) == 11 and "chelsea" in BUNDLED and "china" in BUNDLED and "grace_hopper" in BUNDLED
     with pytest.raises(ValueError, match="augment"):
         image_set(["chelsea"], augment=12)
     imgs, names = image_set(["chelsea"], size=48, augment=2)

@@ -172,7 +172,7 @@ def test_bad_input(data):
         s(images.numpy(), masks)
     with pytest.raises(ValueError, match="mode"):
         get_strategy("layer", model, mode="sideways")
-    assert set(FILL_STRATEGIES) < set(STRATEGIES) and len(STRATEGIES) == 9
+    assert set(FILL_STRATEGIES) < set(STRATEGIES) and len(STRATEGIES) == 13
 
 
 @pytest.mark.parametrize("name", ["grey", "layer"])

@@ -4,7 +4,8 @@
     python -m masked_ops.experiments NAME ...            (the same, on its own)
 
 NAME: removal, leakage (both parts), leakage-salient, leakage-probe, faithfulness, linearity, all,
-or report (rebuild OUT/README.md and the plots from the results already in OUT). Every run writes
+or report (rebuild OUT/README.md and the plots from the results already in OUT), or summary (one
+page comparing the models whose results lie in OUT/<model>/, masked_ops.experiments.summary). Every run writes
 OUT/<experiment>/results.json (naming the model and its weights under "model") and refreshes
 OUT/README.md; an interrupted run started again with the same arguments resumes from its
 checkpoints (OUT/<experiment>/units/). Errors are one line starting with "masked-ops:".
@@ -24,7 +25,7 @@ import time
 from typing import List, Optional
 
 EXPERIMENTS = ("removal", "leakage-salient", "leakage-probe", "faithfulness", "linearity")
-NAMES = EXPERIMENTS + ("leakage", "all", "report")
+NAMES = EXPERIMENTS + ("leakage", "all", "report", "summary")
 DEFAULT_OUT = "out/experiments"
 
 
@@ -64,10 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=11, help="points on the deletion/insertion curves (faithfulness)")
     p.add_argument("--evaluators", nargs="+", default=None,
                    help="strategies that score the explanations (faithfulness; default: --strategies)")
+    p.add_argument("--patch", type=int, default=16,
+                   help="patch side in pixels (removal, linearity; must divide the image size; default 16)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's input size)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 per process under torchrun)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the model in channels_last memory format (faster depthwise convs on CPU)")
     p.add_argument("--fresh", action="store_true", help="discard this experiment's checkpoints in OUT first")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -128,11 +133,18 @@ def _run(args) -> int:
         path = report.write_report(args.out)
         print(f"report: {path}")
         return 0
+    if args.name == "summary":
+        from .summary import write_summary
+
+        print(f"summary: {write_summary(args.out)}")
+        return 0
     from ..models import load_model
 
     strategies = _strategies(args.strategies)
     model, info = load_model(args.model, args.weights)
     print(f"model: {info.describe()}")
+    if getattr(args, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
     size = args.size or info.input_size
     dist = join()  # a world of one without torchrun
     main = dist.is_main
@@ -150,7 +162,7 @@ def _run(args) -> int:
         start, cpu = time.time(), time.process_time()
         if exp == "removal":
             res = removal_curves(model, imgs, strategies, repeats=args.repeats or 5, image_names=names,
-                                 class_names=list(info.class_names), labels=labels, **common)
+                                 patch=args.patch, class_names=list(info.class_names), labels=labels, **common)
         elif exp == "leakage-salient":
             res = salient_vs_moved(model, imgs, strategies, image_names=names, labels=labels, **common)
         elif exp == "leakage-probe":
@@ -163,13 +175,15 @@ def _run(args) -> int:
                                            steps=[i / (args.steps - 1) for i in range(args.steps)],
                                            image_names=names, **common)
         elif exp == "linearity":
-            res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, **common)
+            res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, patch=args.patch,
+                            **common)
         if not main:
             continue
         annotate_results(args.out, exp, model=info.as_dict())  # results name the model and its weights
         if res.get("units_computed") or not report.has_record(args.out, exp):
             # a rerun that only reloads checkpoints keeps the record of the run that did the work
-            report.record_command(args.out, exp, _command(args), time.time() - start, time.process_time() - cpu)
+            report.record_command(args.out, exp, _command(args), time.time() - start, time.process_time() - cpu,
+                                  report.units_elapsed(args.out, exp))
         print(f"{exp}: done in {time.time() - start:.0f} s -> {args.out}/{exp}/results.json", file=sys.stderr)
         if "clean_accuracy" in res:
             print(accuracy_line(exp, res))

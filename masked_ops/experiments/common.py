@@ -3,12 +3,13 @@
 An experiment function takes ``model`` (any nn.Module classifier), ``images`` (N x 3 x H x W in
 [0, 1], pixel space) and ``strategies``: names from masked_ops.explain.strategies.STRATEGIES, or
 a mapping ``{name: predict}`` with ``predict(images, masks) -> logits`` for a strategy of your own
+(``Subject(..., options={name: {...}})`` passes options to get_strategy, e.g. segment-mean's cell size)
 (``images`` and ``masks`` as in the Strategy interface: masks N x 1 x H x W, 1 = visible).
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Dict, Mapping, Sequence, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ class Subject:
 
     def __init__(self, model: nn.Module, strategies: StrategySpec = DEFAULT_STRATEGIES, *,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 batch_size: int = 32, seed: int = 0):
+                 batch_size: int = 32, seed: int = 0, options: Optional[Mapping[str, dict]] = None):
         if not callable(model):
             raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -47,7 +48,9 @@ class Subject:
                 raise ValueError(f"strategies: need at least one of {', '.join(STRATEGIES)}")
             if len(set(names)) != len(names):
                 raise ValueError(f"strategies: duplicate names in {names}")
-            self.strategies = {n: get_strategy(n, model, mean=mean, std=std, seed=seed) for n in names}
+            options = dict(options or {})
+            self.strategies = {n: get_strategy(n, model, mean=mean, std=std, seed=seed, **options.get(n, {}))
+                               for n in names}
         for name in self.strategies:
             if "--" in name or "/" in name:
                 raise ValueError(f"strategy name {name!r} must not contain '--' or '/'")

@@ -8,12 +8,17 @@ each *evaluating* strategy V, on the same segments:
 - deletion curve: remove the segments in decreasing weight order (0%, 10%, ..., 100% of them)
   and track the clean class's probability under V; lower area = more faithful;
 - insertion curve: start from everything removed and reveal the segments in the same order;
-  higher area = more faithful.
+  higher area = more faithful;
+- least-relevant-first (LeRF) curve: remove the segments in *increasing* weight order; with the
+  deletion curve (most relevant first, MoRF) it gives SRG = AUC(LeRF) - AUC(MoRF) (Bluecher et
+  al. 2024, masked_ops.experiments.road), higher = more faithful. Both are tracked as the clean
+  class's probability and as ROAD's accuracy (here: top-1 agreement with the clean prediction).
 
 A random segment order ("random", seeded per image) is scored the same way as a floor. The
 E x V matrices say whether an explanation is only good when judged by the strategy that made it.
 
 Unit of work: one image under one explaining strategy (LIME samples plus every V's curves).
+"segment-mean" (lime's own fill) uses each image's SLIC segments as its segments.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ import torch
 
 from . import masks as M
 from .common import DEFAULT_STRATEGIES, StrategySpec, Subject, base_config, check_images
-from .metrics import auc, mean_se
+from .metrics import auc, bootstrap_ci, group_means, mean_se
+from .road import srg
 from .removal import _subject
 from .runner import Run
 
@@ -109,7 +115,8 @@ def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DE
     if len(steps) < 2:
         raise ValueError(f"steps: need at least 2 points on the curves, got {steps}")
     config = base_config("faithfulness", subject, images, seed, samples=samples, n_segments=n_segments,
-                         steps=steps, explainers=explain_names, evaluators=evaluators)
+                         steps=steps, explainers=explain_names, evaluators=evaluators,
+                         curves=["deletion", "insertion", "lerf"])
     run = Run(out, "faithfulness", config, fresh=fresh, progress=progress)
     n = images.shape[0]
 
@@ -128,9 +135,20 @@ def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DE
     segs = torch.from_numpy(base["segments"])
     explainers = explain_names + ["random"]
 
+    def outputs(name, i, keep):
+        """(clean class probability, top-1 agreement with the clean class) per row of ``keep``."""
+        fn = subject.strategies[name]
+        if getattr(fn, "name", None) == "segment-mean":
+            fn.segments = segs[i]  # lime's hide_color=None: the superpixels themselves
+        # Curves share masks (the LeRF curve passes through the insertion curve's masks; all curves start
+        # or end at everything visible / removed): predict each distinct mask once.
+        uniq, inverse = torch.unique(keep, dim=0, return_inverse=True)
+        logits = subject.predict(name, images[i], segment_masks(segs[i], uniq)).double()[inverse]
+        c = int(clean_cls[i])
+        return logits.softmax(-1)[:, c], (logits.argmax(-1) == c).double()
+
     def prob(name, i, keep):
-        logits = subject.predict(name, images[i], segment_masks(segs[i], keep))
-        return logits.double().softmax(-1)[:, int(clean_cls[i])]
+        return outputs(name, i, keep)[0]
 
     def compute(key):
         e, i = key.rsplit("--", 1)
@@ -143,11 +161,13 @@ def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DE
             weights = lime_weights(z, prob(e, i, z))
         order = torch.argsort(weights, descending=True, stable=True)
         deletion, insertion = curve_masks(order, steps)
+        lerf, _ = curve_masks(order.flip(0), steps)
         res = {"weights": weights.numpy()}
+        k = len(steps)
         for v in evaluators:
-            curves = prob(v, i, torch.cat([deletion, insertion]))
-            res[f"del_{v}"] = curves[:len(steps)].numpy()
-            res[f"ins_{v}"] = curves[len(steps):].numpy()
+            p, agree = outputs(v, i, torch.cat([deletion, insertion, lerf]))
+            res[f"del_{v}"], res[f"ins_{v}"], res[f"lerf_{v}"] = p[:k].numpy(), p[k:2 * k].numpy(), p[2 * k:].numpy()
+            res[f"dela_{v}"], res[f"lerfa_{v}"] = agree[:k].numpy(), agree[2 * k:].numpy()
         return res
 
     keys = [f"{e}--{i:04d}" for e in explainers for i in range(n)]
@@ -156,15 +176,28 @@ def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DE
                "steps": steps, "n_images": n, "samples": samples,
                "n_segments_mean": float(np.mean([int(s.max()) + 1 for s in segs])),
                "deletion_auc": {}, "insertion_auc": {}, "deletion_auc_se": {}, "insertion_auc_se": {},
-               "deletion_curve": {}, "insertion_curve": {}}
+               "deletion_curve": {}, "insertion_curve": {}, "lerf_auc": {}, "lerf_auc_se": {}, "lerf_curve": {},
+               "road_morf_auc": {}, "road_morf_auc_se": {}, "road_lerf_auc": {}, "road_lerf_auc_se": {},
+               "srg": {}, "srg_se": {}, "srg_ci95": {}, "road_srg": {}, "road_srg_se": {}}
+    groups = [str(nm).split(":")[0] for nm in image_names] if image_names is not None else None
     for e in explainers:
-        for kind in ("deletion", "insertion"):
-            short = kind[:3]
-            aucs = np.array([[auc(units[f"{e}--{i:04d}"][f"{short}_{v}"], steps) for v in evaluators]
-                             for i in range(n)])                                         # N x V
+        u = [units[f"{e}--{i:04d}"] for i in range(n)]
+        for kind, short in (("deletion", "del"), ("insertion", "ins"), ("lerf", "lerf"), ("road_morf", "dela"),
+                            ("road_lerf", "lerfa")):
+            aucs = np.array([[auc(u[i][f"{short}_{v}"], steps) for v in evaluators] for i in range(n)])  # N x V
             m, se = mean_se(aucs)
             results[f"{kind}_auc"][e] = dict(zip(evaluators, m.tolist()))
             results[f"{kind}_auc_se"][e] = dict(zip(evaluators, se.tolist()))
-            results[f"{kind}_curve"][e] = {v: np.mean([units[f"{e}--{i:04d}"][f"{short}_{v}"] for i in range(n)],
-                                                      axis=0).tolist() for v in evaluators}
+            if kind in ("deletion", "insertion", "lerf"):
+                results[f"{kind}_curve"][e] = {v: np.mean([x[f"{short}_{v}"] for x in u], axis=0).tolist()
+                                               for v in evaluators}
+        for key, (hi, lo) in (("srg", ("lerf", "del")), ("road_srg", ("lerfa", "dela"))):
+            vals = np.array([[srg(u[i][f"{hi}_{v}"], u[i][f"{lo}_{v}"], steps) for v in evaluators]
+                             for i in range(n)])
+            m, se = mean_se(vals)
+            results[key][e] = dict(zip(evaluators, m.tolist()))
+            results[f"{key}_se"][e] = dict(zip(evaluators, se.tolist()))
+            if key == "srg":
+                results["srg_ci95"][e] = {v: list(bootstrap_ci(group_means(vals[:, j], groups), seed=seed))
+                                          for j, v in enumerate(evaluators)}
     return run.finish(results, config, image_names)

@@ -3,7 +3,8 @@
 ``image_set(specs, size, augment)`` returns (N x 3 x size x size tensor in [0, 1], names).
 
 Specs: ``"bundled"`` (all natural colour photos below), a scikit-image sample name, ``"motorcycle"``
-(left view of skimage's stereo pair), ``"china"``/``"flower"`` (scikit-learn's sample images), a
+(left view of skimage's stereo pair), ``"china"``/``"flower"`` (scikit-learn's sample images),
+``"grace_hopper"`` (matplotlib's sample photo), a
 file path (read by masked_ops.models.load_image), or a folder: every image under it, in the order
 and with the labels of masked_ops.dataset.folder (``DIR/<class>/<image>``: the class folder names
 the label). Each photo is resized so its shorter side is ``size`` and centre-cropped (the usual
@@ -29,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# The natural colour photographs that ship inside the scikit-image and scikit-learn wheels
+# The natural colour photographs that ship inside the scikit-image, scikit-learn and matplotlib wheels
 # (skimage's "cat" is the same photo as "chelsea"; colorwheel and logo are drawings).
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                   "retina")
-EXTRA_PHOTOS = ("motorcycle", "china", "flower")
+EXTRA_PHOTOS = ("motorcycle", "china", "flower", "grace_hopper")
 BUNDLED = SKIMAGE_PHOTOS + EXTRA_PHOTOS
 MAX_AUGMENT = 9
 
@@ -48,6 +49,10 @@ def load_photo(spec: str) -> torch.Tensor:
         import skimage.data
 
         return _uint8_to_tensor(skimage.data.stereo_motorcycle()[0])
+    if spec == "grace_hopper":  # matplotlib's sample photo (ships inside its wheel)
+        from matplotlib import cbook
+
+        return load_photo(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
     if spec in ("china", "flower"):
         import os
 

@@ -1,7 +1,7 @@
 """Metrics of the experiments, as small pure functions (tested on constructed cases)."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -73,3 +73,16 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0, n_boot: int = 2000, level: f
     means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def group_means(values: np.ndarray, groups: Optional[Sequence] = None) -> np.ndarray:
+    """Mean of ``values`` (1-D, one per image) within each group, groups in order of first appearance;
+    ``groups=None``: the values unchanged (every image its own group)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if groups is None:
+        return v
+    g = list(groups)
+    if len(g) != v.size:
+        raise ValueError(f"groups must name one group per value ({v.size}), got {len(g)}")
+    order = list(dict.fromkeys(g))
+    return np.array([v[[i for i, x in enumerate(g) if x == k]].mean() for k in order])

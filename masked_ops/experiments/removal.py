@@ -28,7 +28,8 @@ import torch
 
 from . import masks as M
 from .common import DEFAULT_STRATEGIES, StrategySpec, Subject, base_config, check_images
-from .metrics import agreement, bootstrap_ci, class_histogram_entropy, kl_divergence, mean_se, most_common
+from .metrics import (agreement, bootstrap_ci, class_histogram_entropy, group_means, kl_divergence, mean_se,
+                      most_common)
 from .runner import Run
 
 FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -76,7 +77,8 @@ def removal_curves(model, images: torch.Tensor, strategies: StrategySpec = DEFAU
         raise ValueError(f"fractions must be values in [0, 1], got {fractions}")
     size = tuple(images.shape[-2:])
     M.patch_grid(size, patch)
-    subject = _subject(model, strategies, mean, std, batch_size, seed)
+    # segment-mean's segments are the patches themselves (each removed patch takes its own mean)
+    subject = _subject(model, strategies, mean, std, batch_size, seed, {"segment-mean": {"segment_size": patch}})
     config = base_config("removal", subject, images, seed, fractions=fractions, repeats=repeats, patch=patch)
     run = Run(out, "removal", config, fresh=fresh, progress=progress)
 
@@ -93,13 +95,17 @@ def removal_curves(model, images: torch.Tensor, strategies: StrategySpec = DEFAU
         return _unit(subject, name, images[i], masks, clean[i], nf, repeats, fractions)
 
     units = run.map(keys, compute, desc="removal")
+    # Views of one photo (flips, crops: names "photo:view") are not independent: CIs resample photos.
+    groups = [str(n).split(":")[0] for n in image_names] if image_names is not None else None
     results = summarise(units, clean.argmax(-1).numpy(), subject.names, fractions, repeats, seed=seed,
-                        class_names=class_names, labels=labels)
+                        class_names=class_names, labels=labels, groups=groups)
     return run.finish(results, config, image_names, paper=PAPER)
 
 
-def _subject(model, strategies, mean, std, batch_size, seed) -> Subject:
+def _subject(model, strategies, mean, std, batch_size, seed, options=None) -> Subject:
     kw = {}
+    if options and not isinstance(strategies, Mapping):
+        kw["options"] = {k: v for k, v in options.items() if k in list(strategies)}
     if mean is not None:
         kw["mean"] = mean
     if std is not None:
@@ -109,11 +115,18 @@ def _subject(model, strategies, mean, std, batch_size, seed) -> Subject:
 
 def summarise(units: Mapping[str, Mapping[str, np.ndarray]], clean_pred: np.ndarray, names: Sequence[str],
               fractions: Sequence[float], repeats: int, *, seed: int = 0,
-              class_names: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> dict:
-    """Aggregate per-unit arrays into per-strategy curves (see the module docstring)."""
+              class_names: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None,
+              groups: Optional[Sequence[str]] = None) -> dict:
+    """Aggregate per-unit arrays into per-strategy curves (see the module docstring).
+
+    ``groups`` (one source-photo name per image): confidence intervals resample photos, each
+    photo's views averaged first (views of one photo are not independent samples). ``labels``:
+    top-1 accuracy against them beside agreement with the clean prediction.
+    """
     n = len(clean_pred)
     labelled = check_labels(labels, n)
     out = {"experiment": "removal", "fractions": list(fractions), "repeats": repeats, "n_images": n,
+           "n_photos": len(set(groups)) if groups is not None else n,
            "max_entropy_bits": float(np.log2(n * repeats)),
            "clean_entropy_bits": class_histogram_entropy(np.asarray(clean_pred)), "strategies": {}}
     if labelled is not None:
@@ -131,7 +144,7 @@ def summarise(units: Mapping[str, Mapping[str, np.ndarray]], clean_pred: np.ndar
         k_mean, k_se = mean_se(kl.mean(axis=2))
         tops = [most_common(pred[:, f]) for f in range(len(fractions))]
         per_image_curve_mean = per_image_agree.mean(axis=1)
-        lo, hi = bootstrap_ci(per_image_curve_mean, seed=seed)
+        lo, hi = bootstrap_ci(group_means(per_image_curve_mean, groups), seed=seed)
         out["strategies"][s] = {
             "agreement": a_mean.tolist(), "agreement_se": a_se.tolist(),
             "kl": k_mean.tolist(), "kl_se": k_se.tolist(),
@@ -157,7 +170,7 @@ def summarise(units: Mapping[str, Mapping[str, np.ndarray]], clean_pred: np.ndar
         for s in names:
             if s != "layer":
                 d = per_image["layer"] - per_image[s]
-                lo, hi = bootstrap_ci(d, seed=seed)
+                lo, hi = bootstrap_ci(group_means(d, groups), seed=seed)
                 out["paired_vs_layer"][s] = {"mean_agreement_difference": float(d.mean()), "ci95": [lo, hi]}
                 if s in per_image_acc:
                     d = per_image_acc["layer"] - per_image_acc[s]

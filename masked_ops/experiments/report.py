@@ -29,12 +29,27 @@ def _load(out: Path) -> Dict[str, dict]:
     return found
 
 
-def record_command(out, experiment: str, command: str, wall_s: float, cpu_s: float) -> None:
+def units_elapsed(out, experiment: str) -> Optional[float]:
+    """Seconds from the oldest checkpointed unit of OUT/<experiment> to now: the wall time of a run
+    that was resumed in chunks (each chunk's own times are lost when it is killed)."""
+    units = list((Path(out) / experiment / "units").glob("*.npz"))
+    return time.time() - min(p.stat().st_mtime for p in units) if units else None
+
+
+def record_command(out, experiment: str, command: str, wall_s: float, cpu_s: float,
+                   elapsed_s: Optional[float] = None) -> None:
     """Remember how an experiment's results were produced (shown in the report)."""
     path = Path(out) / "commands.json"
     data = json.loads(path.read_text()) if path.exists() else {}
+    old = data.get(experiment)
+    chunks = 1
+    if old and old.get("command") == command:  # a resumed chunk of the same run: times add up
+        wall_s, cpu_s = wall_s + old["wall_s"], cpu_s + old["cpu_s"]
+        chunks = old.get("chunks", 1) + 1
     data[experiment] = {"command": command, "wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1),
-                        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                        "chunks": chunks, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if elapsed_s is not None:
+        data[experiment]["elapsed_s"] = round(elapsed_s, 1)
     write_json_atomic(path, data)
 
 
@@ -44,10 +59,16 @@ def has_record(out, experiment: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- plots
-def _style(name: str) -> dict:
+STRONG = ("inpaint-telea", "inpaint-ns", "noisy-linear", "segment-mean")  # the strongest pixel-space fills
+
+
+def _style(name: str, index: int = 0) -> dict:
+    import matplotlib
+
+    colour = {"color": matplotlib.colormaps["tab20"](index % 20)}
     if name in LAYER:
-        return {"lw": 2.4, "ls": "-"}
-    return {"lw": 1.4, "ls": "--"}
+        return {"lw": 2.4, "ls": "-", **colour}
+    return {"lw": 1.8 if name in STRONG else 1.3, "ls": "-." if name in STRONG else "--", **colour}
 
 
 def _plt():
@@ -86,8 +107,8 @@ def plot_removal(r: dict, path: Path) -> None:
     x = [100 * f for f in r["fractions"]]
     labelled = "clean_accuracy" in r
     fig, axes = plt.subplots(1, 4 if labelled else 3, figsize=(20 if labelled else 15, 4.2))
-    for s, v in r["strategies"].items():
-        st = _style(s)
+    for k, (s, v) in enumerate(r["strategies"].items()):
+        st = _style(s, k)
         axes[0].errorbar(x, v["agreement"], yerr=v["agreement_se"], label=s, capsize=2, **st)
         axes[1].plot(x, v["kl"], label=s, **st)
         axes[2].plot(x, v["entropy_bits"], label=s, **st)
@@ -288,6 +309,18 @@ def _faith_md(r: dict) -> str:
                 [f"{_f(r[f'{kind}_auc'][e][v])} ± {_f(r[f'{kind}_auc_se'][e][v])}" for v in ev]
                 for e in r["explainers"]]
         out += [f"{kind.capitalize()} AUC ({note}):", _table(["explained under \\ evaluated under"] + ev, rows)]
+    if "srg" in r:
+        rows = [[f"**{e}**" if e in LAYER else e] +
+                [f"{_f(r['srg'][e][v])} [{_f(r['srg_ci95'][e][v][0])}, {_f(r['srg_ci95'][e][v][1])}]" for v in ev]
+                for e in r["explainers"]]
+        out += ["SRG = AUC(LeRF) - AUC(MoRF) on the clean class's probability (higher = more faithful; 95% "
+                "bootstrap CI over photos):", _table(["explained under \\ evaluated under"] + ev, rows)]
+        rows = [[f"**{e}**" if e in LAYER else e] +
+                [f"{_f(r['road_morf_auc'][e][v])} / {_f(r['road_lerf_auc'][e][v])}" for v in ev]
+                for e in r["explainers"]]
+        out += ["ROAD-style accuracy curves (top-1 agreement with the clean prediction): AUC of MoRF (lower = "
+                "more faithful) / AUC of LeRF (higher = more faithful):",
+                _table(["explained under \\ evaluated under"] + ev, rows)]
     out.append("![faithfulness](faithfulness/faithfulness.png)")
     return "\n\n".join(out)
 
@@ -312,7 +345,7 @@ SECTIONS = (("removal", "1. Removal curves", _removal_md),
             ("linearity", "4. Linearity", _linearity_md))
 
 
-def write_report(out, command: Optional[str] = None) -> Path:
+def write_report(out, command: Optional[str] = None, title: Optional[str] = None) -> Path:
     """Draw the plots and write OUT/README.md from the results in OUT; returns the README path."""
     out = Path(out)
     results = _load(out)
@@ -326,7 +359,7 @@ def write_report(out, command: Optional[str] = None) -> Path:
     if "linearity" in results:
         plot_linearity(results["linearity"], out / "linearity" / "linearity.png")
 
-    parts = ["# Experiments: layer masking against input fills",
+    parts = [f"# {title or 'Experiments: layer masking against input fills'}",
              "Generated by `masked-ops experiment report` from the `results.json` files next to this page; "
              "the findings at the top are written by hand."]
     findings = out / "FINDINGS.md"
@@ -340,13 +373,16 @@ def write_report(out, command: Optional[str] = None) -> Path:
     cmds_path = out / "commands.json"
     if cmds_path.exists():
         cmds = json.loads(cmds_path.read_text())
-        rows = [[e, f"`{c['command']}`", f"{c['wall_s']:.0f}", f"{c['cpu_s']:.0f}"] for e, c in cmds.items()]
+        rows = [[e, f"`{c['command']}`", f"{c['wall_s']:.0f}", f"{c['cpu_s']:.0f}",
+                 f"{c['elapsed_s']:.0f}" if "elapsed_s" in c else ""] for e, c in cmds.items()]
         parts += ["## How these numbers were produced",
                   "Each command below resumes from its checkpoints if interrupted (`OUT/<experiment>/units/`, "
                   "not committed). Seeds are the `--seed` values (masks, patch orders, LIME samples, noise "
-                  "fill all derive from it). CPU seconds are this process's user+system time on the shared "
-                  "2-core machine.",
-                  _table(["experiment", "command", "wall s", "CPU s"], rows)]
+                  "fill all derive from it). Wall and CPU seconds are those of the process that finished the "
+                  "run (user+system time on the shared 2-core machine); a run resumed in chunks also shows the "
+                  "elapsed time from its first checkpointed unit to its results.",
+                  _table(["experiment", "command", "wall s (last process)", "CPU s (last process)",
+                          "elapsed s (first unit to results)"], rows)]
     path = out / "README.md"
     with atomic_write(path, "w") as f:
         f.write("\n\n".join(parts) + "\n")

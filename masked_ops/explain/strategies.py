@@ -36,9 +36,15 @@ smooth-grey grey fill, then a small Gaussian blur (sigma ``smooth_sigma``, defau
            the paper's "smoothed" baseline
 layer      layer masking (masked_ops.layer_mask) in ``mode`` (default "fill", the paper's)
 layer-renorm, layer-zero   layer masking in mode "renorm" / "zero"
+inpaint-telea, inpaint-ns  OpenCV inpainting (Telea / Navier-Stokes), option ``radius`` (3 px);
+           masked_ops.explain.inpainting
+noisy-linear ROAD's noisy linear imputation (Rong et al. 2022), option ``noise`` (0.01; 0 = plain
+           linear imputation); masked_ops.explain.imputation
+segment-mean each removed pixel takes its segment's mean colour (lime's ``hide_color=None``),
+           options ``segment_size`` (16 px cells) or ``segments`` (a label map)
 ========== =============================================================================
 
-Except blur and noise (whose fill is *made from* the image or random by definition), every
+Except blur, noise and segment-mean (whose fill is *made from* the image or random by definition), every
 strategy gives bit-identical logits whatever the removed pixels hold, NaN and inf included:
 removed pixels are selected away with ``torch.where``, never multiplied by zero.
 """
@@ -58,7 +64,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FILL_STRATEGIES = ("black", "grey", "mean", "blur", "noise", "smooth-grey")
 LAYER_STRATEGIES = {"layer": None, "layer-renorm": "renorm", "layer-zero": "zero"}
-STRATEGIES = FILL_STRATEGIES + tuple(LAYER_STRATEGIES)
+# Pixel-space imputations (masked_ops/explain/imputation.py, inpainting.py): name -> the options it takes.
+IMPUTATION_STRATEGIES = {"inpaint-telea": ("radius", "workers"), "inpaint-ns": ("radius", "workers"),
+                         "noisy-linear": ("noise", "tol"), "segment-mean": ("segment_size", "segments")}
+STRATEGIES = FILL_STRATEGIES + tuple(LAYER_STRATEGIES) + tuple(IMPUTATION_STRATEGIES)
 
 
 class Strategy:
@@ -233,7 +242,7 @@ _FILLS: Dict[str, Callable] = {
 def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, mode: str = "fill", seed: int = 0,
                  blur_sigma: float = 5.0, smooth_sigma: float = 2.0,
-                 padding_visible: bool = False) -> Strategy:
+                 padding_visible: bool = False, **options) -> Strategy:
     """The strategy called ``name`` (see ``STRATEGIES``) for ``model``.
 
     ``mode`` applies to "layer" ("layer-renorm"/"layer-zero" fix theirs); ``seed`` seeds
@@ -241,9 +250,15 @@ def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENE
     ``padding_visible`` (layer renorm only) counts the zero padding as visible, so that an
     all-visible mask reproduces the plain model exactly; by default the border is renormalised
     as in partial convolution, so "layer-renorm" with nothing removed differs at the borders.
+    ``options``: the options of the imputation strategies (``IMPUTATION_STRATEGIES``); any other
+    option raises ValueError.
     """
     if isinstance(name, Strategy):
         return name
+    if name in IMPUTATION_STRATEGIES:
+        return _imputation_strategy(name, model, mean, std, seed, options)
+    if options:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(options))} for masking strategy {name!r}")
     if name in LAYER_STRATEGIES:
         return LayerStrategy(name, model, mean, std, mode=LAYER_STRATEGIES[name] or mode,
                              padding_visible=padding_visible)
@@ -253,3 +268,20 @@ def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENE
     s.seed, s.generator = int(seed), None
     s.blur_sigma, s.smooth_sigma = float(blur_sigma), float(smooth_sigma)
     return s
+
+
+def _imputation_strategy(name, model, mean, std, seed, options) -> Strategy:
+    allowed = IMPUTATION_STRATEGIES[name]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for masking strategy {name!r}; "
+                         f"it takes {', '.join(allowed)}")
+    if name.startswith("inpaint-"):
+        from .inpainting import InpaintStrategy
+
+        return InpaintStrategy(name[len("inpaint-"):], model, mean, std, **options)
+    from .imputation import NoisyLinearStrategy, SegmentMeanStrategy
+
+    if name == "noisy-linear":
+        return NoisyLinearStrategy(model, mean, std, seed=seed, **options)
+    return SegmentMeanStrategy(model, mean, std, **options)
