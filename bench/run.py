@@ -19,6 +19,9 @@ models: each model in fill mode (and renorm on GPU), contenders
 ops: each op at ResNet-50 shapes on every backend that runs on the device, against the plain op
   and the pure-PyTorch backend; under compile, the kernel against the decomposed (reference) form
   inside a compiled conv, which is how masked_ops.backends.UNDER_COMPILE was chosen.
+soft: each model's forward + backward with respect to a soft mask (layer_mask(..., soft=True)), what a
+  learned-mask explainer pays per optimisation step, against the plain model's forward + backward
+  with respect to its input (a saliency gradient) and the pure-PyTorch backend.
 """
 from __future__ import annotations
 
@@ -145,6 +148,43 @@ def bench_models(args, device, records):
                     torch.cuda.empty_cache()
 
 
+def bench_soft(args, device, records):
+    """Forward + backward with respect to a soft mask (what a learned-mask explainer pays per step),
+    against the plain model's forward + backward with respect to its input (a saliency gradient)."""
+    for name, batch in args.models:
+        label = f"soft/{name}/fill"
+        net = build_model(name).to(device=device, dtype=args.dtype)
+        if args.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        for p in net.parameters():
+            p.requires_grad_(False)  # gradients with respect to the input / the mask only
+        lm = mo.layer_mask(net, soft=True)
+        px = args.pixels
+        x = randn(batch, 3, px, px, device=device, dtype=args.dtype, channels_last=args.channels_last)
+        g = torch.Generator("cpu").manual_seed(1)
+        m0 = (torch.rand(batch, 1, px // 16, px // 16, generator=g) * 0.9 + 0.05).to(device=device, dtype=args.dtype)
+        m = F.interpolate(m0, size=(px, px), mode="bilinear", align_corners=False).clamp(0, 1).contiguous()
+        fast = fast_backends(device)[0] if fast_backends(device) else "torch"
+
+        def plain_step():
+            xi = x.clone().requires_grad_()
+            net(xi).logsumexp(-1).sum().backward()
+            return xi.grad
+
+        def masked_step():
+            mi = m.clone().requires_grad_()
+            lm(x, mi).logsumexp(-1).sum().backward()
+            return mi.grad
+
+        contenders = {"plain": plain_step, "masked": on(fast, masked_step), "torch": on("torch", masked_step)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            times = H.interleaved(contenders, args.rounds, device, warmup=1, budget_s=args.section_budget_s)
+        records.append(H.record(label, device, args.dtype, batch, x.shape, times, ["plain", "torch"], mode="fill",
+                                backend=fast, what="forward + backward w.r.t. the mask (masked) or the input (plain)"))
+        print_record(records[-1])
+
+
 # ----------------------------------------------------------------------------- ops
 # name: (c_in, c_out, kernel, stride, input size) at ResNet-50's layer shapes
 CONV_SHAPES = {
@@ -260,7 +300,7 @@ def print_record(r):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--only", nargs="*", choices=["models", "ops", "compile"], default=None)
+    p.add_argument("--only", nargs="*", choices=["models", "ops", "compile", "soft"], default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, two rounds (tests the script)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/<cpu|gpu>-<date>.json)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per model")
@@ -307,7 +347,7 @@ def main(argv=None) -> str:
                          under_compile=dict(B.UNDER_COMPILE))
     print(f"masked_ops benchmark: {meta}", flush=True)
     records = []
-    sections = args.only or ["ops", "compile", "models"]
+    sections = args.only or ["ops", "compile", "models", "soft"]
     signal.signal(signal.SIGTERM, _stop)  # a timeout's SIGTERM still writes what finished
     try:
         if "ops" in sections:
@@ -316,6 +356,8 @@ def main(argv=None) -> str:
             bench_compile_policy(args, device, records)
         if "models" in sections:
             bench_models(args, device, records)
+        if "soft" in sections:
+            bench_soft(args, device, records)
     finally:  # whatever finished is written, also after an error or Ctrl-C
         H.write_results(out, meta, records)
         print(f"wrote {out} ({len(records)} records)")

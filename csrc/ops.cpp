@@ -34,6 +34,10 @@ TORCH_LIBRARY(masked_ops, m) {
   // The same epilogue written over y (a conv output the converted model owns; no autograd): a
   // large fresh buffer costs more to fault in than the pass itself on CPU.
   m.def("conv_epilogue_(Tensor(a!) y, Tensor keep, Tensor? scale, Tensor? bias, str activation) -> ()");
+  // The backward of conv_epilogue in one pass: (grad_y, grad_scale, grad_bias); those not asked for
+  // (need_scale, need_bias) come back as 0-element tensors.
+  m.def("conv_epilogue_backward(Tensor grad, Tensor y, Tensor keep, Tensor? scale, Tensor? bias, str activation, "
+        "bool need_scale, bool need_bias) -> (Tensor, Tensor, Tensor)");
   // act(x * scale[c] + shift[c]) on visible pixels, 0 elsewhere (eval-mode BatchNorm + activation).
   m.def("masked_affine_act(Tensor x, Tensor mask, Tensor scale, Tensor shift, str activation) -> Tensor");
   // (y, mask_out, indices): max pool of x with removed = 0, zeroed where mask_out = 0;

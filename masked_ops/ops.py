@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import _checks as C
 from . import masks as M
 from .activations import check_activation
-from .backends import resolve
+from .backends import UNDER_COMPILE, resolve
 from .modes import fill_iters
 
 
@@ -94,7 +94,8 @@ def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optio
     """The masked conv after its checks and its mask path (``keep``, ``scale`` from masks.conv_masks).
 
     fill -> vendor conv -> fused epilogue. In fill/zero modes the bias rides in the vendor
-    conv; in renorm mode it is added after the scale, in the epilogue. ``soft``: the mask is a
+    conv (under torch.compile, backends.UNDER_COMPILE["conv_bias"] may move it to the epilogue, which
+    inductor fuses into one pointwise pass); in renorm mode it is added after the scale, in the epilogue. ``soft``: the mask is a
     degree of visibility (soft_conv_input), and gradients reach it.
     """
     backend = resolve(x.device)
@@ -107,7 +108,7 @@ def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optio
                          in_place=in_place, grad_through_zeros=grad)
     w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    if scale is None:
+    if scale is None and not (C.is_compiling() and UNDER_COMPILE.get("conv_bias") == "epilogue"):
         y = F.conv2d(xin, w, b, stride, padding, dilation, groups)
         return epilogue_of_fresh(backend, y, keep, None, None, activation)
     y = F.conv2d(xin, w, None, stride, padding, dilation, groups)

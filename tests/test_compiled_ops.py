@@ -68,6 +68,57 @@ def test_opcheck_conv_epilogue(layout, dtype):
     _opcheck(_ops().conv_epilogue.default, (y, keep, scale, bias, "gelu"))
 
 
+@pytest.mark.parametrize("layout,dtype", SAMPLES)
+def test_opcheck_conv_epilogue_backward(layout, dtype):
+    y, keep = _sample(layout, dtype, requires_grad=False)
+    grad = torch.randn_like(y)
+    scale, bias = keep * 2.25 + 0.5, torch.randn(3, dtype=dtype)
+    _opcheck(_ops().conv_epilogue_backward.default, (grad, y, keep, scale, bias, "silu", True, True))
+    _opcheck(_ops().conv_epilogue_backward.default, (grad, y, keep, None, None, "relu", False, False))
+    _opcheck(_ops().conv_epilogue_backward.default, (grad, y, keep, scale, bias, "hardswish", False, True))
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6", "leaky_relu", "silu", "hardswish", "hardsigmoid",
+                                        "sigmoid", "gelu", "tanh"])
+@pytest.mark.parametrize("layout,dtype", SAMPLES)
+def test_fused_epilogue_backward_matches_the_torch_formula(activation, layout, dtype):
+    """The CPU's one-pass epilogue backward against autograd through the reference epilogue (torch ops),
+    with NaN in the removed region (it must reach no gradient)."""
+    from masked_ops.backends import compiled, reference
+
+    y, keep = _sample(layout, dtype, requires_grad=False)
+    y = y.detach().clone()
+    y[:, :, 0, 0] = float("nan")
+    keep[:, :, 0, 0] = 0
+    gen = torch.Generator().manual_seed(3)
+    scale = torch.rand(keep.shape, generator=gen, dtype=dtype) + 0.5
+    bias = torch.randn(3, generator=gen, dtype=dtype)
+    grad = torch.randn(y.shape, generator=gen, dtype=dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for with_scale, with_bias in [(False, False), (True, False), (False, True), (True, True)]:
+        grads = {}
+        for backend in (compiled, reference):
+            yy = y.clone().requires_grad_()
+            s = scale.clone().requires_grad_() if with_scale else None
+            b = bias.clone().requires_grad_() if with_bias else None
+            backend.conv_epilogue(yy, keep, s, b, activation).backward(grad)
+            grads[backend] = [t.grad for t in (yy, s, b) if t is not None]
+        for g, w in zip(grads[compiled], grads[reference]):
+            assert torch.isfinite(g).all() and torch.isfinite(w).all()
+            torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("layout,dtype", SAMPLES)
+def test_opcheck_soft_fill(layout, dtype):
+    x, _ = _sample(layout, dtype)
+    m = torch.rand(2, 1, 9, 8, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    m[:, :, :3, :3] = 0
+    m.requires_grad_()
+    for iters, fill_grad in [(0, False), (2, False), (3, True)]:
+        _opcheck(_ops().soft_fill.default, (x, m, iters, fill_grad))
+        _opcheck(_ops().soft_fill_backward.default, (torch.randn_like(x), x.detach(), m.detach(), iters, fill_grad))
+
+
 @pytest.mark.parametrize("layout,dtype", SAMPLES[1:])
 def test_opcheck_masked_affine_act(layout, dtype):
     x, m = _sample(layout, dtype)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 OPS = ("neighbor_fill", "neighbor_fill_", "conv_epilogue", "conv_epilogue_", "masked_affine_act",
-       "masked_max_pool2d", "masked_avg_pool2d", "masked_mean")
+       "masked_max_pool2d", "masked_avg_pool2d", "masked_mean", "soft_fill", "soft_fill_backward")
+# (conv_epilogue_backward is CPU-only: CUDA tensors take the torch-ops formula, which inductor fuses)
 
 
 def _extension():

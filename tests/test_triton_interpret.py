@@ -20,7 +20,7 @@ ROOT = os.path.dirname(HERE)
 
 CHECKS = [
     "neighbor_fill", "neighbor_fill_in_place", "conv_epilogue", "conv_epilogue_in_place", "masked_affine_act", "masked_max_pool2d", "masked_avg_pool2d",
-    "masked_mean", "low_precision", "removed_region_invariance", "all_ones_mask", "autograd", "opcheck",
+    "masked_mean", "soft_fill", "low_precision", "removed_region_invariance", "all_ones_mask", "autograd", "opcheck",
     "compile_fullgraph", "public_ops_dispatch", "primitive_sweep",
 ]
 
@@ -225,6 +225,25 @@ def _checks():
         close(T.masked_mean(x, ones), x.mean(dim=(2, 3)), 1e-6, "mean all ones")
         close(T.conv_epilogue(x, ones, None, None, "relu"), F.relu(x), 0.0, "epilogue all ones")
 
+    def soft_fill():
+        # forward and both gradients (x, mask) against the reference's autograd, soft masks with exact zeros
+        for dtype, cl in ((torch.float32, False), (torch.float64, True), (torch.float64, False)):
+            for iters, fill_grad in ((0, False), (1, False), (3, False), (3, True)):
+                x, _ = data(2, 3, 7, 9, dtype=dtype, cl=cl)
+                m = torch.rand(2, 1, 7, 9, dtype=dtype) * (torch.rand(2, 1, 7, 9) > 0.4).to(dtype)
+                x[:, :, 0, 0], m[:, :, 0, 0] = float("nan"), 0  # removed: never read
+                xs = [x.clone().requires_grad_(True) for _ in range(2)]
+                ms = [m.clone().requires_grad_(True) for _ in range(2)]
+                out_t, out_r = T.soft_fill(xs[0], ms[0], iters, fill_grad), R.soft_fill(xs[1], ms[1], iters, fill_grad)
+                what = f"soft_fill {dtype} cl={cl} iters={iters} fill_grad={fill_grad}"
+                close(out_t, out_r, TOL[dtype] * 4, what)
+                w = torch.randn_like(out_r)
+                (out_t * w).sum().backward()
+                (out_r * w).sum().backward()
+                close(xs[0].grad, xs[1].grad, TOL[dtype] * 8, f"{what}: grad x")
+                close(ms[0].grad, ms[1].grad, TOL[dtype] * 64, f"{what}: grad mask")
+                assert torch.isfinite(xs[0].grad).all() and torch.isfinite(ms[0].grad).all(), what
+
     def autograd():
         x, m = data(1, 2, 7, 8, dtype=torch.float64)
         x.requires_grad_(True)
@@ -261,6 +280,8 @@ def _checks():
             (ops.masked_max_pool2d.default, (x, m, [3, 3], [2, 2], [1, 1], [1, 1], False)),
             (ops.masked_avg_pool2d.default, (x, m, [3, 3], [2, 2], [1, 1], False, True)),
             (ops.masked_mean.default, (x, m)),
+            (ops.soft_fill.default, (x.clone().requires_grad_(), m * 0.5, 2, False)),
+            (ops.soft_fill_backward.default, (torch.randn_like(x), x, m * 0.5, 2, True)),
         ]
         for op, args in cases:
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -309,6 +330,7 @@ def _compile_for_hopper() -> dict:
     from masked_ops._triton import masked_mean as M
     from masked_ops._triton import neighbor_fill as NF
     from masked_ops._triton import pooling as P
+    from masked_ops._triton import soft_fill as S
 
     target = GPUTarget("cuda", 90, 32)
     results = {}
@@ -342,6 +364,17 @@ def _compile_for_hopper() -> dict:
         build(P.avg_pool_kernel, p("x_ptr", "mask_ptr", "y_ptr", "mout_ptr"),
               dict(KH=3, KW=3, COUNT_PAD=False, CHANNELS_LAST=False, ACC64=acc64, BLOCK=256))
         build(M.masked_mean_kernel, p("x_ptr", "mask_ptr", "out_ptr"), dict(ACC64=acc64, BP=64, BC=64))
+        # soft_fill: values in the input dtype, knownness, counts and adjoints in the accumulation dtype
+        acc = {n: "*fp64" if acc64 else "*fp32" for n in ("k_ptr", "k_next_ptr", "c_ptr", "h_ptr", "hf_ptr", "dk_ptr",
+                                                          "k_prev_ptr", "carry_ptr", "next_ptr")}
+        build(S.select_scale_kernel, p("x_ptr", "m_ptr", "out_ptr"), dict(SCALE=True, ACC64=acc64, BLOCK=256))
+        build(S.knownness_step_kernel, dict(i64, **acc), dict(BLOCK=256))
+        build(S.ring_forward_kernel, dict(p("v_ptr", "out_ptr"), **acc), dict(ACC64=acc64, BLOCK=256))
+        build(S.ring_backward_a_kernel, dict(p("v_ptr", "u_ptr"), **acc), dict(ACC64=acc64, BLOCK=256))
+        for fill_grad in (False, True):
+            build(S.ring_backward_b_kernel, dict(p("v_ptr", "u_ptr", "gv_ptr"), **acc),
+                  dict(FILL_GRAD=fill_grad, BLOCK=256))
+        build(S.mask_chain_kernel, dict(i64, **acc), dict(BLOCK=256))
     return results
 
 

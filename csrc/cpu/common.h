@@ -123,6 +123,40 @@ inline T activate(T z) {
   }
 }
 
+// g * d act(z) / dz, with the formulas of ATen's backward ops (threshold_backward, hardtanh_backward,
+// leaky_relu_backward, silu_backward, hardswish_backward, hardsigmoid_backward, sigmoid_backward,
+// gelu_backward, tanh_backward), so the fused backward agrees with autograd on the reference.
+template <Act A, typename T>
+inline T activation_grad(T z, T g) {
+  if constexpr (A == Act::None) {
+    return g;
+  } else if constexpr (A == Act::Relu) {
+    return z <= T(0) ? T(0) : g;
+  } else if constexpr (A == Act::Relu6) {
+    return (z <= T(0) || z >= T(6)) ? T(0) : g;
+  } else if constexpr (A == Act::LeakyRelu) {
+    return z > T(0) ? g : g * T(0.01);
+  } else if constexpr (A == Act::Silu) {
+    const T s = T(1) / (T(1) + std::exp(-z));
+    return g * s * (T(1) + z * (T(1) - s));
+  } else if constexpr (A == Act::Hardswish) {
+    return z < T(-3) ? T(0) : (z <= T(3) ? g * (z / T(3) + T(0.5)) : g);
+  } else if constexpr (A == Act::Hardsigmoid) {
+    // ATen multiplies by the float 1/6 in every dtype; the same constant keeps fp64 equal to the oracle.
+    return (z > T(-3) && z < T(3)) ? g * T(1.0f / 6.0f) : T(0);
+  } else if constexpr (A == Act::Sigmoid) {
+    const T s = T(1) / (T(1) + std::exp(-z));
+    return g * (T(1) - s) * s;
+  } else if constexpr (A == Act::Gelu) {
+    const T cdf = T(0.5) * (T(1) + std::erf(z * T(M_SQRT1_2)));
+    const T pdf = std::exp(T(-0.5) * z * z) * T(0.3989422804014327);  // 1 / sqrt(2 pi)
+    return g * (cdf + z * pdf);
+  } else {
+    const T t = std::tanh(z);
+    return g * (T(1) - t * t);
+  }
+}
+
 // Calls f(std::integral_constant<Act, A>{}) so each activation gets its own specialised loop.
 template <typename F>
 inline void dispatch_activation(Act act, F&& f) {

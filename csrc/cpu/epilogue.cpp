@@ -164,9 +164,89 @@ at::Tensor masked_affine_act_cpu(const at::Tensor& x, const at::Tensor& mask, co
   return epilogue(x, mask, std::nullopt, scale, shift, std::string(activation));
 }
 
+// The backward of conv_epilogue in one pass (reference: backends/autograd.py epilogue_backward):
+// z = y * scale + bias, gz = act'(z) * grad where keep > 0 (selected, never multiplied, so nothing
+// computed at removed positions leaks), gy = gz * scale, gscale = sum_c gz * y, gbias = sum gz.
+// Outputs not asked for come back as empty (0-element) tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_epilogue_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& y_in, const at::Tensor& keep_in,
+    const std::optional<at::Tensor>& scale_in, const std::optional<at::Tensor>& bias_in,
+    c10::string_view activation, bool need_scale, bool need_bias) {
+  check_conv_epilogue(y_in, keep_in, scale_in, bias_in);
+  TORCH_CHECK(grad_in.sizes() == y_in.sizes(), "conv_epilogue_backward: grad must have y's shape ", y_in.sizes());
+  const Act act = activation_from_name(std::string(activation));
+  const auto fmt = layout_of(y_in);
+  const at::Tensor y = y_in.contiguous(fmt);
+  const at::Tensor grad = grad_in.to(y.scalar_type()).contiguous(fmt);
+  const at::Tensor keep = keep_in.contiguous();
+  const bool has_scale = scale_in.has_value() && scale_in->defined();
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  const at::Tensor scale = has_scale ? scale_in->to(y.scalar_type()).contiguous() : at::Tensor();
+  const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  at::Tensor gy = at::empty_like(y, y.options().memory_format(fmt));
+  at::Tensor gscale = has_scale && need_scale ? at::zeros_like(scale) : at::empty({0}, y.options());
+  at::Tensor gbias = has_bias && need_bias ? at::zeros_like(*bias_in) : at::empty({0}, y.options());
+  if (y.numel() == 0) return {gy, gscale, gbias};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_epilogue_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto biasv = channel_vector<scalar_t>(bias_in, C, 0.0, y.scalar_type());
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* kp = keep.const_data_ptr<scalar_t>();
+    const scalar_t* sp = has_scale ? scale.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gyp = gy.data_ptr<scalar_t>();
+    scalar_t* gsp = has_scale && need_scale ? gscale.data_ptr<scalar_t>() : nullptr;
+    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+    // Per-sample channel sums for gbias (samples run in parallel), added up at the end.
+    std::vector<T> bias_sums(has_bias && need_bias ? N * C : 0, T(0));
+    std::vector<T> pix_sums(gsp != nullptr ? N * HW : 0, T(0));
+    dispatch_activation(act, [&](auto a) {
+      constexpr Act A = decltype(a)::value;
+      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const scalar_t* kn = kp + n * HW;
+          const scalar_t* sn = sp ? sp + n * HW : nullptr;
+          T* bs = bias_sums.empty() ? nullptr : bias_sums.data() + n * C;
+          T* ps = pix_sums.empty() ? nullptr : pix_sums.data() + n * HW;
+          for (int64_t i = 0; i < C * HW; ++i) {
+            const int64_t c = cl ? i % C : i / HW;
+            const int64_t p = cl ? i / C : i % HW;
+            const int64_t at = n * C * HW + i;
+            if (!(static_cast<T>(kn[p]) > T(0))) {
+              gyp[at] = scalar_t(0);
+              continue;
+            }
+            const T yv = static_cast<T>(yp[at]);
+            const T s = sn ? static_cast<T>(sn[p]) : T(1);
+            // z as the forward computed it: y * scale rounded like the reference's y * scale, + bias.
+            const T z = static_cast<T>(static_cast<scalar_t>(yv * s)) + biasv[c];
+            const T gz = activation_grad<A>(z, static_cast<T>(gp[at]));
+            gyp[at] = static_cast<scalar_t>(gz * s);
+            if (bs) bs[c] += gz;
+            if (ps) ps[p] += gz * yv;
+          }
+        }
+      });
+    });
+    if (gsp)
+      for (int64_t i = 0; i < N * HW; ++i) gsp[i] = static_cast<scalar_t>(pix_sums[i]);
+    if (!bias_sums.empty()) {
+      std::vector<T> total(C, T(0));
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) total[c] += bias_sums[n * C + c];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gbias.scalar_type(), "gbias", [&] {
+        scalar_t* gb = gbias.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<scalar_t>(total[c]);
+      });
+    }
+  });
+  return {gy, gscale, gbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(masked_ops, CPU, m) {
+  m.impl("conv_epilogue_backward", &conv_epilogue_backward_cpu);
   m.impl("conv_epilogue", &conv_epilogue_cpu);
   m.impl("conv_epilogue_", &conv_epilogue_inplace_cpu);
   m.impl("masked_affine_act", &masked_affine_act_cpu);

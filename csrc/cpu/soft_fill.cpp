@@ -55,35 +55,33 @@ void knownness(const scalar_t* m, int64_t H, int64_t W, int64_t iters, T* k, T* 
   }
 }
 
-// box3(k * v) at pixel (h, w), row-major, in opmath.
+// One ring of one plane: v_out from v_in with knownness k and count c. kv is scratch of
+// (H + 2) x (W + 2): k * v with a zero border, so every pixel sums its 3x3 neighbourhood in
+// row-major order without bounds checks (the zero terms leave the sums exact).
 template <typename scalar_t, typename T>
-inline T box_kv(const T* k, const scalar_t* v, int64_t h, int64_t w, int64_t H, int64_t W) {
-  T s = T(0);
-  for (int64_t dy = -1; dy <= 1; ++dy) {
-    const int64_t hh = h + dy;
-    if (hh < 0 || hh >= H) continue;
-    for (int64_t dx = -1; dx <= 1; ++dx) {
-      const int64_t ww = w + dx;
-      if (ww < 0 || ww >= W) continue;
-      s += k[hh * W + ww] * static_cast<T>(v[hh * W + ww]);
-    }
-  }
-  return s;
-}
-
-// One ring of one plane: v_out from v_in with knownness k and count c.
-template <typename scalar_t, typename T>
-void ring(const T* k, const T* c, const scalar_t* v, scalar_t* out, int64_t H, int64_t W) {
+void ring(const T* k, const T* c, const scalar_t* v, scalar_t* out, int64_t H, int64_t W, T* kv) {
+  const int64_t Wp = W + 2;
+  std::fill(kv, kv + (H + 2) * Wp, T(0));
   for (int64_t h = 0; h < H; ++h) {
+    T* row = kv + (h + 1) * Wp + 1;
+    const T* kr = k + h * W;
+    const scalar_t* vr = v + h * W;
+    for (int64_t w = 0; w < W; ++w) row[w] = kr[w] * static_cast<T>(vr[w]);
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const T* r0 = kv + h * Wp;
+    const T* r1 = r0 + Wp;
+    const T* r2 = r1 + Wp;
+    const T* kr = k + h * W;
+    const T* cr = c + h * W;
+    const scalar_t* vr = v + h * W;
+    scalar_t* orow = out + h * W;
     for (int64_t w = 0; w < W; ++w) {
-      const int64_t p = h * W + w;
-      const T a = k[p], cnt = c[p];
-      if (!(cnt > T(0)) || a == T(1)) {  // no known neighbour, or fully known: unchanged
-        out[p] = v[p];
-        continue;
-      }
-      const T f = box_kv(k, v, h, w, H, W) / cnt;
-      out[p] = static_cast<scalar_t>(a * static_cast<T>(v[p]) + (T(1) - a) * f);
+      const T a = kr[w], cnt = cr[w];
+      const T sum = r0[w] + r0[w + 1] + r0[w + 2] + r1[w] + r1[w + 1] + r1[w + 2] + r2[w] + r2[w + 1] + r2[w + 2];
+      const T blend = a * static_cast<T>(vr[w]) + (T(1) - a) * (sum / (cnt > T(0) ? cnt : T(1)));
+      // No known neighbour, or fully known: unchanged.
+      orow[w] = (cnt > T(0) && a != T(1)) ? static_cast<scalar_t>(blend) : vr[w];
     }
   }
 }
@@ -134,6 +132,7 @@ at::Tensor soft_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, int6
     });
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> a(HW), b(HW);
+      std::vector<T> kv((H + 2) * (W + 2));
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / C;
         const T* kn = k.data() + n * (iters + 1) * HW;
@@ -141,7 +140,7 @@ at::Tensor soft_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, int6
         select_plane(xp + plane * HW, mp + n * HW, a.data(), HW);
         for (int64_t t = 1; t <= iters; ++t) {
           scalar_t* dst = t == iters ? op + plane * HW : b.data();
-          ring(kn + (t - 1) * HW, cn + (t - 1) * HW, a.data(), dst, H, W);
+          ring(kn + (t - 1) * HW, cn + (t - 1) * HW, a.data(), dst, H, W, kv.data());
           if (t < iters) std::swap(a, b);
         }
       }
@@ -150,23 +149,30 @@ at::Tensor soft_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, int6
   return out.contiguous(fmt);
 }
 
-// 3x3 sum (zero padding) of a plane, into out.
+// 3x3 sum (zero padding) of a plane into out, separably: rows into tmp (W), then columns.
 template <typename T>
-void box3(const T* in, T* out, int64_t H, int64_t W) {
+void box3(const T* in, T* out, int64_t H, int64_t W, T* tmp) {
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t w = 0; w < W; ++w) {
-      T s = T(0);
-      for (int64_t dy = -1; dy <= 1; ++dy) {
-        const int64_t hh = h + dy;
-        if (hh < 0 || hh >= H) continue;
-        for (int64_t dx = -1; dx <= 1; ++dx) {
-          const int64_t ww = w + dx;
-          if (ww < 0 || ww >= W) continue;
-          s += in[hh * W + ww];
-        }
-      }
-      out[h * W + w] = s;
+    const T* r = in + h * W;
+    T* t = tmp + h * W;
+    if (W == 1) {
+      t[0] = r[0];
+      continue;
     }
+    t[0] = r[0] + r[1];
+    for (int64_t w = 1; w + 1 < W; ++w) t[w] = r[w - 1] + r[w] + r[w + 1];
+    t[W - 1] = r[W - 2] + r[W - 1];
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const T* up = h > 0 ? tmp + (h - 1) * W : nullptr;
+    const T* mid = tmp + h * W;
+    const T* down = h + 1 < H ? tmp + (h + 1) * W : nullptr;
+    T* o = out + h * W;
+    for (int64_t w = 0; w < W; ++w) o[w] = mid[w];
+    if (up)
+      for (int64_t w = 0; w < W; ++w) o[w] += up[w];
+    if (down)
+      for (int64_t w = 0; w < W; ++w) o[w] += down[w];
   }
 }
 
@@ -222,42 +228,41 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       std::vector<T>& dk = partial[at::get_thread_num()];
       if (dk.empty()) dk.assign(N * CS, T(0));
-      std::vector<scalar_t> vs(iters * HW);          // v_0 .. v_{iters-1}
-      std::vector<T> U(HW), Gv(HW), f(HW), Hs(HW), HF(HW), bH(HW), bHF(HW);
+      std::vector<scalar_t> vs(iters * HW);  // v_0 .. v_{iters-1}
+      std::vector<T> U(HW), Gv(HW), kvp(HW), f(HW), Hs(HW), HF(HW), bH(HW), bHF(HW), tmp(HW);
+      std::vector<T> kv((H + 2) * (W + 2));
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / C;
         const T* kn = k.data() + n * KS;
         const T* cn = c.data() + n * CS;
         select_plane(xp + plane * HW, mp + n * HW, vs.data(), HW);
-        for (int64_t t = 1; t < iters; ++t) ring(kn + (t - 1) * HW, cn + (t - 1) * HW, vs.data() + (t - 1) * HW,
-                                                 vs.data() + t * HW, H, W);
+        for (int64_t t = 1; t < iters; ++t)
+          ring(kn + (t - 1) * HW, cn + (t - 1) * HW, vs.data() + (t - 1) * HW, vs.data() + t * HW, H, W, kv.data());
         for (int64_t p = 0; p < HW; ++p) U[p] = Gv[p] = static_cast<T>(gp[plane * HW + p]);
         for (int64_t t = iters; t >= 1; --t) {
           const T* a = kn + (t - 1) * HW;
           const T* cnt = cn + (t - 1) * HW;
           const scalar_t* v = vs.data() + (t - 1) * HW;
           T* dkt = dk.data() + n * CS + (t - 1) * HW;
-          for (int64_t h = 0; h < H; ++h) {
-            for (int64_t w = 0; w < W; ++w) {
-              const int64_t p = h * W + w;
-              if (!(cnt[p] > T(0))) {
-                f[p] = Hs[p] = HF[p] = T(0);
-                continue;
-              }
-              f[p] = box_kv(a, v, h, w, H, W) / cnt[p];
-              Hs[p] = U[p] * (T(1) - a[p]) / cnt[p];
-              HF[p] = Hs[p] * f[p];
-              dkt[p] += U[p] * (static_cast<T>(v[p]) - f[p]);  // d/da of a v + (1 - a) f
-            }
-          }
-          box3(Hs.data(), bH.data(), H, W);
-          box3(HF.data(), bHF.data(), H, W);
+          // f = box3(a v) / c where c > 0; H = U (1 - a) / c; the direct mask gradient U (v - f).
+          for (int64_t p = 0; p < HW; ++p) kvp[p] = a[p] * static_cast<T>(v[p]);
+          box3(kvp.data(), f.data(), H, W, tmp.data());
           for (int64_t p = 0; p < HW; ++p) {
             const bool known = cnt[p] > T(0);
+            const T inv = known ? T(1) / cnt[p] : T(0);
+            const T fv = f[p] * inv;
+            const T hv = U[p] * (T(1) - a[p]) * inv;
+            Hs[p] = hv;
+            HF[p] = hv * fv;
+            dkt[p] += known ? U[p] * (static_cast<T>(v[p]) - fv) : T(0);  // d/da of a v + (1 - a) f
+          }
+          box3(Hs.data(), bH.data(), H, W, tmp.data());
+          box3(HF.data(), bHF.data(), H, W, tmp.data());
+          for (int64_t p = 0; p < HW; ++p) {
             // Through s = box3(a v) and c = box3(a): d a_q += v_q sum H - sum H f; the value's adjoint
             // gets a_q sum H (the fill reads v; without fill_grad only the mask-side adjoint U does).
             dkt[p] += static_cast<T>(v[p]) * bH[p] - bHF[p];
-            const T keep = known ? a[p] : T(1);
+            const T keep = cnt[p] > T(0) ? a[p] : T(1);
             U[p] = U[p] * keep + a[p] * bH[p];
             Gv[p] = fill_grad ? U[p] : Gv[p] * keep;
           }

@@ -124,12 +124,18 @@ def _triton_runs_on_cpu() -> bool:
 # neighbours (a conv epilogue into one pointwise loop after the vendor conv, for example).
 # In-place variants are never used under compile (inductor plans buffers itself).
 UNDER_COMPILE: Dict[str, str] = {
+    # Measured on whole models (bench/README.md, "Under torch.compile"): the fill stays one fused pass
+    # (inductor cannot make its rings one pass); everything pointwise or pooled after a conv is better
+    # left to inductor, which fuses it into its own loops and plans the buffers.
     "neighbor_fill": "kernel",
-    "conv_epilogue": "kernel",
-    "masked_affine_act": "kernel",
-    "masked_max_pool2d": "kernel",
-    "masked_avg_pool2d": "kernel",
-    "masked_mean": "kernel",
+    "soft_fill": "kernel",
+    "conv_epilogue": "decompose",
+    "masked_affine_act": "decompose",
+    "masked_max_pool2d": "decompose",
+    "masked_avg_pool2d": "decompose",
+    "masked_mean": "decompose",
+    # Where a fill/zero-mode conv adds its bias: "conv" (the vendor conv) or "epilogue".
+    "conv_bias": "conv",
 }
 
 

@@ -5,9 +5,10 @@ same schemas, so one set of (backward, setup_context) pairs serves both: ``FORMU
 They are written in torch ops, so they run on any device and trace under torch.compile.
 
 Gradients flow to x, weight (through the conv outside), bias, scale and shift. The fill values
-carry no gradient, as in the paper. The mask gets None for now; each backward marks where a
-soft-mask gradient would be added. Removed positions are *selected* away (never multiplied by
-zero), so NaN/inf in the removed region cannot reach any gradient.
+carry no gradient, as in the paper. Masks: the hard primitives' masks are selects (no gradient);
+masked_mean and soft_fill are differentiable in a soft mask (their formulas give its gradient).
+Removed positions are *selected* away (never multiplied by zero), so NaN/inf in the removed region
+cannot reach any gradient.
 """
 from __future__ import annotations
 
@@ -67,11 +68,24 @@ def epilogue_backward(ctx, grad):
     # Select after the activation's derivative, so nothing computed at dropped positions leaks.
     gz = _zero_where_removed(ACTIVATION_BACKWARD[ctx.activation](grad, z), keep)
     gy = gz if scale is None else gz * scale
-    gscale = (gz * y).sum(dim=1, keepdim=True) if scale is not None and ctx.needs_input_grad[2] else None
+    gscale = (gz * _zero_where_removed(y, keep)).sum(dim=1, keepdim=True) if scale is not None and ctx.needs_input_grad[2] else None
     gbias = _sum_to_channels(gz, bias) if bias is not None and ctx.needs_input_grad[3] else None
-    # Soft-mask gradient goes here: keep is a hard select now; with a soft keep it would be
-    # (act(z) * grad).sum(1, keepdim=True), and gscale would carry d window_sum / d mask.
+    # keep is a select (0 where keep == 0, untouched elsewhere): no gradient, for a soft keep too. A soft
+    # mask's gradient reaches the epilogue through scale (renorm), whose own autograd carries it on.
     return gy, None, gscale, gbias, None
+
+
+def epilogue_formula(backward_op):
+    """(backward, setup_context) of conv_epilogue with a backend's fused backward op
+    ``backward_op(grad, y, keep, scale, bias, activation, need_scale, need_bias) -> (gy, gscale, gbias)``."""
+    def backward(ctx, grad):
+        y, keep, scale, bias = ctx.saved_tensors
+        need_scale = scale is not None and ctx.needs_input_grad[2]
+        need_bias = bias is not None and ctx.needs_input_grad[3]
+        gy, gscale, gbias = backward_op(grad, y, keep, scale, bias, ctx.activation, need_scale, need_bias)
+        return gy, None, (gscale if need_scale else None), (gbias.to(bias.dtype) if need_bias else None), None
+
+    return backward, epilogue_setup
 
 
 # -- masked_affine_act(x, mask, scale, shift, activation)
@@ -90,7 +104,7 @@ def affine_backward(ctx, grad):
     gx = gz * s
     gscale = _sum_to_channels(gz * xm, scale) if ctx.needs_input_grad[2] else None
     gshift = _sum_to_channels(gz, shift) if ctx.needs_input_grad[3] else None
-    # Soft-mask gradient goes here: (act(z) * grad).sum(1, keepdim=True) for a soft mask.
+    # The mask is a select (a pointwise layer does not weight its pixels): no gradient to it.
     return gx, None, gscale, gshift, None
 
 
@@ -108,7 +122,7 @@ def max_pool_backward(ctx, grad_y, _grad_m2, _grad_idx):
     kernel_size, stride, padding, dilation, ceil_mode = ctx.geometry
     g = _zero_where_removed(grad_y, m2)
     gx = _aten.max_pool2d_with_indices_backward(g, x, kernel_size, stride, padding, dilation, ceil_mode, idx)
-    # Soft-mask gradient goes here: d y / d mask at the argmax pixel (and through m2).
+    # Hard masks only: soft pools are composites of ATen ops (ops.pool_core), differentiable in the mask.
     return _zero_where_removed(gx, mask), None, None, None, None, None, None
 
 
@@ -126,7 +140,7 @@ def avg_pool_backward(ctx, grad_y, _grad_m2):
     kernel_size, stride, padding, ceil_mode, count_include_pad = ctx.geometry
     g = _zero_where_removed(grad_y, m2)
     gx = _aten.avg_pool2d_backward(g, x, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
-    # Soft-mask gradient goes here: d y / d mask = x / divisor inside each window.
+    # Hard masks only: soft pools are composites of ATen ops (ops.pool_core), differentiable in the mask.
     return _zero_where_removed(gx, mask), None, None, None, None, None, None
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .autograd import FORMULAS, soft_fill_formula
+from .autograd import FORMULAS, epilogue_formula, soft_fill_formula
 
 try:  # Importing the extension runs its static registrations (schemas and kernels).
     from .. import _C  # noqa: F401
@@ -154,6 +154,13 @@ def _register() -> None:
     def _(x, mask, iters, fill_grad):
         return torch.empty_like(x, memory_format=_memory_format(x))
 
+    @torch.library.register_fake(lib + "conv_epilogue_backward")
+    def _(grad, y, keep, scale, bias, activation, need_scale, need_bias):
+        gy = torch.empty_like(y, memory_format=_memory_format(y))
+        gscale = torch.empty_like(scale) if need_scale and scale is not None else y.new_empty(0)
+        gbias = torch.empty_like(bias) if need_bias and bias is not None else y.new_empty(0)
+        return gy, gscale, gbias
+
     @torch.library.register_fake(lib + "soft_fill_backward")
     def _(grad, x, mask, iters, fill_grad):
         return torch.empty_like(x, memory_format=_memory_format(x)), torch.empty_like(mask)
@@ -162,6 +169,15 @@ def _register() -> None:
         torch.library.register_autograd(lib + name, backward, setup_context=setup)
     backward, setup = soft_fill_formula(lambda *args: _ops().soft_fill_backward(*args))
     torch.library.register_autograd(lib + "soft_fill", backward, setup_context=setup)
+    if torch._C._dispatch_has_kernel_for_dispatch_key(lib + "conv_epilogue_backward", "CPU"):
+        # The fused backward where this build has it (CPU); CUDA tensors use the torch-ops formula.
+        fused, _ = epilogue_formula(lambda *args: _ops().conv_epilogue_backward(*args))
+        generic, setup = FORMULAS["conv_epilogue"]
+
+        def epilogue_backward(ctx, grad):
+            return (fused if grad.device.type == "cpu" else generic)(ctx, grad)
+
+        torch.library.register_autograd(lib + "conv_epilogue", epilogue_backward, setup_context=setup)
 
 
 if _IMPORT_ERROR is None:

@@ -136,7 +136,11 @@ def conv_epilogue(y: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Ten
 
     ``scale`` is None (modes fill/zero) or N x 1 x Ho x Wo (renorm: k_h*k_w / window_sum).
     """
-    z = y if scale is None else y * scale
+    # Select first: autograd would otherwise multiply removed NaNs into grad(scale) = sum_c(g * y) and
+    # into the activation's derivative (0 * silu'(NaN) = NaN).
+    z = _zero_removed(y, keep)
+    if scale is not None:
+        z = z * scale
     if bias is not None:
         z = z + bias.view(1, -1, 1, 1).to(z.dtype)
     z = apply_activation(z, activation)

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .autograd import FORMULAS
+from .autograd import FORMULAS, soft_fill_formula
 
 try:
     import triton  # noqa: F401
@@ -27,6 +27,7 @@ try:
     from masked_ops._triton import masked_mean as _mean
     from masked_ops._triton import neighbor_fill as _fill
     from masked_ops._triton import pooling as _pool
+    from masked_ops._triton import soft_fill as _soft
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # ImportError (no Triton), or a Triton too old for our kernels
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -139,7 +140,17 @@ if AVAILABLE:
     def _mean_launch(x, mask, wrap=lambda k: k):
         return _mean.masked_mean(x, mask, wrap=wrap)
 
+    @_signature(x=Tensor, mask=Tensor, iters=int, fill_grad=bool, returns=Tensor)
+    def _soft_fill_launch(x, mask, iters, fill_grad, wrap=lambda k: k):
+        return _soft.soft_fill(x, mask, iters, fill_grad, wrap=wrap)
+
+    @_signature(grad=Tensor, x=Tensor, mask=Tensor, iters=int, fill_grad=bool, returns=Tuple[Tensor, Tensor])
+    def _soft_fill_backward_launch(grad, x, mask, iters, fill_grad, wrap=lambda k: k):
+        return _soft.soft_fill_backward(grad, x, mask, iters, fill_grad, wrap=wrap)
+
     _fill_op = _register("neighbor_fill", _fill_launch)
+    _soft_fill_op = _register("soft_fill", _soft_fill_launch)
+    _soft_fill_backward_op = _register("soft_fill_backward", _soft_fill_backward_launch)
     _fill_inplace_op = _register("neighbor_fill_", _fill_inplace_launch, mutates_args=("x",))
     _epilogue_op = _register("conv_epilogue", _epilogue_launch)
     _epilogue_inplace_op = _register("conv_epilogue_", _epilogue_inplace_launch, mutates_args=("y",))
@@ -157,6 +168,8 @@ if AVAILABLE:
                        ("masked_avg_pool2d", _avg_pool_op), ("masked_mean", _mean_op)):
         _backward, _setup = FORMULAS[_name]
         _op.register_autograd(_backward, setup_context=_setup)
+    _backward, _setup = soft_fill_formula(_soft_fill_backward_op)
+    _soft_fill_op.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -209,6 +222,5 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False) -> torch.Tensor:
-    from . import reference
-
-    return reference.soft_fill(x, mask, iters, fill_grad)
+    require()
+    return _soft_fill_op(x, mask, int(iters), bool(fill_grad))
