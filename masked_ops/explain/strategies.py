@@ -41,6 +41,21 @@ layer-renorm, layer-zero   layer masking in mode "renorm" / "zero"
 Except blur and noise (whose fill is *made from* the image or random by definition), every
 strategy gives bit-identical logits whatever the removed pixels hold, NaN and inf included:
 removed pixels are selected away with ``torch.where``, never multiplied by zero.
+
+Soft masks (learned-mask explainers: extremal perturbations, RISE, DiffMask)
+----------------------------------------------------------------------------
+A strategy with ``strategy.soft`` True also takes float masks in [0, 1] (a degree of visibility)
+and is differentiable in them. The colour and blur fills are soft: they *blend*,
+``m * x + (1 - m) * fill``, so the gradient with respect to ``m`` is ``x - fill`` (also at
+m = 0 and m = 1: what revealing or hiding the pixel would change). "mean" takes the
+m-weighted mean colour, "smooth-grey" blends grey, blurs, and blends again. A float mask
+takes this path when it requires grad or holds a value other than 0 and 1; a bool mask, or a
+0/1 float mask without grad, takes the hard path above, unchanged. At 0/1 values the blend
+equals the hard composite bit for bit (tested), and a pixel with m == 0 exactly that holds NaN
+or inf is replaced by the fill before blending, so it reaches neither the output nor any
+gradient (a finite removed value does reach ``mask.grad``, through ``x - fill``). Layer
+masking is hard-only here (``soft`` False): a soft mask gives a clear error; the soft layer
+ops come with the differentiable layer masking work.
 """
 from __future__ import annotations
 
@@ -65,6 +80,9 @@ class Strategy:
     """Base class: validation, broadcasting and normalisation shared by all strategies."""
 
     name = "?"
+    #: True when the strategy takes float masks in [0, 1] and is differentiable in them (see the
+    #: module docstring); learned-mask explainers check it (masked_ops.explain.soft).
+    soft = False
 
     def __init__(self, model: nn.Module, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD):
@@ -98,6 +116,12 @@ class Strategy:
         if isinstance(masks, torch.Tensor) and masks.dim() == 4 and images.shape[0] == 1 \
                 and masks.shape[0] > 1:
             images = images.expand(masks.shape[0], -1, -1, -1)
+        # --- soft masks (issue 12): float masks in [0, 1] for strategies that blend ---
+        if self.soft and is_soft_mask(masks):
+            C.check_mask(masks, images, "masks", check_values=False)
+            check_soft_values(masks, "masks")
+            return images, masks.to(images.dtype)
+        # --- end soft masks ---
         C.check_mask(masks, images, "masks")
         return images, masks > 0 if masks.dtype != torch.bool else masks
 
@@ -123,7 +147,11 @@ class Strategy:
 
 
 class FillStrategy(Strategy):
-    """Paint the removed pixels in pixel space, normalise, run the plain model."""
+    """Paint the removed pixels in pixel space, normalise, run the plain model.
+
+    Soft masks blend the fill in (see the module docstring)."""
+
+    soft = True
 
     def __init__(self, name: str, fill: Callable, model, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__(model, mean, std)
@@ -136,8 +164,21 @@ class FillStrategy(Strategy):
         return self._composite(images, visible)
 
     def _composite(self, images, visible):
+        if visible.dtype != torch.bool:  # a soft mask (see _prepare)
+            return self._blend(images, visible)
         fill = self._fill(self, images, visible)
         return torch.where(visible, images, fill)
+
+    def _blend(self, images, m):
+        """m * x + (1 - m) * fill, differentiable in m; non-finite x where m == 0 never enters."""
+        bad = (m == 0) & ~torch.isfinite(images)
+        has_bad = bool(bad.any())
+        safe = torch.where(bad, torch.zeros((), dtype=images.dtype, device=images.device), images) \
+            if has_bad else images
+        fill = self._fill(self, safe, m)
+        if has_bad:
+            safe = torch.where(bad, fill, images)
+        return blend(m, safe, fill)
 
     def forward(self, images, visible):
         return self.model(self.normalise(self._composite(images, visible)))
@@ -170,8 +211,35 @@ class LayerStrategy(Strategy):
         return self.masked_model(self.normalise(images), visible.to(images.dtype))
 
 
+# ----------------------------------------------------------------------------- soft masks (issue 12)
+def is_soft_mask(masks) -> bool:
+    """True for a float mask that requires grad or holds a value other than 0 and 1."""
+    if not isinstance(masks, torch.Tensor) or not masks.is_floating_point():
+        return False
+    if masks.requires_grad and torch.is_grad_enabled():
+        return True
+    return bool(((masks != 0) & (masks != 1)).any())
+
+
+def check_soft_values(masks: torch.Tensor, name: str = "masks") -> None:
+    bad = ~((masks >= 0) & (masks <= 1))  # NaN is bad too
+    if bool(bad.any()):
+        raise ValueError(f"{name} must hold values in [0, 1] (soft masks: 1 = visible, 0 = removed); got "
+                         f"{masks.detach()[bad].flatten()[0].item()!r}")
+
+
+def blend(m: torch.Tensor, images: torch.Tensor, fill) -> torch.Tensor:
+    """m * images + (1 - m) * fill: at m in {0, 1} exactly torch.where(m > 0, images, fill)."""
+    return m * images + (1 - m) * fill
+
+
 # ----------------------------------------------------------------------------- fills
 def _visible_mean(images: torch.Tensor, visible: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    if visible.dtype != torch.bool:  # soft mask: the m-weighted mean colour
+        count = visible.sum(dim=(2, 3), keepdim=True)
+        # (at 0/1 values count is a whole number, so this equals the hard branch below bit for bit)
+        mean = (visible * images).sum(dim=(2, 3), keepdim=True) / count.clamp_min(torch.finfo(count.dtype).tiny)
+        return torch.where(count > 0, mean, fallback)
     vis = visible.to(images.dtype)
     total = torch.where(visible, images, torch.zeros((), dtype=images.dtype, device=images.device))
     count = vis.sum(dim=(2, 3), keepdim=True)
@@ -220,6 +288,8 @@ def _noise(s, images, visible):
 
 
 def _smooth_grey(s, images, visible):
+    if visible.dtype != torch.bool:  # soft mask
+        return gaussian_blur(blend(visible, images, _grey(s, images, visible)), s.smooth_sigma)
     grey = torch.where(visible, images, _grey(s, images, visible))
     return gaussian_blur(grey, s.smooth_sigma)
 

@@ -1,0 +1,58 @@
+"""Which strategies take soft masks, and how the learned-mask explainers get one that does.
+
+Learned-mask explainers (extremal perturbations, DiffMask) optimise a mask by gradient descent
+through ``strategy(images, masks)``, and RISE feeds it smooth random masks: they need a strategy
+that takes float masks in [0, 1] and is differentiable in them (``strategy.soft``; see
+masked_ops.explain.strategies). The colour and blur fills blend and are soft. Layer masking is
+soft once the differentiable layer ops are in (``get_strategy("layer", model, soft=True)``):
+``soft_strategy`` asks for that variant whenever ``get_strategy`` offers it, so nothing here
+changes when it lands.
+"""
+from __future__ import annotations
+
+import inspect
+
+from .strategies import LAYER_STRATEGIES, STRATEGIES, Strategy, get_strategy
+
+
+def _get_strategy_takes_soft() -> bool:
+    return "soft" in inspect.signature(get_strategy).parameters
+
+
+def supports_soft(strategy) -> bool:
+    """True when ``strategy`` (a Strategy or a name) takes float masks in [0, 1] with gradients."""
+    if isinstance(strategy, Strategy):
+        return bool(getattr(strategy, "soft", False))
+    if isinstance(strategy, str):
+        if strategy in LAYER_STRATEGIES:
+            return _get_strategy_takes_soft()
+        return strategy in STRATEGIES
+    return False
+
+
+def soft_strategies() -> tuple:
+    """The names in STRATEGIES whose strategies take soft masks (grows when layer masking is soft)."""
+    return tuple(n for n in STRATEGIES if supports_soft(n))
+
+
+def require_soft(strategy, method: str) -> Strategy:
+    """``strategy`` itself if it takes soft masks, else a ValueError that says what to use instead."""
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy must be a masked_ops.explain Strategy (get_strategy(name, model)), "
+                        f"got {type(strategy).__name__}")
+    if not getattr(strategy, "soft", False):
+        raise ValueError(
+            f"{method} needs a strategy that takes soft masks in [0, 1] and is differentiable in them; "
+            f"strategy {strategy.name!r} takes hard 0/1 masks only. Use one of {', '.join(soft_strategies())}"
+            + ("" if _get_strategy_takes_soft() else
+               " (soft layer masking is not available in this build: get_strategy has no soft=True)"))
+    return strategy
+
+
+def soft_strategy(name, model, method: str = "this explainer", **options) -> Strategy:
+    """get_strategy(name, model, **options), asking for the soft variant of layer strategies, checked."""
+    if isinstance(name, Strategy):
+        return require_soft(name, method)
+    if name in LAYER_STRATEGIES and _get_strategy_takes_soft():
+        options["soft"] = True
+    return require_soft(get_strategy(name, model, **options), method)
