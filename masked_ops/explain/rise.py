@@ -12,8 +12,9 @@ so that the smooth blobs fall anywhere. They are soft (values in [0, 1]) and go 
 saliency of class c is ``sum_i f_c(image under mask i) * mask_i / (n_masks * p)``, with f the
 class probability (``output="prob"``, the paper's) or the logit. ``binary=True`` thresholds
 the masks at 0.5 (for a strategy that takes hard masks only, e.g. layer masking before the soft
-layer ops). Masks are drawn batch by batch from a generator seeded with ``seed``: never all
-held in memory, and the same for every strategy.
+layer ops). The grids and shifts are drawn up front from a generator seeded with ``seed`` (the
+same masks for every strategy and batch size); the full-size masks are made batch by batch,
+never all held in memory.
 """
 from __future__ import annotations
 
@@ -35,24 +36,38 @@ def check_probability(p) -> float:
     return float(p)
 
 
-def rise_masks(n: int, size: Tuple[int, int], cells: int = 7, p: float = 0.5, *,
-               generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """n x 1 x H x W RISE masks in [0, 1] (see the module docstring)."""
+def rise_draw(n: int, size: Tuple[int, int], cells: int = 7, p: float = 0.5, *,
+              generator: Optional[torch.Generator] = None):
+    """The random part of n RISE masks: (n x 1 x cells x cells 0/1 grids, row shifts, column shifts)."""
     h, w = size
+    grid = (torch.rand(n, 1, cells, cells, generator=generator) < p).float()
+    dy = torch.randint(0, math.ceil(h / cells), (n,), generator=generator)
+    dx = torch.randint(0, math.ceil(w / cells), (n,), generator=generator)
+    return grid, dy, dx
+
+
+def rise_upsample(grid: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, size: Tuple[int, int], *,
+                  device=None, dtype=torch.float32) -> torch.Tensor:
+    """n x 1 x H x W masks in [0, 1] from drawn grids and shifts (see the module docstring)."""
+    h, w = size
+    n, _, cells, _ = grid.shape
     cell_h, cell_w = math.ceil(h / cells), math.ceil(w / cells)
-    grid = (torch.rand(n, 1, cells, cells, generator=generator) < p).to(dtype)
-    padded = F.pad(grid, (1, 1, 1, 1), mode="reflect" if cells > 1 else "replicate")
+    padded = F.pad(grid.to(dtype), (1, 1, 1, 1), mode="reflect" if cells > 1 else "replicate")
     # the cells grid spans H + c pixels: cells of s = ceil((H + c) / cells) pixels, upsampled with
     # the reflected border cell on each side, then the window [s + shift, s + shift + H)
     span_h, span_w = math.ceil((h + cell_h) / cells), math.ceil((w + cell_w) / cells)
     up = F.interpolate(padded, size=(span_h * (cells + 2), span_w * (cells + 2)), mode="bilinear",
                        align_corners=False)
-    dy = torch.randint(0, cell_h, (n,), generator=generator)
-    dx = torch.randint(0, cell_w, (n,), generator=generator)
     rows = span_h + dy[:, None] + torch.arange(h)[None, :]            # n x H
     cols = span_w + dx[:, None] + torch.arange(w)[None, :]            # n x W
     out = up[torch.arange(n)[:, None, None], 0, rows[:, :, None], cols[:, None, :]]  # n x H x W
     return out[:, None].to(device)
+
+
+def rise_masks(n: int, size: Tuple[int, int], cells: int = 7, p: float = 0.5, *,
+               generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """n x 1 x H x W RISE masks in [0, 1] (see the module docstring)."""
+    return rise_upsample(*rise_draw(n, size, cells, p, generator=generator), size, device=device, dtype=dtype)
 
 
 def explain_rise(strategy: Strategy, image: torch.Tensor, *, targets: Union[None, int, Sequence[int]] = None,
@@ -73,12 +88,14 @@ def explain_rise(strategy: Strategy, image: torch.Tensor, *, targets: Union[None
         raise ValueError(f"cells must be at most the image's shorter side ({min(h, w)} px), got {cells}")
     targets, _ = resolve_targets(strategy, image, targets, output)
     idx = torch.as_tensor(targets, device=image.device)
-    g = torch.Generator().manual_seed(int(seed))
+    # every random number drawn up front (tiny): the masks do not depend on the batch size
+    grid, dys, dxs = rise_draw(n_masks, (h, w), cells, p, generator=torch.Generator().manual_seed(int(seed)))
     saliency = torch.zeros(len(targets), h * w, dtype=torch.float64, device=image.device)
     with torch.inference_mode(), _progress(n_masks, f"rise ({strategy.name})", progress) as bar:
         for start in range(0, n_masks, batch_size):
             b = min(batch_size, n_masks - start)
-            masks = rise_masks(b, (h, w), cells, p, generator=g, device=image.device, dtype=image.dtype)
+            sl = slice(start, start + b)
+            masks = rise_upsample(grid[sl], dys[sl], dxs[sl], (h, w), device=image.device, dtype=image.dtype)
             if binary:
                 masks = masks > 0.5
             logits = strategy(image[None], masks).float()
