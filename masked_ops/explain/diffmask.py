@@ -23,7 +23,8 @@ resolutions, i.e. the stage outputs, see ``stage_layers``): each is resampled to
 (area average, or bilinear when coarser than the grid), normalised per image (GroupNorm with one
 group), projected by a 1x1 conv to ``hidden`` channels; the projections are summed, then tanh, a
 3x3 conv, tanh, a 1x1 conv to one channel, and, as Vision DiffMask's gate MLP, ``tanh(.) * 10 +
-b`` with a learned offset b starting at 5, so that every gate starts open. Vision DiffMask lets
+b`` with a learned offset b starting at 5 and the last conv starting at zero, so that every gate
+starts open (P(z != 0) = 0.995). Vision DiffMask lets
 every layer cast a vote and multiplies them; here one head reads all the stages at once, which
 is cheaper to train on a CPU.
 
@@ -108,7 +109,7 @@ def gates_to_mask(gates: torch.Tensor, patch: int) -> torch.Tensor:
 def stage_layers(model: nn.Module, image_size: int = 224, max_layers: int = 4) -> List[str]:
     """Names of the modules whose outputs are the model's stage outputs: for each spatial
     resolution the last module (in execution order) that outputs it, called once per forward;
-    the ``max_layers`` deepest resolutions. Raises ValueError when the model has none."""
+    the ``max_layers`` deepest resolutions (1 x 1 outputs, globally pooled, do not count). Raises ValueError when the model has none."""
     seen: Dict[str, tuple] = {}
     calls: Dict[str, int] = {}
     order: List[str] = []
@@ -117,7 +118,7 @@ def stage_layers(model: nn.Module, image_size: int = 224, max_layers: int = 4) -
     def hook(name):
         def fn(mod, inp, out):
             calls[name] = calls.get(name, 0) + 1
-            if isinstance(out, torch.Tensor) and out.dim() == 4:
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-2] * out.shape[-1] > 1:
                 seen[name] = tuple(out.shape[-2:])
                 order.append(name)
         return fn
@@ -196,6 +197,8 @@ class GateNet(nn.Module):
         self.proj = nn.ModuleList([nn.Conv2d(c, hidden, 1) for c in channels])
         self.context = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.out = nn.Conv2d(hidden, 1, 1)
+        nn.init.zeros_(self.out.weight)  # every gate starts at logit ``offset``: open
+        nn.init.zeros_(self.out.bias)
         self.scale = scale
         self.offset = nn.Parameter(torch.tensor(float(offset)))
 
@@ -341,6 +344,7 @@ class DiffMask:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.step = 0
         self.history: List[dict] = []
+        self._running: Dict[str, List[float]] = {"kl": [], "kept": []}  # this epoch's steps so far
         self._fingerprint: Optional[str] = None
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -475,9 +479,10 @@ class DiffMask:
         orders: Dict[int, torch.Tensor] = {}
 
         def get(epoch, index):
-            if epoch not in orders:
+            if epoch not in orders:  # each epoch's order from (seed, epoch): the same after a resume
                 orders.clear()
-                orders[epoch] = torch.randperm(len(photos), generator=self.generator)
+                g = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
+                orders[epoch] = torch.randperm(len(photos), generator=g)
             idx = orders[epoch][index * batch_size:(index + 1) * batch_size]
             views = [random_resized_crop(photos[j], self.image_size, self.generator) if augment
                      else _resize(photos[j], self.image_size) for j in idx.tolist()]
@@ -523,7 +528,7 @@ class DiffMask:
 
         bar = tqdm(total=total, initial=min(self.step, total), desc=f"DiffMask fit ({self.strategy.name})",
                    unit="step", disable=(not progress) if progress is not None else False, leave=False)
-        running = {"kl": [], "kept": []}
+        running = self._running
         try:
             while self.step < total:
                 epoch, index = divmod(self.step, steps_per_epoch)
@@ -543,7 +548,8 @@ class DiffMask:
                         v = self.evaluate(val_images)
                         entry.update(val_kl=v["kl"], val_kept=v["kept"])
                     self.history.append(entry)
-                    running = {"kl": [], "kept": []}
+                    running["kl"].clear()
+                    running["kept"].clear()
                 if checkpoint is not None and (self.step % checkpoint_every == 0 or self.step == total):
                     self.save(checkpoint, data_fingerprint=data_fp, augment=augment)
                 if callback is not None:
@@ -569,7 +575,8 @@ class DiffMask:
         with torch.no_grad():
             self._lagrange_param.clamp_(0, self.config["lagrange_max"])
             self.lagrange = self._lagrange_param.detach().clone()
-        return {"loss": float(loss), "kl": float(kl.mean()), "kept": float(l0.mean()), "lagrange": float(self.lagrange)}
+        return {"loss": float(loss.detach()), "kl": float(kl.detach().mean()), "kept": float(l0.detach().mean()),
+                "lagrange": float(self.lagrange)}
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -577,7 +584,8 @@ class DiffMask:
                 "gate": self.gate.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "lagrange": float(self._lagrange_param.detach()),
                 "lagrange_optimizer": self.lagrange_optimizer.state_dict(), "step": self.step,
-                "generator": self.generator.get_state(), "history": list(self.history)}
+                "generator": self.generator.get_state(), "history": list(self.history),
+                "running": {k: list(v) for k, v in self._running.items()}}
 
     def load_state_dict(self, state: dict, *, source: str = "state_dict") -> None:
         """Load a state (``state_dict()`` or a checkpoint file's content) made for this model and config."""
@@ -601,6 +609,7 @@ class DiffMask:
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
         self.history = list(state["history"])
+        self._running = {k: list(v) for k, v in state.get("running", {"kl": [], "kept": []}).items()}
 
     def _resume(self, ckpt: dict, path, data_fp: str, augment: bool) -> None:
         if ckpt.get("data") not in (None, data_fp) or ckpt.get("augment", augment) != augment:
@@ -700,5 +709,5 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     weights = keep.reshape(1, -1).float().cpu().expand(len(targets), -1).clone()
     return MapExplanation("diffmask", strategy.name, targets, weights, seg,
                           masks=gates_to_mask(keep, patch)[0].float().cpu(),
-                          info={"kept": float(keep.mean()), "kl": kl_det, "lagrange": float(lam), "amortised": False,
+                          info={"kept": float(keep.mean()), "kl": kl_det, "lagrange": float(lam.detach()), "amortised": False,
                                 "steps": steps})
