@@ -2,6 +2,8 @@
 
     masked-ops explain IMAGE [--model efficientnet-lite0] [--method lime|occlusion|kernel-shap]
                              [--masking layer,grey,...] [--samples N] [--seed S] [--out out.png]
+    masked-ops explain IMAGE --method extremal|rise|diffmask [--checkpoint FILE] --masking blur,...
+                             (learned / random masks: masked_ops.explain.mask_cli)
     masked-ops explain --demo          # scikit-image's cat, LIME, layer masking vs grey
     masked-ops experiment ...          # the paper's experiments (masked_ops.experiments.cli)
 
@@ -27,6 +29,7 @@ DEMO_MASKING = "layer,grey"
 DEMO_SAMPLES = 500
 DEMO_OUT = "masked-ops-demo.png"
 METHOD_NAMES = ("lime", "occlusion", "kernel-shap")
+MASK_METHOD_NAMES = ("extremal", "rise", "diffmask")  # issue 12: masked_ops.explain.mask_cli
 SEGMENTATIONS = ("slic", "quickshift", "grid", "felzenszwalb")
 
 
@@ -66,11 +69,15 @@ def _add_explain(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", default="efficientnet-lite0",
                    help="efficientnet-lite0 (default, real ImageNet weights), a torchvision/timm name (random "
                         "weights) or module:callable")
-    p.add_argument("--method", choices=METHOD_NAMES, default="lime")
+    p.add_argument("--method", choices=METHOD_NAMES + MASK_METHOD_NAMES, default="lime")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="--method diffmask: a fitted DiffMask checkpoint (amortised: one forward pass); without "
+                        "it diffmask optimises the gates of this one image")
     p.add_argument("--masking", default=None,
                    help=f"comma-separated strategies (default {DEMO_MASKING}); see masked_ops.explain.STRATEGIES")
     p.add_argument("--samples", type=_positive_int, default=None,
-                   help=f"perturbation samples for lime/kernel-shap (default {DEMO_SAMPLES})")
+                   help=f"perturbation samples for lime/kernel-shap (default {DEMO_SAMPLES}); masks for rise "
+                        f"(default 1000); optimisation steps for extremal and per-image diffmask (default 300)")
     p.add_argument("--segments", choices=SEGMENTATIONS, default=None,
                    help="segmentation (default: slic for lime/kernel-shap, grid for occlusion)")
     p.add_argument("--n-segments", type=_positive_int, default=None,
@@ -136,6 +143,8 @@ def run_explain(args) -> int:
     n_segments = args.n_segments or (64 if args.method == "occlusion" else 50)
     if args.method == "kernel-shap" and samples < 3:
         raise CliError(f"--samples must be >= 3 for kernel-shap, got {samples}")
+    if args.checkpoint is not None and args.method != "diffmask":  # issue 12
+        raise CliError(f"--checkpoint is for --method diffmask only (got --method {args.method})")
     out = _output_path(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,6 +173,10 @@ def run_explain(args) -> int:
     for rank, (idx, name, p) in enumerate(top, 1):
         print(f"  {rank}. {name} (class {idx}): {p:.3f}")
     target = top[0][0]
+    if args.method in MASK_METHOD_NAMES:  # issue 12: learned / random masks
+        from .explain.mask_cli import run_mask_method
+
+        return run_mask_method(args, x, model, info, masking, target, out, _save_png)
 
     fn = METHODS[args.method]
     opts = dict(targets=[target], segments=seg, batch_size=args.batch_size, seed=args.seed,
