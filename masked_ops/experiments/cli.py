@@ -3,10 +3,12 @@
     masked-ops experiment NAME [--images ...] [--strategies ...] [--seed S] [--out DIR] [--repeats R]
     python -m masked_ops.experiments NAME ...            (the same, on its own)
 
-NAME: removal, leakage (both parts), leakage-salient, leakage-probe, faithfulness, linearity, all,
-or report (rebuild OUT/README.md and the plots from the results already in OUT). Every run writes
-OUT/<experiment>/results.json and refreshes OUT/README.md; an interrupted run started again with
-the same arguments resumes from its checkpoints (OUT/<experiment>/units/).
+NAME: removal, leakage (both parts), leakage-salient, leakage-probe, faithfulness, linearity,
+learned-faithfulness (DiffMask, extremal, RISE, LIME, occlusion, Grad-CAM; DiffMask trained on
+--train-images, everything scored on --images), all, or report (rebuild OUT/README.md and the plots
+from the results already in OUT). Every run writes OUT/<experiment>/results.json and refreshes
+OUT/README.md; an interrupted run started again with the same arguments resumes from its
+checkpoints (OUT/<experiment>/units/).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 from typing import List, Optional
 
 EXPERIMENTS = ("removal", "leakage-salient", "leakage-probe", "faithfulness", "linearity")
+EXPERIMENTS += ("learned-faithfulness",)  # issue 12: masked_ops.experiments.learned_faithfulness
 NAMES = EXPERIMENTS + ("leakage", "all", "report")
 DEFAULT_OUT = "out/experiments"
 
@@ -53,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=11, help="points on the deletion/insertion curves (faithfulness)")
     p.add_argument("--evaluators", nargs="+", default=None,
                    help="strategies that score the explanations (faithfulness; default: --strategies)")
+    p.add_argument("--train-images", nargs="+", default=None,
+                   help="learned-faithfulness: photos DiffMask trains on (default: the bundled photos not in --images)")
+    p.add_argument("--explainers", nargs="+", default=None,
+                   help="learned-faithfulness: explainers (default: all of learned_faithfulness.EXPLAINERS)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's input size)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -94,7 +101,7 @@ def _run(args) -> int:
     # (functions, not modules: the package re-exports ``linearity`` the function under the module's name)
     from . import report
     from .faithfulness import lime_faithfulness
-    from .images import image_set
+    from .images import BUNDLED, image_set
     from .leakage import salient_vs_moved, shape_probe
     from .linearity import linearity
     from .removal import removal_curves
@@ -129,6 +136,16 @@ def _run(args) -> int:
             res = lime_faithfulness(model, imgs, strategies, evaluators=evaluators, samples=args.samples,
                                            steps=[i / (args.steps - 1) for i in range(args.steps)],
                                            image_names=names, **common)
+        elif exp == "learned-faithfulness":  # issue 12
+            from .learned_faithfulness import EXPLAINERS, EVALUATORS, learned_faithfulness
+
+            train_specs = args.train_images or [b for b in BUNDLED if b not in set(args.images)]
+            timgs, tnames = image_set(train_specs, size, 0)
+            evaluators = _strategies(args.evaluators) if args.evaluators else list(EVALUATORS)
+            explainers = [e for part in (args.explainers or EXPLAINERS) for e in part.split(",") if e]
+            res = learned_faithfulness(model, imgs, timgs, explainers=explainers, evaluators=evaluators,
+                                       steps=[i / (args.steps - 1) for i in range(args.steps)], image_names=names,
+                                       train_names=tnames, lime_samples=args.samples, **common)
         elif exp == "linearity":
             res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, **common)
         if res.get("units_computed") or not report.has_record(args.out, exp):
