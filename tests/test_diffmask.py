@@ -116,6 +116,15 @@ def test_stage_layers_picks_the_last_module_at_each_resolution():
     twice = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), shared, nn.Conv2d(4, 4, 3, stride=2, padding=1), shared,
                           nn.AdaptiveAvgPool2d(1), nn.Flatten())
     assert stage_layers(twice, 16) == ["0", "2"]  # the shared ReLU (called twice) is skipped
+    def block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout * 2, 1), nn.ReLU(), nn.ZeroPad2d(1),
+                             nn.Conv2d(cout * 2, cout, 3, stride=stride))
+    # the outermost modules at each resolution (the stem conv at 16; at 8 the last block; at 4 the whole
+    # trunk, whose output is its last block's), never a block's insides or a padding module
+    nested = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                           nn.Sequential(block(4, 4, 1), block(4, 8, 2), block(8, 8, 1), block(8, 8, 2)),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert stage_layers(nested, 16) == ["0", "1.2", "1"]
     with pytest.raises(ValueError, match="layers"):
         stage_layers(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), 2)
 

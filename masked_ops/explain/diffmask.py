@@ -108,8 +108,10 @@ def gates_to_mask(gates: torch.Tensor, patch: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- hidden activations
 def stage_layers(model: nn.Module, image_size: int = 224, max_layers: int = 4) -> List[str]:
     """Names of the modules whose outputs are the model's stage outputs: for each spatial
-    resolution the last module (in execution order) that outputs it, called once per forward;
-    the ``max_layers`` deepest resolutions (1 x 1 outputs, globally pooled, do not count). Raises ValueError when the model has none."""
+    resolution, among the outermost modules (fewest dots in the name) that output it and are
+    called once per forward, the last to run;
+    the ``max_layers`` deepest resolutions (1 x 1 outputs, globally pooled, and padding modules
+    do not count). Raises ValueError when the model has none."""
     seen: Dict[str, tuple] = {}
     calls: Dict[str, int] = {}
     order: List[str] = []
@@ -123,8 +125,9 @@ def stage_layers(model: nn.Module, image_size: int = 224, max_layers: int = 4) -
                 order.append(name)
         return fn
 
+    padding = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
     for name, mod in model.named_modules():
-        if name:
+        if name and not isinstance(mod, padding):  # a padded copy is no stage output
             hooks.append(mod.register_forward_hook(hook(name)))
     try:
         p = next(model.parameters(), None)
@@ -135,9 +138,15 @@ def stage_layers(model: nn.Module, image_size: int = 224, max_layers: int = 4) -
     finally:
         for h in hooks:
             h.remove()
-    last: Dict[tuple, str] = {}
+    # per resolution: the outermost modules (fewest dots: blocks rather than their insides), the last
+    # of them to run (the stage's last block)
+    depth = {}
     for name in order:
         if calls[name] == 1:
+            depth[seen[name]] = min(depth.get(seen[name], 99), name.count("."))
+    last: Dict[tuple, str] = {}
+    for name in order:
+        if calls[name] == 1 and name.count(".") == depth[seen[name]]:
             last[seen[name]] = name
     found = sorted(last.items(), key=lambda kv: order.index(kv[1]))
     if not found:
