@@ -266,6 +266,8 @@ def test_bad_input(tmp_path):
         make(model, image_size=30)
     with pytest.raises(ValueError, match="eps must be a number > 0"):
         make(model, eps=0)
+    with pytest.raises(ValueError, match="damping must be a number >= 0"):
+        make(model, damping=-1.0)
     with pytest.raises(ValueError, match="not modules of the model"):
         make(model, layers=["nope"])
     with pytest.raises(ValueError, match="checkpoint: the folder"):

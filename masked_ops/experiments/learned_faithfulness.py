@@ -166,7 +166,7 @@ def learned_faithfulness(model, test_images: torch.Tensor, train_images: torch.T
             ckpt = None if run.dir is None else str(run.dir / f"diffmask-{strategy_name}.pt")
             t0 = time.process_time()
             dm.fit(list(train_images), epochs=cfg["diffmask_epochs"], val_images=test_images, checkpoint=ckpt,
-                   checkpoint_every=10, progress=progress)
+                   checkpoint_every=5, val_every=max(1, cfg["diffmask_epochs"] // 6), progress=progress)
             diffmask_info[strategy_name] = {"history": dm.history, "cpu_s_this_process": time.process_time() - t0,
                                             "layers": dm.layers}
             diffmasks[strategy_name] = dm

@@ -32,6 +32,10 @@ is cheaper to train on a CPU.
 KL(p_clean || p_masked) <= ``eps`` (default 0.1) per image, through the Lagrangian
 ``L0 + lambda (KL - eps)``: the gate network descends it (Adam, ``lr``), lambda ascends it (Adam
 with ``lagrange_lr``, as Vision DiffMask's Lagrangian optimiser) and is clamped to [0, 200].
+``damping`` > 0 adds ``damping / 2 * max(KL - eps, 0)^2`` (the modified differential method of
+multipliers, Platt & Barr 1988): a restoring force that acts at once on a violation, where lambda
+only catches up over steps, to damp the oscillation of short runs; 0 (default) is Vision DiffMask's
+plain Lagrangian.
 The CNN's own weights never change.
 
 **Training** (``fit``): a tensor or list of photos, augmented here (random resized crops of
@@ -69,6 +73,16 @@ from .strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy
 TEMPERATURE = 0.2
 STRETCH = (-0.2, 1.0)
 CHECKPOINT_FORMAT = "masked_ops.diffmask/1"
+LAGRANGE_OPTIMIZERS = ("adam", "sgd")
+
+
+def _lagrange_optimizer(kind: str, param: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    """Gradient *ascent* on the multiplier: Adam (Vision DiffMask) or plain steps lr * (KL - eps)."""
+    if kind not in LAGRANGE_OPTIMIZERS:
+        raise ValueError(f"lagrange_optimizer must be one of {LAGRANGE_OPTIMIZERS}, got {kind!r}")
+    if kind == "adam":
+        return torch.optim.Adam([param], lr=lr, maximize=True)
+    return torch.optim.SGD([param], lr=lr, maximize=True)
 
 
 # ----------------------------------------------------------------------------- hard concrete
@@ -312,7 +326,8 @@ class DiffMask:
                  layers: Optional[Sequence[str]] = None, patch: int = 16, image_size: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  eps: float = 0.1, hidden: int = 64, lr: float = 1e-3, lagrange_init: float = 1.0,
-                 lagrange_lr: float = 0.1, lagrange_max: float = 200.0, batch_size: int = 8, seed: int = 0):
+                 lagrange_lr: float = 0.1, lagrange_max: float = 200.0, lagrange_optimizer: str = "adam",
+                 damping: float = 0.0, batch_size: int = 8, seed: int = 0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         check_positive(patch, "patch")
@@ -324,6 +339,10 @@ class DiffMask:
         for name, v in (("eps", eps), ("lr", lr), ("lagrange_lr", lagrange_lr), ("lagrange_max", lagrange_max)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        if lagrange_optimizer not in LAGRANGE_OPTIMIZERS:
+            raise ValueError(f"lagrange_optimizer must be one of {LAGRANGE_OPTIMIZERS}, got {lagrange_optimizer!r}")
+        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0:
+            raise ValueError(f"damping must be a number >= 0, got {damping!r}")
         if not 0 <= lagrange_init <= lagrange_max:
             raise ValueError(f"lagrange_init must lie in [0, lagrange_max={lagrange_max}], got {lagrange_init!r}")
         self.model = model
@@ -336,7 +355,9 @@ class DiffMask:
         self.grid = (image_size // patch, image_size // patch)
         self.config = dict(layers=self.layers, patch=patch, image_size=image_size, eps=float(eps), hidden=hidden,
                            lr=float(lr), lagrange_init=float(lagrange_init), lagrange_lr=float(lagrange_lr),
-                           lagrange_max=float(lagrange_max), batch_size=batch_size, seed=int(seed),
+                           lagrange_max=float(lagrange_max), lagrange_optimizer=lagrange_optimizer,
+                           damping=float(damping), batch_size=batch_size,
+                           seed=int(seed),
                            strategy=self.strategy.name)
         self._features = _Features(model, self.layers)
         channels = self._channels()
@@ -349,7 +370,7 @@ class DiffMask:
         self.lagrange = torch.tensor(float(lagrange_init), device=self.gate.offset.device)
         self.optimizer = torch.optim.Adam(self.gate.parameters(), lr=lr)
         self._lagrange_param = nn.Parameter(self.lagrange.clone())
-        self.lagrange_optimizer = torch.optim.Adam([self._lagrange_param], lr=lagrange_lr, maximize=True)
+        self.lagrange_optimizer = _lagrange_optimizer(lagrange_optimizer, self._lagrange_param, lagrange_lr)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.step = 0
         self.history: List[dict] = []
@@ -504,19 +525,21 @@ class DiffMask:
         return _fingerprint(list(data))
 
     def fit(self, data, *, epochs: int = 1, val_images: Optional[torch.Tensor] = None, augment: bool = True,
-            checkpoint: Optional[str] = None, checkpoint_every: int = 10, progress: Optional[bool] = None,
-            callback: Optional[Callable[[dict], None]] = None) -> List[dict]:
+            checkpoint: Optional[str] = None, checkpoint_every: int = 10, val_every: int = 1,
+            progress: Optional[bool] = None, callback: Optional[Callable[[dict], None]] = None) -> List[dict]:
         """Train the gate network; returns the history (one dict per epoch, see ``history``).
 
         ``data``: an N x 3 x H x W tensor or a list of 3 x H x W photos (augmented here when
         ``augment``, else resized to image_size), or a DataLoader of ready image_size batches
         (tensors, or tuples whose first item is the images). ``checkpoint``: a file path; if it
-        exists the fit resumes from it. ``callback(record)`` is called after every step.
+        exists the fit resumes from it. ``val_images`` are scored every ``val_every`` epochs and
+        after the last. ``callback(record)`` is called after every step.
         A resumed fit with a DataLoader replays the interrupted epoch's first batches to skip them
         (the same batches only if the loader's order is seeded).
         """
         check_positive(epochs, "epochs")
         check_positive(checkpoint_every, "checkpoint_every")
+        check_positive(val_every, "val_every")
         bs = self.config["batch_size"]
         steps_per_epoch, get_batch = self._batches(data, bs, augment)
         if val_images is not None:
@@ -553,7 +576,7 @@ class DiffMask:
                     entry = {"epoch": epoch + 1, "step": self.step, "train_kl": sum(running["kl"]) / len(running["kl"]),
                              "train_kept": sum(running["kept"]) / len(running["kept"]),
                              "lagrange": float(self.lagrange)}
-                    if val_images is not None:
+                    if val_images is not None and ((epoch + 1) % val_every == 0 or self.step == total):
                         v = self.evaluate(val_images)
                         entry.update(val_kl=v["kl"], val_kept=v["kept"])
                     self.history.append(entry)
@@ -575,7 +598,9 @@ class DiffMask:
             z = hard_concrete_sample(gl, self.generator)
             kl = self._masked_kl(x, clean, z)          # the masked forward, differentiable in the mask
             l0 = open_probability(gl).mean(dim=(1, 2, 3))
-            loss = (l0 + self._lagrange_param * (kl - self.config["eps"])).mean()
+            excess = kl - self.config["eps"]
+            loss = (l0 + self._lagrange_param * excess
+                    + 0.5 * self.config["damping"] * excess.clamp_min(0) ** 2).mean()
             self.optimizer.zero_grad()
             self.lagrange_optimizer.zero_grad()
             loss.backward()
@@ -665,6 +690,7 @@ class DiffMask:
 def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[None, int, Sequence[int]] = None,
                      patch: int = 16, steps: int = 300, eps: float = 0.1, lr: float = 0.1, samples: int = 4,
                      lagrange_init: float = 1.0, lagrange_lr: float = 0.1, lagrange_max: float = 200.0,
+                     lagrange_optimizer: str = "adam", damping: float = 0.0,
                      init_logit: float = 5.0, seed: int = 0, progress: Optional[bool] = None) -> MapExplanation:
     """Per-image DiffMask: optimise one gate logit per patch of ``image`` (no gate network).
 
@@ -688,7 +714,7 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     log_alpha = torch.full((1, 1, h // patch, w // patch), float(init_logit), device=image.device, requires_grad=True)
     lam = torch.tensor(float(lagrange_init), device=image.device, requires_grad=True)
     opt = torch.optim.Adam([log_alpha], lr=lr)
-    opt_lam = torch.optim.Adam([lam], lr=lagrange_lr, maximize=True)
+    opt_lam = _lagrange_optimizer(lagrange_optimizer, lam, lagrange_lr)
     model_params = [p for p in getattr(strategy.model, "parameters", lambda: [])() if p.requires_grad]
     for p in model_params:
         p.requires_grad_(False)
@@ -699,7 +725,7 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
                 kl = kl_divergence(clean.expand(samples, -1), strategy(x.expand(samples, -1, -1, -1),
                                                                        gates_to_mask(z, patch))).mean()
                 l0 = open_probability(log_alpha).mean()
-                loss = l0 + lam * (kl - eps)
+                loss = l0 + lam * (kl - eps) + 0.5 * damping * (kl - eps).clamp_min(0) ** 2
                 opt.zero_grad()
                 opt_lam.zero_grad()
                 loss.backward()
