@@ -104,7 +104,7 @@ def red_images(n, seed, size=32, side=6):
 def make(model=None, **kw):
     model = model or RedNet().eval()
     opts = dict(strategy=get_strategy("black", model, **PIXEL), patch=8, image_size=32, batch_size=8, lr=1e-2,
-                hidden=16, lagrange_lr=0.1, seed=0)
+                hidden=16, lagrange_lr=0.1, damping=0.0, seed=0)  # Vision DiffMask's plain Lagrangian
     opts.update(kw)
     return DiffMask(model, **opts)
 

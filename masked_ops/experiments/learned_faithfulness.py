@@ -5,7 +5,8 @@ Vision DiffMask's faithfulness task, plus deletion and insertion curves, on held
 1. DiffMask (amortised) is trained on ``train_images`` (augmented views; checkpointed, resumable)
    and explains ``test_images`` it never saw; every other explainer works on each test image alone.
 2. Each explanation is turned into a ranking of ``unit`` x ``unit`` pixel cells (mean attribution
-   per cell; ties, e.g. inside one DiffMask patch, broken by a seeded random jitter).
+   per cell; ties, e.g. inside one DiffMask patch, broken by a seeded random jitter). DiffMask is
+   ranked by its gate logits (the order of its expected L0, without float32 ties near 1).
 3. Under each *evaluating* strategy (``evaluators``, default grey, blur and layer masking, hard
    masks), the cells are removed in that order, most relevant first (MoRF) and least relevant
    first (LeRF), at ``steps`` fractions 0..1, and we track the probability of the clean top-1
@@ -189,8 +190,9 @@ def learned_faithfulness(model, test_images: torch.Tensor, train_images: torch.T
             return torch.rand(size, generator=M.generator(seed, i, 29), dtype=torch.float64)
         if e == "gradcam":
             return _gradcam(model, x[None], subject.normalise, stage_layers(model, size[0])[-1], t)
-        if method == "diffmask":
-            return diffmask(sname).explain(x, targets=t).heatmap().double()
+        if method == "diffmask":  # ranked by the gate logits: the expected L0's order, without float ties
+            la = diffmask(sname).explain(x, targets=t).info["log_alpha"].double()
+            return la.repeat_interleave(cfg["patch"], 0).repeat_interleave(cfg["patch"], 1)
         if method == "extremal":
             exp = explain_extremal(strategy(sname, soft=True), x, targets=t, iterations=cfg["extremal_iterations"],
                                    areas=cfg["extremal_areas"], preset="fast", seed=seed, progress=False)
