@@ -194,6 +194,7 @@ def test_interrupted_fit_resumes_to_the_same_state(tmp_path):
         first.fit(train, epochs=2, val_images=val, checkpoint=str(ckpt), checkpoint_every=1, progress=False,
                   callback=stop)
     assert ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == 4
+    assert all(p.requires_grad for p in first.model.parameters())  # the CNN's gradients are given back
     assert [p.name for p in tmp_path.iterdir()] == ["dm.pt"]  # no temporary file left behind
     assert oct(ckpt.stat().st_mode & 0o777) in ("0o644", "0o664", "0o666")
     resumed = make()

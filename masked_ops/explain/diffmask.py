@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from .maps import MapExplanation, patch_segments
 from .perturb import _progress, check_positive, prepare_image, resolve_targets
-from .soft import require_soft, soft_strategy
+from .soft import frozen_parameters, require_soft, soft_strategy
 from .strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy
 
 TEMPERATURE = 0.2
@@ -558,15 +558,14 @@ class DiffMask:
             if os.path.exists(checkpoint):
                 self._resume(load_checkpoint(checkpoint), checkpoint, data_fp, augment)
         total = epochs * steps_per_epoch
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(False)
         self.gate.train()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=min(self.step, total), desc=f"DiffMask fit ({self.strategy.name})",
                    unit="step", disable=(not progress) if progress is not None else False, leave=False)
         running = self._running
+        frozen = frozen_parameters(self.strategy)  # the CNN's weights never change (restored after)
+        frozen.__enter__()
         try:
             while self.step < total:
                 epoch, index = divmod(self.step, steps_per_epoch)
@@ -594,8 +593,7 @@ class DiffMask:
                     callback(dict(record, step=self.step))
         finally:
             bar.close()
-            for p in params:
-                p.requires_grad_(True)
+            frozen.__exit__(None, None, None)
         return self.history
 
     def _train_step(self, x: torch.Tensor) -> dict:
@@ -721,28 +719,21 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     lam = torch.tensor(float(lagrange_init), device=image.device, requires_grad=True)
     opt = torch.optim.Adam([log_alpha], lr=lr)
     opt_lam = _lagrange_optimizer(lagrange_optimizer, lam, lagrange_lr)
-    model_params = [p for p in getattr(strategy.model, "parameters", lambda: [])() if p.requires_grad]
-    for p in model_params:
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad(), _progress(steps, f"diffmask ({strategy.name})", progress) as bar:
-            for _ in range(steps):
-                z = hard_concrete_sample(log_alpha.expand(samples, -1, -1, -1), g)
-                kl = kl_divergence(clean.expand(samples, -1), strategy(x.expand(samples, -1, -1, -1),
-                                                                       gates_to_mask(z, patch))).mean()
-                l0 = open_probability(log_alpha).mean()
-                loss = l0 + lam * (kl - eps) + 0.5 * damping * (kl - eps).clamp_min(0) ** 2
-                opt.zero_grad()
-                opt_lam.zero_grad()
-                loss.backward()
-                opt.step()
-                opt_lam.step()
-                with torch.no_grad():
-                    lam.clamp_(0, lagrange_max)
-                bar.update(1)
-    finally:
-        for p in model_params:
-            p.requires_grad_(True)
+    with frozen_parameters(strategy), _progress(steps, f"diffmask ({strategy.name})", progress) as bar:
+        for _ in range(steps):
+            z = hard_concrete_sample(log_alpha.expand(samples, -1, -1, -1), g)
+            kl = kl_divergence(clean.expand(samples, -1), strategy(x.expand(samples, -1, -1, -1),
+                                                                   gates_to_mask(z, patch))).mean()
+            l0 = open_probability(log_alpha).mean()
+            loss = l0 + lam * (kl - eps) + 0.5 * damping * (kl - eps).clamp_min(0) ** 2
+            opt.zero_grad()
+            opt_lam.zero_grad()
+            loss.backward()
+            opt.step()
+            opt_lam.step()
+            with torch.no_grad():
+                lam.clamp_(0, lagrange_max)
+            bar.update(1)
     keep = open_probability(log_alpha.detach())
     with torch.no_grad():
         kl_det = float(kl_divergence(clean, strategy(x, gates_to_mask(deterministic_gate(log_alpha), patch))))

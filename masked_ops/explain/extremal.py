@@ -39,7 +39,6 @@ the area masks; TorchRay's example sums them, which ranks pixels the same way), 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Sequence, Union
 
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 
 from .maps import MapExplanation, map_explanation
 from .perturb import prepare_image, resolve_targets
-from .soft import require_soft
+from .soft import frozen_parameters, require_soft
 from .strategies import Strategy
 
 VARIANTS = ("preserve", "delete", "dual")
@@ -177,7 +176,7 @@ def explain_extremal(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
     area_growth = cfg["area_growth"] if area_growth is None else float(area_growth)
-    targets, _ = resolve_targets(strategy, image, targets, "logit")
+    targets, _ = resolve_targets(strategy, image, targets, "logit")  # (also builds a layer strategy's model)
 
     gen = SmoothMask(image.shape[1], image.shape[2], step, sigma, device=image.device)
     n_full = gen.full_shape[0] * gen.full_shape[1]
@@ -185,7 +184,7 @@ def explain_extremal(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     maps, all_masks, info = [], [], {"areas": list(areas), "variant": variant, "iterations": iterations,
                                      "reward": reward, "per_target": []}
     fork = torch.random.fork_rng(devices=[image.device] if image.device.type == "cuda" else [])
-    with fork, _grad_only_for_mask(strategy), _bar(iterations * len(targets), strategy.name, progress) as bar:
+    with fork, frozen_parameters(strategy), _bar(iterations * len(targets), strategy.name, progress) as bar:
         torch.manual_seed(int(seed))
         for target in targets:
             masks, stats = _optimise(strategy, image, target, gen, ref, areas, variant, iterations,
@@ -234,20 +233,6 @@ def _optimise(strategy, image, target, gen, ref, areas, variant, iterations, lr,
              "area_with_margin": full.mean(dim=(1, 2, 3)).tolist(),
              "reward": r.detach().tolist(), "penalty": penalty.detach().tolist()}
     return mask[:, 0].detach(), stats
-
-
-@contextlib.contextmanager
-def _grad_only_for_mask(strategy):
-    """The model's parameters need no gradient while the mask is optimised (restored afterwards)."""
-    params = [p for p in getattr(strategy.model, "parameters", lambda: [])() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _bar(total: int, name: str, enabled: Optional[bool]):

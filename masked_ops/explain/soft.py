@@ -10,6 +10,7 @@ changes when it lands.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 from .strategies import LAYER_STRATEGIES, STRATEGIES, Strategy, get_strategy
@@ -56,3 +57,23 @@ def soft_strategy(name, model, method: str = "this explainer", **options) -> Str
     if name in LAYER_STRATEGIES and _get_strategy_takes_soft():
         options["soft"] = True
     return require_soft(get_strategy(name, model, **options), method)
+
+
+@contextlib.contextmanager
+def frozen_parameters(strategy: Strategy):
+    """No gradients for the parameters of the strategy's model (and of its layer-masked copy, whose
+    folded weights are parameters of their own) while a mask is optimised; restored afterwards."""
+    import torch
+
+    modules = [strategy.model]
+    if hasattr(type(strategy), "masked_model"):  # a layer strategy: its converted model (built here)
+        modules.append(strategy.masked_model)
+    params = {id(p): p for m in modules if hasattr(m, "parameters") for p in m.parameters() if p.requires_grad}
+    for p in params.values():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in params.values():
+            p.requires_grad_(True)
