@@ -6,9 +6,6 @@ torch.distributions as that code does). The learning is checked on a task with a
 a CNN that says "red" when any pixel of a red square is visible, so the smallest mask that keeps
 its output is one patch touching the square, wherever the square is.
 """
-import math
-import os
-
 import pytest
 import torch
 import torch.distributions as D

@@ -33,7 +33,7 @@ Unit of work: one explainer on one test image (its map and every evaluator's cur
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -153,7 +153,6 @@ def learned_faithfulness(model, test_images: torch.Tensor, train_images: torch.T
     n = test_images.shape[0]
     clean = subject.clean_logits(test_images).double()
     targets = clean.argmax(1).tolist()
-    timings: Dict[str, List[float]] = {}
 
     # -- DiffMask: trained once per strategy on the training photos (its own checkpoint) ---------
     diffmasks: Dict[str, object] = {}

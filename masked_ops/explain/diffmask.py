@@ -1,5 +1,8 @@
 """DiffMask for CNNs: learn which patches a CNN needs, with hard-concrete gates and a KL budget.
 
+(Helpers: masked_ops.explain.hard_concrete (the gates, the KL), gate_net (stage outputs, hooks,
+the gate network), checkpoint (atomic files, fingerprints).)
+
 Vision DiffMask (Nalmpantis et al., CVPR-W 2023; code AngelosNal/Vision-DiffMask) gates the
 patches of a ViT and learns the smallest set that keeps the model's output distribution. Here the
 same objective drives a CNN, with the gated patches removed by a masking strategy (layer masking
@@ -61,22 +64,27 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import CHECKPOINT_FORMAT, fingerprint, load_checkpoint, model_fingerprint, save_atomic
+from .gate_net import GateNet, HiddenFeatures, stage_layers
+from .hard_concrete import (STRETCH, TEMPERATURE, deterministic_gate, gates_to_mask, hard_concrete_sample,
+                            kl_divergence, open_probability)
 from .maps import MapExplanation, patch_segments
 from .perturb import _progress, check_positive, prepare_image, resolve_targets
 from .soft import frozen_parameters, require_soft, soft_strategy
 from .strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy
 
-TEMPERATURE = 0.2
-STRETCH = (-0.2, 1.0)
-CHECKPOINT_FORMAT = "masked_ops.diffmask/1"
 LAGRANGE_OPTIMIZERS = ("adam", "sgd")
+__all__ = ["DiffMask", "explain_diffmask", "random_resized_crop", "LAGRANGE_OPTIMIZERS",
+           # re-exported from the helper modules (hard_concrete, gate_net, checkpoint)
+           "TEMPERATURE", "STRETCH", "hard_concrete_sample", "open_probability", "deterministic_gate",
+           "kl_divergence", "gates_to_mask", "stage_layers", "GateNet", "HiddenFeatures", "load_checkpoint",
+           "model_fingerprint", "CHECKPOINT_FORMAT"]
 
 
 def _lagrange_optimizer(kind: str, param: torch.Tensor, lr: float) -> torch.optim.Optimizer:
@@ -86,154 +94,6 @@ def _lagrange_optimizer(kind: str, param: torch.Tensor, lr: float) -> torch.opti
     if kind == "adam":
         return torch.optim.Adam([param], lr=lr, maximize=True)
     return torch.optim.SGD([param], lr=lr, maximize=True)
-
-
-# ----------------------------------------------------------------------------- hard concrete
-def hard_concrete_sample(log_alpha: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One reparameterised hard-concrete sample per logit, in [0, 1] (exact 0 and 1 included)."""
-    u = torch.rand(log_alpha.shape, generator=generator, dtype=log_alpha.dtype).to(log_alpha.device)
-    u = u.clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / TEMPERATURE)
-    lo, hi = STRETCH
-    return (s * (hi - lo) + lo).clamp(0, 1)
-
-
-def open_probability(log_alpha: torch.Tensor) -> torch.Tensor:
-    """P(gate != 0): the expected L0 of each gate."""
-    lo, hi = STRETCH
-    return torch.sigmoid(log_alpha - TEMPERATURE * math.log(-lo / hi))
-
-
-def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:
-    """The test-time gate (Louizos et al.): the stretched sigmoid without noise, clamped to [0, 1]."""
-    lo, hi = STRETCH
-    return (torch.sigmoid(log_alpha) * (hi - lo) + lo).clamp(0, 1)
-
-
-def kl_divergence(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(logits_ref) || softmax(logits)) per row."""
-    ref = F.log_softmax(logits_ref.float(), dim=-1)
-    out = F.log_softmax(logits.float(), dim=-1)
-    return (ref.exp() * (ref - out)).sum(-1)
-
-
-def gates_to_mask(gates: torch.Tensor, patch: int) -> torch.Tensor:
-    """B x 1 x gh x gw gates -> B x 1 x (gh patch) x (gw patch) pixel mask (nearest)."""
-    return gates.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
-
-
-# ----------------------------------------------------------------------------- hidden activations
-def stage_layers(model: nn.Module, image_size: int = 224, max_layers: int = 4) -> List[str]:
-    """Names of the modules whose outputs are the model's stage outputs: for each spatial
-    resolution, among the outermost modules (fewest dots in the name) that output it and are
-    called once per forward, the last to run;
-    the ``max_layers`` deepest resolutions (1 x 1 outputs, globally pooled, and padding modules
-    do not count). Raises ValueError when the model has none."""
-    seen: Dict[str, tuple] = {}
-    calls: Dict[str, int] = {}
-    order: List[str] = []
-    hooks = []
-
-    def hook(name):
-        def fn(mod, inp, out):
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-2] * out.shape[-1] > 1:
-                seen[name] = tuple(out.shape[-2:])
-                order.append(name)
-        return fn
-
-    padding = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
-    for name, mod in model.named_modules():
-        if name and not isinstance(mod, padding):  # a padded copy is no stage output
-            hooks.append(mod.register_forward_hook(hook(name)))
-    try:
-        p = next(model.parameters(), None)
-        x = torch.zeros(1, 3, image_size, image_size, device=p.device if p is not None else "cpu",
-                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    # per resolution: the outermost modules (fewest dots: blocks rather than their insides), the last
-    # of them to run (the stage's last block)
-    depth = {}
-    for name in order:
-        if calls[name] == 1:
-            depth[seen[name]] = min(depth.get(seen[name], 99), name.count("."))
-    last: Dict[tuple, str] = {}
-    for name in order:
-        if calls[name] == 1 and name.count(".") == depth[seen[name]]:
-            last[seen[name]] = name
-    found = sorted(last.items(), key=lambda kv: order.index(kv[1]))
-    if not found:
-        raise ValueError("layers: found no module with a 4-D (N x C x H x W) output to read hidden activations "
-                         "from; pass layers=[module names]")
-    return [name for _, name in found[-max_layers:]]
-
-
-class _Features:
-    """Forward hooks that keep the outputs of named modules during a clean forward."""
-
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
-        modules = dict(model.named_modules())
-        missing = [n for n in layers if n not in modules]
-        if missing:
-            raise ValueError(f"layers: {missing} are not modules of the model (see model.named_modules())")
-        self.layers = list(layers)
-        self.active = False
-        self.out: Dict[str, torch.Tensor] = {}
-        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
-
-    def _hook(self, name):
-        def fn(mod, inp, out):
-            if self.active:
-                self.out[name] = out.detach()
-        return fn
-
-    def run(self, model: nn.Module, x: torch.Tensor):
-        self.out = {}
-        self.active = True
-        try:
-            with torch.no_grad():
-                logits = model(x)
-        finally:
-            self.active = False
-        feats = [self.out[n] for n in self.layers]
-        self.out = {}
-        return logits, feats
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _resample(x: torch.Tensor, grid) -> torch.Tensor:
-    if x.shape[-2] >= grid[0] and x.shape[-1] >= grid[1]:
-        return F.adaptive_avg_pool2d(x, grid)
-    return F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
-
-
-class GateNet(nn.Module):
-    """Per-patch gate logits from a CNN's hidden activations (see the module docstring)."""
-
-    def __init__(self, channels: Sequence[int], hidden: int = 64, scale: float = 10.0, offset: float = 5.0):
-        super().__init__()
-        self.norms = nn.ModuleList([nn.GroupNorm(1, c, affine=False) for c in channels])
-        self.proj = nn.ModuleList([nn.Conv2d(c, hidden, 1) for c in channels])
-        self.context = nn.Conv2d(hidden, hidden, 3, padding=1)
-        self.out = nn.Conv2d(hidden, 1, 1)
-        nn.init.zeros_(self.out.weight)  # every gate starts at logit ``offset``: open
-        nn.init.zeros_(self.out.bias)
-        self.scale = scale
-        self.offset = nn.Parameter(torch.tensor(float(offset)))
-
-    def forward(self, features: Sequence[torch.Tensor], grid) -> torch.Tensor:
-        h = 0
-        for f, norm, proj in zip(features, self.norms, self.proj):
-            h = h + proj(norm(_resample(f.float(), grid)))
-        h = torch.tanh(self.context(torch.tanh(h)))
-        return torch.tanh(self.out(h)) * self.scale + self.offset
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -265,54 +125,6 @@ def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
         return image.float()
     return F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
                          align_corners=False)[0].clamp(0, 1)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _fingerprint(tensors) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    for t in tensors:
-        a = t.detach().cpu().contiguous().float()
-        h.update(str(tuple(a.shape)).encode())
-        h.update(a.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A hash of the model's floating-point parameters and buffers (which model a checkpoint is for)."""
-    return _fingerprint([v for v in model.state_dict().values() if torch.is_tensor(v) and v.is_floating_point()])
-
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str) -> dict:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path!r} cannot be read as a DiffMask checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path!r} is not a DiffMask checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------- the explainer
@@ -362,7 +174,7 @@ class DiffMask:
                            damping=float(damping), batch_size=batch_size,
                            seed=int(seed),
                            strategy=self.strategy.name)
-        self._features = _Features(model, self.layers)
+        self._features = HiddenFeatures(model, self.layers)
         channels = self._channels()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -528,7 +340,7 @@ class DiffMask:
     def _data_fingerprint(self, data) -> str:
         if isinstance(data, torch.utils.data.DataLoader):
             return f"dataloader:{len(data)}"
-        return _fingerprint(list(data))
+        return fingerprint(list(data))
 
     def fit(self, data, *, epochs: int = 1, val_images: Optional[torch.Tensor] = None, augment: bool = True,
             checkpoint: Optional[str] = None, checkpoint_every: int = 10, val_every: int = 1,

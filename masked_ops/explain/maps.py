@@ -32,7 +32,7 @@ def pixel_segments(height: int, width: int) -> torch.Tensor:
 
 def patch_segments(height: int, width: int, patch: int) -> torch.Tensor:
     """H x W labels of a grid of patch x patch cells (H and W multiples of patch), row-major."""
-    gh, gw = height // patch, width // patch
+    gw = width // patch
     rows = torch.arange(height) // patch
     cols = torch.arange(width) // patch
     return rows[:, None] * gw + cols[None, :]
