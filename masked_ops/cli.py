@@ -5,13 +5,16 @@
     masked-ops explain DIR --out results.h5 [--top-k K] [--batch-images N] [--fresh]
                                          every image of a folder into one HDF5 file (masked_ops.dataset);
                                          also `torchrun --nproc-per-node G -m masked_ops.cli explain DIR ...`
+    masked-ops explain IMAGE --method extremal|rise|diffmask [--checkpoint FILE]
+                                         learned / random masks (masked_ops.explain.mask_cli)
     masked-ops experiment NAME ...       the paper's experiments (masked_ops.experiments.cli)
 
 ``explain`` options, by group (``masked-ops explain --help`` says more):
 
     model    --model NAME  --weights DEFAULT|TAG|random|FILE  --device  --threads  --batch-size
-    method   --method lime|occlusion|kernel-shap  --samples N  --segments slic|quickshift|grid|felzenszwalb
-             --n-segments K  --window W  --stride S  --seed S
+    method   --method lime|occlusion|kernel-shap|extremal|rise|diffmask  --samples N  --seed S
+             --segments slic|quickshift|grid|felzenszwalb  --n-segments K  --window W  --stride S
+             --checkpoint FILE (diffmask)
     target   --target CLASS (index or name; default: top-1)  --output prob|logit  --masking layer,grey,...
     output   --out FILE.png  --save FILE.npz  --shared-scale  --no-progress
 
@@ -106,7 +109,7 @@ def parse_masking(text: str) -> List[str]:
 # ----------------------------------------------------------------------------- methods
 # Method-specific options: argparse dest -> flag. Options a method does not list are errors with it.
 METHOD_OPTIONS = {"samples": "--samples", "segments": "--segments", "n_segments": "--n-segments",
-                  "window": "--window", "stride": "--stride"}
+                  "window": "--window", "stride": "--stride", "output": "--output", "checkpoint": "--checkpoint"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +160,22 @@ def _occlusion_settings(args, image):
             f"occlusion, {args.window[0]}x{args.window[1]} px windows, stride {stride[0]}x{stride[1]}")
 
 
+def _mask_settings(args, image):
+    from .explain.mask_cli import settings
+
+    return settings(args, image)
+
+
 METHODS: Dict[str, Method] = {
-    "lime": Method(("samples", "segments", "n_segments"), _sampled("LIME", 1)),
-    "kernel-shap": Method(("samples", "segments", "n_segments"), _sampled("KernelSHAP", 3)),
-    "occlusion": Method(("segments", "n_segments", "window", "stride"), _occlusion_settings),
+    "lime": Method(("samples", "segments", "n_segments", "output"), _sampled("LIME", 1)),
+    "kernel-shap": Method(("samples", "segments", "n_segments", "output"), _sampled("KernelSHAP", 3)),
+    "occlusion": Method(("segments", "n_segments", "window", "stride", "output"), _occlusion_settings),
+    # learned and random masks (masked_ops.explain.mask_cli); --samples is their amount of work
+    "extremal": Method(("samples",), _mask_settings),
+    "rise": Method(("samples", "output"), _mask_settings),
+    "diffmask": Method(("samples", "checkpoint"), _mask_settings),
 }
+MASK_METHOD_NAMES = ("extremal", "rise", "diffmask")  # explained by masked_ops.explain.mask_cli
 
 
 def check_method_options(args) -> Method:
@@ -202,7 +216,11 @@ def _add_method_options(p) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=tuple(METHODS), default="lime")
     g.add_argument("--samples", type=_positive_int, default=None,
-                   help=f"perturbation samples (lime, kernel-shap; default {DEMO_SAMPLES})")
+                   help=f"perturbation samples (lime, kernel-shap; default {DEMO_SAMPLES}); masks for rise "
+                        f"(default 1000); optimisation steps for extremal and per-image diffmask (default 300)")
+    g.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="diffmask only: a fitted DiffMask checkpoint (amortised: one forward pass); without it "
+                        "diffmask optimises the gates of this one image")
     g.add_argument("--segments", choices=SEGMENTATIONS, default=None,
                    help="segmentation (default: slic for lime/kernel-shap, grid for occlusion)")
     g.add_argument("--n-segments", type=_positive_int, default=None,
@@ -218,8 +236,9 @@ def _add_target_options(p) -> None:
     g = p.add_argument_group("what is explained")
     g.add_argument("--target", default=None,
                    help="class to explain: an index or a class name (default: the model's top-1 class)")
-    g.add_argument("--output", choices=("prob", "logit"), default="prob",
-                   help="explain the softmax probability (default) or the logit of the target")
+    g.add_argument("--output", choices=("prob", "logit"), default=None,
+                   help="explain the softmax probability (default) or the logit of the target (not for extremal "
+                        "and diffmask, whose objectives are fixed)")
     g.add_argument("--masking", default=None,
                    help=f"comma-separated strategies (default {DEMO_MASKING}); see masked_ops.explain.STRATEGIES")
 
@@ -387,7 +406,18 @@ def run_explain(args) -> int:
     if not args.image:
         raise CliError("explain needs an IMAGE (a file or a bundled sample name), or --demo")
     method = check_method_options(args)
-    masking = parse_masking(DEMO_MASKING if args.masking is None else args.masking)
+    mask_method = args.method in MASK_METHOD_NAMES  # learned / random masks: soft strategies, mask figure
+    if args.masking is not None:
+        masking = parse_masking(args.masking)
+    elif mask_method:
+        from .explain.mask_cli import default_masking
+
+        masking = default_masking()
+    else:
+        masking = parse_masking(DEMO_MASKING)
+    output = args.output or "prob"
+    if mask_method and args.shared_scale:
+        raise CliError(f"--shared-scale does not apply to --method {args.method} (each map has its own scale)")
     png, save = output_paths(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -411,7 +441,9 @@ def run_explain(args) -> int:
           f"{x.shape[2]} x {x.shape[1]}")
 
     kwargs, method_desc = method.settings(args, x)
-    strategies = [get_strategy(n, model, mean=info.mean, std=info.std, seed=args.seed) for n in masking]
+    # (mask methods build their soft strategies themselves; the plain model gives the classes here)
+    strategies = [get_strategy(n, model, mean=info.mean, std=info.std, seed=args.seed)
+                  for n in (["grey"] if mask_method else masking)]
     with torch.inference_mode():
         logits = strategies[0].model(strategies[0].normalise(x[None]))[0].float()
     top = M.top_classes(logits, info, k=5)
@@ -422,30 +454,41 @@ def run_explain(args) -> int:
     for rank, (idx, name, p) in enumerate(top, 1):
         print(f"  {rank}. {name} (class {idx}): {p:.3f}")
     print(f"explaining {info.class_name(target)} (class {target}, p = {float(probs[target]):.3f}), "
-          f"its {'probability' if args.output == 'prob' else 'logit'}, by {method_desc}")
+          f"its {'probability' if output == 'prob' else 'logit'}, by {method_desc}")
 
-    fn = EXPLAINERS[args.method]
-    explanations = []
-    for s in strategies:
-        t0 = time.perf_counter()
-        exp = fn(s, x, targets=[target], output=args.output, batch_size=args.batch_size, seed=args.seed,
-                 progress=False if args.no_progress else None, **kwargs)
-        forwards = (exp.samples.shape[0] if exp.samples is not None else 0) + 1
-        print(f"{args.method} with {s.name} masking: {forwards} forward passes, {time.perf_counter() - t0:.1f} s")
-        explanations.append(exp)
+    if mask_method:
+        from .explain.mask_cli import explain_masks
+
+        explanations = explain_masks(args, x, model, info, masking, target)
+    else:
+        fn = EXPLAINERS[args.method]
+        explanations = []
+        for s in strategies:
+            t0 = time.perf_counter()
+            exp = fn(s, x, targets=[target], output=output, batch_size=args.batch_size, seed=args.seed,
+                     progress=False if args.no_progress else None, **kwargs)
+            forwards = (exp.samples.shape[0] if exp.samples is not None else 0) + 1
+            print(f"{args.method} with {s.name} masking: {forwards} forward passes, {time.perf_counter() - t0:.1f} s")
+            explanations.append(exp)
 
     meta = {"image": str(args.image), "model": info.as_dict(), "method": args.method, "settings": method_desc,
             "target": target, "target_name": info.class_name(target), "target_probability": float(probs[target]),
-            "output": args.output, "seed": args.seed, "masking": masking, "top": top}
+            "output": output, "seed": args.seed, "masking": masking, "top": top}
     if save is not None:
         SAVE_FORMATS[os.path.splitext(save)[1].lower()](save, explanations, x.cpu(), meta)
         print(f"wrote {os.path.abspath(save)}")
     if png is not None:
         from .explain.figure import explanation_figure
+        from .explain.mask_cli import mask_figure
 
-        fig = explanation_figure(x.cpu(), explanations, info.class_name(target),
-                                 title=_title(info, method_desc, target, top, probs), shared_scale=args.shared_scale,
-                                 title_color="red" if info.pretrained is False else None)
+        if mask_method:
+            fig = mask_figure(x.cpu(), explanations, info.class_name(target),
+                              title=_title(info, method_desc, target, top, probs))
+        else:
+            fig = explanation_figure(x.cpu(), explanations, info.class_name(target),
+                                     title=_title(info, method_desc, target, top, probs),
+                                     shared_scale=args.shared_scale,
+                                     title_color="red" if info.pretrained is False else None)
         _write_png(fig, png)
         print(f"wrote {os.path.abspath(png)}")
     return 0

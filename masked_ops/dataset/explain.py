@@ -83,7 +83,7 @@ def settings_from_args(args) -> Settings:
                     segments=args.segments or ("grid" if method == "occlusion" else "slic"),
                     n_segments=args.n_segments or (64 if method == "occlusion" else 50), seed=args.seed,
                     top_k=getattr(args, "top_k", DEFAULT_TOP_K), batch_size=args.batch_size,
-                    output=getattr(args, "output", "prob"), weights=getattr(args, "weights", None))
+                    output=getattr(args, "output", None) or "prob", weights=getattr(args, "weights", None))
 
 
 class ImageExplainer:

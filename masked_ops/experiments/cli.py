@@ -3,7 +3,9 @@
     masked-ops experiment NAME [--images ...] [--strategies ...] [--seed S] [--out DIR] [--repeats R]
     python -m masked_ops.experiments NAME ...            (the same, on its own)
 
-NAME: removal, leakage (both parts), leakage-salient, leakage-probe, faithfulness, linearity, all,
+NAME: removal, leakage (both parts), leakage-salient, leakage-probe, faithfulness, linearity,
+learned-faithfulness (DiffMask, extremal, RISE, LIME, occlusion, Grad-CAM; DiffMask trained on
+--train-images, everything scored on --images), all,
 or report (rebuild OUT/README.md and the plots from the results already in OUT), or summary (one
 page comparing the models whose results lie in OUT/<model>/, masked_ops.experiments.summary). Every run writes
 OUT/<experiment>/results.json (naming the model and its weights under "model") and refreshes
@@ -24,7 +26,7 @@ import sys
 import time
 from typing import List, Optional
 
-EXPERIMENTS = ("removal", "leakage-salient", "leakage-probe", "faithfulness", "linearity")
+EXPERIMENTS = ("removal", "leakage-salient", "leakage-probe", "faithfulness", "linearity", "learned-faithfulness")
 NAMES = EXPERIMENTS + ("leakage", "all", "report", "summary")
 DEFAULT_OUT = "out/experiments"
 
@@ -67,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="strategies that score the explanations (faithfulness; default: --strategies)")
     p.add_argument("--patch", type=int, default=16,
                    help="patch side in pixels (removal, linearity; must divide the image size; default 16)")
+    p.add_argument("--train-images", nargs="+", default=None,
+                   help="learned-faithfulness: photos DiffMask trains on (default: the bundled photos not in --images)")
+    p.add_argument("--explainers", nargs="+", default=None,
+                   help="learned-faithfulness: explainers (default: all of learned_faithfulness.EXPLAINERS)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's input size)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None,
@@ -116,7 +122,7 @@ def _run(args) -> int:
     # (functions, not modules: the package re-exports ``linearity`` the function under the module's name)
     from . import report
     from .faithfulness import lime_faithfulness
-    from .images import labelled_image_set
+    from .images import BUNDLED, image_set, labelled_image_set
     from .leakage import salient_vs_moved, shape_probe
     from .linearity import linearity
     from .removal import removal_curves
@@ -174,6 +180,16 @@ def _run(args) -> int:
             res = lime_faithfulness(model, imgs, strategies, evaluators=evaluators, samples=args.samples,
                                            steps=[i / (args.steps - 1) for i in range(args.steps)],
                                            image_names=names, **common)
+        elif exp == "learned-faithfulness":
+            from .learned_faithfulness import EXPLAINERS, EVALUATORS, learned_faithfulness
+
+            train_specs = args.train_images or [b for b in BUNDLED if b not in set(args.images)]
+            timgs, tnames = image_set(train_specs, size, 0)
+            evaluators = _strategies(args.evaluators) if args.evaluators else list(EVALUATORS)
+            explainers = [e for part in (args.explainers or EXPLAINERS) for e in part.split(",") if e]
+            res = learned_faithfulness(model, imgs, timgs, explainers=explainers, evaluators=evaluators,
+                                       steps=[i / (args.steps - 1) for i in range(args.steps)], image_names=names,
+                                       train_names=tnames, lime_samples=args.samples, **common)
         elif exp == "linearity":
             res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, patch=args.patch,
                             **common)

@@ -47,6 +47,22 @@ segment-mean each removed pixel takes its segment's mean colour (lime's ``hide_c
 Except blur, noise and segment-mean (whose fill is *made from* the image or random by definition), every
 strategy gives bit-identical logits whatever the removed pixels hold, NaN and inf included:
 removed pixels are selected away with ``torch.where``, never multiplied by zero.
+
+Soft masks (learned-mask explainers: extremal perturbations, RISE, DiffMask)
+----------------------------------------------------------------------------
+A strategy with ``strategy.soft`` True also takes float masks in [0, 1] (a degree of visibility)
+and is differentiable in them. The colour and blur fills are soft: they *blend*,
+``m * x + (1 - m) * fill``, so the gradient with respect to ``m`` is ``x - fill`` (also at
+m = 0 and m = 1: what revealing or hiding the pixel would change). "mean" takes the
+m-weighted mean colour, "smooth-grey" blends grey, blurs, and blends again. A float mask
+takes this path when it requires grad or holds a value other than 0 and 1; a bool mask, or a
+0/1 float mask without grad, takes the hard path above, unchanged. At 0/1 values the blend
+equals the hard composite bit for bit (tested), and a pixel with m == 0 exactly that holds NaN
+or inf is replaced by the fill before blending, so it reaches neither the output nor any
+gradient (a finite removed value does reach ``mask.grad``, through ``x - fill``). Layer
+masking takes soft masks when asked for (``get_strategy("layer", model, soft=True)``: the model is
+converted with ``layer_mask(..., soft=True)``, see docs/design.md "Soft masks"); by default it is
+hard-only, and a soft mask gives a clear error.
 """
 from __future__ import annotations
 
@@ -74,6 +90,9 @@ class Strategy:
     """Base class: validation, broadcasting and normalisation shared by all strategies."""
 
     name = "?"
+    #: True when the strategy takes float masks in [0, 1] and is differentiable in them (see the
+    #: module docstring); learned-mask explainers check it (masked_ops.explain.soft).
+    soft = False
 
     def __init__(self, model: nn.Module, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD):
@@ -107,6 +126,11 @@ class Strategy:
         if isinstance(masks, torch.Tensor) and masks.dim() == 4 and images.shape[0] == 1 \
                 and masks.shape[0] > 1:
             images = images.expand(masks.shape[0], -1, -1, -1)
+        # soft masks: float masks in [0, 1], for the strategies that take them
+        if self.soft and is_soft_mask(masks):
+            C.check_mask(masks, images, "masks", check_values=False)
+            check_soft_values(masks, "masks")
+            return images, masks.to(images.dtype)
         C.check_mask(masks, images, "masks")
         return images, masks > 0 if masks.dtype != torch.bool else masks
 
@@ -132,7 +156,11 @@ class Strategy:
 
 
 class FillStrategy(Strategy):
-    """Paint the removed pixels in pixel space, normalise, run the plain model."""
+    """Paint the removed pixels in pixel space, normalise, run the plain model.
+
+    Soft masks blend the fill in (see the module docstring)."""
+
+    soft = True
 
     def __init__(self, name: str, fill: Callable, model, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__(model, mean, std)
@@ -145,24 +173,45 @@ class FillStrategy(Strategy):
         return self._composite(images, visible)
 
     def _composite(self, images, visible):
+        if visible.dtype != torch.bool:  # a soft mask (see _prepare)
+            return self._blend(images, visible)
         fill = self._fill(self, images, visible)
         return torch.where(visible, images, fill)
+
+    def _blend(self, images, m):
+        """m * x + (1 - m) * fill, differentiable in m; non-finite x where m == 0 never enters."""
+        bad = (m == 0) & ~torch.isfinite(images)
+        has_bad = bool(bad.any())
+        safe = torch.where(bad, torch.zeros((), dtype=images.dtype, device=images.device), images) \
+            if has_bad else images
+        fill = self._fill(self, safe, m)
+        if has_bad:
+            safe = torch.where(bad, fill, images)
+        return blend(m, safe, fill)
 
     def forward(self, images, visible):
         return self.model(self.normalise(self._composite(images, visible)))
 
 
 class LayerStrategy(Strategy):
-    """Layer masking: the mask travels through the network (masked_ops.layer_mask)."""
+    """Layer masking: the mask travels through the network (masked_ops.layer_mask).
+
+    ``soft=True`` converts the model with ``layer_mask(..., soft=True)``: it then takes float masks
+    in [0, 1] and is differentiable in them (the learned-mask explainers need that); at 0/1 masks
+    it gives the hard model's logits bit for bit. ``fill_grad`` is layer_mask's (default False:
+    fill values pass gradient to the mask, not to the image, as in the paper).
+    """
 
     def __init__(self, name: str, model, mean=IMAGENET_MEAN, std=IMAGENET_STD, mode: str = "fill",
-                 padding_visible: bool = False):
+                 padding_visible: bool = False, soft: bool = False, fill_grad: bool = False):
         super().__init__(model, mean, std)
         from ..modes import check_mode
 
         self.name = name
         self.mode = check_mode(mode)
         self.padding_visible = bool(padding_visible)
+        self.soft = bool(soft)
+        self.fill_grad = bool(fill_grad)
         self._masked: Optional[nn.Module] = None
 
     @property
@@ -171,7 +220,8 @@ class LayerStrategy(Strategy):
         if self._masked is None:
             from .. import layer_mask
 
-            self._masked = layer_mask(self.model, mode=self.mode, padding_visible=self.padding_visible)
+            self._masked = layer_mask(self.model, mode=self.mode, padding_visible=self.padding_visible,
+                                      soft=self.soft, fill_grad=self.fill_grad)
         return self._masked
 
     def forward(self, images, visible):
@@ -179,8 +229,35 @@ class LayerStrategy(Strategy):
         return self.masked_model(self.normalise(images), visible.to(images.dtype))
 
 
+# ----------------------------------------------------------------------------- soft masks
+def is_soft_mask(masks) -> bool:
+    """True for a float mask that requires grad or holds a value other than 0 and 1."""
+    if not isinstance(masks, torch.Tensor) or not masks.is_floating_point():
+        return False
+    if masks.requires_grad and torch.is_grad_enabled():
+        return True
+    return bool(((masks != 0) & (masks != 1)).any())
+
+
+def check_soft_values(masks: torch.Tensor, name: str = "masks") -> None:
+    bad = ~((masks >= 0) & (masks <= 1))  # NaN is bad too
+    if bool(bad.any()):
+        raise ValueError(f"{name} must hold values in [0, 1] (soft masks: 1 = visible, 0 = removed); got "
+                         f"{masks.detach()[bad].flatten()[0].item()!r}")
+
+
+def blend(m: torch.Tensor, images: torch.Tensor, fill) -> torch.Tensor:
+    """m * images + (1 - m) * fill: at m in {0, 1} exactly torch.where(m > 0, images, fill)."""
+    return m * images + (1 - m) * fill
+
+
 # ----------------------------------------------------------------------------- fills
 def _visible_mean(images: torch.Tensor, visible: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    if visible.dtype != torch.bool:  # soft mask: the m-weighted mean colour
+        count = visible.sum(dim=(2, 3), keepdim=True)
+        # (at 0/1 values count is a whole number, so this equals the hard branch below bit for bit)
+        mean = (visible * images).sum(dim=(2, 3), keepdim=True) / count.clamp_min(torch.finfo(count.dtype).tiny)
+        return torch.where(count > 0, mean, fallback)
     vis = visible.to(images.dtype)
     total = torch.where(visible, images, torch.zeros((), dtype=images.dtype, device=images.device))
     count = vis.sum(dim=(2, 3), keepdim=True)
@@ -229,6 +306,8 @@ def _noise(s, images, visible):
 
 
 def _smooth_grey(s, images, visible):
+    if visible.dtype != torch.bool:  # soft mask
+        return gaussian_blur(blend(visible, images, _grey(s, images, visible)), s.smooth_sigma)
     grey = torch.where(visible, images, _grey(s, images, visible))
     return gaussian_blur(grey, s.smooth_sigma)
 
@@ -242,7 +321,8 @@ _FILLS: Dict[str, Callable] = {
 def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, mode: str = "fill", seed: int = 0,
                  blur_sigma: float = 5.0, smooth_sigma: float = 2.0,
-                 padding_visible: bool = False, **options) -> Strategy:
+                 padding_visible: bool = False, soft: bool = False, fill_grad: bool = False,
+                 **options) -> Strategy:
     """The strategy called ``name`` (see ``STRATEGIES``) for ``model``.
 
     ``mode`` applies to "layer" ("layer-renorm"/"layer-zero" fix theirs); ``seed`` seeds
@@ -251,23 +331,39 @@ def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENE
     all-visible mask reproduces the plain model exactly; by default the border is renormalised
     as in partial convolution, so "layer-renorm" with nothing removed differs at the borders.
     ``options``: the options of the imputation strategies (``IMPUTATION_STRATEGIES``); any other
-    option raises ValueError.
+    option raises ValueError. ``soft=True`` (layer strategies) asks for layer masking that takes
+    soft masks in [0, 1] and is differentiable in them (``LayerStrategy``); the colour and blur
+    fills take soft masks anyway, and the other strategies refuse ``soft=True``. ``fill_grad``
+    (soft layer strategies): fill values pass gradient to the image too, which makes the mask's
+    gradient exact in deep models (default False: the paper's surrogate, cheaper; docs/design.md).
     """
     if isinstance(name, Strategy):
         return name
+    if fill_grad and not (soft and name in LAYER_STRATEGIES):
+        raise ValueError("fill_grad=True is for soft layer strategies (get_strategy('layer', model, soft=True, "
+                         "fill_grad=True))")
+    if soft and name not in soft_strategy_names():
+        raise ValueError(f"masking strategy {name!r} takes hard 0/1 masks only (soft=True is for "
+                         f"{', '.join(soft_strategy_names())})")
     if name in IMPUTATION_STRATEGIES:
         return _imputation_strategy(name, model, mean, std, seed, options)
     if options:
         raise ValueError(f"unknown option(s) {', '.join(sorted(options))} for masking strategy {name!r}")
     if name in LAYER_STRATEGIES:
         return LayerStrategy(name, model, mean, std, mode=LAYER_STRATEGIES[name] or mode,
-                             padding_visible=padding_visible)
+                             padding_visible=padding_visible, soft=soft, fill_grad=fill_grad)
     if name not in _FILLS:
         raise ValueError(f"unknown masking strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
     s = FillStrategy(name, _FILLS[name], model, mean, std)
     s.seed, s.generator = int(seed), None
     s.blur_sigma, s.smooth_sigma = float(blur_sigma), float(smooth_sigma)
     return s
+
+
+def soft_strategy_names() -> tuple:
+    """The names in STRATEGIES that take soft masks: the colour and blur fills (always) and layer
+    masking (with ``soft=True``)."""
+    return tuple(n for n in STRATEGIES if n in LAYER_STRATEGIES or n in _FILLS)
 
 
 def _imputation_strategy(name, model, mean, std, seed, options) -> Strategy:

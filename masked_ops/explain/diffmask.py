@@ -1,0 +1,558 @@
+"""DiffMask for CNNs: learn which patches a CNN needs, with hard-concrete gates and a KL budget.
+
+(Helpers: masked_ops.explain.hard_concrete (the gates, the KL), gate_net (stage outputs, hooks,
+the gate network), checkpoint (atomic files, fingerprints).)
+
+Vision DiffMask (Nalmpantis et al., CVPR-W 2023; code AngelosNal/Vision-DiffMask) gates the
+patches of a ViT and learns the smallest set that keeps the model's output distribution. Here the
+same objective drives a CNN, with the gated patches removed by a masking strategy (layer masking
+drops them; a blur or colour fill blends them out):
+
+    from masked_ops.explain import DiffMask, get_strategy
+    dm = DiffMask(model, strategy="layer")               # or "blur", "grey", a Strategy, ...
+    dm.fit(train_images, epochs=30, val_images=val, checkpoint="diffmask.pt")
+    exps = dm.explain(test_images)                       # one forward pass: a MapExplanation each
+
+**Gates.** One hard-concrete gate per ``patch`` x ``patch`` patch (Louizos et al. 2018; Vision
+DiffMask's settings: temperature 0.2, stretch (-0.2, 1.0)): z = clamp(sigmoid((log u - log(1-u)
++ log_alpha) / 0.2) * 1.2 - 0.2, 0, 1), u uniform. z is exactly 0 or 1 with positive probability
+and is differentiable in log_alpha elsewhere; P(z != 0) = sigmoid(log_alpha - 0.2 log(0.2/1.0))
+is the gate's expected L0. The image mask is the gates upsampled to pixels (nearest): a soft
+mask in [0, 1], so the strategy must take soft masks (``strategy.soft``).
+
+**Amortised gate network.** The gate logits come from the CNN's own hidden activations on the
+clean image (read with forward hooks; by default the last module at each of the 4 deepest spatial
+resolutions, i.e. the stage outputs, see ``stage_layers``): each is resampled to the patch grid
+(area average, or bilinear when coarser than the grid), normalised per image (GroupNorm with one
+group), projected by a 1x1 conv to ``hidden`` channels; the projections are summed, then tanh, a
+3x3 conv, tanh, a 1x1 conv to one channel, and, as Vision DiffMask's gate MLP, ``tanh(.) * 10 +
+b`` with a learned offset b starting at 5 and the last conv starting at zero, so that every gate
+starts open (P(z != 0) = 0.995). Vision DiffMask lets
+every layer cast a vote and multiplies them; here one head reads all the stages at once, which
+is cheaper to train on a CPU.
+
+**Objective.** minimise E[L0] (the mean open probability of the gates) subject to
+KL(p_clean || p_masked) <= ``eps`` (default 0.1) per image, through the Lagrangian
+``L0 + lambda (KL - eps)``: the gate network descends it (Adam, ``lr``), lambda ascends it (Adam
+with ``lagrange_lr``, as Vision DiffMask's Lagrangian optimiser) and is clamped to [0, 200].
+``damping`` > 0 adds ``damping / 2 * max(KL - eps, 0)^2`` (the modified differential method of
+multipliers, Platt & Barr 1988): a restoring force that acts at once on a violation, where lambda
+only catches up over steps. 0 is Vision DiffMask's plain Lagrangian. The defaults (lr 1e-3,
+lambda starting at 1, Adam at 0.3 on lambda as Vision DiffMask, damping 5) come from short runs
+on EfficientNet-Lite0 with the bundled photos and the blur strategy: without damping, lambda
+overshot in both directions within 100 steps (all gates open, or all shut, and shut gates get no
+gradient from the KL term); with damping 5 the gates settled near the KL budget.
+The CNN's own weights never change.
+
+**Training** (``fit``): a tensor or list of photos, augmented here (random resized crops of
+35-100% of the area, aspect 3/4-4/3, and left-right flips, drawn from a seeded generator), or a
+DataLoader of ready batches. A tqdm progress bar; a checkpoint (gate network, both optimisers,
+lambda, step, generator state, history) written atomically every ``checkpoint_every`` steps and
+at the end; a fit started again with the same checkpoint path resumes where it stopped (and
+refuses a checkpoint made for another model or another configuration). ``val_images`` are scored
+after every epoch: the KL and the kept fraction with the deterministic gates.
+
+**Explaining** (``explain``): one forward pass of the CNN on the images, the gate network on its
+activations, and the expected L0 per patch as the weight (1 = the patch is needed). Nothing is
+optimised per image; that is the point of the amortised version. ``explain_diffmask`` is the
+per-image variant: it optimises one logit per patch for one image with the same objective.
+
+Real use trains the gate network on images of the user's own domain (a few thousand, as many as
+the model is meant to be explained on); the bundled photos are far too few for a general one.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import CHECKPOINT_FORMAT, fingerprint, load_checkpoint, model_fingerprint, save_atomic
+from .gate_net import GateNet, HiddenFeatures, stage_layers
+from .hard_concrete import (STRETCH, TEMPERATURE, deterministic_gate, gates_to_mask, hard_concrete_sample,
+                            kl_divergence, open_probability)
+from .maps import MapExplanation, patch_segments
+from .perturb import _progress, check_positive, prepare_image, resolve_targets
+from .soft import frozen_parameters, require_soft, soft_strategy
+from .strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy
+
+LAGRANGE_OPTIMIZERS = ("adam", "sgd")
+__all__ = ["DiffMask", "explain_diffmask", "random_resized_crop", "LAGRANGE_OPTIMIZERS",
+           # re-exported from the helper modules (hard_concrete, gate_net, checkpoint)
+           "TEMPERATURE", "STRETCH", "hard_concrete_sample", "open_probability", "deterministic_gate",
+           "kl_divergence", "gates_to_mask", "stage_layers", "GateNet", "HiddenFeatures", "load_checkpoint",
+           "model_fingerprint", "CHECKPOINT_FORMAT"]
+
+
+def _lagrange_optimizer(kind: str, param: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    """Gradient *ascent* on the multiplier: Adam (Vision DiffMask) or plain steps lr * (KL - eps)."""
+    if kind not in LAGRANGE_OPTIMIZERS:
+        raise ValueError(f"lagrange_optimizer must be one of {LAGRANGE_OPTIMIZERS}, got {kind!r}")
+    if kind == "adam":
+        return torch.optim.Adam([param], lr=lr, maximize=True)
+    return torch.optim.SGD([param], lr=lr, maximize=True)
+
+
+# ----------------------------------------------------------------------------- augmentation
+def random_resized_crop(image: torch.Tensor, size: int, generator: torch.Generator,
+                        scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
+    """A random crop of ``scale`` of the area and ``ratio`` aspect, resized to size x size, maybe flipped."""
+    _, h, w = image.shape
+    area = h * w
+    for _ in range(10):
+        a = area * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=generator)))
+        logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * float(torch.rand((), generator=generator))
+        r = math.exp(logr)
+        cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+        if 0 < cw <= w and 0 < ch <= h:
+            break
+    else:
+        ch = cw = min(h, w)
+    top = int(torch.randint(0, h - ch + 1, (), generator=generator))
+    left = int(torch.randint(0, w - cw + 1, (), generator=generator))
+    crop = image[None, :, top:top + ch, left:left + cw]
+    out = F.interpolate(crop.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if flip and bool(torch.rand((), generator=generator) < 0.5):
+        out = out.flip(-1)
+    return out.clamp(0, 1)
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == (size, size):
+        return image.float()
+    return F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0].clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- the explainer
+class DiffMask:
+    """Amortised DiffMask for a CNN (see the module docstring).
+
+    ``strategy``: a name (soft variant requested, see masked_ops.explain.soft) or a Strategy
+    on ``model``. ``layers``: module names to read (default ``stage_layers``). ``patch``: gate
+    size in pixels; images must be ``image_size`` x ``image_size`` with ``image_size`` a
+    multiple of ``patch``.
+    """
+
+    def __init__(self, model: nn.Module, *, strategy: Union[str, Strategy] = "layer",
+                 layers: Optional[Sequence[str]] = None, patch: int = 16, image_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 eps: float = 0.1, hidden: int = 64, lr: float = 1e-3, lagrange_init: float = 1.0,
+                 lagrange_lr: float = 0.3, lagrange_max: float = 200.0, lagrange_optimizer: str = "adam",
+                 damping: float = 5.0, batch_size: int = 8, seed: int = 0):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_positive(patch, "patch")
+        check_positive(image_size, "image_size")
+        check_positive(hidden, "hidden")
+        check_positive(batch_size, "batch_size")
+        if image_size % patch:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch ({patch})")
+        for name, v in (("eps", eps), ("lr", lr), ("lagrange_lr", lagrange_lr), ("lagrange_max", lagrange_max)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        if lagrange_optimizer not in LAGRANGE_OPTIMIZERS:
+            raise ValueError(f"lagrange_optimizer must be one of {LAGRANGE_OPTIMIZERS}, got {lagrange_optimizer!r}")
+        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0:
+            raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+        if not 0 <= lagrange_init <= lagrange_max:
+            raise ValueError(f"lagrange_init must lie in [0, lagrange_max={lagrange_max}], got {lagrange_init!r}")
+        self.model = model
+        self.strategy = soft_strategy(strategy, model, "DiffMask", mean=mean, std=std) \
+            if isinstance(strategy, str) else require_soft(strategy, "DiffMask")
+        if self.strategy.model is not model:
+            raise ValueError("strategy must be built on the same model as DiffMask's model")
+        self.layers = list(layers) if layers is not None else stage_layers(model, image_size)
+        self.patch, self.image_size = patch, image_size
+        self.grid = (image_size // patch, image_size // patch)
+        self.config = dict(layers=self.layers, patch=patch, image_size=image_size, eps=float(eps), hidden=hidden,
+                           lr=float(lr), lagrange_init=float(lagrange_init), lagrange_lr=float(lagrange_lr),
+                           lagrange_max=float(lagrange_max), lagrange_optimizer=lagrange_optimizer,
+                           damping=float(damping), batch_size=batch_size,
+                           seed=int(seed),
+                           strategy=self.strategy.name)
+        self._features = HiddenFeatures(model, self.layers)
+        channels = self._channels()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.gate = GateNet(channels, hidden=hidden)
+        p = next(model.parameters(), None)
+        if p is not None:
+            self.gate.to(p.device)
+        self.lagrange = torch.tensor(float(lagrange_init), device=self.gate.offset.device)
+        self.optimizer = torch.optim.Adam(self.gate.parameters(), lr=lr)
+        self._lagrange_param = nn.Parameter(self.lagrange.clone())
+        self.lagrange_optimizer = _lagrange_optimizer(lagrange_optimizer, self._lagrange_param, lagrange_lr)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.step = 0
+        self.history: List[dict] = []
+        self._running: Dict[str, List[float]] = {"kl": [], "kept": []}  # this epoch's steps so far
+        self._fingerprint: Optional[str] = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _channels(self) -> List[int]:
+        p = next(self.model.parameters(), None)
+        x = torch.zeros(1, 3, self.image_size, self.image_size, device=p.device if p is not None else "cpu")
+        _, feats = self._features.run(self.model, self.strategy.normalise(x))
+        return [int(f.shape[1]) for f in feats]
+
+    @property
+    def model_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def _check_images(self, images, name="images") -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            images = images[None]
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{name} must be an N x 3 x {self.image_size} x {self.image_size} tensor in [0, 1], got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        if images.shape[0] == 0:
+            raise ValueError(f"{name} is empty (no images)")
+        if not images.is_floating_point():
+            raise TypeError(f"{name} must be floating point in [0, 1], got {images.dtype}")
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"{name} must be {self.image_size} x {self.image_size} (this DiffMask's image_size), got "
+                             f"{tuple(images.shape[-2:])}")
+        return images
+
+    def gate_logits(self, images: torch.Tensor):
+        """(clean logits, B x 1 x gh x gw gate logits) of images (pixel space, image_size)."""
+        logits, feats = self._features.run(self.model, self.strategy.normalise(images))
+        return logits, self.gate(feats, self.grid)
+
+    def _masked_kl(self, images, clean, gates):
+        return kl_divergence(clean, self.strategy(images, gates_to_mask(gates, self.patch)))
+
+    # -- explaining -------------------------------------------------------------------------
+    @torch.no_grad()
+    def keep_probability(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 1 x gh x gw expected L0 of each patch's gate (1 = the patch is needed)."""
+        images = self._check_images(images)
+        was = self.gate.training
+        self.gate.eval()
+        try:
+            return open_probability(self.gate_logits(images)[1])
+        finally:
+            self.gate.train(was)
+
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor, targets: Union[None, int, Sequence[int]] = None):
+        """One MapExplanation per image (a single one for a 3 x H x W image), from one forward pass.
+
+        Weights: each patch's expected L0 (the same for every target: the objective is the whole
+        output distribution). ``targets`` (one per image, default the top-1 class) label them.
+        ``info["log_alpha"]``: the gate logits (gh x gw), which order the patches like the weights
+        but without their float32 saturation near 1 (ties) when most gates are open.
+        """
+        single = isinstance(images, torch.Tensor) and images.dim() == 3
+        images = self._check_images(images)
+        logits, gl = self.gate_logits(images)
+        keep = open_probability(gl)
+        if targets is None:
+            targets = logits.argmax(1).tolist()
+        elif isinstance(targets, int):
+            targets = [targets] * images.shape[0]
+        targets = [int(t) for t in targets]
+        if len(targets) != images.shape[0]:
+            raise ValueError(f"targets: need one per image ({images.shape[0]}), got {len(targets)}")
+        for t in targets:
+            if not 0 <= t < logits.shape[1]:
+                raise ValueError(f"target class {t} is out of range: the model has {logits.shape[1]} outputs")
+        seg = patch_segments(self.image_size, self.image_size, self.patch)
+        out = []
+        for i, t in enumerate(targets):
+            w = keep[i].reshape(1, -1).float().cpu()
+            out.append(MapExplanation("diffmask", self.strategy.name, [t], w, seg,
+                                      masks=gates_to_mask(keep[i:i + 1], self.patch)[0].float().cpu(),
+                                      info={"kept": float(keep[i].mean()), "amortised": True,
+                                            "log_alpha": gl[i, 0].float().cpu()}))
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, batch_size: Optional[int] = None) -> dict:
+        """Mean KL(clean || masked) and kept fraction with the deterministic gates."""
+        images = self._check_images(images, "val_images")
+        bs = batch_size or self.config["batch_size"]
+        kls, kept = [], []
+        was = self.gate.training
+        self.gate.eval()
+        try:
+            for i in range(0, images.shape[0], bs):
+                x = images[i:i + bs]
+                clean, gl = self.gate_logits(x)
+                g = deterministic_gate(gl)
+                kls.append(self._masked_kl(x, clean, g))
+                kept.append(open_probability(gl).mean(dim=(1, 2, 3)))
+        finally:
+            self.gate.train(was)
+        return {"kl": float(torch.cat(kls).mean()), "kept": float(torch.cat(kept).mean())}
+
+    # -- training ---------------------------------------------------------------------------
+    def _batches(self, data, batch_size: int, augment: bool):
+        """(steps per epoch, function(epoch, index) -> batch) for a tensor/list of photos or a DataLoader."""
+        if isinstance(data, torch.utils.data.DataLoader):
+            n = len(data)
+            if n == 0:
+                raise ValueError("data: the DataLoader is empty (no training batches)")
+            state = {"epoch": None, "it": None, "i": 0}
+
+            def get(epoch, index):
+                if state["epoch"] != epoch or state["i"] > index:
+                    state.update(epoch=epoch, it=iter(data), i=0)
+                while True:
+                    b = next(state["it"])
+                    state["i"] += 1
+                    if state["i"] - 1 == index:
+                        break
+                b = b[0] if isinstance(b, (tuple, list)) else b
+                return self._check_images(b.to(self.gate.offset.device), "data batch")
+            return n, get
+        photos = list(data) if isinstance(data, (list, tuple)) else (
+            list(data) if isinstance(data, torch.Tensor) and data.dim() == 4 else None)
+        if photos is None:
+            raise ValueError("data must be an N x 3 x H x W tensor, a list of 3 x H x W tensors, or a DataLoader")
+        if not photos:
+            raise ValueError("data: empty training set (no images)")
+        for i, p in enumerate(photos):
+            if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[0] != 3 or not p.is_floating_point():
+                raise ValueError(f"data[{i}] must be a 3 x H x W float tensor in [0, 1], got "
+                                 f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+        steps = math.ceil(len(photos) / batch_size)
+        device = self.gate.offset.device
+        orders: Dict[int, torch.Tensor] = {}
+
+        def get(epoch, index):
+            if epoch not in orders:  # each epoch's order from (seed, epoch): the same after a resume
+                orders.clear()
+                g = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
+                orders[epoch] = torch.randperm(len(photos), generator=g)
+            idx = orders[epoch][index * batch_size:(index + 1) * batch_size]
+            views = [random_resized_crop(photos[j], self.image_size, self.generator) if augment
+                     else _resize(photos[j], self.image_size) for j in idx.tolist()]
+            return torch.stack(views).to(device)
+        return steps, get
+
+    def _data_fingerprint(self, data) -> str:
+        if isinstance(data, torch.utils.data.DataLoader):
+            return f"dataloader:{len(data)}"
+        return fingerprint(list(data))
+
+    def fit(self, data, *, epochs: int = 1, val_images: Optional[torch.Tensor] = None, augment: bool = True,
+            checkpoint: Optional[str] = None, checkpoint_every: int = 10, val_every: int = 1,
+            progress: Optional[bool] = None, callback: Optional[Callable[[dict], None]] = None) -> List[dict]:
+        """Train the gate network; returns the history (one dict per epoch, see ``history``).
+
+        ``data``: an N x 3 x H x W tensor or a list of 3 x H x W photos (augmented here when
+        ``augment``, else resized to image_size), or a DataLoader of ready image_size batches
+        (tensors, or tuples whose first item is the images). ``checkpoint``: a file path; if it
+        exists the fit resumes from it. ``val_images`` are scored every ``val_every`` epochs and
+        after the last. ``callback(record)`` is called after every step.
+        A resumed fit with a DataLoader replays the interrupted epoch's first batches to skip them
+        (the same batches only if the loader's order is seeded).
+        """
+        check_positive(epochs, "epochs")
+        check_positive(checkpoint_every, "checkpoint_every")
+        check_positive(val_every, "val_every")
+        bs = self.config["batch_size"]
+        steps_per_epoch, get_batch = self._batches(data, bs, augment)
+        if val_images is not None:
+            val_images = self._check_images(val_images, "val_images")
+        data_fp = self._data_fingerprint(data)
+        if checkpoint is not None:
+            folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
+            if not os.path.isdir(folder):
+                raise ValueError(f"checkpoint: the folder {folder!r} does not exist")
+            if os.path.exists(checkpoint):
+                self._resume(load_checkpoint(checkpoint), checkpoint, data_fp, augment)
+        total = epochs * steps_per_epoch
+        self.gate.train()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=min(self.step, total), desc=f"DiffMask fit ({self.strategy.name})",
+                   unit="step", disable=(not progress) if progress is not None else False, leave=False)
+        running = self._running
+        frozen = frozen_parameters(self.strategy)  # the CNN's weights never change (restored after)
+        frozen.__enter__()
+        try:
+            while self.step < total:
+                epoch, index = divmod(self.step, steps_per_epoch)
+                x = get_batch(epoch, index)
+                record = self._train_step(x)
+                running["kl"].append(record["kl"])
+                running["kept"].append(record["kept"])
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(kl=f"{record['kl']:.3f}", kept=f"{record['kept']:.2f}",
+                                lam=f"{record['lagrange']:.2f}")
+                if self.step % steps_per_epoch == 0:
+                    entry = {"epoch": epoch + 1, "step": self.step, "train_kl": sum(running["kl"]) / len(running["kl"]),
+                             "train_kept": sum(running["kept"]) / len(running["kept"]),
+                             "lagrange": float(self.lagrange)}
+                    if val_images is not None and ((epoch + 1) % val_every == 0 or self.step == total):
+                        v = self.evaluate(val_images)
+                        entry.update(val_kl=v["kl"], val_kept=v["kept"])
+                    self.history.append(entry)
+                    running["kl"].clear()
+                    running["kept"].clear()
+                if checkpoint is not None and (self.step % checkpoint_every == 0 or self.step == total):
+                    self.save(checkpoint, data_fingerprint=data_fp, augment=augment)
+                if callback is not None:
+                    callback(dict(record, step=self.step))
+        finally:
+            bar.close()
+            frozen.__exit__(None, None, None)
+        return self.history
+
+    def _train_step(self, x: torch.Tensor) -> dict:
+        with torch.enable_grad():
+            clean, gl = self.gate_logits(x)             # one clean forward (no grad) + the gate network
+            z = hard_concrete_sample(gl, self.generator)
+            kl = self._masked_kl(x, clean, z)          # the masked forward, differentiable in the mask
+            l0 = open_probability(gl).mean(dim=(1, 2, 3))
+            excess = kl - self.config["eps"]
+            loss = (l0 + self._lagrange_param * excess
+                    + 0.5 * self.config["damping"] * excess.clamp_min(0) ** 2).mean()
+            self.optimizer.zero_grad()
+            self.lagrange_optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.lagrange_optimizer.step()             # gradient ascent (maximize=True)
+        with torch.no_grad():
+            self._lagrange_param.clamp_(0, self.config["lagrange_max"])
+            self.lagrange = self._lagrange_param.detach().clone()
+        return {"loss": float(loss.detach()), "kl": float(kl.detach().mean()), "kept": float(l0.detach().mean()),
+                "lagrange": float(self.lagrange)}
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "config": dict(self.config), "model": self.model_fingerprint,
+                "gate": self.gate.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lagrange": float(self._lagrange_param.detach()),
+                "lagrange_optimizer": self.lagrange_optimizer.state_dict(), "step": self.step,
+                "generator": self.generator.get_state(), "history": list(self.history),
+                "running": {k: list(v) for k, v in self._running.items()}}
+
+    def load_state_dict(self, state: dict, *, source: str = "state_dict") -> None:
+        """Load a state (``state_dict()`` or a checkpoint file's content) made for this model and config."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{source} is not a DiffMask state (format {CHECKPOINT_FORMAT})")
+        if state["model"] != self.model_fingerprint:
+            raise ValueError(f"{source} was made for another model (its weights' fingerprint is {state['model']}, "
+                             f"this model's is {self.model_fingerprint})")
+        diff = sorted(k for k in set(state["config"]) | set(self.config)
+                      if state["config"].get(k) != self.config.get(k))
+        if diff:
+            saved = state["config"]
+            what = ", ".join(f"{k}={saved.get(k)!r} vs {self.config.get(k)!r}" for k in diff)
+            raise ValueError(f"{source} was made with another DiffMask configuration (differs in: {what})")
+        self.gate.load_state_dict(state["gate"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            self._lagrange_param.fill_(float(state["lagrange"]))
+        self.lagrange = self._lagrange_param.detach().clone()
+        self.lagrange_optimizer.load_state_dict(state["lagrange_optimizer"])
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.history = list(state["history"])
+        self._running = {k: list(v) for k, v in state.get("running", {"kl": [], "kept": []}).items()}
+
+    def _resume(self, ckpt: dict, path, data_fp: str, augment: bool) -> None:
+        if ckpt.get("data") not in (None, data_fp) or ckpt.get("augment", augment) != augment:
+            raise ValueError(f"checkpoint {os.fspath(path)!r} was made by a fit on other training data or "
+                             f"augmentation; use another checkpoint path to start a new fit")
+        self.load_state_dict(ckpt, source=f"checkpoint {os.fspath(path)!r}")
+
+    def save(self, path: str, **extra) -> None:
+        """Write the state to ``path`` atomically (a temporary file, then a rename)."""
+        state = self.state_dict()
+        state.update({("data" if k == "data_fingerprint" else k): v for k, v in extra.items()})
+        save_atomic(state, path)
+
+    @classmethod
+    def load(cls, path: str, model: nn.Module, *, strategy: Union[str, Strategy, None] = None,
+             mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> "DiffMask":
+        """A DiffMask rebuilt from a checkpoint file for ``model`` (refused if made for another model).
+
+        ``strategy`` defaults to the checkpoint's; the explanations do not depend on it (only the
+        training did), so any soft strategy may be given for ``evaluate``.
+        """
+        ckpt = load_checkpoint(path)
+        cfg = dict(ckpt["config"])
+        name = cfg.pop("strategy")
+        if strategy is None:
+            strategy = name
+        dm = cls(model, strategy=strategy, mean=mean, std=std, **cfg)
+        dm.config["strategy"] = name
+        dm.load_state_dict(ckpt, source=f"checkpoint {os.fspath(path)!r}")
+        return dm
+
+    def close(self) -> None:
+        """Remove the forward hooks from the model."""
+        self._features.remove()
+
+    def __del__(self):
+        try:
+            self._features.remove()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------- per-image variant
+def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[None, int, Sequence[int]] = None,
+                     patch: int = 16, steps: int = 300, eps: float = 0.1, lr: float = 0.1, samples: int = 4,
+                     lagrange_init: float = 1.0, lagrange_lr: float = 0.1, lagrange_max: float = 200.0,
+                     lagrange_optimizer: str = "adam", damping: float = 0.0,
+                     init_logit: float = 5.0, seed: int = 0, progress: Optional[bool] = None) -> MapExplanation:
+    """Per-image DiffMask: optimise one gate logit per patch of ``image`` (no gate network).
+
+    Same gates and objective as ``DiffMask``; each step averages ``samples`` hard-concrete draws.
+    The weights are the expected L0 per patch (the same for every target).
+    """
+    image = prepare_image(image)
+    require_soft(strategy, "explain_diffmask")
+    for name, v in (("patch", patch), ("steps", steps), ("samples", samples)):
+        check_positive(v, name)
+    h, w = image.shape[1:]
+    if h % patch or w % patch:
+        raise ValueError(f"the image's height and width ({h} x {w}) must be multiples of patch ({patch})")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    targets, _ = resolve_targets(strategy, image, targets, "logit")
+    g = torch.Generator().manual_seed(int(seed))
+    x = image[None]
+    with torch.no_grad():
+        clean = strategy(x, torch.ones(1, 1, h, w, dtype=torch.bool, device=image.device)).float()
+    log_alpha = torch.full((1, 1, h // patch, w // patch), float(init_logit), device=image.device, requires_grad=True)
+    lam = torch.tensor(float(lagrange_init), device=image.device, requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=lr)
+    opt_lam = _lagrange_optimizer(lagrange_optimizer, lam, lagrange_lr)
+    with frozen_parameters(strategy), _progress(steps, f"diffmask ({strategy.name})", progress) as bar:
+        for _ in range(steps):
+            z = hard_concrete_sample(log_alpha.expand(samples, -1, -1, -1), g)
+            kl = kl_divergence(clean.expand(samples, -1), strategy(x.expand(samples, -1, -1, -1),
+                                                                   gates_to_mask(z, patch))).mean()
+            l0 = open_probability(log_alpha).mean()
+            loss = l0 + lam * (kl - eps) + 0.5 * damping * (kl - eps).clamp_min(0) ** 2
+            opt.zero_grad()
+            opt_lam.zero_grad()
+            loss.backward()
+            opt.step()
+            opt_lam.step()
+            with torch.no_grad():
+                lam.clamp_(0, lagrange_max)
+            bar.update(1)
+    keep = open_probability(log_alpha.detach())
+    with torch.no_grad():
+        kl_det = float(kl_divergence(clean, strategy(x, gates_to_mask(deterministic_gate(log_alpha), patch))))
+    seg = patch_segments(h, w, patch)
+    weights = keep.reshape(1, -1).float().cpu().expand(len(targets), -1).clone()
+    return MapExplanation("diffmask", strategy.name, targets, weights, seg,
+                          masks=gates_to_mask(keep, patch)[0].float().cpu(),
+                          info={"kept": float(keep.mean()), "kl": kl_det, "lagrange": float(lam.detach()), "amortised": False,
+                                "log_alpha": log_alpha.detach()[0, 0].float().cpu(),
+                                "steps": steps})

@@ -1,0 +1,279 @@
+"""DiffMask for CNNs: hard-concrete gates, the amortised gate network, fit/resume/checkpoints, errors.
+
+The hard-concrete distribution is checked against a transcription of Vision DiffMask's own
+(``RectifiedStreched(BinaryConcrete(0.2, logits), l=-0.2, r=1.0)``, built here from
+torch.distributions as that code does). The learning is checked on a task with a known answer:
+a CNN that says "red" when any pixel of a red square is visible, so the smallest mask that keeps
+its output is one patch touching the square, wherever the square is.
+"""
+import pytest
+import torch
+import torch.distributions as D
+import torch.nn as nn
+import torch.nn.functional as F
+
+from masked_ops.explain.diffmask import (DiffMask, explain_diffmask, hard_concrete_sample, kl_divergence,
+                                         open_probability, stage_layers)
+from masked_ops.explain.maps import MapExplanation
+from masked_ops.explain.strategies import get_strategy
+
+PIXEL = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # strategies on pixel-space models
+
+
+# ----------------------------------------------------------------------------- hard concrete
+def vision_diffmask_distribution(logits):
+    """Vision DiffMask's gate distribution: a RelaxedBernoulli(0.2) stretched to (-0.2, 1.0), clamped."""
+    base = D.RelaxedBernoulli(temperature=torch.full_like(logits, 0.2), logits=logits)
+    return D.TransformedDistribution(base, D.AffineTransform(loc=-0.2, scale=1.2))
+
+
+def vision_diffmask_log_expected_l0(logits):
+    # BinaryConcrete.log_expected_L0 at the pre-image of 0 under the stretch: v = 0.2 / 1.2
+    v = torch.tensor(0.2 / 1.2, dtype=logits.dtype)
+    return -F.softplus((torch.log(v) - torch.log(1 - v)) * 0.2 - logits)
+
+
+def test_open_probability_matches_vision_diffmask():
+    logits = torch.linspace(-8, 8, 33, dtype=torch.float64)
+    torch.testing.assert_close(open_probability(logits), vision_diffmask_log_expected_l0(logits).exp())
+
+
+@pytest.mark.parametrize("log_alpha", [-2.0, 0.0, 1.5])
+def test_samples_follow_vision_diffmask_distribution(log_alpha):
+    n = 40000
+    la = torch.full((n,), log_alpha)
+    ours = hard_concrete_sample(la, torch.Generator().manual_seed(0))
+    theirs = vision_diffmask_distribution(la).sample().clamp(0, 1)
+    assert float(ours.min()) == 0.0  # exact zeros occur (the stretch reaches below 0; r = 1.0 does not reach past 1)
+    for q in (0.1, 0.3, 0.5, 0.7, 0.9):
+        assert abs(float(ours.quantile(q)) - float(theirs.quantile(q))) < 0.02
+    assert abs(float((ours > 0).float().mean()) - float(open_probability(torch.tensor(log_alpha)))) < 0.01
+    assert abs(float((ours > 0.999).float().mean()) - float((theirs > 0.999).float().mean())) < 0.01
+
+
+def test_samples_are_differentiable_inside():
+    la = torch.zeros(1000, requires_grad=True)
+    z = hard_concrete_sample(la, torch.Generator().manual_seed(1))
+    z.sum().backward()
+    inside = (z > 0) & (z < 1)
+    assert bool((la.grad[inside] > 0).all()) and bool((la.grad[~inside] == 0).all())
+
+
+def test_kl_divergence_matches_torch_distributions():
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    want = D.kl_divergence(D.Categorical(logits=a), D.Categorical(logits=b))
+    torch.testing.assert_close(kl_divergence(a, b), want)
+
+
+# ----------------------------------------------------------------------------- a task with a known answer
+class RedNet(nn.Module):
+    """logits = [10 * max over pixels of redness, 5]: "red" iff some red pixel is visible."""
+
+    def __init__(self):
+        super().__init__()
+        self.redness = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.redness.weight.copy_(torch.tensor([[1.0, -0.5, -0.5], [-0.5, 1.0, -0.5]]).view(2, 3, 1, 1))
+            self.redness.bias.zero_()
+        self.act = nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+        self.bias = nn.Parameter(torch.tensor(5.0))
+
+    def forward(self, x):
+        r = self.pool(self.act(self.redness(x)))
+        red = r[:, 0].amax(dim=(1, 2))
+        return torch.stack([10 * red, self.bias.expand_as(red)], dim=1)
+
+
+def red_images(n, seed, size=32, side=6):
+    g = torch.Generator().manual_seed(seed)
+    grey = 0.3 + 0.4 * torch.rand(n, 1, size, size, generator=g)
+    images = grey.expand(-1, 3, -1, -1).clone()
+    where = []
+    for i in range(n):
+        y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
+        images[i, :, y:y + side, x:x + side] = torch.tensor([0.95, 0.1, 0.1]).view(3, 1, 1)
+        where.append((y, x))
+    return images, where
+
+
+def make(model=None, **kw):
+    model = model or RedNet().eval()
+    opts = dict(strategy=get_strategy("black", model, **PIXEL), patch=8, image_size=32, batch_size=8, lr=1e-2,
+                hidden=16, lagrange_lr=0.1, damping=0.0, seed=0)  # Vision DiffMask's plain Lagrangian
+    opts.update(kw)
+    return DiffMask(model, **opts)
+
+
+def test_stage_layers_picks_the_last_module_at_each_resolution():
+    model = RedNet()
+    assert stage_layers(model, 32) == ["act", "pool"]
+    shared = nn.ReLU()
+    twice = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), shared, nn.Conv2d(4, 4, 3, stride=2, padding=1), shared,
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert stage_layers(twice, 16) == ["0", "2"]  # the shared ReLU (called twice) is skipped
+    def block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout * 2, 1), nn.ReLU(), nn.ZeroPad2d(1),
+                             nn.Conv2d(cout * 2, cout, 3, stride=stride))
+    # the outermost modules at each resolution (the stem conv at 16; at 8 the last block; at 4 the whole
+    # trunk, whose output is its last block's), never a block's insides or a padding module
+    nested = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                           nn.Sequential(block(4, 4, 1), block(4, 8, 2), block(8, 8, 1), block(8, 8, 2)),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert stage_layers(nested, 16) == ["0", "1.2", "1"]
+    with pytest.raises(ValueError, match="layers"):
+        stage_layers(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), 2)
+
+
+def test_gates_start_open_and_explain_is_one_forward():
+    dm = make()
+    images, _ = red_images(3, 1)
+    calls = []
+    dm.model.register_forward_hook(lambda *a: calls.append(1))
+    exps = dm.explain(images)
+    assert len(calls) == 1  # one forward of the CNN for the whole batch
+    assert len(exps) == 3 and all(isinstance(e, MapExplanation) for e in exps)
+    e = exps[0]
+    assert e.method == "diffmask" and e.weights.shape == (1, 16) and e.segments.shape == (32, 32)
+    assert float(e.weights.min()) > 0.99  # every gate starts open
+    single = dm.explain(images[0])
+    assert isinstance(single, MapExplanation) and torch.equal(single.weights, e.weights)
+    assert single.targets == [0]  # the top-1 class: red
+
+
+def test_fit_learns_to_keep_the_red_patch(tmp_path):
+    train, _ = red_images(48, 2)
+    val, where = red_images(16, 3)
+    dm = make()
+    history = dm.fit(train, epochs=25, val_images=val, progress=False)
+    assert len(history) == 25 and {"val_kl", "val_kept", "train_kl", "lagrange"} <= set(history[-1])
+    last = history[-1]
+    assert last["val_kept"] < 0.35, history[-3:]
+    assert last["val_kl"] < 0.5, history[-3:]
+    keep = dm.keep_probability(val)[:, 0]              # 16 x 4 x 4
+    hits = 0
+    for k, (y, x) in enumerate(where):
+        py, px = divmod(int(keep[k].argmax()), 4)
+        # the most-kept patch touches the square (6 x 6 at y, x)
+        hits += (py * 8 < y + 6 and y < py * 8 + 8) and (px * 8 < x + 6 and x < px * 8 + 8)
+    assert hits >= 13, hits
+
+
+def test_per_image_variant_finds_the_red_patch():
+    model = RedNet().eval()
+    images, where = red_images(2, 4)
+    for k in range(2):
+        exp = explain_diffmask(get_strategy("black", model, **PIXEL), images[k], patch=8, steps=150, lr=0.2,
+                               progress=False)
+        keep = exp.weights[0].view(4, 4)
+        py, px = divmod(int(keep.argmax()), 4)
+        y, x = where[k]
+        assert (py * 8 < y + 6 and y < py * 8 + 8) and (px * 8 < x + 6 and x < px * 8 + 8)
+        assert exp.info["kept"] < 0.4 and exp.info["kl"] < 0.5
+        assert not exp.info["amortised"]
+
+
+def test_interrupted_fit_resumes_to_the_same_state(tmp_path):
+    train, _ = red_images(20, 5)
+    val, _ = red_images(4, 6)
+    ref = make()
+    ref.fit(train, epochs=2, val_images=val, progress=False)
+
+    ckpt = tmp_path / "dm.pt"
+
+    def stop(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+
+    first = make()
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(train, epochs=2, val_images=val, checkpoint=str(ckpt), checkpoint_every=1, progress=False,
+                  callback=stop)
+    assert ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == 4
+    assert all(p.requires_grad for p in first.model.parameters())  # the CNN's gradients are given back
+    assert [p.name for p in tmp_path.iterdir()] == ["dm.pt"]  # no temporary file left behind
+    assert oct(ckpt.stat().st_mode & 0o777) in ("0o644", "0o664", "0o666")
+    resumed = make()
+    resumed.fit(train, epochs=2, val_images=val, checkpoint=str(ckpt), checkpoint_every=1, progress=False)
+    for (k, a), b in zip(ref.gate.state_dict().items(), resumed.gate.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert resumed.history == ref.history and resumed.step == ref.step == 6
+    # a finished fit started again does nothing more; more epochs continue it
+    again = make()
+    again.fit(train, epochs=2, checkpoint=str(ckpt), val_images=val, progress=False)
+    assert again.step == 6
+    again.fit(train, epochs=3, checkpoint=str(ckpt), val_images=val, progress=False)
+    assert again.step == 9
+
+
+def test_save_load_roundtrip_and_wrong_checkpoints(tmp_path):
+    train, _ = red_images(8, 7)
+    dm = make()
+    dm.fit(train, epochs=1, progress=False)
+    path = tmp_path / "dm.pt"
+    dm.save(str(path))
+    images, _ = red_images(2, 8)
+    back = DiffMask.load(str(path), dm.model, strategy=get_strategy("black", dm.model, **PIXEL))
+    assert torch.equal(back.keep_probability(images), dm.keep_probability(images))
+    other = RedNet().eval()
+    with torch.no_grad():
+        other.bias.fill_(4.0)
+    with pytest.raises(ValueError, match="made for another model"):
+        DiffMask.load(str(path), other, strategy=get_strategy("black", other, **PIXEL))
+    with pytest.raises(ValueError, match="made for another model"):
+        make(other).fit(train, checkpoint=str(path), progress=False)
+    with pytest.raises(ValueError, match="another DiffMask configuration.*hidden"):
+        make(dm.model, hidden=8).load_state_dict(torch.load(path, weights_only=True))
+    fitted = tmp_path / "fitted.pt"
+    make(dm.model).fit(train, checkpoint=str(fitted), progress=False)
+    with pytest.raises(ValueError, match="other training data"):
+        make(dm.model).fit(red_images(8, 9)[0], checkpoint=str(fitted), progress=False)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read as a DiffMask checkpoint"):
+        DiffMask.load(str(junk), dm.model)
+    with pytest.raises(ValueError, match="no such file"):
+        DiffMask.load(str(tmp_path / "missing.pt"), dm.model)
+
+
+def test_dataloader_input():
+    train, _ = red_images(16, 10)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train, torch.zeros(16)), batch_size=8)
+    dm = make()
+    dm.fit(loader, epochs=2, progress=False)
+    assert dm.step == 4 and len(dm.history) == 2
+
+
+def test_bad_input(tmp_path):
+    model = RedNet().eval()
+    dm = make(model)
+    with pytest.raises(ValueError, match="empty training set"):
+        dm.fit(torch.zeros(0, 3, 32, 32), progress=False)
+    with pytest.raises(ValueError, match="empty training set"):
+        dm.fit([], progress=False)
+    with pytest.raises(ValueError, match="DataLoader is empty"):
+        dm.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 3, 32, 32))), progress=False)
+    with pytest.raises(ValueError, match="must be 32 x 32"):
+        dm.explain(torch.rand(1, 3, 40, 40))
+    with pytest.raises(ValueError, match="target class 2 is out of range"):
+        dm.explain(torch.rand(1, 3, 32, 32), targets=2)
+    with pytest.raises(ValueError, match="val_images"):
+        dm.fit(torch.rand(2, 3, 32, 32), val_images=torch.rand(2, 3, 16, 16), progress=False)
+    with pytest.raises(ValueError, match="multiple of patch"):
+        make(model, image_size=30)
+    with pytest.raises(ValueError, match="eps must be a number > 0"):
+        make(model, eps=0)
+    with pytest.raises(ValueError, match="damping must be a number >= 0"):
+        make(model, damping=-1.0)
+    with pytest.raises(ValueError, match="not modules of the model"):
+        make(model, layers=["nope"])
+    with pytest.raises(ValueError, match="checkpoint: the folder"):
+        dm.fit(torch.rand(2, 3, 32, 32), checkpoint=str(tmp_path / "no" / "dm.pt"), progress=False)
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        dm.fit(torch.rand(2, 3, 32, 32), epochs=0, progress=False)
+    with pytest.raises(ValueError, match="same model"):
+        DiffMask(model, strategy=get_strategy("black", RedNet(), **PIXEL), patch=8, image_size=32)
+    with pytest.raises(ValueError, match="takes hard 0/1 masks only"):  # layer masking built without soft=True
+        explain_diffmask(get_strategy("layer", model), torch.rand(3, 32, 32), patch=8, steps=1)
+    with pytest.raises(ValueError, match="multiples of patch"):
+        explain_diffmask(get_strategy("black", model, **PIXEL), torch.rand(3, 30, 32), patch=8, steps=1)
