@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import masked_ops as mo
-from op_cases import ConvCase, available_backends, make_conv_params, make_input, make_mask
+from op_cases import ConvCase, available_backends, make_conv_params, make_input, make_mask, with_layout
 
 BACKENDS_UNDER_TEST = available_backends(["cpp"])
 pytestmark = pytest.mark.skipif(not BACKENDS_UNDER_TEST, reason="compiled extension not built")
@@ -106,6 +106,36 @@ def test_fused_epilogue_backward_matches_the_torch_formula(activation, layout, d
         for g, w in zip(grads[compiled], grads[reference]):
             assert torch.isfinite(g).all() and torch.isfinite(w).all()
             torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("iters", [0, 1, 3])
+@pytest.mark.parametrize("fill_grad", [False, True])
+def test_soft_fill_matches_the_reference_in_every_layout(dtype, layout, iters, fill_grad):
+    """The CPU kernel (planes for NCHW, channels innermost for channels_last) against the reference's
+    autograd: values, the gradient to x and to a soft mask with exact zeros, NaN in removed pixels."""
+    from masked_ops.backends import compiled, reference
+
+    gen = torch.Generator().manual_seed(iters + 10 * fill_grad)
+    x = make_input(2, 5, 9, 11, dtype, seed=iters)
+    m = torch.rand(2, 1, 9, 11, generator=gen, dtype=dtype) * (torch.rand(2, 1, 9, 11, generator=gen) > 0.4).to(dtype)
+    m[0, :, 2, 3] = 1.0  # a fully visible pixel next to partly visible ones
+    x[:, :, 0, 0], m[:, :, 0, 0] = float("nan"), 0.0  # removed: never read
+    w = torch.randn(2, 5, 9, 11, generator=gen, dtype=dtype)
+    out, grads = {}, {}
+    for backend in (compiled, reference):
+        xi, mi = with_layout(x, layout).requires_grad_(), m.clone().requires_grad_()
+        out[backend] = backend.soft_fill(xi, mi, iters, fill_grad)
+        (out[backend] * w).sum().backward()
+        grads[backend] = (xi.grad, mi.grad)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out[compiled], out[reference], **tol)
+    for g, r in zip(grads[compiled], grads[reference]):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, **tol)
+    if layout == "channels_last":  # the output keeps the input's layout
+        assert out[compiled].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("layout,dtype", SAMPLES)

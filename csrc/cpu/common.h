@@ -25,6 +25,31 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
                                                                      : at::MemoryFormat::Contiguous;
 }
 
+// Pixel chunks for pointwise passes that also reduce over channels: chunk k covers pixels [p0, p1)
+// of sample n, about `grain` elements (pixels x channels), so batch 1 keeps every thread busy.
+// Chunks never share a pixel (per-pixel sums need no locks); k (0..count-1) indexes per-chunk
+// partial sums of per-channel reductions.
+struct PixelChunks {
+  int64_t per_sample, size, count;
+};
+
+inline PixelChunks pixel_chunks(int64_t N, int64_t C, int64_t HW, int64_t grain = 16384) {
+  const int64_t size = std::max<int64_t>(1, std::min<int64_t>(HW, grain / std::max<int64_t>(C, 1)));
+  const int64_t per = HW == 0 ? 0 : (HW + size - 1) / size;
+  return {per, size, N * per};
+}
+
+// Calls f(n, p0, p1, k) for every chunk, in parallel.
+template <typename F>
+inline void for_pixel_chunks(const PixelChunks& pc, int64_t HW, F&& f) {
+  at::parallel_for(0, pc.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t n = k / pc.per_sample, p0 = (k % pc.per_sample) * pc.size;
+      f(n, p0, std::min(HW, p0 + pc.size), k);
+    }
+  });
+}
+
 inline void check_image(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, name, " must have shape N x C x H x W, got ", x.sizes());

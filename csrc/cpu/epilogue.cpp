@@ -197,43 +197,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_epilogue_backward_cpu(
     scalar_t* gyp = gy.data_ptr<scalar_t>();
     scalar_t* gsp = has_scale && need_scale ? gscale.data_ptr<scalar_t>() : nullptr;
     const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-    // Per-sample channel sums for gbias (samples run in parallel), added up at the end.
-    std::vector<T> bias_sums(has_bias && need_bias ? N * C : 0, T(0));
-    std::vector<T> pix_sums(gsp != nullptr ? N * HW : 0, T(0));
+    // Pixel chunks in parallel (batch 1 too), in the input's layout; per-chunk channel sums for
+    // gbias, added up at the end; gscale is per pixel, so each chunk writes its own.
+    const PixelChunks pc = pixel_chunks(N, C, HW);
+    std::vector<T> bias_sums(has_bias && need_bias ? pc.count * C : 0, T(0));
     dispatch_activation(act, [&](auto a) {
       constexpr Act A = decltype(a)::value;
-      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          const scalar_t* kn = kp + n * HW;
-          const scalar_t* sn = sp ? sp + n * HW : nullptr;
-          T* bs = bias_sums.empty() ? nullptr : bias_sums.data() + n * C;
-          T* ps = pix_sums.empty() ? nullptr : pix_sums.data() + n * HW;
-          for (int64_t i = 0; i < C * HW; ++i) {
-            const int64_t c = cl ? i % C : i / HW;
-            const int64_t p = cl ? i / C : i % HW;
-            const int64_t at = n * C * HW + i;
+      for_pixel_chunks(pc, HW, [&](int64_t n, int64_t p0, int64_t p1, int64_t k) {
+        const scalar_t* kn = kp + n * HW;
+        const scalar_t* sn = sp ? sp + n * HW : nullptr;
+        T* bs = bias_sums.empty() ? nullptr : bias_sums.data() + k * C;
+        // one element: z as the forward computed it (y * scale rounded like the reference's, + bias)
+        auto element = [&](int64_t at, int64_t c, T s) {
+          const T yv = static_cast<T>(yp[at]);
+          const T z = static_cast<T>(static_cast<scalar_t>(yv * s)) + biasv[c];
+          const T gz = activation_grad<A>(z, static_cast<T>(gp[at]));
+          gyp[at] = static_cast<scalar_t>(gz * s);
+          return gz;
+        };
+        if (cl) {
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t base = (n * HW + p) * C;
             if (!(static_cast<T>(kn[p]) > T(0))) {
-              gyp[at] = scalar_t(0);
+              std::fill(gyp + base, gyp + base + C, scalar_t(0));
               continue;
             }
-            const T yv = static_cast<T>(yp[at]);
             const T s = sn ? static_cast<T>(sn[p]) : T(1);
-            // z as the forward computed it: y * scale rounded like the reference's y * scale, + bias.
-            const T z = static_cast<T>(static_cast<scalar_t>(yv * s)) + biasv[c];
-            const T gz = activation_grad<A>(z, static_cast<T>(gp[at]));
-            gyp[at] = static_cast<scalar_t>(gz * s);
-            if (bs) bs[c] += gz;
-            if (ps) ps[p] += gz * yv;
+            T pix = T(0);
+            for (int64_t c = 0; c < C; ++c) {
+              const T gz = element(base + c, c, s);
+              if (bs) bs[c] += gz;
+              pix += gz * static_cast<T>(yp[base + c]);
+            }
+            if (gsp) gsp[n * HW + p] = static_cast<scalar_t>(pix);
           }
+        } else {
+          std::vector<T> pix(gsp ? p1 - p0 : 0, T(0));
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t base = (n * C + c) * HW;
+            T bsum = T(0);
+            for (int64_t p = p0; p < p1; ++p) {
+              if (!(static_cast<T>(kn[p]) > T(0))) {
+                gyp[base + p] = scalar_t(0);
+                continue;
+              }
+              const T gz = element(base + p, c, sn ? static_cast<T>(sn[p]) : T(1));
+              bsum += gz;
+              if (gsp) pix[p - p0] += gz * static_cast<T>(yp[base + p]);
+            }
+            if (bs) bs[c] += bsum;
+          }
+          if (gsp)
+            for (int64_t p = p0; p < p1; ++p) gsp[n * HW + p] = static_cast<scalar_t>(pix[p - p0]);
         }
       });
     });
-    if (gsp)
-      for (int64_t i = 0; i < N * HW; ++i) gsp[i] = static_cast<scalar_t>(pix_sums[i]);
     if (!bias_sums.empty()) {
       std::vector<T> total(C, T(0));
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < C; ++c) total[c] += bias_sums[n * C + c];
+      for (int64_t k = 0; k < pc.count; ++k)
+        for (int64_t c = 0; c < C; ++c) total[c] += bias_sums[k * C + c];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gbias.scalar_type(), "gbias", [&] {
         scalar_t* gb = gbias.data_ptr<scalar_t>();
         for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<scalar_t>(total[c]);
