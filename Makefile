@@ -52,15 +52,17 @@ test-gpu:
 demo: install
 	$(PYTHON) -m masked_ops.cli explain --demo
 
+# Ops, compile policy, whole models (eager and torch.compile) and soft-mask steps, interleaved:
+# bench/results/cpu-<date>.json. The end-to-end benchmarks (bench_lime.py, bench_learned.py,
+# bench_imputation.py, bench_dataset.py) run on their own: commands in bench/README.md.
 bench: install
-	$(PYTHON) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/cpu-latest.json -p no:cacheprovider
-	$(PYTHON) bench/report.py bench/results/cpu-latest.json
+	$(PYTHON) bench/run.py --device cpu $(BENCH_ARGS)
 
 bench-gpu:
 	$(GPU_INSTALL)
-	mkdir -p $${OUT:-build}; $(PYTHON) bench/gpu.py $(BENCH_ARGS) > $${OUT:-build}/bench-gpu.log 2>&1; \
+	mkdir -p $${OUT:-build}; $(PYTHON) bench/run.py --device cuda $(BENCH_ARGS) > $${OUT:-build}/bench-gpu.log 2>&1; \
 	  rc=$$?; cat $${OUT:-build}/bench-gpu.log; \
-	  if [ -n "$$OUT" ]; then cp bench/results/gpu-*.json bench/results/gpu-*.md "$$OUT"/ 2>/dev/null; fi; exit $$rc
+	  if [ -n "$$OUT" ]; then cp bench/results/gpu-*.json "$$OUT"/ 2>/dev/null; fi; exit $$rc
 
 # Issue 5's GPU figure: LIME with 1,000 samples on ResNet-50, end to end (our grey and layer masking,
 # the lime package), written to bench/results/cuda-lime-<date>.json (and $$OUT).

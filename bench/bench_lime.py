@@ -15,7 +15,7 @@ Medians over --repeats, run round robin (wall time, and process CPU time, which 
 inflates less).
 The lime package runs with its defaults (batch_size 10) and hide_color = the ImageNet mean
 colour (grey), with a classifier_fn that runs the plain model.
-Results go to bench/results/<device>-lime-<date>.json.
+Results go to bench/results/<device>-lime-<date>.json (with --compile: <device>-lime-compiled-<date>.json).
 """
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ def main(argv=None) -> int:
                    help="memory format of the model for every contender (default: channels_last on CPU, as "
                         "the CLI; contiguous on GPU)")
     p.add_argument("--no-lime-package", action="store_true", help="skip the (slow) lime package run")
+    p.add_argument("--compile", action="store_true",
+                   help="every contender's model under torch.compile (the plain model for the floor, grey fill and "
+                        "the lime package; the layer-masked model for layer masking), warmed up at every batch size")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -90,7 +93,8 @@ def main(argv=None) -> int:
     results = {}
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"{device.type}-lime-{datetime.date.today().isoformat()}.json")
+                                   f"{device.type}-lime{'-compiled' if args.compile else ''}-"
+                                   f"{datetime.date.today().isoformat()}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     def summarise():
@@ -102,6 +106,7 @@ def main(argv=None) -> int:
         summary = dict(
             benchmark="lime_end_to_end", model=args.model, device=str(device), samples=args.samples, segments=k,
             batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, format=args.format,
+            compiled=args.compile,
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             torch=torch.__version__, masked_ops=masked_ops.__version__, backend=masked_ops.get_backend(),
             python=platform.python_version(), machine=platform.processor() or platform.machine(),
@@ -124,6 +129,9 @@ def main(argv=None) -> int:
     # One memory format for every contender (the lime package's classifier_fn runs the same model).
     fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    eager_model = model
+    if args.compile:
+        model = torch.compile(model)
 
     # plain PyTorch floor: the unmasked model on `samples` images, batched
     batch = ((image[None] - mean) / std).expand(args.batch_size, -1, -1, -1).contiguous(memory_format=fmt)
@@ -136,8 +144,9 @@ def main(argv=None) -> int:
             model(batch[:n])
             done += n
 
-    with torch.inference_mode():
-        model(batch)  # warm-up
+    with torch.inference_mode():  # warm-up (under --compile: every batch size the floor uses)
+        for n in {args.batch_size, args.samples % args.batch_size or args.batch_size}:
+            model(batch[:n])
     contenders = {"plain_forward": (plain, None)}
 
     def lime_run(strat):
@@ -146,9 +155,12 @@ def main(argv=None) -> int:
         return exp, dict(target=exp.targets[0], top_segments=exp.top_segments(5).tolist())
 
     for name in ("grey", "layer"):
-        strat = get_strategy(name, model, mean=info.mean, std=info.std)
-        explain_lime(strat, image, segments=seg, num_samples=args.batch_size, batch_size=args.batch_size,
-                     progress=False)  # warm-up (and the layer_mask conversion)
+        strat = get_strategy(name, model if name != "layer" else eager_model, mean=info.mean, std=info.std)
+        if args.compile and name == "layer":  # the converted model compiled (layer_mask takes the eager model)
+            strat._masked = torch.compile(strat.masked_model)
+        # warm-up (the layer_mask conversion; under --compile, a compile per batch size LIME will use)
+        for n in {args.batch_size, args.samples % args.batch_size or args.batch_size}:
+            explain_lime(strat, image, segments=seg, num_samples=n, batch_size=args.batch_size, progress=False)
         contenders[f"masked_ops_{name}"] = (lambda strat=strat: lime_run(strat), None)
 
     if not args.no_lime_package:
@@ -161,6 +173,7 @@ def main(argv=None) -> int:
 
         rgb = image.permute(1, 2, 0).double().cpu().numpy()
         seg_np = seg.numpy()
+        classifier_fn(np.repeat(rgb[None], 10, axis=0))  # warm-up at the lime package's batch size (10)
 
         def run_lime():
             exp = LimeImageExplainer(random_state=0).explain_instance(
@@ -198,56 +211,6 @@ def main(argv=None) -> int:
               "(wall speed-up vs the lime package)")
     print(f"wrote {out}")
     return 0
-
-
-# ----------------------------------------------------------------------------- `make bench` (pytest-benchmark)
-# A short version for the benchmark suite: 64 samples, plain forward vs our LIME with grey / layer.
-# The full comparison with the lime package is the script above (too long for every run).
-BENCH_SAMPLES = 64
-
-
-def _bench_setup():
-    from masked_ops.explain import segment
-    from masked_ops.models import load_image, load_model
-
-    model, info = load_model("efficientnet-lite0")
-    model = model.to(memory_format=torch.channels_last)
-    image = info.prepare(load_image("chelsea"))[0]
-    return model, info, image, segment(image, "slic", n_segments=50)
-
-
-try:
-    import pytest
-
-    @pytest.fixture(scope="module")
-    def lime_setup():
-        return _bench_setup()
-
-    @pytest.mark.parametrize("impl", ["plain", "grey", "layer"])
-    def test_lime_64_samples(benchmark, lime_setup, impl):
-        from masked_ops.explain import explain_lime, get_strategy
-
-        model, info, image, seg = lime_setup
-        benchmark.group = "lime-efficientnet-lite0-64"
-        benchmark.extra_info.update(impl=impl, samples=BENCH_SAMPLES, memory_format="channels_last")
-        if impl == "plain":
-            mean = torch.tensor(info.mean).view(1, 3, 1, 1)
-            std = torch.tensor(info.std).view(1, 3, 1, 1)
-            x = ((image[None] - mean) / std).expand(32, -1, -1, -1).contiguous(memory_format=torch.channels_last)
-
-            def run():
-                with torch.inference_mode():
-                    for _ in range(BENCH_SAMPLES // 32):
-                        model(x)
-        else:
-            strat = get_strategy(impl, model, mean=info.mean, std=info.std)
-
-            def run():
-                explain_lime(strat, image, segments=seg, num_samples=BENCH_SAMPLES, batch_size=32, progress=False)
-        run()  # warm-up (layer_mask conversion)
-        benchmark.pedantic(run, rounds=3, iterations=1)
-except ImportError:  # pytest is only needed for `make bench`
-    pass
 
 
 if __name__ == "__main__":

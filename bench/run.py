@@ -309,10 +309,12 @@ def parse_args(argv=None):
                    help="CPU timing: wall clock (default) or this process's CPU time (robust on a loaded host; "
                         "use with --threads 1)")
     p.add_argument("--models", nargs="*", default=None, help="NAME:BATCH pairs (default per device)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="models in channels_last (default: on GPU only; the CLI uses it on CPU too)")
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
     a.dtype = torch.bfloat16 if gpu else torch.float32
-    a.channels_last = gpu
+    a.channels_last = gpu or a.channels_last
     a.compile_mode = None
     a.modes = ["fill", "renorm"] if gpu else ["fill"]
     a.pixels, a.op_batch, a.warmup = 224, (64 if gpu else 8), 2

@@ -70,7 +70,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 # ----------------------------------------------------------------------------- argument types
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -207,15 +208,15 @@ def _add_model_options(p) -> None:
                         "cache, never downloaded), random, or a state_dict file; default: the model's usual "
                         "(torchvision/timm without a tag: random, said loudly)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    g.add_argument("--batch-size", type=_positive_int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    g.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per forward (default: 16 on CPU, 64 on GPU)")
 
 
 def _add_method_options(p) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=tuple(METHODS), default="lime")
-    g.add_argument("--samples", type=_positive_int, default=None,
+    g.add_argument("--samples", type=positive_int, default=None,
                    help=f"perturbation samples (lime, kernel-shap; default {DEMO_SAMPLES}); masks for rise "
                         f"(default 1000); optimisation steps for extremal and per-image diffmask (default 300)")
     g.add_argument("--checkpoint", default=None, metavar="FILE",
@@ -223,7 +224,7 @@ def _add_method_options(p) -> None:
                         "diffmask optimises the gates of this one image")
     g.add_argument("--segments", choices=SEGMENTATIONS, default=None,
                    help="segmentation (default: slic for lime/kernel-shap, grid for occlusion)")
-    g.add_argument("--n-segments", type=_positive_int, default=None,
+    g.add_argument("--n-segments", type=positive_int, default=None,
                    help="about how many segments (default 50; occlusion: 64 grid cells)")
     g.add_argument("--window", type=_size, default=None,
                    help="occlusion only: slide a window of N (or HxW) pixels instead of removing segments")
@@ -304,9 +305,10 @@ def _save_h5(path: str, explanations, image, meta) -> None:
 SAVE_FORMATS: Dict[str, Callable] = {".npz": _save_npz, ".h5": _save_h5, ".hdf5": _save_h5}
 
 
-def _check_writable(path: str, flag: str) -> None:
+def check_writable(path: str, flag: str, example: str = "cat.png") -> None:
+    """A file ``path`` can be written (not a folder, in an existing writable folder), else CliError."""
     if os.path.isdir(path):
-        raise CliError(f"{flag} {path!r} is a folder; give a file name (e.g. {os.path.join(path, 'cat.png')})")
+        raise CliError(f"{flag} {path!r} is a folder; give a file name (e.g. {os.path.join(path, example)})")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CliError(f"{flag}: the folder {folder!r} does not exist")
@@ -324,12 +326,12 @@ def output_paths(args) -> Tuple[Optional[str], Optional[str]]:
             stem = os.path.splitext(os.path.basename(str(args.image).rstrip("/")))[0] or "image"
             png = f"{stem}-{args.method}.png"
     if png is not None:
-        _check_writable(png, "--out")
+        check_writable(png, "--out")
         if not png.lower().endswith(".png"):
             hint = " (attributions go to --save)" if os.path.splitext(png)[1].lower() in SAVE_FORMATS else ""
             raise CliError(f"--out must name a .png file, got {png!r}{hint}")
     if save is not None:
-        _check_writable(save, "--save")
+        check_writable(save, "--save")
         ext = os.path.splitext(save)[1].lower()
         if ext not in SAVE_FORMATS:
             names = list(SAVE_FORMATS)

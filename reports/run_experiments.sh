@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The experiments behind reports/README.md, exactly as run (issue 13). Every command is resumable:
+# The experiments behind reports/README.md, exactly as run (issues 13 and 12). Every command is resumable:
 # each is run in chunks of at most 19 minutes (`timeout`) and started again until it exits 0, picking
 # up the units it has checkpointed under reports/<model>/<experiment>/units/ (not committed).
-# Single-threaded and niced: the machine is shared.  Usage: bash reports/run_experiments.sh a|b|c
+# Single-threaded and niced: the machine is shared.  Usage: bash reports/run_experiments.sh a|b|c|d
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,9 +25,15 @@ salient() { run leakage-salient --model "$1" --out "reports/$1" --images bundled
 faith() { run faithfulness --model "$1" --out "reports/$1" --images bundled --samples 100 --steps 6 \
   --strategies grey layer noisy-linear --evaluators grey layer inpaint-telea noisy-linear segment-mean; }
 
+# Learned masks (issue 12): DiffMask trained on the other bundled photos, everything scored on three
+# held-out photos, by removal under grey, blur and layer masking (the experiment's EVALUATORS).
+learned() { run learned-faithfulness --model "$1" --out "reports/$1" --images chelsea coffee astronaut \
+  --samples 500; }
+
 case "${1:-}" in
   a) removal efficientnet-lite0 && faith efficientnet-lite0 && probe efficientnet-lite0 && salient efficientnet-lite0 ;;
   b) removal efficientnet-lite1 && probe efficientnet-lite1 && salient efficientnet-lite1 && faith efficientnet-lite1 ;;
   c) removal efficientnet-lite2 && probe efficientnet-lite2 && salient efficientnet-lite2 && faith efficientnet-lite2 ;;
-  *) echo "usage: $0 a|b|c (three chains, run side by side)" >&2; exit 2 ;;
+  d) learned efficientnet-lite0 ;;
+  *) echo "usage: $0 a|b|c|d (chains that can run side by side)" >&2; exit 2 ;;
 esac

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from cli_helpers import pngs, run_cli
 from masked_ops import cli
 from masked_ops.explain import Explanation, explain_occlusion, get_strategy
 from masked_ops.models import ModelInfo, load_image, load_model
@@ -40,24 +41,6 @@ MODEL = "test_cli:tiny_model"
 FAST = ["--model", MODEL, "--no-progress"]
 
 
-@pytest.fixture
-def photo(tmp_path):
-    rgb = (np.random.RandomState(0).rand(40, 56, 3) * 255).astype(np.uint8)
-    path = tmp_path / "photo.png"
-    Image.fromarray(rgb).save(path)
-    return str(path)
-
-
-def _run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _pngs(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith(".png") and f != "photo.png")
-
-
 def _all_prefixed(err):
     lines = [line for line in err.splitlines() if line.strip()]
     return lines and all(line.startswith("masked-ops:") for line in lines)
@@ -82,7 +65,7 @@ def titles(monkeypatch):
                                           ("kernel-shap", ["--samples", "12"])])
 def test_explain_writes_png_and_prints_top5(method, extra, photo, tmp_path, capsys, titles):
     out = tmp_path / "out.png"
-    code, stdout, err = _run(["explain", photo, "--method", method, "--masking", "layer,grey", "--segments", "grid",
+    code, stdout, err = run_cli(["explain", photo, "--method", method, "--masking", "layer,grey", "--segments", "grid",
                               "--n-segments", "9", "--out", str(out)] + extra + FAST, capsys)
     assert code == 0, err
     assert "top-5" in stdout and all(f"  {i}. " in stdout for i in range(1, 6))
@@ -90,7 +73,7 @@ def test_explain_writes_png_and_prints_top5(method, extra, photo, tmp_path, caps
     assert str(out) in stdout
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 100
-    assert _pngs(tmp_path) == ["out.png"]  # no temporary files left behind
+    assert pngs(tmp_path) == ["out.png"]  # no temporary files left behind
     # the title names the method and its settings, the model and its weights, the class and its probability
     (title,) = titles
     label = {"lime": "LIME, 12 samples", "occlusion": "occlusion of 9 grid segments",
@@ -131,7 +114,7 @@ def test_weights_file_loads_into_your_own_model(photo, tmp_path, capsys, monkeyp
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
     assert info.pretrained and info.weights == f"file {tmp_path / 'trained.pt'}"
     torch.save({"wrong.weight": torch.zeros(1)}, tmp_path / "bad.pt")
-    code, _, err = _run(["explain", photo, "--weights", str(tmp_path / "bad.pt"), "--method", "occlusion"] + FAST,
+    code, _, err = run_cli(["explain", photo, "--weights", str(tmp_path / "bad.pt"), "--method", "occlusion"] + FAST,
                         capsys)
     assert code == 2 and "do not fit the model" in err and _all_prefixed(err)
 
@@ -178,14 +161,14 @@ def test_torchvision_weights_from_the_local_cache_never_downloaded(offline, tmp_
     assert info.class_names[1] == "goldfish" and info.input_size == 224
     with pytest.raises(ValueError, match="unknown weights 'IMAGENET9'.*IMAGENET1K_V1"):
         load_model("squeezenet1_1", "IMAGENET9")
-    code, stdout, err = _run(["explain", photo, "--model", "squeezenet1_1", "--weights", "DEFAULT", "--method",
+    code, stdout, err = run_cli(["explain", photo, "--model", "squeezenet1_1", "--weights", "DEFAULT", "--method",
                               "occlusion", "--n-segments", "4", "--masking", "grey", "--out",
                               str(tmp_path / "sq.png"), "--no-progress"], capsys)
     assert code == 0, err
     assert "model: squeezenet1_1, weights: IMAGENET1K_V1 (torchvision, local cache)" in stdout
     assert "squeezenet1_1, weights: IMAGENET1K_V1" in titles[0] and "RANDOM" not in titles[0]
     # without --weights: random, said on stderr (with the hint that the cache has them), in the title
-    code, stdout, err = _run(["explain", photo, "--model", "squeezenet1_1", "--method", "occlusion",
+    code, stdout, err = run_cli(["explain", photo, "--model", "squeezenet1_1", "--method", "occlusion",
                               "--n-segments", "4", "--masking", "grey", "--out", str(tmp_path / "r.png"),
                               "--no-progress"], capsys)
     assert code == 0, err
@@ -233,12 +216,12 @@ def test_timm_pretrained_tag_from_the_hugging_face_cache(offline, tmp_path):
 def test_target_by_index_or_name_and_output_logit_saved_as_the_api_computes(photo, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     save = tmp_path / "attr.npz"
-    code, stdout, err = _run(["explain", photo, "--model", "test_cli:tiny_imagenet_model", "--method", "occlusion",
+    code, stdout, err = run_cli(["explain", photo, "--model", "test_cli:tiny_imagenet_model", "--method", "occlusion",
                               "--n-segments", "9", "--masking", "layer,grey", "--target", "Egyptian cat",
                               "--output", "logit", "--save", str(save), "--no-progress"], capsys)
     assert code == 0, err
     assert "explaining Egyptian cat (class 285" in stdout and "its logit" in stdout
-    assert _pngs(tmp_path) == []  # --save alone: no picture
+    assert pngs(tmp_path) == []  # --save alone: no picture
     model, info = load_model("test_cli:tiny_imagenet_model")
     x = info.prepare(load_image(photo))[0]
     for name in ("layer", "grey"):
@@ -253,7 +236,7 @@ def test_target_by_index_or_name_and_output_logit_saved_as_the_api_computes(phot
         assert z["attributions"].shape == (2, 1, 224, 224) and z["image"].shape == (3, 224, 224)
     assert meta["target"] == 285 and meta["target_name"] == "Egyptian cat" and meta["output"] == "logit"
     assert meta["model"]["name"] == "test_cli:tiny_imagenet_model" and meta["masking"] == ["layer", "grey"]
-    code, stdout, err = _run(["explain", photo, "--model", "test_cli:tiny_imagenet_model", "--method", "occlusion",
+    code, stdout, err = run_cli(["explain", photo, "--model", "test_cli:tiny_imagenet_model", "--method", "occlusion",
                               "--n-segments", "4", "--masking", "grey", "--target", "7", "--save",
                               str(tmp_path / "b.npz"), "--no-progress"], capsys)
     assert code == 0 and Explanation.load(tmp_path / "b.npz").targets == [7]
@@ -263,7 +246,7 @@ def test_target_by_index_or_name_and_output_logit_saved_as_the_api_computes(phot
                                             ("cardigan", "names 2 classes (264, 474)"),
                                             ("egyptian kat", "did you mean 'Egyptian cat', ")])
 def test_bad_targets(target, message, photo, tmp_path, capsys):
-    code, _, err = _run(["explain", photo, "--model", "test_cli:tiny_imagenet_model", "--method", "occlusion",
+    code, _, err = run_cli(["explain", photo, "--model", "test_cli:tiny_imagenet_model", "--method", "occlusion",
                          "--target", target, "--out", str(tmp_path / "o.png"), "--no-progress"], capsys)
     assert code == 2 and message in err and _all_prefixed(err)
 
@@ -276,13 +259,13 @@ def test_aspect_ratio_kept_centre_square(photo, capsys, tmp_path):
     torch.testing.assert_close(x, want)
     tall = torch.rand(3, 50, 20)
     torch.testing.assert_close(ModelInfo("m", input_size=20).prepare(tall), tall[None, :, 15:35])
-    code, stdout, _ = _run(["explain", photo, "--method", "occlusion", "--out", str(tmp_path / "o.png")] + FAST,
+    code, stdout, _ = run_cli(["explain", photo, "--method", "occlusion", "--out", str(tmp_path / "o.png")] + FAST,
                            capsys)
     assert code == 0 and "56 x 40 px; explained: the centre 40 x 40 square, resized to 48 x 48" in stdout
 
 
 def test_explain_china_like_the_experiments(tmp_path, capsys):
-    code, stdout, err = _run(["explain", "china", "--method", "occlusion", "--n-segments", "4", "--masking", "grey",
+    code, stdout, err = run_cli(["explain", "china", "--method", "occlusion", "--n-segments", "4", "--masking", "grey",
                               "--out", str(tmp_path / "china.png")] + FAST, capsys)
     assert code == 0, err
     assert "image: china, 640 x 427 px" in stdout and (tmp_path / "china.png").exists()
@@ -306,15 +289,15 @@ def test_explain_china_like_the_experiments(tmp_path, capsys):
 ])
 def test_options_that_do_not_apply_are_errors(argv, message, photo, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path) for a in argv]
-    code, stdout, err = _run(["explain", photo] + argv + FAST, capsys)
+    code, stdout, err = run_cli(["explain", photo] + argv + FAST, capsys)
     assert code == 2 and message in err and _all_prefixed(err), err
     assert "top-5" not in stdout  # refused before any work
-    assert _pngs(tmp_path) == [] and not [f for f in os.listdir(tmp_path) if f.endswith(".npz")]
+    assert pngs(tmp_path) == [] and not [f for f in os.listdir(tmp_path) if f.endswith(".npz")]
 
 
 def test_occlusion_window_and_stride(photo, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    code, stdout, err = _run(["explain", photo, "--method", "occlusion", "--window", "16", "--stride", "8",
+    code, stdout, err = run_cli(["explain", photo, "--method", "occlusion", "--window", "16", "--stride", "8",
                               "--masking", "grey", "--save", str(tmp_path / "w.npz")] + FAST, capsys)
     assert code == 0, err
     assert "occlusion, 16x16 px windows, stride 8x8" in stdout and "grey masking: 26 forward passes" in stdout
@@ -326,7 +309,7 @@ def test_occlusion_window_and_stride(photo, tmp_path, capsys, monkeypatch):
 
 
 def test_grid_with_two_segments(photo, tmp_path, capsys):
-    code, stdout, err = _run(["explain", photo, "--segments", "grid", "--n-segments", "2", "--samples", "6",
+    code, stdout, err = run_cli(["explain", photo, "--segments", "grid", "--n-segments", "2", "--samples", "6",
                               "--masking", "grey", "--out", str(tmp_path / "o.png")] + FAST, capsys)
     assert code == 0, err
     assert "2 grid segments" in stdout
@@ -390,7 +373,7 @@ def test_bad_input_fails_with_one_prefixed_line(argv, message, photo, tmp_path, 
         argv += [a for a in ["--model", MODEL] if "--model" not in argv]
         argv += [] if "--out" in argv else ["--out", str(tmp_path / "out.png")]
     try:
-        code, _, err = _run(argv, capsys)
+        code, _, err = run_cli(argv, capsys)
     except SystemExit as e:  # argparse
         code, err = e.code, capsys.readouterr().err
     assert code == 2
@@ -407,7 +390,7 @@ def test_failure_while_writing_leaves_nothing(photo, tmp_path, capsys, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
-    code, _, err = _run(["explain", photo, "--samples", "4", "--segments", "grid", "--masking", "grey", "--out",
+    code, _, err = run_cli(["explain", photo, "--samples", "4", "--segments", "grid", "--masking", "grey", "--out",
                          str(tmp_path / "o.png")] + FAST, capsys)
     assert code == 1 and err == "masked-ops: error: disk full\n"
     assert os.listdir(tmp_path) == ["photo.png"]
@@ -417,11 +400,11 @@ def test_written_files_have_normal_permissions_under_umask_022(photo, tmp_path, 
     monkeypatch.setattr(sys, "path", list(sys.path))
     old = os.umask(0o022)
     try:
-        code, _, err = _run(["explain", photo, "--method", "occlusion", "--n-segments", "4", "--masking", "grey",
+        code, _, err = run_cli(["explain", photo, "--method", "occlusion", "--n-segments", "4", "--masking", "grey",
                              "--out", str(tmp_path / "o.png"), "--save", str(tmp_path / "o.npz")] + FAST, capsys)
         assert code == 0, err
         out = tmp_path / "exp"
-        code, _, err = _run(["experiment", "removal", "--model", MODEL, "--images", "chelsea", "--size", "32",
+        code, _, err = run_cli(["experiment", "removal", "--model", MODEL, "--images", "chelsea", "--size", "32",
                              "--strategies", "grey", "--repeats", "1", "--out", str(out), "--no-progress"], capsys)
         assert code == 0, err
     finally:
@@ -434,7 +417,7 @@ def test_written_files_have_normal_permissions_under_umask_022(photo, tmp_path, 
 
 def test_experiment_results_name_the_model_and_its_weights(tmp_path, capsys):
     out = tmp_path / "exp"
-    code, stdout, err = _run(["experiment", "removal", "--model", MODEL, "--images", "chelsea", "--size", "32",
+    code, stdout, err = run_cli(["experiment", "removal", "--model", MODEL, "--images", "chelsea", "--size", "32",
                               "--strategies", "grey", "--repeats", "1", "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     results = json.loads((out / "removal" / "results.json").read_text())
@@ -475,7 +458,7 @@ def test_save_h5_for_one_image_reads_back_with_plain_h5py(photo, tmp_path, capsy
     """--save FILE.h5 writes the folder schema (masked_ops.dataset.h5) for one image."""
     h5py = pytest.importorskip("h5py")
     out = tmp_path / "one.h5"
-    code, stdout, err = _run(["explain", photo, "--method", "occlusion", "--n-segments", "4", "--masking", "grey",
+    code, stdout, err = run_cli(["explain", photo, "--method", "occlusion", "--n-segments", "4", "--masking", "grey",
                               "--save", str(out)] + FAST, capsys)
     assert code == 0, err
     with h5py.File(out) as f:

@@ -312,7 +312,7 @@ def test_rerun_skips_and_refuses_other_settings(folder, reference, tmp_path, cap
 
 @pytest.mark.parametrize("argv,message", [
     (["--out", "{tmp}/x.png"], "HDF5 file"),
-    (["--out", "{tmp}"], "is a directory"),
+    (["--out", "{tmp}"], "is a folder"),
     (["--out", "{tmp}/missing/x.h5"], "does not exist"),
     (["--out", "{tmp}/x.h5", "--device", "cuda:7"], "cuda"),
 ])

@@ -1,13 +1,10 @@
 """``masked-ops explain --method extremal|rise|diffmask``: pictures, the checkpoint path, clean failures."""
-import os
-
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 
-from masked_ops import cli
+from cli_helpers import pngs, run_cli
 from masked_ops.explain.diffmask import DiffMask
 from masked_ops.explain.strategies import get_strategy
 from masked_ops.models import ModelInfo
@@ -24,34 +21,16 @@ def tiny_model():
 MODEL = "test_mask_cli:tiny_model"
 
 
-@pytest.fixture
-def photo(tmp_path):
-    rgb = (np.random.RandomState(0).rand(40, 56, 3) * 255).astype(np.uint8)
-    path = tmp_path / "photo.png"
-    Image.fromarray(rgb).save(path)
-    return str(path)
-
-
-def _run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _pngs(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith(".png") and f != "photo.png")
-
-
 @pytest.mark.parametrize("method,samples", [("extremal", "4"), ("rise", "16"), ("diffmask", "3")])
 def test_mask_methods_write_png(method, samples, photo, tmp_path, capsys):
     out = tmp_path / "out.png"
-    code, stdout, err = _run(["explain", photo, "--model", MODEL, "--method", method, "--masking", "blur,grey",
+    code, stdout, err = run_cli(["explain", photo, "--model", MODEL, "--method", method, "--masking", "blur,grey",
                               "--samples", samples, "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     assert "top-5" in stdout and f"{method} with blur masking" in stdout and f"{method} with grey masking" in stdout
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 100
-    assert _pngs(tmp_path) == ["out.png"]
+    assert pngs(tmp_path) == ["out.png"]
 
 
 def test_diffmask_checkpoint(photo, tmp_path, capsys):
@@ -61,7 +40,7 @@ def test_diffmask_checkpoint(photo, tmp_path, capsys):
     ckpt = tmp_path / "dm.pt"
     dm.save(str(ckpt))
     out = tmp_path / "dm.png"
-    code, stdout, err = _run(["explain", photo, "--model", MODEL, "--method", "diffmask", "--checkpoint", str(ckpt),
+    code, stdout, err = run_cli(["explain", photo, "--model", MODEL, "--method", "diffmask", "--checkpoint", str(ckpt),
                               "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     assert "amortised, trained with grey masking" in stdout and out.exists()
@@ -76,14 +55,14 @@ def test_diffmask_checkpoint(photo, tmp_path, capsys):
     (["--method", "extremal", "--masking", "blurry"], "unknown masking strategy"),
 ])
 def test_bad_input_fails_cleanly(argv, message, photo, tmp_path, capsys):
-    code, _, err = _run(["explain", photo, "--model", MODEL, "--out", str(tmp_path / "o.png"), "--no-progress"]
+    code, _, err = run_cli(["explain", photo, "--model", MODEL, "--out", str(tmp_path / "o.png"), "--no-progress"]
                         + argv, capsys)
     assert code == 2 and message in err and "Traceback" not in err
-    assert _pngs(tmp_path) == []
+    assert pngs(tmp_path) == []
 
 
 def test_hard_only_strategy_is_refused(photo, tmp_path, capsys):
-    code, _, err = _run(["explain", photo, "--model", MODEL, "--method", "extremal", "--masking", "noisy-linear",
+    code, _, err = run_cli(["explain", photo, "--model", MODEL, "--method", "extremal", "--masking", "noisy-linear",
                          "--out", str(tmp_path / "o.png"), "--no-progress"], capsys)
     assert code == 2 and "takes hard 0/1 masks only" in err
 
@@ -93,10 +72,10 @@ def test_mask_method_saves_its_map(photo, tmp_path, capsys):
     from masked_ops.explain.perturb import load_explanations
 
     data = tmp_path / "rise.npz"
-    code, stdout, err = _run(["explain", photo, "--model", MODEL, "--method", "rise", "--masking", "grey,layer",
+    code, stdout, err = run_cli(["explain", photo, "--model", MODEL, "--method", "rise", "--masking", "grey,layer",
                               "--samples", "8", "--save", str(data), "--output", "logit", "--no-progress"], capsys)
     assert code == 0, err
-    assert _pngs(tmp_path) == []  # --save alone writes no picture
+    assert pngs(tmp_path) == []  # --save alone writes no picture
     exps, meta = load_explanations(str(data))
     assert [e.strategy for e in exps] == ["grey", "layer"] and all(e.method == "rise" for e in exps)
     assert exps[0].heatmap().shape == (48, 48) and meta["method"] == "rise" and meta["output"] == "logit"

@@ -419,15 +419,13 @@ def _progress_bar(plan: dict, enabled: bool):
 
 
 def _check_out(out: str) -> None:
-    if isinstance(out, str) and os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a directory; name a file such as {os.path.join(out, 'results.h5')}")
-    if not isinstance(out, str) or not out.endswith((".h5", ".hdf5")):
+    from ..cli import check_writable
+
+    if not isinstance(out, str):
         raise ValueError(f"--out must name an HDF5 file (.h5 or .hdf5) when IMAGE is a folder, got {out!r}")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out: the folder {parent!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out: the folder {parent!r} is not writable")
+    check_writable(out, "--out", "results.h5")
+    if not out.endswith((".h5", ".hdf5")):
+        raise ValueError(f"--out must name an HDF5 file (.h5 or .hdf5) when IMAGE is a folder, got {out!r}")
 
 
 # ----------------------------------------------------------------------------- command line
