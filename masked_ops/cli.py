@@ -455,8 +455,9 @@ def run_explain(args) -> int:
     print(f"top-5 classes{' (RANDOM weights)' if info.pretrained is False else ''}:")
     for rank, (idx, name, p) in enumerate(top, 1):
         print(f"  {rank}. {name} (class {idx}): {p:.3f}")
+    what = f"its {'probability' if output == 'prob' else 'logit'}, " if "output" in method.options else ""
     print(f"explaining {info.class_name(target)} (class {target}, p = {float(probs[target]):.3f}), "
-          f"its {'probability' if output == 'prob' else 'logit'}, by {method_desc}")
+          f"{what}by {method_desc}")
 
     if mask_method:
         from .explain.mask_cli import explain_masks

@@ -11,7 +11,7 @@ patch() { [ "$1" = efficientnet-lite2 ] && echo 20 || echo 16; }   # 260 px: 20 
 
 run() {  # run ARGS...: repeat in chunks until it finishes
   for attempt in $(seq 1 30); do
-    timeout 1140 nice -n 10 python -m masked_ops.experiments "$@" --seed 0 --threads 1 --channels-last \
+    timeout 1140 nice -n 10 python -m masked_ops.experiments "$@" --seed 0 --threads "${THREADS:-1}" --channels-last \
       --batch-size 16 --no-progress && return 0
     echo "chunk $attempt of: $* ended (status $?), resuming" >&2
   done
@@ -27,7 +27,8 @@ faith() { run faithfulness --model "$1" --out "reports/$1" --images bundled --sa
 
 # Learned masks (issue 12): DiffMask trained on the other bundled photos, everything scored on three
 # held-out photos, by removal under grey, blur and layer masking (the experiment's EVALUATORS).
-learned() { run learned-faithfulness --model "$1" --out "reports/$1" --images chelsea coffee astronaut \
+# Run with 2 threads (THREADS=2) once the other chains had finished.
+learned() { THREADS=2 run learned-faithfulness --model "$1" --out "reports/$1" --images chelsea coffee astronaut \
   --samples 500; }
 
 case "${1:-}" in
