@@ -78,15 +78,21 @@ def _fill_value(v_ptr, k_ptr, n, c_plane, h, w, H, W, inb, ACC64: tl.constexpr, 
 
 
 @triton.jit
+def _coords(offs, C, H, W):
+    """(w, h, plane, n, q) of NCHW element offsets: column, row, N*C plane, sample, and the offset of the
+    pixel in the N x H x W knownness planes."""
+    w = offs % W
+    h = (offs // W) % H
+    plane = offs // (H * W)
+    n = plane // C
+    return w, h, plane, n, n * (H * W) + h * W + w
+
+
+@triton.jit
 def ring_forward_kernel(v_ptr, out_ptr, k_ptr, c_ptr, total, C, H, W, ACC64: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < total
-    HW = H * W
-    w = offs % W
-    h = (offs // W) % H
-    plane = offs // HW
-    n = plane // C
-    q = n * HW + h * W + w
+    w, h, plane, n, q = _coords(offs, C, H, W)
     a = tl.load(k_ptr + q, mask=inb, other=1.0)
     cnt = tl.load(c_ptr + q, mask=inb, other=0.0)
     v = tl.load(v_ptr + offs, mask=inb, other=0.0)
@@ -103,12 +109,7 @@ def ring_backward_a_kernel(v_ptr, k_ptr, c_ptr, u_ptr, h_ptr, hf_ptr, dk_ptr, to
                            ACC64: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < total
-    HW = H * W
-    w = offs % W
-    h = (offs // W) % H
-    plane = offs // HW
-    n = plane // C
-    q = n * HW + h * W + w
+    w, h, plane, n, q = _coords(offs, C, H, W)
     cnt = tl.load(c_ptr + q, mask=inb, other=0.0)
     known = inb & (cnt > 0)
     f = _fill_value(v_ptr, k_ptr, n, plane, h, w, H, W, inb, ACC64, BLOCK) / tl.where(cnt > 0, cnt, 1.0)
@@ -126,12 +127,7 @@ def ring_backward_b_kernel(v_ptr, k_ptr, c_ptr, u_ptr, gv_ptr, h_ptr, hf_ptr, dk
                            FILL_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < total
-    HW = H * W
-    w = offs % W
-    h = (offs // W) % H
-    plane = offs // HW
-    n = plane // C
-    q = n * HW + h * W + w
+    w, h, plane, n, q = _coords(offs, C, H, W)
     bh = tl.zeros((BLOCK,), h_ptr.dtype.element_ty)
     bhf = tl.zeros((BLOCK,), h_ptr.dtype.element_ty)
     for dy in tl.static_range(-1, 2):
@@ -139,7 +135,7 @@ def ring_backward_b_kernel(v_ptr, k_ptr, c_ptr, u_ptr, gv_ptr, h_ptr, hf_ptr, dk
             hh = h + dy
             ww = w + dx
             ok = inb & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            at = plane * HW + hh * W + ww
+            at = plane * (H * W) + hh * W + ww
             bh += tl.load(h_ptr + at, mask=ok, other=0.0)
             bhf += tl.load(hf_ptr + at, mask=ok, other=0.0)
     cnt = tl.load(c_ptr + q, mask=inb, other=0.0)
