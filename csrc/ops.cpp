@@ -55,4 +55,9 @@ TORCH_LIBRARY(masked_ops, m) {
   m.def("soft_fill(Tensor x, Tensor mask, int iters, bool fill_grad) -> Tensor");
   // Its backward: (grad_x, grad_mask), the rings recomputed.
   m.def("soft_fill_backward(Tensor grad, Tensor x, Tensor mask, int iters, bool fill_grad) -> (Tensor, Tensor)");
+  // ROAD's linear imputation (masked_ops/explain/imputation.py): per image and channel, u solving
+  // (D - W) u = b on the removed pixels (b: N x C x H x W float64, 0 elsewhere; removed: N x 1 x H x W
+  // bool, each image with a visible pixel), to a largest residual <= tol; returns (u, the final largest
+  // residual per image and channel, N x C) so that the caller decides what non-convergence means.
+  m.def("imputation_solve(Tensor b, Tensor removed, float tol, int max_iter) -> (Tensor, Tensor)");
 }

@@ -8,6 +8,8 @@ import torch.nn as nn
 from scipy.sparse import csc_matrix, lil_matrix
 from scipy.sparse.linalg import spsolve
 
+import masked_ops as mo
+from masked_ops import backends
 from masked_ops.explain.imputation import (blend, grid_labels, linear_imputation, noisy_linear_imputation,
                                            segment_mean_fill)
 from masked_ops.explain.strategies import IMAGENET_MEAN, IMPUTATION_STRATEGIES, STRATEGIES, get_strategy
@@ -68,8 +70,21 @@ def tiny_cnn():
 
 
 # ----------------------------------------------------------------------------- noisy-linear
+# The two solvers of the same system: "cpp" = the fused CPU kernel (masked_ops::imputation_solve),
+# "torch" = the batched torch solver (what CUDA tensors use).
+SOLVERS = ["cpp", "torch"]
+
+
+@pytest.fixture(params=SOLVERS)
+def solver(request):
+    if request.param == "cpp" and not backends.available("cpp"):
+        pytest.skip(f"cpp backend: {backends.unavailable_reason('cpp')}")
+    with mo.set_backend(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("frac,size,patch", [(0.5, 64, 8), (0.9, 64, 8), (0.3, 37, 1), (0.97, 48, 4)])
-def test_linear_imputation_equals_spsolve_transcription(frac, size, patch):
+def test_linear_imputation_equals_spsolve_transcription(frac, size, patch, solver):
     g = torch.Generator().manual_seed(3)
     images = torch.rand(3, 3, size, size, generator=g)
     if patch == 1:
@@ -136,7 +151,82 @@ def test_removed_content_never_enters_noisy_linear_and_inpainting():
         assert torch.isfinite(ya).all() and torch.equal(ya, yb), name
 
 
-def test_soft_masks_blend_and_gradients_flow():
+def _random_case(g, n, c, h, w, kind):
+    images = torch.rand(n, c, h, w, generator=g, dtype=torch.float64)
+    if kind == "scattered":
+        masks = torch.rand(n, 1, h, w, generator=g) > 0.6
+    elif kind == "one-removed":
+        masks = torch.ones(n, 1, h, w, dtype=torch.bool)
+        masks[:, :, h // 2, w // 3] = False
+    elif kind == "one-visible":
+        masks = torch.zeros(n, 1, h, w, dtype=torch.bool)
+        masks[:, :, h - 1, 0] = True
+    else:  # blocks touching the border
+        masks = torch.ones(n, 1, h, w, dtype=torch.bool)
+        masks[:, :, : h // 2, : (2 * w) // 3] = False
+        masks[:, :, h - 2:, w - 3:] = False
+    return images, masks
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 40), (1, 2, 37, 53), (3, 3, 17, 9), (1, 3, 64, 48)])
+@pytest.mark.parametrize("kind", ["scattered", "one-removed", "one-visible", "border-blocks"])
+def test_fused_and_torch_solvers_agree(shape, kind):
+    if not backends.available("cpp"):
+        pytest.skip(f"cpp backend: {backends.unavailable_reason('cpp')}")
+    g = torch.Generator().manual_seed(sum(shape) + len(kind))
+    images, masks = _random_case(g, *shape, kind)
+    with mo.set_backend("cpp"):
+        fused = linear_imputation(images, masks, tol=1e-10, fallback=[0.5])
+    with mo.set_backend("torch"):
+        ref = linear_imputation(images, masks, tol=1e-10, fallback=[0.5])
+    torch.testing.assert_close(fused, ref, atol=1e-8, rtol=0)
+    assert torch.equal(fused.expand_as(images)[masks.expand_as(images)], images[masks.expand_as(images)])
+    if shape == (1, 2, 37, 53):  # against road_evaluation's system too (independent of both solvers)
+        want = road_linear_reference(images[0].numpy(), masks[0, 0].double().numpy())
+        np.testing.assert_allclose(fused[0].numpy(), want, atol=1e-7, rtol=0)
+
+
+def test_fused_solver_reads_strided_float32_inputs():
+    if not backends.available("cpp"):
+        pytest.skip(f"cpp backend: {backends.unavailable_reason('cpp')}")
+    g = torch.Generator().manual_seed(7)
+    big = torch.rand(2, 3, 40, 66, generator=g)
+    images = big[:, :, 5:37, ::2].contiguous(memory_format=torch.channels_last)[:, :, :, 1:]  # strided view
+    masks = patch_masks(2, 32, 4, 0.5, seed=8)
+    with mo.set_backend("cpp"):
+        fused = linear_imputation(images, masks)
+    with mo.set_backend("torch"):
+        ref = linear_imputation(images.contiguous(), masks)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, ref, atol=5e-5, rtol=0)
+
+
+def test_solvers_say_when_they_do_not_converge(solver):
+    images, masks = _random_case(torch.Generator().manual_seed(1), 1, 3, 64, 64, "border-blocks")
+    with pytest.raises(RuntimeError, match="did not converge in 1 iterations"):
+        linear_imputation(images, masks, tol=1e-14, max_iter=1)
+
+
+def test_linear_imputation_rejects_bad_input():
+    images = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"mask has the wrong shape: expected \(2, 1, 8, 8\)"):
+        linear_imputation(images, torch.ones(2, 1, 8, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="images must be a floating-point tensor"):
+        linear_imputation(images.to(torch.uint8), torch.ones(2, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask must hold values in \[0, 1\]"):
+        linear_imputation(images, torch.full((2, 1, 8, 8), 1.5))
+
+
+def test_opcheck_imputation_solve():
+    if not backends.available("cpp"):
+        pytest.skip(f"cpp backend: {backends.unavailable_reason('cpp')}")
+    images, masks = _random_case(torch.Generator().manual_seed(2), 2, 3, 12, 10, "scattered")
+    removed = ~masks
+    b = torch.rand(images.shape, dtype=torch.float64) * removed
+    torch.library.opcheck(torch.ops.masked_ops.imputation_solve.default, (b, removed, 1e-9, 200))
+
+
+def test_soft_masks_blend_and_gradients_flow(solver):
     g = torch.Generator().manual_seed(4)
     images = torch.rand(1, 3, 24, 24, generator=g, dtype=torch.float64).requires_grad_(True)
     soft = torch.rand(1, 1, 24, 24, generator=g, dtype=torch.float64)

@@ -165,6 +165,10 @@ def _register() -> None:
     def _(grad, x, mask, iters, fill_grad):
         return torch.empty_like(x, memory_format=_memory_format(x)), torch.empty_like(mask)
 
+    @torch.library.register_fake(lib + "imputation_solve")
+    def _(b, removed, tol, max_iter):
+        return torch.empty_like(b), b.new_empty((b.shape[0], b.shape[1]))
+
     for name, (backward, setup) in FORMULAS.items():
         torch.library.register_autograd(lib + name, backward, setup_context=setup)
     backward, setup = soft_fill_formula(lambda *args: _ops().soft_fill_backward(*args))
