@@ -95,19 +95,33 @@ def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optio
 
     fill -> vendor conv -> fused epilogue. In fill/zero modes the bias rides in the vendor
     conv (under torch.compile, backends.UNDER_COMPILE["conv_bias"] may move it to the epilogue, which
-    inductor fuses into one pointwise pass); in renorm mode it is added after the scale, in the epilogue. ``soft``: the mask is a
+    inductor fuses into one pointwise pass), except for unpadded 1x1 convs of zeroed inputs (no fill;
+    see below); in renorm mode it is added after the scale, in the epilogue. ``soft``: the mask is a
     degree of visibility (soft_conv_input), and gradients reach it.
     """
     backend = resolve(x.device)
     kernel = (weight.shape[2], weight.shape[3])
+    w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    if (zeroed and scale is None and kernel == (1, 1) and tuple(padding) == (0, 0) and prepad is None
+            and (soft or not C.is_compiling())):
+        # A 1x1 conv reads each pixel alone, so conv(m * x) = m_s * conv(x) (m_s: m at the output
+        # pixels): a soft conv applies its mask as the epilogue's per-pixel scale instead of a fill
+        # pass over the (wider) input, and its mask gradient comes out of the epilogue's backward.
+        # Only for zeroed inputs (a converted model's activations: 0 and finite where m == 0), since
+        # conv(x) must not read NaN that m * x would have removed (the weight gradient would see it).
+        # The bias goes to the epilogue in the hard case too, so that soft equals hard bit for bit at
+        # a 0/1 mask (y * 1 + b, where a conv with its bias may round differently); compiled hard
+        # models keep the measured compile policy (UNDER_COMPILE["conv_bias"]).
+        y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+        ms = m[:, :, ::stride[0], ::stride[1]] if soft else None  # 1x1, no padding: the output grid
+        return epilogue_of_fresh(backend, y, keep, None if ms is None else ms.contiguous(), b, activation)
     if soft:
         xin = soft_conv_input(backend, x, m, iters, kernel, stride, dilation, prepad=prepad, fill_grad=fill_grad)
     else:
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         xin = conv_input(backend, x, m, iters, kernel, stride, dilation, prepad=prepad, zeroed=zeroed,
                          in_place=in_place, grad_through_zeros=grad)
-    w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
     if scale is None and not (C.is_compiling() and UNDER_COMPILE.get("conv_bias") == "epilogue"):
         y = F.conv2d(xin, w, b, stride, padding, dilation, groups)
         return epilogue_of_fresh(backend, y, keep, None, None, activation)

@@ -107,7 +107,8 @@ def test_fill_values_pass_no_gradient_to_x_by_default():
 
 
 class _Small(nn.Module):
-    """Residual adds, a stride-2 conv, a depthwise conv, max and average pooling, a concat, a head."""
+    """Residual adds, a stride-2 conv, a depthwise conv, 1x1 convs (one strided), max and average pooling, a
+    concat, a head."""
 
     def __init__(self):
         super().__init__()
@@ -116,12 +117,13 @@ class _Small(nn.Module):
         self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
         self.down = nn.Conv2d(6, 6, 3, stride=2, padding=1)
         self.side = nn.Conv2d(6, 6, 1)
+        self.skip = nn.Conv2d(6, 6, 1, stride=2)
         self.head = nn.Linear(12, 3)
 
     def forward(self, x):
         y = F.relu(self.bn(self.stem(x)))
         y = y + self.dw(y)
-        y = F.max_pool2d(y, 2) + F.silu(self.down(y))
+        y = F.max_pool2d(y, 2) + F.silu(self.down(y)) + self.skip(y)
         y = torch.cat([F.avg_pool2d(y, 3, 1, 1), self.side(y)], 1)
         return self.head(y.mean((2, 3)))
 
@@ -219,8 +221,9 @@ def test_values_where_the_mask_is_zero_never_reach_outputs_or_gradients(backend,
         xg, mg = xx.clone().requires_grad_(), m.clone().requires_grad_()
         with mo.set_backend(backend):
             out = lm(xg, mg)
-        gx, gm = torch.autograd.grad(out.square().sum(), (xg, mg))
-        results.append((out.detach(), gx, gm))
+        params = [p for p in lm.parameters() if p.requires_grad]
+        gx, gm, *gp = torch.autograd.grad(out.square().sum(), (xg, mg, *params))
+        results.append((out.detach(), gx, gm, *gp))
     for a, b in zip(*results):
         assert torch.isfinite(b).all() and torch.equal(a, b)
     assert torch.equal(results[0][1][(m > 0).expand_as(x) == 0], torch.zeros(int((m == 0).sum()) * 3, dtype=D))

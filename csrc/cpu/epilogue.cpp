@@ -198,8 +198,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_epilogue_backward_cpu(
     scalar_t* gsp = has_scale && need_scale ? gscale.data_ptr<scalar_t>() : nullptr;
     const bool cl = fmt == at::MemoryFormat::ChannelsLast;
     // Pixel chunks in parallel (batch 1 too), in the input's layout; per-chunk channel sums for
-    // gbias, added up at the end; gscale is per pixel, so each chunk writes its own.
-    const PixelChunks pc = pixel_chunks(N, C, HW);
+    // gbias, added up at the end; gscale is per pixel, so each chunk writes its own. In NCHW a chunk
+    // runs over its pixels once per channel: long chunks (a whole sample unless that leaves threads
+    // idle) keep those inner loops long and contiguous.
+    const int64_t threads = at::get_num_threads();
+    const PixelChunks pc = cl ? pixel_chunks(N, C, HW)
+                              : pixel_chunks(N, 1, HW, std::max<int64_t>(1024, (N * HW + threads - 1) / threads));
     std::vector<T> bias_sums(has_bias && need_bias ? pc.count * C : 0, T(0));
     dispatch_activation(act, [&](auto a) {
       constexpr Act A = decltype(a)::value;
@@ -232,21 +236,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_epilogue_backward_cpu(
             if (gsp) gsp[n * HW + p] = static_cast<scalar_t>(pix);
           }
         } else {
+          // Branch-free inner loops (a select per element), specialised on what is asked for, so
+          // that they vectorise: only the bias sum is a reduction over pixels.
           std::vector<T> pix(gsp ? p1 - p0 : 0, T(0));
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t base = (n * C + c) * HW;
-            T bsum = T(0);
-            for (int64_t p = p0; p < p1; ++p) {
-              if (!(static_cast<T>(kn[p]) > T(0))) {
-                gyp[base + p] = scalar_t(0);
-                continue;
+          auto planes = [&](auto has_scale_c, auto need_scale_c, auto need_bias_c) {
+            constexpr bool S = decltype(has_scale_c)::value, GS = decltype(need_scale_c)::value,
+                           GB = decltype(need_bias_c)::value;
+            T* __restrict__ px = pix.data() - p0;
+            const scalar_t* __restrict__ kk = kn;
+            const scalar_t* __restrict__ ss = sn;
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t base = (n * C + c) * HW;
+              const scalar_t* __restrict__ yc = yp + base;
+              const scalar_t* __restrict__ gc = gp + base;
+              scalar_t* __restrict__ gyc = gyp + base;
+              const T b = biasv[c];
+              T bsum = T(0);
+              for (int64_t p = p0; p < p1; ++p) {
+                const T sv = S ? static_cast<T>(ss[p]) : T(1);
+                const T yv = static_cast<T>(yc[p]);
+                const T z = static_cast<T>(static_cast<scalar_t>(yv * sv)) + b;
+                const bool kept = static_cast<T>(kk[p]) > T(0);
+                const T ag = activation_grad<A>(z, static_cast<T>(gc[p]));  // unconditional: vectorises
+                const T gz = kept ? ag : T(0);
+                gyc[p] = static_cast<scalar_t>(kept ? gz * sv : T(0));
+                if constexpr (GB) bsum += gz;
+                if constexpr (GS) px[p] += kept ? gz * yv : T(0);
               }
-              const T gz = element(base + p, c, sn ? static_cast<T>(sn[p]) : T(1));
-              bsum += gz;
-              if (gsp) pix[p - p0] += gz * static_cast<T>(yp[base + p]);
+              if constexpr (GB) bs[c] += bsum;
             }
-            if (bs) bs[c] += bsum;
-          }
+          };
+          const bool s = sn != nullptr, gs = gsp != nullptr, gb = bs != nullptr;
+          using F = std::false_type;
+          using Tr = std::true_type;
+          if (s && gs && gb) planes(Tr{}, Tr{}, Tr{});
+          else if (s && gs) planes(Tr{}, Tr{}, F{});
+          else if (s && gb) planes(Tr{}, F{}, Tr{});
+          else if (s) planes(Tr{}, F{}, F{});
+          else if (gb) planes(F{}, F{}, Tr{});
+          else planes(F{}, F{}, F{});
           if (gsp)
             for (int64_t p = p0; p < p1; ++p) gsp[n * HW + p] = static_cast<scalar_t>(pix[p - p0]);
         }
