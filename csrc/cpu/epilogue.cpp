@@ -211,15 +211,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_epilogue_backward_cpu(
         const scalar_t* kn = kp + n * HW;
         const scalar_t* sn = sp ? sp + n * HW : nullptr;
         T* bs = bias_sums.empty() ? nullptr : bias_sums.data() + k * C;
-        // one element: z as the forward computed it (y * scale rounded like the reference's, + bias)
-        auto element = [&](int64_t at, int64_t c, T s) {
-          const T yv = static_cast<T>(yp[at]);
-          const T z = static_cast<T>(static_cast<scalar_t>(yv * s)) + biasv[c];
-          const T gz = activation_grad<A>(z, static_cast<T>(gp[at]));
-          gyp[at] = static_cast<scalar_t>(gz * s);
-          return gz;
-        };
+        // Per element: z as the forward computed it (y * scale rounded like the reference's, + bias).
         if (cl) {
+          // The channel loop stores gz * y and sums it afterwards in eight partial sums: a float
+          // reduction inside the loop would keep the compiler from vectorising it.
+          std::vector<T> prod(gsp ? C : 0);
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t base = (n * HW + p) * C;
             if (!(static_cast<T>(kn[p]) > T(0))) {
@@ -227,13 +223,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_epilogue_backward_cpu(
               continue;
             }
             const T s = sn ? static_cast<T>(sn[p]) : T(1);
-            T pix = T(0);
+            const scalar_t* __restrict__ yc = yp + base;
+            const scalar_t* __restrict__ gc = gp + base;
+            scalar_t* __restrict__ gyc = gyp + base;
+            const T* __restrict__ bv = biasv.data();
+            T* __restrict__ pr = prod.data();
+            T* __restrict__ bsr = bs;
             for (int64_t c = 0; c < C; ++c) {
-              const T gz = element(base + c, c, s);
-              if (bs) bs[c] += gz;
-              pix += gz * static_cast<T>(yp[base + c]);
+              const T yv = static_cast<T>(yc[c]);
+              const T z = static_cast<T>(static_cast<scalar_t>(yv * s)) + bv[c];
+              const T gz = activation_grad<A>(z, static_cast<T>(gc[c]));
+              gyc[c] = static_cast<scalar_t>(gz * s);
+              if (bsr) bsr[c] += gz;
+              if (pr) pr[c] = gz * yv;
             }
-            if (gsp) gsp[n * HW + p] = static_cast<scalar_t>(pix);
+            if (gsp) {
+              T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+              int64_t c = 0;
+              for (; c + 8 <= C; c += 8)
+                for (int j = 0; j < 8; ++j) acc[j] += pr[c + j];
+              T pix = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+              for (; c < C; ++c) pix += pr[c];
+              gsp[n * HW + p] = static_cast<scalar_t>(pix);
+            }
           }
         } else {
           // Branch-free inner loops (a select per element), specialised on what is asked for, so
