@@ -280,3 +280,18 @@ def test_shared_pool_sweep(backend, case):
                 ours, om = op(x, m, *args, ceil_mode=case.ceil_mode, **kw)
             assert torch.equal(om, tm)
             assert_accurate(ours, plain, truth, dtype, f"{backend} {op.__name__} {case.id} {dtype}")
+
+
+def test_noisy_linear_on_cuda_equals_the_cpu_solve():
+    """noisy-linear's torch solver on CUDA tensors (batched over images and channels) against the
+    CPU solve (the fused kernel where it is built), both to tol 1e-10."""
+    from masked_ops.explain.imputation import linear_imputation
+
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(3, 3, 64, 48, generator=g, dtype=torch.float64)
+    masks = torch.rand(3, 1, 64 // 8, 48 // 8, generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3) > 0.5
+    masks[0, :, :5, :5] = True  # every image keeps a visible pixel
+    cpu = linear_imputation(images, masks, tol=1e-10)
+    gpu = linear_imputation(images.cuda(), masks.cuda(), tol=1e-10)
+    assert gpu.is_cuda
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-8, rtol=0)
