@@ -30,7 +30,31 @@ def input_mask(x: torch.Tensor, mask: Optional[torch.Tensor], soft: bool = False
     if mask is None:
         return (~torch.isnan(x).any(dim=1, keepdim=True)).to(x.dtype)
     C.check_mask(mask, x, soft=soft)
-    return C.as_float_mask(mask, x)
+    return op_mask(mask, x, soft)
+
+
+def soft_floor_value(dtype: torch.dtype) -> float:
+    """The smallest soft mask value that counts as (partly) visible: 1e-6, or the dtype's epsilon
+    where that is larger (float16, bfloat16)."""
+    return max(1e-6, torch.finfo(dtype).eps)
+
+
+def soft_floor(m: torch.Tensor) -> torch.Tensor:
+    """A soft mask with every value below ``soft_floor_value`` set to 0 (removed).
+
+    Why: the soft fill divides by box3(k), the knownness around a pixel, and its gradient by that
+    sum again; a mask value of 1e-30 (soft residual joins multiply masks, so values shrink fast in a
+    deep network) made those quotients overflow to inf and the mask gradient NaN. Below the floor a
+    pixel is removed (no gradient there); at or above it the quotients stay below 1 / floor. 0/1
+    masks are unchanged (the hard rules, bit for bit).
+    """
+    return torch.where(m >= soft_floor_value(m.dtype), m, torch.zeros((), dtype=m.dtype, device=m.device))
+
+
+def op_mask(mask: torch.Tensor, x: torch.Tensor, soft: bool) -> torch.Tensor:
+    """The canonical internal mask of an op's checked mask argument (soft: floored, see soft_floor)."""
+    m = C.as_float_mask(mask, x)
+    return soft_floor(m) if soft else m
 
 
 def select_visible(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -233,7 +257,7 @@ def join(masks: Sequence[torch.Tensor], how: str) -> torch.Tensor:
     if how == "intersection":
         for m in masks[1:]:
             out = out * m
-        return out
+        return soft_floor(out)  # products of soft masks shrink fast (0/1 masks: unchanged)
     if how == "union":
         for m in masks[1:]:
             out = torch.maximum(out, m)

@@ -155,7 +155,7 @@ def masked_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                                                           groups, mode)
     check_activation(activation)
     keep_rule = M.check_keep_rule(soft_keep) if soft else None
-    m = C.as_float_mask(mask, x)
+    m = M.op_mask(mask, x, soft)
     keep, scale = M.conv_masks(m, kernel, stride, padding, dilation, mode, padding_visible, soft=keep_rule)
     iters = fill_iters(kernel, dilation) if mode == "fill" else 0
     y = conv_core(x, m, keep, scale, weight, bias, stride, padding, dilation, groups, iters, activation,
@@ -176,7 +176,7 @@ def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, *, soft: bool
     C.check_input(x)
     C.check_mask(mask, x, soft=soft)
     iters = C.check_iters(iters, x)
-    m = C.as_float_mask(mask, x)
+    m = M.op_mask(mask, x, soft)
     if soft:
         return resolve(x.device).soft_fill(x, m, iters, bool(fill_grad))
     return resolve(x.device).neighbor_fill(x, m, iters)
@@ -256,7 +256,7 @@ def masked_max_pool2d(x: torch.Tensor, mask: torch.Tensor, kernel_size, stride=N
     C.check_input(x)
     C.check_mask(mask, x, soft=soft)
     kernel, stride, padding, dilation = C.check_pool_args(x, kernel_size, stride, padding, dilation)
-    m = C.as_float_mask(mask, x)
+    m = M.op_mask(mask, x, soft)
     y, m2 = pool_core(x, m, "max", kernel, stride, padding, dilation, bool(ceil_mode),
                       soft=M.check_keep_rule(soft_keep) if soft else None)
     return y, C.restore_mask_dtype(m2, mask)
@@ -271,7 +271,7 @@ def masked_avg_pool2d(x: torch.Tensor, mask: torch.Tensor, kernel_size, stride=N
     C.check_input(x)
     C.check_mask(mask, x, soft=soft)
     kernel, stride, padding, _ = C.check_pool_args(x, kernel_size, stride, padding, 1)
-    m = C.as_float_mask(mask, x)
+    m = M.op_mask(mask, x, soft)
     y, m2 = pool_core(x, m, "avg", kernel, stride, padding, (1, 1), bool(ceil_mode), bool(count_include_pad),
                       soft=M.check_keep_rule(soft_keep) if soft else None)
     return y, C.restore_mask_dtype(m2, mask)
@@ -290,4 +290,4 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, soft: bool = False) -> t
     ``soft=True``: sum(m * x) / sum(m) for a mask in [0, 1], differentiable in it."""
     C.check_input(x)
     C.check_mask(mask, x, soft=soft)
-    return mean_core(x, C.as_float_mask(mask, x), soft=soft)
+    return mean_core(x, M.op_mask(mask, x, soft), soft=soft)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import masked_ops as mo
+from masked_ops import masks as M
 from masked_ops.backends import reference as R
 from op_cases import available_backends, make_mask
 
@@ -227,6 +228,43 @@ def test_values_where_the_mask_is_zero_never_reach_outputs_or_gradients(backend,
     for a, b in zip(*results):
         assert torch.isfinite(b).all() and torch.equal(a, b)
     assert torch.equal(results[0][1][(m > 0).expand_as(x) == 0], torch.zeros(int((m == 0).sum()) * 3, dtype=D))
+
+
+# ----------------------------------------------------------------------------- tiny mask values
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_mask_values_count_as_removed_and_keep_gradients_finite(backend):
+    """Found by extremal perturbations on EfficientNet-Lite0: soft residual joins multiply masks, deep
+    masks reached 1e-41, and the soft fill's 1 / box3(k) overflowed to a NaN mask gradient. Values below
+    masks.soft_floor_value count as removed (exactly as 0 would), so outputs and gradients stay finite."""
+    x = _x(2, 3, 10, 10).float()
+    m = _soft_mask(2, 10, 10, seed=7).float()
+    tiny = m.clone()
+    tiny[:, :, 2:7, 3:8] = 1e-41  # a float32 denormal, far below the floor
+    zero = m.clone()
+    zero[:, :, 2:7, 3:8] = 0.0
+    lm = mo.layer_mask(_small().float(), soft=True)
+    with mo.set_backend(backend):
+        outs = []
+        for mm in (tiny, zero):
+            mg = mm.clone().requires_grad_()
+            out = lm(x, mg)
+            (gm,) = torch.autograd.grad(out.square().sum(), mg)
+            outs.append((out.detach(), gm))
+        (y_tiny, g_tiny), (y_zero, g_zero) = outs
+        assert torch.isfinite(g_tiny).all() and torch.equal(y_tiny, y_zero) and torch.equal(g_tiny, g_zero)
+        # the op-level fill too (the floor is applied to an op's own soft mask argument)
+        xg, mg = x.clone().requires_grad_(), tiny.clone().requires_grad_()
+        y = mo.neighbor_fill(xg, mg, 2, soft=True)
+        gx, gm = torch.autograd.grad(y.square().sum(), (xg, mg))
+        assert torch.isfinite(gx).all() and torch.isfinite(gm).all()
+        torch.testing.assert_close(y.detach(), mo.neighbor_fill(x, zero, 2, soft=True))
+    assert M.soft_floor_value(torch.float32) == 1e-6 and M.soft_floor_value(torch.bfloat16) > 1e-3
+
+
+def test_soft_residual_joins_floor_the_product():
+    a = torch.tensor([[[[1e-4, 0.5, 1.0, 0.0]]]])
+    b = torch.tensor([[[[1e-4, 0.5, 1.0, 1.0]]]])
+    assert M.join([a, b], "intersection").tolist() == [[[[0.0, 0.25, 1.0, 0.0]]]]  # 1e-8 < the floor
 
 
 # ----------------------------------------------------------------------------- compile, bad input

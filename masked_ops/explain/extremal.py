@@ -226,6 +226,9 @@ def _optimise(strategy, image, target, gen, ref, areas, variant, iterations, lr,
         penalty = weight * ((full.reshape(k, -1).sort(dim=1).values - ref) ** 2).mean(dim=1)
         opt.zero_grad()
         (penalty - r).sum().backward()
+        if not bool(torch.isfinite(params.grad).all()):  # a NaN step would silently ruin every mask
+            raise FloatingPointError(f"extremal ({strategy.name}): the mask's gradient became non-finite at step "
+                                     f"{t + 1} of {iterations} (target {int(target)})")
         opt.step()
         with torch.no_grad():
             params.clamp_(0, 1)
