@@ -142,7 +142,8 @@ class MaskBuilder:
             return uniq[0]
         # Intersection and union do not depend on order or repeats; the vote counts every input.
         srcs = tuple(sorted(uniq, key=lambda n: n.name)) if how != "majority" else tuple(masks)
-        return self._emit(M.join, (srcs, how), name=f"{how}_mask")
+        extra = {} if self.soft is None else {"soft": True}
+        return self._emit(M.join, (srcs, how), extra, name=f"{how}_mask")
 
 
 # ----------------------------------------------------------------------------- the module

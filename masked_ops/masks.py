@@ -240,13 +240,14 @@ def indicator(t: torch.Tensor) -> torch.Tensor:
 JOINS = ("majority", "union", "intersection")
 
 
-def join(masks: Sequence[torch.Tensor], how: str) -> torch.Tensor:
+def join(masks: Sequence[torch.Tensor], how: str, soft: bool = False) -> torch.Tensor:
     """Mask of a join of several masked maps, for hard and soft masks alike.
 
     "intersection" (residual add, any elementwise op): the product of the masks (visible where
     every input is); "union" (Fire's concat): their maximum; "majority" (DenseNet's concat): the
     ceil(n/2)-th largest, i.e. visible where at least half the inputs are (a tie counts as visible,
     so a two-way majority is the union). At 0/1 masks these are exactly the set operations.
+    ``soft``: the product is floored (soft_floor): products of soft masks shrink fast in deep networks.
     """
     masks = list(masks)
     if how not in JOINS:
@@ -257,12 +258,12 @@ def join(masks: Sequence[torch.Tensor], how: str) -> torch.Tensor:
     if how == "intersection":
         for m in masks[1:]:
             out = out * m
-        return soft_floor(out)  # products of soft masks shrink fast (0/1 masks: unchanged)
+        return soft_floor(out) if soft else out
     if how == "union":
         for m in masks[1:]:
             out = torch.maximum(out, m)
         return out
     k = (len(masks) + 1) // 2
     if k == 1:
-        return join(masks, "union")
+        return join(masks, "union", soft)
     return torch.stack(masks).topk(k, dim=0).values[k - 1]

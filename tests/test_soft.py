@@ -264,7 +264,8 @@ def test_tiny_mask_values_count_as_removed_and_keep_gradients_finite(backend):
 def test_soft_residual_joins_floor_the_product():
     a = torch.tensor([[[[1e-4, 0.5, 1.0, 0.0]]]])
     b = torch.tensor([[[[1e-4, 0.5, 1.0, 1.0]]]])
-    assert M.join([a, b], "intersection").tolist() == [[[[0.0, 0.25, 1.0, 0.0]]]]  # 1e-8 < the floor
+    assert M.join([a, b], "intersection", soft=True).tolist() == [[[[0.0, 0.25, 1.0, 0.0]]]]  # 1e-8 < the floor
+    assert M.join([a, b], "intersection")[0, 0, 0, 0].item() == pytest.approx(1e-8)  # hard joins: no extra op
 
 
 # ----------------------------------------------------------------------------- compile, bad input
