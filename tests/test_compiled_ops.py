@@ -138,6 +138,31 @@ def test_soft_fill_matches_the_reference_in_every_layout(dtype, layout, iters, f
         assert out[compiled].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("shape", [(1, 70, 6, 13), (1, 19, 1, 9), (3, 33, 7, 1), (1, 130, 5, 5), (2, 9, 2, 2)])
+@pytest.mark.parametrize("iters", [1, 2])
+@pytest.mark.parametrize("fill_grad", [False, True])
+def test_soft_fill_backward_channels_last_in_channel_blocks(shape, iters, fill_grad):
+    """The channels_last backward works on blocks of 8-64 channels (more blocks at batch 1) and sweeps
+    rows with rolling 3-row sums: channel counts that leave a partial block, single rows and columns,
+    against the reference's autograd in float64."""
+    from masked_ops.backends import compiled, reference
+
+    N, C, H, W = shape
+    gen = torch.Generator().manual_seed(C * 7 + iters)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    m = torch.rand(N, 1, H, W, generator=gen, dtype=torch.float64)
+    m = m * (torch.rand(N, 1, H, W, generator=gen) > 0.3).to(torch.float64)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grads = {}
+    for backend in (compiled, reference):
+        xi = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        mi = m.clone().requires_grad_()
+        (backend.soft_fill(xi, mi, iters, fill_grad) * w).sum().backward()
+        grads[backend] = (xi.grad, mi.grad)
+    for g, r in zip(grads[compiled], grads[reference]):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout,dtype", SAMPLES)
 def test_opcheck_soft_fill(layout, dtype):
     x, _ = _sample(layout, dtype)

@@ -92,43 +92,105 @@ void select_plane(const scalar_t* x, const scalar_t* m, scalar_t* out, int64_t H
   for (int64_t p = 0; p < HW; ++p) out[p] = m[p] > scalar_t(0) ? x[p] : scalar_t(0);
 }
 
+// channels_last input with at least 8 channels runs with channels innermost; fewer channels (an RGB
+// image) run as planes, whose loops along a row are longer than a pixel's loop over its channels
+// (3 channels at 224 px: 2.4x faster as planes, the transposes included).
+bool channels_innermost(const at::Tensor& x) {
+  return layout_of(x) == at::MemoryFormat::ChannelsLast && x.size(1) >= 8;
+}
+
 void check_soft_fill(const at::Tensor& x, const at::Tensor& mask, int64_t iters, const char* op) {
   check_image(x, op);
   check_mask_like(mask, x, x.size(2), x.size(3), op);
   TORCH_CHECK(iters >= 0, op, ": iters must be >= 0, got ", iters);
 }
 
-// Channels-last (NHWC) versions of the rings: one sample at a time, every pass parallel over rows,
-// channels innermost, so a channels_last activation is never transposed to planes and back. The
-// sums run in the same order as the plane versions (row-major over the 3x3 neighbourhood; box3:
-// rows left + centre + right, then centre + up + down), so both layouts give the same values.
+// Channels-last (NHWC) versions of the rings: channels innermost, so a channels_last activation is
+// never transposed to planes and back. The forward sums run in the same order as the plane version
+// (row-major over the 3x3 neighbourhood), so both layouts give the same values.
+
+// A block's start: v_0 = x where visible (else 0) and U = grad, from NHWC rows into compact ones.
 template <typename scalar_t, typename T>
-void ring_nhwc(const T* k, const T* c, const scalar_t* v, scalar_t* out, int64_t H, int64_t W, int64_t C) {
+inline void gather_block(const scalar_t* __restrict x, const scalar_t* __restrict g, bool visible,
+                         scalar_t* __restrict v, T* __restrict u, int64_t cb) {
+  for (int64_t j = 0; j < cb; ++j) {  // a loop, not std::copy: a call per pixel costs more than the copy
+    v[j] = visible ? x[j] : scalar_t(0);
+    u[j] = static_cast<T>(g[j]);
+  }
+}
+
+// out = in * s, rounded to the storage type.
+template <typename in_t, typename T, typename out_t>
+inline void scale_block(const in_t* __restrict in, T s, out_t* __restrict out, int64_t cb) {
+  for (int64_t j = 0; j < cb; ++j) out[j] = static_cast<out_t>(static_cast<T>(in[j]) * s);
+}
+
+// One pixel's C channels of a ring, from the k v rows above (r0), at (r1) and below (r2), each
+// starting at the pixel to the left: the nine terms in row-major order, as the plane version adds them.
+// removed: the pixel's own value reads as 0 (the first ring reads x itself, selected by the mask).
+template <typename scalar_t, typename T>
+inline void blend_pixel(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2,
+                        const scalar_t* __restrict v, scalar_t* __restrict out, T a, T cnt, bool removed,
+                        int64_t C) {
+  for (int64_t j = 0; j < C; ++j) {
+    const T sum = r0[j] + r0[j + C] + r0[j + 2 * C] + r1[j] + r1[j + C] + r1[j + 2 * C] + r2[j] + r2[j + C] +
+                  r2[j + 2 * C];
+    const T own = removed ? T(0) : static_cast<T>(v[j]);
+    out[j] = static_cast<scalar_t>(a * own + (T(1) - a) * (sum / cnt));
+  }
+}
+
+// k v of row r (W pixels x C channels) into dst with a zero pixel at each end; zeros outside the image
+// and, with select (the first ring, v = x), where k == 0.
+template <typename scalar_t, typename T>
+inline void kv_row_nhwc(const T* k, const scalar_t* v, int64_t r, int64_t H, int64_t W, int64_t C, bool select,
+                        T* dst) {
+  const int64_t Lp = (W + 2) * C;
+  if (r < 0 || r >= H) {
+    std::fill(dst, dst + Lp, T(0));
+    return;
+  }
+  std::fill(dst, dst + C, T(0));
+  std::fill(dst + (W + 1) * C, dst + Lp, T(0));
+  for (int64_t w = 0; w < W; ++w) {
+    T* d = dst + (w + 1) * C;
+    if (select && !(k[r * W + w] > T(0)))
+      std::fill(d, d + C, T(0));
+    else
+      scale_block(v + (r * W + w) * C, k[r * W + w], d, C);
+  }
+}
+
+// One ring over NHWC input, parallel over rows; each thread keeps k v of three rows (zero-padded),
+// so every pixel's nine-term sum is one vectorised loop over its channels. With select, v is the
+// input x and reads as 0 where k (the mask) is 0: the first ring needs no selected copy of x.
+template <typename scalar_t, typename T>
+void ring_nhwc(const T* k, const T* c, const scalar_t* v, scalar_t* out, int64_t H, int64_t W, int64_t C,
+               bool select = false) {
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<T> acc(C);
+    const int64_t Lp = (W + 2) * C;
+    std::vector<T> rows(3 * Lp);
+    T* r0 = rows.data();
+    T* r1 = r0 + Lp;
+    T* r2 = r1 + Lp;
+    kv_row_nhwc(k, v, h0 - 1, H, W, C, select, r0);
+    kv_row_nhwc(k, v, h0, H, W, C, select, r1);
     for (int64_t h = h0; h < h1; ++h) {
+      kv_row_nhwc(k, v, h + 1, H, W, C, select, r2);
       for (int64_t w = 0; w < W; ++w) {
         const int64_t p = h * W + w;
         const T a = k[p], cnt = c[p];
         const scalar_t* vp = v + p * C;
         scalar_t* o = out + p * C;
+        const bool removed = select && !(a > T(0));
         if (!(cnt > T(0)) || a == T(1)) {  // no known neighbour, or fully known: unchanged
-          std::copy(vp, vp + C, o);
-          continue;
+          for (int64_t j = 0; j < C; ++j) o[j] = removed ? scalar_t(0) : vp[j];
+        } else {
+          blend_pixel(r0 + w * C, r1 + w * C, r2 + w * C, vp, o, a, cnt, removed, C);
         }
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t hh = h - 1; hh <= h + 1; ++hh) {
-          if (hh < 0 || hh >= H) continue;
-          for (int64_t ww = w - 1; ww <= w + 1; ++ww) {
-            if (ww < 0 || ww >= W) continue;
-            const T kk = k[hh * W + ww];
-            const scalar_t* vn = v + (hh * W + ww) * C;
-            for (int64_t ch = 0; ch < C; ++ch) acc[ch] += kk * static_cast<T>(vn[ch]);
-          }
-        }
-        for (int64_t ch = 0; ch < C; ++ch)
-          o[ch] = static_cast<scalar_t>(a * static_cast<T>(vp[ch]) + (T(1) - a) * (acc[ch] / cnt));
       }
+      std::swap(r0, r1);  // rotate: the row below becomes the current one
+      std::swap(r1, r2);
     }
   });
 }
@@ -257,23 +319,20 @@ at::Tensor soft_fill_nhwc(const at::Tensor& x_in, const at::Tensor& mask_in, int
   iters = saturated_rings(iters, H, W);
   at::Tensor out = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (x.numel() == 0) return out;
+  // Rings ping-pong between two scratch samples (the last writes the output); the first reads x.
+  at::Tensor scratch = at::empty({iters > 1 ? std::min<int64_t>(iters - 1, 2) : 0, HW * C}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_fill_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     std::vector<T> k((iters + 1) * HW), c(iters * HW);
-    std::vector<scalar_t> a(HW * C), b(iters > 1 ? HW * C : 0);
     for (int64_t n = 0; n < N; ++n) {
       const scalar_t* m = mask.const_data_ptr<scalar_t>() + n * HW;
-      const scalar_t* xs = x.const_data_ptr<scalar_t>() + n * HW * C;
       knownness(m, H, W, iters, k.data(), c.data());
-      at::parallel_for(0, HW, 256, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p)
-          for (int64_t ch = 0; ch < C; ++ch) a[p * C + ch] = m[p] > scalar_t(0) ? xs[p * C + ch] : scalar_t(0);
-      });
+      const scalar_t* src = x.const_data_ptr<scalar_t>() + n * HW * C;
       scalar_t* dst_n = out.data_ptr<scalar_t>() + n * HW * C;
       for (int64_t t = 1; t <= iters; ++t) {
-        scalar_t* dst = t == iters ? dst_n : b.data();
-        ring_nhwc(k.data() + (t - 1) * HW, c.data() + (t - 1) * HW, a.data(), dst, H, W, C);
-        if (t < iters) std::swap(a, b);
+        scalar_t* dst = t == iters ? dst_n : scratch.data_ptr<scalar_t>() + ((t - 1) % 2) * HW * C;
+        ring_nhwc(k.data() + (t - 1) * HW, c.data() + (t - 1) * HW, src, dst, H, W, C, t == 1);
+        src = dst;
       }
     }
   });
@@ -283,7 +342,7 @@ at::Tensor soft_fill_nhwc(const at::Tensor& x_in, const at::Tensor& mask_in, int
 at::Tensor soft_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters, bool /*fill_grad*/) {
   check_soft_fill(x_in, mask_in, iters, "soft_fill");
   if (saturated_rings(iters, x_in.size(2), x_in.size(3)) == 0) return scale_by_mask(x_in, mask_in);
-  if (layout_of(x_in) == at::MemoryFormat::ChannelsLast && x_in.size(1) > 1) return soft_fill_nhwc(x_in, mask_in, iters);
+  if (channels_innermost(x_in)) return soft_fill_nhwc(x_in, mask_in, iters);
   const auto fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous();  // planes: NCHW inside, the input's format outside
   const at::Tensor mask = mask_in.contiguous();
@@ -347,78 +406,196 @@ void box3(const T* in, T* out, int64_t H, int64_t W, T* tmp) {
   }
 }
 
+// Sum of one pixel's cb channels with eight independent partial sums: a single running sum is a
+// chain of dependent additions that the compiler may not reorder (no -ffast-math), so it would not
+// vectorise.
+template <typename T>
+inline T channel_sum(const T* d, int64_t cb) {
+  T s[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= cb; j += 8)
+    for (int l = 0; l < 8; ++l) s[l] += d[j + l];
+  T r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; j < cb; ++j) r += d[j];
+  return r;
+}
+
+// Horizontal 3-sum (zero beyond the edges) of one row of W pixels x cb channels.
+template <typename T>
+inline void row_sum3(const T* in, T* out, int64_t W, int64_t cb) {
+  const int64_t L = W * cb;
+  if (W == 1) {
+    std::copy(in, in + L, out);
+    return;
+  }
+  for (int64_t i = 0; i < cb; ++i) out[i] = in[i] + in[i + cb];
+  for (int64_t i = cb; i < L - cb; ++i) out[i] = in[i - cb] + in[i] + in[i + cb];
+  for (int64_t i = L - cb; i < L; ++i) out[i] = in[i - cb] + in[i];
+}
+
+// One pixel's cb channels in the first half of a ring's backward (its row's 3x3 sums of k v are
+// up + mid + down): f = box3(k v) / c, H = U (1 - a) / c into h, H f into hf; returns the direct mask
+// gradient U (v - f) summed over the channels (d is scratch).
+template <typename scalar_t, typename T>
+inline T fill_adjoints(const T* __restrict up, const T* __restrict mid, const T* __restrict down,
+                       const T* __restrict u, const scalar_t* __restrict v, T inv, T om, bool known,
+                       T* __restrict h, T* __restrict hf, T* __restrict d, int64_t cb) {
+  for (int64_t j = 0; j < cb; ++j) {
+    const T fv = (up[j] + mid[j] + down[j]) * inv;
+    const T hv = u[j] * om;
+    h[j] = hv;
+    hf[j] = hv * fv;
+    d[j] = known ? u[j] * (static_cast<T>(v[j]) - fv) : T(0);
+  }
+  return channel_sum(d, cb);
+}
+
+// The second half, once the 3x3 sums of H (hu + hm + hd) and of H f (fu + fm + fd) are known:
+// through s = box3(a v) and c = box3(a), d a += v box3(H) - box3(H f) (returned, summed over the
+// channels); the value's adjoint becomes U keep + a box3(H).
+template <typename scalar_t, typename T>
+inline T sum_adjoints(const T* __restrict hu, const T* __restrict hm, const T* __restrict hd, const T* __restrict fu,
+                      const T* __restrict fm, const T* __restrict fd, const scalar_t* __restrict v, T a, T keep,
+                      T* __restrict u, T* __restrict d, int64_t cb) {
+  for (int64_t j = 0; j < cb; ++j) {
+    const T bH = hu[j] + hm[j] + hd[j];
+    const T bHF = fu[j] + fm[j] + fd[j];
+    d[j] = static_cast<T>(v[j]) * bH - bHF;
+    u[j] = u[j] * keep + a * bH;
+  }
+  return channel_sum(d, cb);
+}
+
+// Scratch of one thread's channel blocks in ring_grads_nhwc (sized for blocks of up to CB channels).
+template <typename scalar_t, typename T>
+struct BlockScratch {
+  std::vector<scalar_t> vs;  // v_0 .. v_{iters-1} of the block, compact H x W x cb
+  std::vector<T> U, keep_prod;
+  // Rolling rows: horizontal sums of k v, H and H f (three rows each), one row of H, H f and the
+  // per-element mask gradients, and a zero row for the image's edges.
+  std::vector<T> hkv, hH, hHF, rowH, rowHF, rowD, zero;
+  BlockScratch(int64_t iters, int64_t H, int64_t W, int64_t CB)
+      : vs(iters * H * W * CB), U(H * W * CB), keep_prod(H * W), hkv(3 * W * CB), hH(3 * W * CB),
+        hHF(3 * W * CB), rowH(W * CB), rowHF(W * CB), rowD(W * CB), zero(W * CB, T(0)) {}
+};
+
+// The rings' backward of one sample's block of channels [c0, c0 + cb) (see ring_grads_nhwc). FIXED > 0
+// makes the block width a compile-time constant: the per-pixel loops over a block's channels are
+// then fully unrolled vector code; a runtime width pays loop set-up at every pixel, which at 16-24
+// channels cost more than the arithmetic.
+template <int64_t FIXED, typename scalar_t, typename T>
+void block_grads(BlockScratch<scalar_t, T>& b, const scalar_t* xp, const scalar_t* gp, const scalar_t* m,
+                 scalar_t* gxp, const T* kn, const T* cn, T* dkn, int64_t n, int64_t c0, int64_t cb_dyn, int64_t C,
+                 int64_t H, int64_t W, int64_t iters, bool fill_grad) {
+  const int64_t cb = FIXED > 0 ? FIXED : cb_dyn;
+  const int64_t HW = H * W, Sb = HW * cb, L = W * cb;
+  // The block's channels are one cache line per pixel, C channels apart: a stride that the hardware
+  // prefetchers lose at every page, so the reads ahead are asked for explicitly.
+  constexpr int64_t ahead = 8;
+  for (int64_t p = 0; p < HW; ++p) {
+    const int64_t src = (n * HW + p) * C + c0;
+    if (p + ahead < HW) {
+      __builtin_prefetch(xp + src + ahead * C);
+      __builtin_prefetch(gp + src + ahead * C);
+    }
+    gather_block(xp + src, gp + src, m[p] > scalar_t(0), b.vs.data() + p * cb, b.U.data() + p * cb, cb);
+  }
+  std::fill(b.keep_prod.begin(), b.keep_prod.end(), T(1));
+  for (int64_t t = 1; t < iters; ++t)
+    ring_nhwc(kn + (t - 1) * HW, cn + (t - 1) * HW, b.vs.data() + (t - 1) * Sb, b.vs.data() + t * Sb, H, W, cb);
+  T* U = b.U.data();
+  const T* zero = b.zero.data();
+  auto slot = [L](std::vector<T>& buf, int64_t r) { return buf.data() + (r % 3) * L; };
+  for (int64_t t = iters; t >= 1; --t) {
+    const T* a = kn + (t - 1) * HW;
+    const T* cnt = cn + (t - 1) * HW;
+    const scalar_t* v = b.vs.data() + (t - 1) * Sb;
+    T* dkt = dkn + (t - 1) * HW;
+    auto kv_row = [&](int64_t r) {  // hkv(r) = horizontal sums of k v on row r
+      T* tmp = b.rowD.data();
+      for (int64_t w = 0; w < W; ++w) scale_block(v + (r * W + w) * cb, a[r * W + w], tmp + w * cb, cb);
+      row_sum3(tmp, slot(b.hkv, r), W, cb);
+    };
+    kv_row(0);
+    for (int64_t s = 0; s <= H; ++s) {
+      if (s < H) {
+        // Row s: f = box3(k v) / c, H = U (1 - a) / c, the direct mask gradient U (v - f).
+        if (s + 1 < H) kv_row(s + 1);
+        const T* up = s > 0 ? slot(b.hkv, s - 1) : zero;
+        const T* mid = slot(b.hkv, s);
+        const T* down = s + 1 < H ? slot(b.hkv, s + 1) : zero;
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t p = s * W + w;
+          const bool known = cnt[p] > T(0);
+          const T inv = known ? T(1) / cnt[p] : T(0);
+          const T om = (T(1) - a[p]) * inv;
+          const int64_t i = w * cb;
+          dkt[p] += fill_adjoints(up + i, mid + i, down + i, U + p * cb, v + p * cb, inv, om, known,
+                                  b.rowH.data() + i, b.rowHF.data() + i, b.rowD.data() + i, cb);
+        }
+        row_sum3(b.rowH.data(), slot(b.hH, s), W, cb);
+        row_sum3(b.rowHF.data(), slot(b.hHF, s), W, cb);
+      }
+      if (s >= 1) {
+        // Row r = s - 1, whose H neighbours are all known now: through s = box3(a v) and
+        // c = box3(a), d a_q += v_q box3(H) - box3(H f); the value's adjoint gets a_q box3(H).
+        const int64_t r = s - 1;
+        const T* hu = r > 0 ? slot(b.hH, r - 1) : zero;
+        const T* hm = slot(b.hH, r);
+        const T* hd = r + 1 < H ? slot(b.hH, r + 1) : zero;
+        const T* fu = r > 0 ? slot(b.hHF, r - 1) : zero;
+        const T* fm = slot(b.hHF, r);
+        const T* fd = r + 1 < H ? slot(b.hHF, r + 1) : zero;
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t p = r * W + w;
+          const T ap = a[p];
+          const T keep = cnt[p] > T(0) ? ap : T(1);
+          b.keep_prod[p] *= keep;
+          const int64_t i = w * cb;
+          dkt[p] += sum_adjoints(hu + i, hm + i, hd + i, fu + i, fm + i, fd + i, v + p * cb, ap, keep, U + p * cb,
+                                 b.rowD.data() + i, cb);
+        }
+      }
+    }
+  }
+  for (int64_t p = 0; p < HW; ++p) {
+    const int64_t dst = (n * HW + p) * C + c0;
+    if (p + ahead < HW) {
+      __builtin_prefetch(gp + dst + ahead * C);
+      __builtin_prefetch(gxp + dst + ahead * C, 1);
+    }
+    if (!(m[p] > scalar_t(0)))
+      std::fill(gxp + dst, gxp + dst + cb, scalar_t(0));
+    else if (fill_grad)
+      scale_block(U + p * cb, T(1), gxp + dst, cb);
+    else
+      scale_block(gp + dst, b.keep_prod[p], gxp + dst, cb);
+  }
+}
+
 // The rings' backward for NHWC input (the plane version below, with channels innermost): gx
-// (NHWC) and dk[n][ring][pixel], the mask gradient of each ring summed over channels. Work goes
-// in parallel over (sample, block of CB channels), gathered into compact H x W x CB buffers that
-// stay in cache (whole-tensor passes were memory-bound); per-thread dk sums, added at the end.
+// (NHWC) and dk[n][ring][pixel], the mask gradient of each ring summed over channels. Work goes in
+// parallel over (sample, block of 16 channels), gathered into compact H x W x 16 buffers. Each
+// ring's backward is one sweep down the rows: the three 3x3 sums it needs (box3(k v) for the fill,
+// box3(H) and box3(H f) for the adjoints) are kept as horizontal sums of the last three rows, so the
+// intermediates stay in cache and U is read and written once per ring. Without fill_grad the part
+// of the gradient that reaches x is grad times the product over rings of each pixel's keep factor
+// (a per-pixel scalar, no per-channel adjoint).
 template <typename scalar_t, typename T>
 void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp, scalar_t* gxp, const T* k,
                      const T* c, T* dk, int64_t N, int64_t C, int64_t H, int64_t W, int64_t iters, bool fill_grad) {
-  const int64_t HW = H * W, KS = (iters + 1) * HW, CS = iters * HW;
-  const int64_t CB = std::min<int64_t>(C, 16), blocks = (C + CB - 1) / CB;
+  constexpr int64_t CB = 16;  // 16 channels: 4 SSE vectors per pixel, and batch-1 jobs for every thread
+  const int64_t HW = H * W, KS = (iters + 1) * HW, CS = iters * HW, blocks = (C + CB - 1) / CB;
   std::vector<std::vector<T>> partial(at::get_num_threads());
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T>& dkp = partial[at::get_thread_num()];
     if (dkp.empty()) dkp.assign(N * CS, T(0));
-    const int64_t S = HW * CB;
-    std::vector<scalar_t> vs(iters * S);  // v_0 .. v_{iters-1} of the block
-    std::vector<T> U(S), Gv(S), kvp(S), f(S), Hs(S), HF(S), tmp(S);
+    BlockScratch<scalar_t, T> scratch(iters, H, W, CB);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / blocks, c0 = (job % blocks) * CB, cb = std::min(CB, C - c0);
-      const T* kn = k + n * KS;
-      const T* cn = c + n * CS;
-      const scalar_t* m = mp + n * HW;
-      for (int64_t p = 0; p < HW; ++p) {
-        const int64_t src = (n * HW + p) * C + c0;
-        for (int64_t j = 0; j < cb; ++j) {
-          vs[p * cb + j] = m[p] > scalar_t(0) ? xp[src + j] : scalar_t(0);
-          U[p * cb + j] = Gv[p * cb + j] = static_cast<T>(gp[src + j]);
-        }
-      }
-      for (int64_t t = 1; t < iters; ++t)
-        ring_nhwc(kn + (t - 1) * HW, cn + (t - 1) * HW, vs.data() + (t - 1) * S, vs.data() + t * S, H, W, cb);
-      for (int64_t t = iters; t >= 1; --t) {
-        const T* a = kn + (t - 1) * HW;
-        const T* cnt = cn + (t - 1) * HW;
-        const scalar_t* v = vs.data() + (t - 1) * S;
-        T* dkt = dkp.data() + n * CS + (t - 1) * HW;
-        for (int64_t p = 0; p < HW; ++p)
-          for (int64_t i = p * cb; i < (p + 1) * cb; ++i) kvp[i] = a[p] * static_cast<T>(v[i]);
-        box3_nhwc(kvp.data(), f.data(), H, W, cb, tmp.data());
-        for (int64_t p = 0; p < HW; ++p) {
-          const bool known = cnt[p] > T(0);
-          const T inv = known ? T(1) / cnt[p] : T(0);
-          T acc = T(0);
-          for (int64_t i = p * cb; i < (p + 1) * cb; ++i) {
-            const T fv = f[i] * inv;
-            const T hv = U[i] * (T(1) - a[p]) * inv;
-            Hs[i] = hv;
-            HF[i] = hv * fv;
-            acc += known ? U[i] * (static_cast<T>(v[i]) - fv) : T(0);
-          }
-          dkt[p] += acc;
-        }
-        T* bH = kvp.data();  // (kvp and f are free again: bH = box3(H), bHF = box3(H f))
-        T* bHF = f.data();
-        box3_nhwc(Hs.data(), bH, H, W, cb, tmp.data());
-        box3_nhwc(HF.data(), bHF, H, W, cb, tmp.data());
-        for (int64_t p = 0; p < HW; ++p) {
-          const T keep = cnt[p] > T(0) ? a[p] : T(1);
-          T acc = T(0);
-          for (int64_t i = p * cb; i < (p + 1) * cb; ++i) {
-            acc += static_cast<T>(v[i]) * bH[i] - bHF[i];
-            U[i] = U[i] * keep + a[p] * bH[i];
-            Gv[i] = fill_grad ? U[i] : Gv[i] * keep;
-          }
-          dkt[p] += acc;
-        }
-      }
-      const T* G = fill_grad ? U.data() : Gv.data();
-      for (int64_t p = 0; p < HW; ++p) {
-        const int64_t dst = (n * HW + p) * C + c0;
-        for (int64_t j = 0; j < cb; ++j)
-          gxp[dst + j] = m[p] > scalar_t(0) ? static_cast<scalar_t>(G[p * cb + j]) : scalar_t(0);
-      }
+      const auto grads = cb == CB ? &block_grads<CB, scalar_t, T> : &block_grads<0, scalar_t, T>;
+      grads(scratch, xp, gp, mp + n * HW, gxp, k + n * KS, c + n * CS, dkp.data() + n * CS, n, c0, cb, C, H, W,
+            iters, fill_grad);
     }
   });
   for (const auto& part : partial)
@@ -433,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
               ", got ", grad_in.sizes());
   if (saturated_rings(iters, x_in.size(2), x_in.size(3)) == 0) return scale_by_mask_backward(grad_in, x_in, mask_in);
   const auto fmt = layout_of(x_in);
-  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast && x_in.size(1) > 1;  // else planes (NCHW inside)
+  const bool nhwc = channels_innermost(x_in);  // else planes (NCHW inside)
   const auto inner = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = x_in.contiguous(inner);
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(inner);
