@@ -158,7 +158,10 @@ inline T activation_grad(T z, T g) {
   } else if constexpr (A == Act::Relu) {
     return z <= T(0) ? T(0) : g;
   } else if constexpr (A == Act::Relu6) {
-    return (z <= T(0) || z >= T(6)) ? T(0) : g;
+    // Bitwise | (both compares, no short circuit): the select vectorises; with || it did not (5 ns
+    // per element against relu's 2). NaN z passes g, as ATen's hardtanh_backward.
+    const bool off = (z <= T(0)) | (z >= T(6));
+    return off ? T(0) : g;
   } else if constexpr (A == Act::LeakyRelu) {
     return z > T(0) ? g : g * T(0.01);
   } else if constexpr (A == Act::Silu) {

@@ -164,6 +164,31 @@ at::Tensor masked_affine_act_cpu(const at::Tensor& x, const at::Tensor& mask, co
   return epilogue(x, mask, std::nullopt, scale, shift, std::string(activation));
 }
 
+// One channels_last pixel of the backward, its C channels contiguous: gy = act'(z) grad * s, the bias
+// sums += gz (GB), and (GS) the pixel's gscale = sum_c gz * y, returned. The flags are compile-time
+// and every pointer restrict, so the channel loop is one vector loop; gz * y goes through pr and is
+// summed in eight partial sums (a float reduction inside the loop would keep it scalar).
+template <Act A, bool S, bool GS, bool GB, typename scalar_t, typename T>
+inline T epilogue_grad_pixel(const scalar_t* __restrict yc, const scalar_t* __restrict gc, scalar_t* __restrict gyc,
+                             const T* __restrict bv, T s, T* __restrict bsr, T* __restrict pr, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T yv = static_cast<T>(yc[c]);
+    const T z = (S ? static_cast<T>(static_cast<scalar_t>(yv * s)) : yv) + bv[c];
+    const T gz = activation_grad<A>(z, static_cast<T>(gc[c]));
+    gyc[c] = static_cast<scalar_t>(S ? gz * s : gz);
+    if constexpr (GB) bsr[c] += gz;
+    if constexpr (GS) pr[c] = gz * yv;
+  }
+  if constexpr (!GS) return T(0);
+  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += pr[c + j];
+  T pix = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; c < C; ++c) pix += pr[c];
+  return pix;
+}
+
 // The backward of conv_epilogue in one pass (reference: backends/autograd.py epilogue_backward):
 // z = y * scale + bias, gz = act'(z) * grad where keep > 0 (selected, never multiplied, so nothing
 // computed at removed positions leaks), gy = gz * scale, gscale = sum_c gz * y, gbias = sum gz.
@@ -213,40 +238,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_epilogue_backward_cpu(
         T* bs = bias_sums.empty() ? nullptr : bias_sums.data() + k * C;
         // Per element: z as the forward computed it (y * scale rounded like the reference's, + bias).
         if (cl) {
-          // The channel loop stores gz * y and sums it afterwards in eight partial sums: a float
-          // reduction inside the loop would keep the compiler from vectorising it.
           std::vector<T> prod(gsp ? C : 0);
-          for (int64_t p = p0; p < p1; ++p) {
-            const int64_t base = (n * HW + p) * C;
-            if (!(static_cast<T>(kn[p]) > T(0))) {
-              std::fill(gyp + base, gyp + base + C, scalar_t(0));
-              continue;
+          const bool s = sn != nullptr, gs = gsp != nullptr, gb = bs != nullptr;
+          auto run = [&](auto has_scale_c, auto need_scale_c, auto need_bias_c) {
+            constexpr bool S = decltype(has_scale_c)::value, GS = decltype(need_scale_c)::value,
+                           GB = decltype(need_bias_c)::value;
+            for (int64_t p = p0; p < p1; ++p) {
+              const int64_t base = (n * HW + p) * C;
+              if (!(static_cast<T>(kn[p]) > T(0))) {
+                std::fill(gyp + base, gyp + base + C, scalar_t(0));
+                continue;
+              }
+              const T sv = S ? static_cast<T>(sn[p]) : T(1);
+              const T pix = epilogue_grad_pixel<A, S, GS, GB>(yp + base, gp + base, gyp + base, biasv.data(), sv, bs,
+                                                               prod.data(), C);
+              if constexpr (GS) gsp[n * HW + p] = static_cast<scalar_t>(pix);
             }
-            const T s = sn ? static_cast<T>(sn[p]) : T(1);
-            const scalar_t* __restrict__ yc = yp + base;
-            const scalar_t* __restrict__ gc = gp + base;
-            scalar_t* __restrict__ gyc = gyp + base;
-            const T* __restrict__ bv = biasv.data();
-            T* __restrict__ pr = prod.data();
-            T* __restrict__ bsr = bs;
-            for (int64_t c = 0; c < C; ++c) {
-              const T yv = static_cast<T>(yc[c]);
-              const T z = static_cast<T>(static_cast<scalar_t>(yv * s)) + bv[c];
-              const T gz = activation_grad<A>(z, static_cast<T>(gc[c]));
-              gyc[c] = static_cast<scalar_t>(gz * s);
-              if (bsr) bsr[c] += gz;
-              if (pr) pr[c] = gz * yv;
-            }
-            if (gsp) {
-              T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
-              int64_t c = 0;
-              for (; c + 8 <= C; c += 8)
-                for (int j = 0; j < 8; ++j) acc[j] += pr[c + j];
-              T pix = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-              for (; c < C; ++c) pix += pr[c];
-              gsp[n * HW + p] = static_cast<scalar_t>(pix);
-            }
-          }
+          };
+          using F = std::false_type;
+          using Tr = std::true_type;
+          if (s && gs && gb) run(Tr{}, Tr{}, Tr{});
+          else if (s && gs) run(Tr{}, Tr{}, F{});
+          else if (s && gb) run(Tr{}, F{}, Tr{});
+          else if (s) run(Tr{}, F{}, F{});
+          else if (gb) run(F{}, F{}, Tr{});
+          else run(F{}, F{}, F{});
         } else {
           // Branch-free inner loops (a select per element), specialised on what is asked for, so
           // that they vectorise: only the bias sum is a reduction over pixels.
