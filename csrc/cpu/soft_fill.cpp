@@ -11,8 +11,10 @@
 // The backward recomputes the rings of a plane (cheaper than saving them) and runs them in
 // reverse with two adjoints: U, the gradient of the value (it reaches the mask through every
 // use), and Gv, the part that reaches x (without fill_grad, fill values pass no gradient to x,
-// as in the paper). The mask's gradient of each ring is summed over channels (per-thread
-// buffers), then carried back through the maxpool3 chain of k (first maximum, as ATen).
+// as in the paper, so Gv is grad times the product of each ring's per-pixel keep factor; the
+// channels_last kernel keeps just that product). The mask's gradient of each ring is summed over
+// channels (per-thread buffers), then carried back through the maxpool3 chain of k (first maximum,
+// as ATen). Why the loops are shaped as they are: docs/design.md, section 5.
 #include "common.h"
 
 #include <torch/library.h>
@@ -603,6 +605,40 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp,
       for (int64_t i = 0; i < N * CS; ++i) dk[i] += part[i];
 }
 
+// k v of a plane.
+template <typename scalar_t, typename T>
+void plane_kv(const T* __restrict k, const scalar_t* __restrict v, T* __restrict out, int64_t HW) {
+  for (int64_t p = 0; p < HW; ++p) out[p] = k[p] * static_cast<T>(v[p]);
+}
+
+// The plane backward's two pointwise passes of a ring (the per-pixel factors precomputed per sample):
+// f = box3(a v) / c, H = U (1 - a) / c into hs, H f into hf, and the direct mask gradient U (v - f)
+// where known, added to dk ...
+template <typename scalar_t, typename T>
+void plane_fill_adjoints(const T* __restrict f, const T* __restrict u, const scalar_t* __restrict v,
+                         const T* __restrict inv, const T* __restrict om, T* __restrict hs, T* __restrict hf,
+                         T* __restrict dk, int64_t HW) {
+  for (int64_t p = 0; p < HW; ++p) {
+    const T fv = f[p] * inv[p];
+    const T hv = u[p] * om[p];
+    hs[p] = hv;
+    hf[p] = hv * fv;
+    dk[p] += inv[p] > T(0) ? u[p] * (static_cast<T>(v[p]) - fv) : T(0);
+  }
+}
+
+// ... then, with bh = box3(H) and bhf = box3(H f): through s = box3(a v) and c = box3(a),
+// d a += v bh - bhf; the value's adjoint becomes U keep + a bh (when update: the last ring's U is
+// unused without fill_grad).
+template <typename scalar_t, typename T>
+void plane_sum_adjoints(const T* __restrict bh, const T* __restrict bhf, const scalar_t* __restrict v,
+                        const T* __restrict a, const T* __restrict keep, T* __restrict u, T* __restrict dk,
+                        bool update, int64_t HW) {
+  for (int64_t p = 0; p < HW; ++p) dk[p] += static_cast<T>(v[p]) * bh[p] - bhf[p];
+  if (update)
+    for (int64_t p = 0; p < HW; ++p) u[p] = u[p] * keep[p] + a[p] * bh[p];
+}
+
 std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                          const at::Tensor& mask_in, int64_t iters, bool fill_grad) {
   check_soft_fill(x_in, mask_in, iters, "soft_fill_backward");
@@ -636,6 +672,22 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
     if (nhwc) {
       ring_grads_nhwc<scalar_t, T>(xp, gp, mp, gxp, k.data(), c.data(), dk.data(), N, C, H, W, iters, fill_grad);
     } else {
+      // Per-sample factors of every ring, shared by all channel planes: inv = 1 / c (0 where c == 0,
+      // so inv > 0 says "known"), om = (1 - a) inv, keep = a where known (else 1), and the product of
+      // the keeps over the rings (what reaches x without fill_grad).
+      std::vector<T> inv(N * CS), om(N * CS), keep(N * CS), keep_prod(N * HW, T(1));
+      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          for (int64_t t = 0; t < iters; ++t)
+            for (int64_t p = 0; p < HW; ++p) {
+              const int64_t i = n * CS + t * HW + p;
+              const T a = k[n * KS + t * HW + p], cnt = c[i];
+              inv[i] = cnt > T(0) ? T(1) / cnt : T(0);
+              om[i] = (T(1) - a) * inv[i];
+              keep[i] = cnt > T(0) ? a : T(1);
+              keep_prod[n * HW + p] *= keep[i];
+            }
+      });
       // Per-thread sums over channels of each ring's mask gradient: [thread][n][ring][pixel].
       const int threads = at::get_num_threads();
       std::vector<std::vector<T>> partial(threads);
@@ -643,7 +695,7 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
         std::vector<T>& dk = partial[at::get_thread_num()];
         if (dk.empty()) dk.assign(N * CS, T(0));
         std::vector<scalar_t> vs(iters * HW);  // v_0 .. v_{iters-1}
-        std::vector<T> U(HW), Gv(HW), kvp(HW), f(HW), Hs(HW), HF(HW), bH(HW), bHF(HW), tmp(HW);
+        std::vector<T> U(HW), kvp(HW), f(HW), Hs(HW), HF(HW), bH(HW), bHF(HW), tmp(HW);
         std::vector<T> kv((H + 2) * (W + 2));
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t n = plane / C;
@@ -652,39 +704,30 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
           select_plane(xp + plane * HW, mp + n * HW, vs.data(), HW);
           for (int64_t t = 1; t < iters; ++t)
             ring(kn + (t - 1) * HW, cn + (t - 1) * HW, vs.data() + (t - 1) * HW, vs.data() + t * HW, H, W, kv.data());
-          for (int64_t p = 0; p < HW; ++p) U[p] = Gv[p] = static_cast<T>(gp[plane * HW + p]);
+          for (int64_t p = 0; p < HW; ++p) U[p] = static_cast<T>(gp[plane * HW + p]);
+          // Without fill_grad only the mask's gradient needs U, and the last ring's update of U is unused.
           for (int64_t t = iters; t >= 1; --t) {
-            const T* a = kn + (t - 1) * HW;
-            const T* cnt = cn + (t - 1) * HW;
+            const int64_t r = n * CS + (t - 1) * HW;
             const scalar_t* v = vs.data() + (t - 1) * HW;
-            T* dkt = dk.data() + n * CS + (t - 1) * HW;
-            // f = box3(a v) / c where c > 0; H = U (1 - a) / c; the direct mask gradient U (v - f).
-            for (int64_t p = 0; p < HW; ++p) kvp[p] = a[p] * static_cast<T>(v[p]);
+            plane_kv(kn + (t - 1) * HW, v, kvp.data(), HW);
             box3(kvp.data(), f.data(), H, W, tmp.data());
-            for (int64_t p = 0; p < HW; ++p) {
-              const bool known = cnt[p] > T(0);
-              const T inv = known ? T(1) / cnt[p] : T(0);
-              const T fv = f[p] * inv;
-              const T hv = U[p] * (T(1) - a[p]) * inv;
-              Hs[p] = hv;
-              HF[p] = hv * fv;
-              dkt[p] += known ? U[p] * (static_cast<T>(v[p]) - fv) : T(0);  // d/da of a v + (1 - a) f
-            }
+            plane_fill_adjoints(f.data(), U.data(), v, inv.data() + r, om.data() + r, Hs.data(), HF.data(),
+                                dk.data() + r, HW);
             box3(Hs.data(), bH.data(), H, W, tmp.data());
             box3(HF.data(), bHF.data(), H, W, tmp.data());
-            for (int64_t p = 0; p < HW; ++p) {
-              // Through s = box3(a v) and c = box3(a): d a_q += v_q sum H - sum H f; the value's adjoint
-              // gets a_q sum H (the fill reads v; without fill_grad only the mask-side adjoint U does).
-              dkt[p] += static_cast<T>(v[p]) * bH[p] - bHF[p];
-              const T keep = cnt[p] > T(0) ? a[p] : T(1);
-              U[p] = U[p] * keep + a[p] * bH[p];
-              Gv[p] = fill_grad ? U[p] : Gv[p] * keep;
-            }
+            plane_sum_adjoints(bH.data(), bHF.data(), v, kn + (t - 1) * HW, keep.data() + r, U.data(), dk.data() + r,
+                               fill_grad || t > 1, HW);
           }
           const scalar_t* m = mp + n * HW;
           scalar_t* g = gxp + plane * HW;
-          const T* G = fill_grad ? U.data() : Gv.data();
-          for (int64_t p = 0; p < HW; ++p) g[p] = m[p] > scalar_t(0) ? static_cast<scalar_t>(G[p]) : scalar_t(0);
+          if (fill_grad) {
+            for (int64_t p = 0; p < HW; ++p) g[p] = m[p] > scalar_t(0) ? static_cast<scalar_t>(U[p]) : scalar_t(0);
+          } else {
+            const scalar_t* gi = gp + plane * HW;
+            const T* kp = keep_prod.data() + n * HW;
+            for (int64_t p = 0; p < HW; ++p)
+              g[p] = m[p] > scalar_t(0) ? static_cast<scalar_t>(static_cast<T>(gi[p]) * kp[p]) : scalar_t(0);
+          }
         }
       });
       // Sum the threads' buffers.
