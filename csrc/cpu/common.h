@@ -25,6 +25,19 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
                                                                      : at::MemoryFormat::Contiguous;
 }
 
+// Sum of n values in eight independent partial sums: one running sum is a chain of dependent
+// additions that the compiler may not reorder (no -ffast-math), so it would not vectorise.
+template <typename T>
+inline T sum8(const T* d, int64_t n) {
+  T s[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) s[l] += d[j + l];
+  T r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; j < n; ++j) r += d[j];
+  return r;
+}
+
 // Pixel chunks for pointwise passes that also reduce over channels: chunk k covers pixels [p0, p1)
 // of sample n, about `grain` elements (pixels x channels), so batch 1 keeps every thread busy.
 // Chunks never share a pixel (per-pixel sums need no locks); k (0..count-1) indexes per-chunk

@@ -180,13 +180,21 @@ inline T epilogue_grad_pixel(const scalar_t* __restrict yc, const scalar_t* __re
     if constexpr (GS) pr[c] = gz * yv;
   }
   if constexpr (!GS) return T(0);
-  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += pr[c + j];
-  T pix = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; c < C; ++c) pix += pr[c];
-  return pix;
+  return sum8(pr, C);
+}
+
+// The backward's loops specialised on what is asked for, as compile-time flags f(S, GS, GB): a
+// per-pixel scale, its gradient (only with a scale), per-channel bias sums.
+template <typename F>
+inline void with_backward_flags(bool s, bool gs, bool gb, F&& f) {
+  using No = std::false_type;
+  using Yes = std::true_type;
+  if (s && gs && gb) f(Yes{}, Yes{}, Yes{});
+  else if (s && gs) f(Yes{}, Yes{}, No{});
+  else if (s && gb) f(Yes{}, No{}, Yes{});
+  else if (s) f(Yes{}, No{}, No{});
+  else if (gb) f(No{}, No{}, Yes{});
+  else f(No{}, No{}, No{});
 }
 
 // The backward of conv_epilogue in one pass (reference: backends/autograd.py epilogue_backward):
@@ -255,14 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_epilogue_backward_cpu(
               if constexpr (GS) gsp[n * HW + p] = static_cast<scalar_t>(pix);
             }
           };
-          using F = std::false_type;
-          using Tr = std::true_type;
-          if (s && gs && gb) run(Tr{}, Tr{}, Tr{});
-          else if (s && gs) run(Tr{}, Tr{}, F{});
-          else if (s && gb) run(Tr{}, F{}, Tr{});
-          else if (s) run(Tr{}, F{}, F{});
-          else if (gb) run(F{}, F{}, Tr{});
-          else run(F{}, F{}, F{});
+          with_backward_flags(s, gs, gb, run);
         } else {
           // Branch-free inner loops (a select per element), specialised on what is asked for, so
           // that they vectorise: only the bias sum is a reduction over pixels.
@@ -295,14 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_epilogue_backward_cpu(
             }
           };
           const bool s = sn != nullptr, gs = gsp != nullptr, gb = bs != nullptr;
-          using F = std::false_type;
-          using Tr = std::true_type;
-          if (s && gs && gb) planes(Tr{}, Tr{}, Tr{});
-          else if (s && gs) planes(Tr{}, Tr{}, F{});
-          else if (s && gb) planes(Tr{}, F{}, Tr{});
-          else if (s) planes(Tr{}, F{}, F{});
-          else if (gb) planes(F{}, F{}, Tr{});
-          else planes(F{}, F{}, F{});
+          with_backward_flags(s, gs, gb, planes);
           if (gsp)
             for (int64_t p = p0; p < p1; ++p) gsp[n * HW + p] = static_cast<scalar_t>(pix[p - p0]);
         }

@@ -408,20 +408,6 @@ void box3(const T* in, T* out, int64_t H, int64_t W, T* tmp) {
   }
 }
 
-// Sum of one pixel's cb channels with eight independent partial sums: a single running sum is a
-// chain of dependent additions that the compiler may not reorder (no -ffast-math), so it would not
-// vectorise.
-template <typename T>
-inline T channel_sum(const T* d, int64_t cb) {
-  T s[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= cb; j += 8)
-    for (int l = 0; l < 8; ++l) s[l] += d[j + l];
-  T r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; j < cb; ++j) r += d[j];
-  return r;
-}
-
 // Horizontal 3-sum (zero beyond the edges) of one row of W pixels x cb channels.
 template <typename T>
 inline void row_sum3(const T* in, T* out, int64_t W, int64_t cb) {
@@ -449,7 +435,7 @@ inline T fill_adjoints(const T* __restrict up, const T* __restrict mid, const T*
     hf[j] = hv * fv;
     d[j] = known ? u[j] * (static_cast<T>(v[j]) - fv) : T(0);
   }
-  return channel_sum(d, cb);
+  return sum8(d, cb);
 }
 
 // The second half, once the 3x3 sums of H (hu + hm + hd) and of H f (fu + fm + fd) are known:
@@ -465,7 +451,7 @@ inline T sum_adjoints(const T* __restrict hu, const T* __restrict hm, const T* _
     d[j] = static_cast<T>(v[j]) * bH - bHF;
     u[j] = u[j] * keep + a * bH;
   }
-  return channel_sum(d, cb);
+  return sum8(d, cb);
 }
 
 // Scratch of one thread's channel blocks in ring_grads_nhwc (sized for blocks of up to CB channels).
