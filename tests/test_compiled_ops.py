@@ -163,6 +163,24 @@ def test_soft_fill_backward_channels_last_in_channel_blocks(shape, iters, fill_g
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("iters", [1, 2, 5])
+def test_soft_fill_channels_last_is_the_hard_fill_at_binary_masks(dtype, iters):
+    """The channels_last soft fill (channels innermost from 8 channels on; its first ring reads x itself)
+    equals the hard neighbour fill bit for bit at a 0/1 mask, with NaN in the removed pixels."""
+    from masked_ops.backends import compiled
+
+    gen = torch.Generator().manual_seed(iters)
+    m = (torch.rand(2, 1, 9, 13, generator=gen) > 0.5).to(dtype)
+    x = torch.randn(2, 20, 9, 13, generator=gen).to(dtype).masked_fill(m == 0, float("nan"))
+    x = x.contiguous(memory_format=torch.channels_last)
+    soft = compiled.soft_fill(x, m, iters, False)
+    hard = compiled.neighbor_fill(x, m, iters)
+    assert torch.equal(soft.isnan(), hard.isnan())
+    assert torch.equal(soft.nan_to_num(), hard.nan_to_num())
+    assert soft.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("layout,dtype", SAMPLES)
 def test_opcheck_soft_fill(layout, dtype):
     x, _ = _sample(layout, dtype)
