@@ -197,36 +197,6 @@ void ring_nhwc(const T* k, const T* c, const scalar_t* v, scalar_t* out, int64_t
   });
 }
 
-template <typename T>
-void box3_nhwc(const T* in, T* out, int64_t H, int64_t W, int64_t C, T* tmp) {
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h)
-      for (int64_t w = 0; w < W; ++w) {
-        const T* r = in + (h * W + w) * C;
-        T* t = tmp + (h * W + w) * C;
-        const bool left = w > 0, right = w + 1 < W;
-        for (int64_t ch = 0; ch < C; ++ch) {
-          T s = left ? r[ch - C] + r[ch] : r[ch];
-          t[ch] = right ? s + r[ch + C] : s;
-        }
-      }
-  });
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) {
-      const T* mid = tmp + h * W * C;
-      const T* up = h > 0 ? mid - W * C : nullptr;
-      const T* down = h + 1 < H ? mid + W * C : nullptr;
-      T* o = out + h * W * C;
-      for (int64_t i = 0; i < W * C; ++i) {
-        T s = mid[i];
-        if (up) s += up[i];
-        if (down) s += down[i];
-        o[i] = s;
-      }
-    }
-  });
-}
-
 // iters == 0 (1x1 convs, zero and renorm modes): out = m * x, selected; a pointwise pass in the
 // input's own layout (no NCHW round trip), in pixel chunks so that batch 1 uses every thread.
 at::Tensor scale_by_mask(const at::Tensor& x_in, const at::Tensor& mask_in) {
@@ -454,16 +424,41 @@ inline T sum_adjoints(const T* __restrict hu, const T* __restrict hm, const T* _
   return sum8(d, cb);
 }
 
+// Per-sample factors of every ring of the backward, shared by all channels (both layouts), as
+// [n][ring][pixel]: inv = 1 / c (0 where c == 0, so inv > 0 says "known"), om = (1 - a) inv, keep = a
+// where known (else 1); keep_prod[n][pixel], the product of the keeps over the rings, is what reaches
+// x without fill_grad.
+template <typename T>
+struct RingFactors {
+  std::vector<T> inv, om, keep, keep_prod;
+  RingFactors(const T* k, const T* c, int64_t N, int64_t HW, int64_t iters)
+      : inv(N * iters * HW), om(N * iters * HW), keep(N * iters * HW), keep_prod(N * HW, T(1)) {
+    const int64_t KS = (iters + 1) * HW, CS = iters * HW;
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t t = 0; t < iters; ++t)
+          for (int64_t p = 0; p < HW; ++p) {
+            const int64_t i = n * CS + t * HW + p;
+            const T a = k[n * KS + t * HW + p], cnt = c[i];
+            inv[i] = cnt > T(0) ? T(1) / cnt : T(0);
+            om[i] = (T(1) - a) * inv[i];
+            keep[i] = cnt > T(0) ? a : T(1);
+            keep_prod[n * HW + p] *= keep[i];
+          }
+    });
+  }
+};
+
 // Scratch of one thread's channel blocks in ring_grads_nhwc (sized for blocks of up to CB channels).
 template <typename scalar_t, typename T>
 struct BlockScratch {
   std::vector<scalar_t> vs;  // v_0 .. v_{iters-1} of the block, compact H x W x cb
-  std::vector<T> U, keep_prod;
+  std::vector<T> U;
   // Rolling rows: horizontal sums of k v, H and H f (three rows each), one row of H, H f and the
   // per-element mask gradients, and a zero row for the image's edges.
   std::vector<T> hkv, hH, hHF, rowH, rowHF, rowD, zero;
   BlockScratch(int64_t iters, int64_t H, int64_t W, int64_t CB)
-      : vs(iters * H * W * CB), U(H * W * CB), keep_prod(H * W), hkv(3 * W * CB), hH(3 * W * CB),
+      : vs(iters * H * W * CB), U(H * W * CB), hkv(3 * W * CB), hH(3 * W * CB),
         hHF(3 * W * CB), rowH(W * CB), rowHF(W * CB), rowD(W * CB), zero(W * CB, T(0)) {}
 };
 
@@ -472,9 +467,9 @@ struct BlockScratch {
 // then fully unrolled vector code; a runtime width pays loop set-up at every pixel, which at 16-24
 // channels cost more than the arithmetic.
 template <int64_t FIXED, typename scalar_t, typename T>
-void block_grads(BlockScratch<scalar_t, T>& b, const scalar_t* xp, const scalar_t* gp, const scalar_t* m,
-                 scalar_t* gxp, const T* kn, const T* cn, T* dkn, int64_t n, int64_t c0, int64_t cb_dyn, int64_t C,
-                 int64_t H, int64_t W, int64_t iters, bool fill_grad) {
+void block_grads(BlockScratch<scalar_t, T>& b, const RingFactors<T>& f, const scalar_t* xp, const scalar_t* gp,
+                 const scalar_t* m, scalar_t* gxp, const T* kn, const T* cn, T* dkn, int64_t n, int64_t c0,
+                 int64_t cb_dyn, int64_t C, int64_t H, int64_t W, int64_t iters, bool fill_grad) {
   const int64_t cb = FIXED > 0 ? FIXED : cb_dyn;
   const int64_t HW = H * W, Sb = HW * cb, L = W * cb;
   // The block's channels are one cache line per pixel, C channels apart: a stride that the hardware
@@ -488,7 +483,6 @@ void block_grads(BlockScratch<scalar_t, T>& b, const scalar_t* xp, const scalar_
     }
     gather_block(xp + src, gp + src, m[p] > scalar_t(0), b.vs.data() + p * cb, b.U.data() + p * cb, cb);
   }
-  std::fill(b.keep_prod.begin(), b.keep_prod.end(), T(1));
   for (int64_t t = 1; t < iters; ++t)
     ring_nhwc(kn + (t - 1) * HW, cn + (t - 1) * HW, b.vs.data() + (t - 1) * Sb, b.vs.data() + t * Sb, H, W, cb);
   T* U = b.U.data();
@@ -496,7 +490,10 @@ void block_grads(BlockScratch<scalar_t, T>& b, const scalar_t* xp, const scalar_
   auto slot = [L](std::vector<T>& buf, int64_t r) { return buf.data() + (r % 3) * L; };
   for (int64_t t = iters; t >= 1; --t) {
     const T* a = kn + (t - 1) * HW;
-    const T* cnt = cn + (t - 1) * HW;
+    const int64_t fr = (n * iters + t - 1) * HW;  // this ring's factors
+    const T* inv = f.inv.data() + fr;
+    const T* om = f.om.data() + fr;
+    const T* keep = f.keep.data() + fr;
     const scalar_t* v = b.vs.data() + (t - 1) * Sb;
     T* dkt = dkn + (t - 1) * HW;
     auto kv_row = [&](int64_t r) {  // hkv(r) = horizontal sums of k v on row r
@@ -514,11 +511,8 @@ void block_grads(BlockScratch<scalar_t, T>& b, const scalar_t* xp, const scalar_
         const T* down = s + 1 < H ? slot(b.hkv, s + 1) : zero;
         for (int64_t w = 0; w < W; ++w) {
           const int64_t p = s * W + w;
-          const bool known = cnt[p] > T(0);
-          const T inv = known ? T(1) / cnt[p] : T(0);
-          const T om = (T(1) - a[p]) * inv;
           const int64_t i = w * cb;
-          dkt[p] += fill_adjoints(up + i, mid + i, down + i, U + p * cb, v + p * cb, inv, om, known,
+          dkt[p] += fill_adjoints(up + i, mid + i, down + i, U + p * cb, v + p * cb, inv[p], om[p], inv[p] > T(0),
                                   b.rowH.data() + i, b.rowHF.data() + i, b.rowD.data() + i, cb);
         }
         row_sum3(b.rowH.data(), slot(b.hH, s), W, cb);
@@ -536,12 +530,9 @@ void block_grads(BlockScratch<scalar_t, T>& b, const scalar_t* xp, const scalar_
         const T* fd = r + 1 < H ? slot(b.hHF, r + 1) : zero;
         for (int64_t w = 0; w < W; ++w) {
           const int64_t p = r * W + w;
-          const T ap = a[p];
-          const T keep = cnt[p] > T(0) ? ap : T(1);
-          b.keep_prod[p] *= keep;
           const int64_t i = w * cb;
-          dkt[p] += sum_adjoints(hu + i, hm + i, hd + i, fu + i, fm + i, fd + i, v + p * cb, ap, keep, U + p * cb,
-                                 b.rowD.data() + i, cb);
+          dkt[p] += sum_adjoints(hu + i, hm + i, hd + i, fu + i, fm + i, fd + i, v + p * cb, a[p], keep[p],
+                                 U + p * cb, b.rowD.data() + i, cb);
         }
       }
     }
@@ -557,7 +548,7 @@ void block_grads(BlockScratch<scalar_t, T>& b, const scalar_t* xp, const scalar_
     else if (fill_grad)
       scale_block(U + p * cb, T(1), gxp + dst, cb);
     else
-      scale_block(gp + dst, b.keep_prod[p], gxp + dst, cb);
+      scale_block(gp + dst, f.keep_prod[n * HW + p], gxp + dst, cb);
   }
 }
 
@@ -571,7 +562,8 @@ void block_grads(BlockScratch<scalar_t, T>& b, const scalar_t* xp, const scalar_
 // (a per-pixel scalar, no per-channel adjoint).
 template <typename scalar_t, typename T>
 void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp, scalar_t* gxp, const T* k,
-                     const T* c, T* dk, int64_t N, int64_t C, int64_t H, int64_t W, int64_t iters, bool fill_grad) {
+                     const T* c, const RingFactors<T>& f, T* dk, int64_t N, int64_t C, int64_t H, int64_t W, int64_t iters,
+                     bool fill_grad) {
   constexpr int64_t CB = 16;  // 16 channels: 4 SSE vectors per pixel, and batch-1 jobs for every thread
   const int64_t HW = H * W, KS = (iters + 1) * HW, CS = iters * HW, blocks = (C + CB - 1) / CB;
   std::vector<std::vector<T>> partial(at::get_num_threads());
@@ -582,7 +574,7 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp,
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / blocks, c0 = (job % blocks) * CB, cb = std::min(CB, C - c0);
       const auto grads = cb == CB ? &block_grads<CB, scalar_t, T> : &block_grads<0, scalar_t, T>;
-      grads(scratch, xp, gp, mp + n * HW, gxp, k + n * KS, c + n * CS, dkp.data() + n * CS, n, c0, cb, C, H, W,
+      grads(scratch, f, xp, gp, mp + n * HW, gxp, k + n * KS, c + n * CS, dkp.data() + n * CS, n, c0, cb, C, H, W,
             iters, fill_grad);
     }
   });
@@ -655,25 +647,14 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
       for (int64_t n = begin; n < end; ++n) knownness(mp + n * HW, H, W, iters, k.data() + n * KS, c.data() + n * CS);
     });
     std::vector<T> dk(N * CS, T(0));  // each ring's mask gradient, summed over channels
+    const RingFactors<T> factors(k.data(), c.data(), N, HW, iters);
+    const T* inv = factors.inv.data();
+    const T* om = factors.om.data();
+    const T* keep = factors.keep.data();
+    const T* keep_prod = factors.keep_prod.data();
     if (nhwc) {
-      ring_grads_nhwc<scalar_t, T>(xp, gp, mp, gxp, k.data(), c.data(), dk.data(), N, C, H, W, iters, fill_grad);
+      ring_grads_nhwc<scalar_t, T>(xp, gp, mp, gxp, k.data(), c.data(), factors, dk.data(), N, C, H, W, iters, fill_grad);
     } else {
-      // Per-sample factors of every ring, shared by all channel planes: inv = 1 / c (0 where c == 0,
-      // so inv > 0 says "known"), om = (1 - a) inv, keep = a where known (else 1), and the product of
-      // the keeps over the rings (what reaches x without fill_grad).
-      std::vector<T> inv(N * CS), om(N * CS), keep(N * CS), keep_prod(N * HW, T(1));
-      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n)
-          for (int64_t t = 0; t < iters; ++t)
-            for (int64_t p = 0; p < HW; ++p) {
-              const int64_t i = n * CS + t * HW + p;
-              const T a = k[n * KS + t * HW + p], cnt = c[i];
-              inv[i] = cnt > T(0) ? T(1) / cnt : T(0);
-              om[i] = (T(1) - a) * inv[i];
-              keep[i] = cnt > T(0) ? a : T(1);
-              keep_prod[n * HW + p] *= keep[i];
-            }
-      });
       // Per-thread sums over channels of each ring's mask gradient: [thread][n][ring][pixel].
       const int threads = at::get_num_threads();
       std::vector<std::vector<T>> partial(threads);
@@ -697,11 +678,11 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
             const scalar_t* v = vs.data() + (t - 1) * HW;
             plane_kv(kn + (t - 1) * HW, v, kvp.data(), HW);
             box3(kvp.data(), f.data(), H, W, tmp.data());
-            plane_fill_adjoints(f.data(), U.data(), v, inv.data() + r, om.data() + r, Hs.data(), HF.data(),
+            plane_fill_adjoints(f.data(), U.data(), v, inv + r, om + r, Hs.data(), HF.data(),
                                 dk.data() + r, HW);
             box3(Hs.data(), bH.data(), H, W, tmp.data());
             box3(HF.data(), bHF.data(), H, W, tmp.data());
-            plane_sum_adjoints(bH.data(), bHF.data(), v, kn + (t - 1) * HW, keep.data() + r, U.data(), dk.data() + r,
+            plane_sum_adjoints(bH.data(), bHF.data(), v, kn + (t - 1) * HW, keep + r, U.data(), dk.data() + r,
                                fill_grad || t > 1, HW);
           }
           const scalar_t* m = mp + n * HW;
@@ -710,7 +691,7 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
             for (int64_t p = 0; p < HW; ++p) g[p] = m[p] > scalar_t(0) ? static_cast<scalar_t>(U[p]) : scalar_t(0);
           } else {
             const scalar_t* gi = gp + plane * HW;
-            const T* kp = keep_prod.data() + n * HW;
+            const T* kp = keep_prod + n * HW;
             for (int64_t p = 0; p < HW; ++p)
               g[p] = m[p] > scalar_t(0) ? static_cast<scalar_t>(static_cast<T>(gi[p]) * kp[p]) : scalar_t(0);
           }
