@@ -25,6 +25,12 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
                                                                      : at::MemoryFormat::Contiguous;
 }
 
+// The sum of eight partial sums, in a fixed tree order.
+template <typename T>
+inline T lanes8(const T* s) {
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 // Sum of n values in eight independent partial sums: one running sum is a chain of dependent
 // additions that the compiler may not reorder (no -ffast-math), so it would not vectorise.
 template <typename T>
@@ -33,7 +39,7 @@ inline T sum8(const T* d, int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
     for (int l = 0; l < 8; ++l) s[l] += d[j + l];
-  T r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  T r = lanes8(s);
   for (; j < n; ++j) r += d[j];
   return r;
 }

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace masked_ops {
@@ -96,7 +97,9 @@ void select_plane(const scalar_t* x, const scalar_t* m, scalar_t* out, int64_t H
 
 // channels_last input with at least 8 channels runs with channels innermost; fewer channels (an RGB
 // image) run as planes, whose loops along a row are longer than a pixel's loop over its channels
-// (3 channels at 224 px: 2.4x faster as planes, the transposes included).
+// (3 channels at 224 px: 2.4x faster as planes, the transposes included). NCHW input runs as planes:
+// transposing it to NHWC and back costs more than the NHWC kernels save (measured: 96 x 112 x 112,
+// batch 8, forward 64 ms as planes, 116 ms transposed).
 bool channels_innermost(const at::Tensor& x) {
   return layout_of(x) == at::MemoryFormat::ChannelsLast && x.size(1) >= 8;
 }
@@ -110,16 +113,6 @@ void check_soft_fill(const at::Tensor& x, const at::Tensor& mask, int64_t iters,
 // Channels-last (NHWC) versions of the rings: channels innermost, so a channels_last activation is
 // never transposed to planes and back. The forward sums run in the same order as the plane version
 // (row-major over the 3x3 neighbourhood), so both layouts give the same values.
-
-// A block's start: v_0 = x where visible (else 0) and U = grad, from NHWC rows into compact ones.
-template <typename scalar_t, typename T>
-inline void gather_block(const scalar_t* __restrict x, const scalar_t* __restrict g, bool visible,
-                         scalar_t* __restrict v, T* __restrict u, int64_t cb) {
-  for (int64_t j = 0; j < cb; ++j) {  // a loop, not std::copy: a call per pixel costs more than the copy
-    v[j] = visible ? x[j] : scalar_t(0);
-    u[j] = static_cast<T>(g[j]);
-  }
-}
 
 // out = in * s, rounded to the storage type.
 template <typename in_t, typename T, typename out_t>
@@ -378,52 +371,6 @@ void box3(const T* in, T* out, int64_t H, int64_t W, T* tmp) {
   }
 }
 
-// Horizontal 3-sum (zero beyond the edges) of one row of W pixels x cb channels.
-template <typename T>
-inline void row_sum3(const T* in, T* out, int64_t W, int64_t cb) {
-  const int64_t L = W * cb;
-  if (W == 1) {
-    std::copy(in, in + L, out);
-    return;
-  }
-  for (int64_t i = 0; i < cb; ++i) out[i] = in[i] + in[i + cb];
-  for (int64_t i = cb; i < L - cb; ++i) out[i] = in[i - cb] + in[i] + in[i + cb];
-  for (int64_t i = L - cb; i < L; ++i) out[i] = in[i - cb] + in[i];
-}
-
-// One pixel's cb channels in the first half of a ring's backward (its row's 3x3 sums of k v are
-// up + mid + down): f = box3(k v) / c, H = U (1 - a) / c into h, H f into hf; returns the direct mask
-// gradient U (v - f) summed over the channels (d is scratch).
-template <typename scalar_t, typename T>
-inline T fill_adjoints(const T* __restrict up, const T* __restrict mid, const T* __restrict down,
-                       const T* __restrict u, const scalar_t* __restrict v, T inv, T om, bool known,
-                       T* __restrict h, T* __restrict hf, T* __restrict d, int64_t cb) {
-  for (int64_t j = 0; j < cb; ++j) {
-    const T fv = (up[j] + mid[j] + down[j]) * inv;
-    const T hv = u[j] * om;
-    h[j] = hv;
-    hf[j] = hv * fv;
-    d[j] = known ? u[j] * (static_cast<T>(v[j]) - fv) : T(0);
-  }
-  return sum8(d, cb);
-}
-
-// The second half, once the 3x3 sums of H (hu + hm + hd) and of H f (fu + fm + fd) are known:
-// through s = box3(a v) and c = box3(a), d a += v box3(H) - box3(H f) (returned, summed over the
-// channels); the value's adjoint becomes U keep + a box3(H).
-template <typename scalar_t, typename T>
-inline T sum_adjoints(const T* __restrict hu, const T* __restrict hm, const T* __restrict hd, const T* __restrict fu,
-                      const T* __restrict fm, const T* __restrict fd, const scalar_t* __restrict v, T a, T keep,
-                      T* __restrict u, T* __restrict d, int64_t cb) {
-  for (int64_t j = 0; j < cb; ++j) {
-    const T bH = hu[j] + hm[j] + hd[j];
-    const T bHF = fu[j] + fm[j] + fd[j];
-    d[j] = static_cast<T>(v[j]) * bH - bHF;
-    u[j] = u[j] * keep + a * bH;
-  }
-  return sum8(d, cb);
-}
-
 // Per-sample factors of every ring of the backward, shared by all channels (both layouts), as
 // [n][ring][pixel]: inv = 1 / c (0 where c == 0, so inv > 0 says "known"), om = (1 - a) inv, keep = a
 // where known (else 1); keep_prod[n][pixel], the product of the keeps over the rings, is what reaches
@@ -449,138 +396,230 @@ struct RingFactors {
   }
 };
 
-// Scratch of one thread's channel blocks in ring_grads_nhwc (sized for blocks of up to CB channels).
-template <typename scalar_t, typename T>
-struct BlockScratch {
-  std::vector<scalar_t> vs;  // v_0 .. v_{iters-1} of the block, compact H x W x cb
-  std::vector<T> U;
-  // Rolling rows: horizontal sums of k v, H and H f (three rows each), one row of H, H f and the
-  // per-element mask gradients, and a zero row for the image's edges.
-  std::vector<T> hkv, hH, hHF, rowH, rowHF, rowD, zero;
-  BlockScratch(int64_t iters, int64_t H, int64_t W, int64_t CB)
-      : vs(iters * H * W * CB), U(H * W * CB), hkv(3 * W * CB), hH(3 * W * CB),
-        hHF(3 * W * CB), rowH(W * CB), rowHF(W * CB), rowD(W * CB), zero(W * CB, T(0)) {}
+// Scratch of one thread's ring sweep over NHWC rows: horizontal 3x3 sums of a v and of om U for three
+// rolling rows (W x C each), one zero-padded row of products before its sum, and a zero row for the
+// image's edges.
+template <typename T>
+struct RowScratch {
+  std::vector<T> hav, hou, pad, zero;
+  RowScratch(int64_t W, int64_t C) : hav(3 * W * C), hou(3 * W * C), pad((W + 2) * C), zero(W * C, T(0)) {}
 };
 
-// The rings' backward of one sample's block of channels [c0, c0 + cb) (see ring_grads_nhwc). FIXED > 0
-// makes the block width a compile-time constant: the per-pixel loops over a block's channels are
-// then fully unrolled vector code; a runtime width pays loop set-up at every pixel, which at 16-24
-// channels cost more than the arithmetic.
-template <int64_t FIXED, typename scalar_t, typename T>
-void block_grads(BlockScratch<scalar_t, T>& b, const RingFactors<T>& f, const scalar_t* xp, const scalar_t* gp,
-                 const scalar_t* m, scalar_t* gxp, const T* kn, const T* cn, T* dkn, int64_t n, int64_t c0,
-                 int64_t cb_dyn, int64_t C, int64_t H, int64_t W, int64_t iters, bool fill_grad) {
-  const int64_t cb = FIXED > 0 ? FIXED : cb_dyn;
-  const int64_t HW = H * W, Sb = HW * cb, L = W * cb;
-  // The block's channels are one cache line per pixel, C channels apart: a stride that the hardware
-  // prefetchers lose at every page, so the reads ahead are asked for explicitly.
-  constexpr int64_t ahead = 8;
-  for (int64_t p = 0; p < HW; ++p) {
-    const int64_t src = (n * HW + p) * C + c0;
-    if (p + ahead < HW) {
-      __builtin_prefetch(xp + src + ahead * C);
-      __builtin_prefetch(gp + src + ahead * C);
-    }
-    gather_block(xp + src, gp + src, m[p] > scalar_t(0), b.vs.data() + p * cb, b.U.data() + p * cb, cb);
-  }
-  for (int64_t t = 1; t < iters; ++t)
-    ring_nhwc(kn + (t - 1) * HW, cn + (t - 1) * HW, b.vs.data() + (t - 1) * Sb, b.vs.data() + t * Sb, H, W, cb);
-  T* U = b.U.data();
-  const T* zero = b.zero.data();
-  auto slot = [L](std::vector<T>& buf, int64_t r) { return buf.data() + (r % 3) * L; };
-  for (int64_t t = iters; t >= 1; --t) {
-    const T* a = kn + (t - 1) * HW;
-    const int64_t fr = (n * iters + t - 1) * HW;  // this ring's factors
-    const T* inv = f.inv.data() + fr;
-    const T* om = f.om.data() + fr;
-    const T* keep = f.keep.data() + fr;
-    const scalar_t* v = b.vs.data() + (t - 1) * Sb;
-    T* dkt = dkn + (t - 1) * HW;
-    auto kv_row = [&](int64_t r) {  // hkv(r) = horizontal sums of k v on row r
-      T* tmp = b.rowD.data();
-      for (int64_t w = 0; w < W; ++w) scale_block(v + (r * W + w) * cb, a[r * W + w], tmp + w * cb, cb);
-      row_sum3(tmp, slot(b.hkv, r), W, cb);
-    };
-    kv_row(0);
-    for (int64_t s = 0; s <= H; ++s) {
-      if (s < H) {
-        // Row s: f = box3(k v) / c, H = U (1 - a) / c, the direct mask gradient U (v - f).
-        if (s + 1 < H) kv_row(s + 1);
-        const T* up = s > 0 ? slot(b.hkv, s - 1) : zero;
-        const T* mid = slot(b.hkv, s);
-        const T* down = s + 1 < H ? slot(b.hkv, s + 1) : zero;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t p = s * W + w;
-          const int64_t i = w * cb;
-          dkt[p] += fill_adjoints(up + i, mid + i, down + i, U + p * cb, v + p * cb, inv[p], om[p], inv[p] > T(0),
-                                  b.rowH.data() + i, b.rowHF.data() + i, b.rowD.data() + i, cb);
-        }
-        row_sum3(b.rowH.data(), slot(b.hH, s), W, cb);
-        row_sum3(b.rowHF.data(), slot(b.hHF, s), W, cb);
-      }
-      if (s >= 1) {
-        // Row r = s - 1, whose H neighbours are all known now: through s = box3(a v) and
-        // c = box3(a), d a_q += v_q box3(H) - box3(H f); the value's adjoint gets a_q box3(H).
-        const int64_t r = s - 1;
-        const T* hu = r > 0 ? slot(b.hH, r - 1) : zero;
-        const T* hm = slot(b.hH, r);
-        const T* hd = r + 1 < H ? slot(b.hH, r + 1) : zero;
-        const T* fu = r > 0 ? slot(b.hHF, r - 1) : zero;
-        const T* fm = slot(b.hHF, r);
-        const T* fd = r + 1 < H ? slot(b.hHF, r + 1) : zero;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t p = r * W + w;
-          const int64_t i = w * cb;
-          dkt[p] += sum_adjoints(hu + i, hm + i, hd + i, fu + i, fm + i, fd + i, v + p * cb, a[p], keep[p],
-                                 U + p * cb, b.rowD.data() + i, cb);
-        }
-      }
-    }
-  }
-  for (int64_t p = 0; p < HW; ++p) {
-    const int64_t dst = (n * HW + p) * C + c0;
-    if (p + ahead < HW) {
-      __builtin_prefetch(gp + dst + ahead * C);
-      __builtin_prefetch(gxp + dst + ahead * C, 1);
-    }
-    if (!(m[p] > scalar_t(0)))
-      std::fill(gxp + dst, gxp + dst + cb, scalar_t(0));
-    else if (fill_grad)
-      scale_block(U + p * cb, T(1), gxp + dst, cb);
+// h = the horizontal 3-sums (zero beyond the row's ends) of s[w] * src[w], C channels per pixel;
+// pixels with s <= 0 read as 0, so a removed pixel's x (NaN, inf) never enters. pad: (W + 2) x C.
+template <typename src_t, typename T>
+void weighted_row_sum3(const src_t* __restrict src, const T* __restrict s, int64_t W, int64_t C,
+                       T* __restrict pad, T* __restrict h) {
+  std::fill(pad, pad + C, T(0));
+  std::fill(pad + (W + 1) * C, pad + (W + 2) * C, T(0));
+  for (int64_t w = 0; w < W; ++w) {
+    T* d = pad + (w + 1) * C;
+    if (s[w] > T(0))
+      scale_block(src + w * C, s[w], d, C);
     else
-      scale_block(gp + dst, f.keep_prod[n * HW + p], gxp + dst, cb);
+      std::fill(d, d + C, T(0));
+  }
+  for (int64_t i = 0, L = W * C; i < L; ++i) h[i] = pad[i] + pad[i + C] + pad[i + 2 * C];
+}
+
+// One ring of one sample in the NHWC backward (see ring_grads_nhwc): its inputs and what it writes.
+template <typename scalar_t, typename T, typename u_t>
+struct RingSweep {
+  const scalar_t* v;  // v_{t-1}, HW x C; the first ring reads x itself, as 0 where a == 0 (select)
+  bool select;
+  const u_t* U;                  // the value's adjoint after ring t, HW x C
+  const T *a, *inv, *om, *keep;  // per pixel: k_{t-1}, 1 / c, (1 - a) / c, the keep factor
+  T* dk;                         // ring t's mask gradient, added to (HW)
+  T* P;                          // om inv sum_c U box3(a v), written (HW); the caller boxes it
+  T* next;                       // NEXT: the value's adjoint before ring t, HW x C
+  scalar_t* gx;                  // GX: the gradient to x (first ring), HW x C
+  int64_t H, W, C;
+};
+
+// One visible pixel's C channels: from the rows' horizontal sums above, at and below (a*: of a v,
+// o*: of om U), the channel sums sum U box3(a v), sum U v and sum v box3(om U) into sums; NEXT writes
+// U keep + a box3(om U), GX writes U keep (+ a box3(om U) with FILL). Eight partial sums per channel
+// sum (lanes8): the loop vectorises without reordering what the compiler may not reorder.
+template <bool NEXT, bool GX, bool FILL, typename scalar_t, typename T, typename u_t>
+inline void ring_pixel(const T* __restrict au, const T* __restrict am, const T* __restrict ad,
+                       const T* __restrict ou, const T* __restrict omid, const T* __restrict od,
+                       const scalar_t* __restrict v, const u_t* __restrict U, T a, T keep, T* __restrict next,
+                       scalar_t* __restrict gx, int64_t C, T* sums) {
+  T s2[8] = {}, d1[8] = {}, e[8] = {};
+  auto step = [&](int64_t q, T& s2l, T& d1l, T& el) {
+    const T bav = au[q] + am[q] + ad[q];
+    const T bou = ou[q] + omid[q] + od[q];
+    const T u = static_cast<T>(U[q]), vv = static_cast<T>(v[q]);
+    s2l += u * bav;
+    d1l += u * vv;
+    el += vv * bou;
+    if (NEXT) next[q] = u * keep + a * bou;
+    if (GX) gx[q] = static_cast<scalar_t>(FILL ? u * keep + a * bou : u * keep);
+  };
+  int64_t j = 0;
+  for (; j + 8 <= C; j += 8)
+    for (int l = 0; l < 8; ++l) step(j + l, s2[l], d1[l], e[l]);
+  T t2 = T(0), t1 = T(0), te = T(0);
+  for (; j < C; ++j) step(j, t2, t1, te);
+  sums[0] = lanes8(s2) + t2;
+  sums[1] = lanes8(d1) + t1;
+  sums[2] = lanes8(e) + te;
+}
+
+// A removed pixel of the first ring (v reads 0): only sum U box3(a v) is not 0.
+template <typename T, typename u_t>
+inline T removed_pixel(const T* __restrict au, const T* __restrict am, const T* __restrict ad,
+                       const u_t* __restrict U, int64_t C) {
+  T s2[8] = {}, t2 = T(0);
+  int64_t j = 0;
+  for (; j + 8 <= C; j += 8)
+    for (int l = 0; l < 8; ++l) s2[l] += static_cast<T>(U[j + l]) * (au[j + l] + am[j + l] + ad[j + l]);
+  for (; j < C; ++j) t2 += static_cast<T>(U[j]) * (au[j] + am[j] + ad[j]);
+  return lanes8(s2) + t2;
+}
+
+// Rows [lo, hi) of one ring's sweep: one pass down the rows, each row's horizontal sums computed once
+// (a chunk recomputes the row above and below it), the mask gradient's per-pixel terms into dk, P.
+template <bool NEXT, bool GX, bool FILL, typename scalar_t, typename T, typename u_t>
+void sweep_rows(const RingSweep<scalar_t, T, u_t>& r, int64_t lo, int64_t hi, RowScratch<T>& s) {
+  const int64_t H = r.H, W = r.W, C = r.C, L = W * C;
+  auto slot = [L](std::vector<T>& b, int64_t row) { return b.data() + (row % 3) * L; };
+  auto load_row = [&](int64_t row) {
+    weighted_row_sum3(r.v + row * L, r.a + row * W, W, C, s.pad.data(), slot(s.hav, row));
+    weighted_row_sum3(r.U + row * L, r.om + row * W, W, C, s.pad.data(), slot(s.hou, row));
+  };
+  const T* zero = s.zero.data();
+  if (lo > 0) load_row(lo - 1);
+  load_row(lo);
+  for (int64_t row = lo; row < hi; ++row) {
+    if (row + 1 < H) load_row(row + 1);
+    const T* au = row > 0 ? slot(s.hav, row - 1) : zero;
+    const T* am = slot(s.hav, row);
+    const T* ad = row + 1 < H ? slot(s.hav, row + 1) : zero;
+    const T* ou = row > 0 ? slot(s.hou, row - 1) : zero;
+    const T* om = slot(s.hou, row);
+    const T* od = row + 1 < H ? slot(s.hou, row + 1) : zero;
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t p = row * W + w, i = w * C, at = p * C;
+      T sums[3] = {T(0), T(0), T(0)};
+      if (r.select && !(r.a[p] > T(0))) {
+        sums[0] = removed_pixel(au + i, am + i, ad + i, r.U + at, C);
+        if (GX) std::fill(r.gx + at, r.gx + at + C, scalar_t(0));
+      } else {
+        ring_pixel<NEXT, GX, FILL>(au + i, am + i, ad + i, ou + i, om + i, od + i, r.v + at, r.U + at, r.a[p],
+                                   r.keep[p], NEXT ? r.next + at : nullptr, GX ? r.gx + at : nullptr, C, sums);
+      }
+      const T d2 = r.inv[p] * sums[0];  // sum_c U f
+      r.dk[p] += (r.inv[p] > T(0) ? sums[1] - d2 : T(0)) + sums[2];
+      r.P[p] = r.om[p] * d2;
+    }
   }
 }
 
-// The rings' backward for NHWC input (the plane version below, with channels innermost): gx
-// (NHWC) and dk[n][ring][pixel], the mask gradient of each ring summed over channels. Work goes in
-// parallel over (sample, block of 16 channels), gathered into compact H x W x 16 buffers. Each
-// ring's backward is one sweep down the rows: the three 3x3 sums it needs (box3(k v) for the fill,
-// box3(H) and box3(H f) for the adjoints) are kept as horizontal sums of the last three rows, so the
-// intermediates stay in cache and U is read and written once per ring. Without fill_grad the part
-// of the gradient that reaches x is grad times the product over rings of each pixel's keep factor
-// (a per-pixel scalar, no per-channel adjoint).
+// A thread's buffers for one sample: the forward rings v_1 .. v_{iters-1}, the value's adjoint of
+// two rings (iters > 1), P, its 3x3 sum and the box's scratch.
+template <typename scalar_t, typename T>
+struct SampleScratch {
+  std::vector<scalar_t> vs;
+  std::vector<T> ua, ub, P, boxP, tmp;
+  SampleScratch(int64_t iters, int64_t HW, int64_t C)
+      : vs((iters - 1) * HW * C), ua(iters > 1 ? HW * C : 0), ub(iters > 2 ? HW * C : 0), P(HW), boxP(HW),
+        tmp(HW) {}
+};
+
+// The rings' backward for NHWC input (the plane version below keeps channels apart): gx and
+// dk[n][ring][pixel], each ring's mask gradient summed over channels. With f = box3(a v) / c and
+// H = U (1 - a) / c, ring t's mask gradient is
+//     [known] sum_c U (v - f)  +  sum_c v box3(H)  -  box3(sum_c H f),
+// and since the last term's channel sum commutes with the box, a ring needs two per-channel 3x3 sums
+// (of a v and of om U, as horizontal sums of three rolling rows) and three channel sums per pixel;
+// the value's adjoint before the ring is U keep + a box3(om U). One sweep down the rows per ring, all
+// channels of a pixel together (contiguous in NHWC: no gathers). Work goes in parallel over samples,
+// or, for fewer samples than twice the threads, over row chunks of each sample. Without fill_grad
+// the gradient to x is grad times the product of the rings' keeps (with one ring: the first sweep's U keep).
 template <typename scalar_t, typename T>
 void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp, scalar_t* gxp, const T* k,
-                     const T* c, const RingFactors<T>& f, T* dk, int64_t N, int64_t C, int64_t H, int64_t W, int64_t iters,
-                     bool fill_grad) {
-  constexpr int64_t CB = 16;  // 16 channels: 4 SSE vectors per pixel, and batch-1 jobs for every thread
-  const int64_t HW = H * W, KS = (iters + 1) * HW, CS = iters * HW, blocks = (C + CB - 1) / CB;
-  std::vector<std::vector<T>> partial(at::get_num_threads());
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T>& dkp = partial[at::get_thread_num()];
-    if (dkp.empty()) dkp.assign(N * CS, T(0));
-    BlockScratch<scalar_t, T> scratch(iters, H, W, CB);
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t n = job / blocks, c0 = (job % blocks) * CB, cb = std::min(CB, C - c0);
-      const auto grads = cb == CB ? &block_grads<CB, scalar_t, T> : &block_grads<0, scalar_t, T>;
-      grads(scratch, f, xp, gp, mp + n * HW, gxp, k + n * KS, c + n * CS, dkp.data() + n * CS, n, c0, cb, C, H, W,
-            iters, fill_grad);
+                     const T* c, const RingFactors<T>& f, T* dk, int64_t N, int64_t C, int64_t H, int64_t W,
+                     int64_t iters, bool fill_grad) {
+  const int64_t HW = H * W, S = HW * C, KS = (iters + 1) * HW, CS = iters * HW;
+  const bool split_rows = N < 2 * at::get_num_threads();
+  // rows(lo, hi) over the whole image, in row chunks over the threads when split_rows.
+  auto over_rows = [&](auto&& rows) {
+    if (split_rows) {
+      const int64_t grain = (H + at::get_num_threads() - 1) / at::get_num_threads();
+      at::parallel_for(0, H, grain, [&](int64_t lo, int64_t hi) { rows(lo, hi); });
+    } else {
+      rows(0, H);
     }
-  });
-  for (const auto& part : partial)
-    if (!part.empty())
-      for (int64_t i = 0; i < N * CS; ++i) dk[i] += part[i];
+  };
+  auto sample = [&](int64_t n, SampleScratch<scalar_t, T>& ss) {
+    const scalar_t* x = xp + n * S;
+    const scalar_t* g = gp + n * S;
+    const scalar_t* m = mp + n * HW;
+    scalar_t* gx = gxp + n * S;
+    const T* kn = k + n * KS;
+    const T* cn = c + n * CS;
+    // v_1 .. v_{iters-1}, as the forward computes them (ring_nhwc runs over rows when not nested).
+    for (int64_t t = 1; t < iters; ++t)
+      ring_nhwc(kn + (t - 1) * HW, cn + (t - 1) * HW, t == 1 ? x : ss.vs.data() + (t - 2) * S,
+                ss.vs.data() + (t - 1) * S, H, W, C, t == 1);
+    const bool gx_in_sweep = iters == 1 || fill_grad;
+    const T* after = nullptr;      // the value's adjoint after ring t, for t < iters (after the last: grad)
+    T* before = ss.ua.data();      // ... and before it, written for t > 1
+    for (int64_t t = iters; t >= 1; --t) {
+      const int64_t fr = (n * iters + t - 1) * HW;  // this ring's factors
+      auto run = [&](const auto* U) {
+        using u_t = std::remove_cv_t<std::remove_pointer_t<decltype(U)>>;
+        const RingSweep<scalar_t, T, u_t> r{t == 1 ? x : ss.vs.data() + (t - 2) * S, t == 1, U,
+                                            kn + (t - 1) * HW, f.inv.data() + fr, f.om.data() + fr,
+                                            f.keep.data() + fr, dk + n * CS + (t - 1) * HW, ss.P.data(),
+                                            t > 1 ? before : nullptr, gx, H, W, C};
+        over_rows([&](int64_t lo, int64_t hi) {
+          RowScratch<T> s(W, C);
+          if (t > 1)
+            sweep_rows<true, false, false>(r, lo, hi, s);
+          else if (!gx_in_sweep)
+            sweep_rows<false, false, false>(r, lo, hi, s);
+          else if (fill_grad)
+            sweep_rows<false, true, true>(r, lo, hi, s);
+          else
+            sweep_rows<false, true, false>(r, lo, hi, s);
+        });
+      };
+      if (t == iters)
+        run(g);
+      else
+        run(after);
+      if (t > 1) {
+        after = before;
+        before = before == ss.ua.data() ? ss.ub.data() : ss.ua.data();
+      }
+      // The last term, - box3(sum_c H f), as a plane.
+      box3(ss.P.data(), ss.boxP.data(), H, W, ss.tmp.data());
+      T* dkt = dk + n * CS + (t - 1) * HW;
+      for (int64_t p = 0; p < HW; ++p) dkt[p] -= ss.boxP[p];
+    }
+    if (!gx_in_sweep) {
+      const T* kp = f.keep_prod.data() + n * HW;
+      over_rows([&](int64_t lo, int64_t hi) {
+        for (int64_t p = lo * W; p < hi * W; ++p) {
+          if (m[p] > scalar_t(0))
+            scale_block(g + p * C, kp[p], gx + p * C, C);
+          else
+            std::fill(gx + p * C, gx + (p + 1) * C, scalar_t(0));
+        }
+      });
+    }
+  };
+  if (split_rows) {
+    SampleScratch<scalar_t, T> ss(iters, HW, C);
+    for (int64_t n = 0; n < N; ++n) sample(n, ss);
+  } else {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      SampleScratch<scalar_t, T> ss(iters, HW, C);
+      for (int64_t n = begin; n < end; ++n) sample(n, ss);
+    });
+  }
 }
 
 // k v of a plane.
