@@ -51,9 +51,12 @@ TORCH_LIBRARY(masked_ops, m) {
   m.def("masked_mean(Tensor x, Tensor mask) -> Tensor");
   // The input a soft-masked conv reads: each pixel blended with its neighbour fill by its mask value
   // in [0, 1], `iters` rings (0: m * x); the hard fill at a 0/1 mask. fill_grad: fill values pass
-  // gradient to x (only the backward reads it).
-  m.def("soft_fill(Tensor x, Tensor mask, int iters, bool fill_grad) -> Tensor");
-  // Its backward: (grad_x, grad_mask), the rings recomputed.
+  // gradient to x (only the backward reads it). pads (left, right, top, bottom; >= 0): zeros around
+  // the result, as F.pad after the fill (a TF-"same" conv's input); the CPU kernel writes the fill
+  // straight into the padded buffer.
+  m.def("soft_fill(Tensor x, Tensor mask, int iters, bool fill_grad, int[4] pads) -> Tensor");
+  // Its backward: (grad_x, grad_mask), the rings recomputed; grad has x's shape (the padded
+  // result's gradient narrowed to the interior: any strides).
   m.def("soft_fill_backward(Tensor grad, Tensor x, Tensor mask, int iters, bool fill_grad) -> (Tensor, Tensor)");
   // ROAD's linear imputation (masked_ops/explain/imputation.py): per image and channel, u solving
   // (D - W) u = b on the removed pixels (b: N x C x H x W float64, 0 elsewhere; removed: N x 1 x H x W

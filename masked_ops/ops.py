@@ -80,11 +80,14 @@ def soft_conv_input(backend, x, m, iters: int, kernel, stride, dilation, *, prep
                     fill_grad: bool = False) -> torch.Tensor:
     """The input a soft-masked conv reads: every pixel blended with the fill by its mask value
     (``iters == 0``: m * x, the zero and renorm modes), then explicitly padded. At a 0/1 mask this
-    is the hard conv_input, bit for bit."""
-    u = backend.soft_fill(x, m, iters, fill_grad)
-    if prepad is not None:
-        u = F.pad(u, M.explicit_pads(prepad, x, kernel, stride, dilation))
-    return u
+    is the hard conv_input, bit for bit. Zero padding goes into the fill op (the CPU kernel writes the
+    fill into the padded buffer: no padded copy); cropping (negative pads) stays with F.pad."""
+    if prepad is None:
+        return backend.soft_fill(x, m, iters, fill_grad)
+    pads = M.explicit_pads(prepad, x, kernel, stride, dilation)
+    if min(pads) >= 0:
+        return backend.soft_fill(x, m, iters, fill_grad, pads)
+    return F.pad(backend.soft_fill(x, m, iters, fill_grad), pads)
 
 
 def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],

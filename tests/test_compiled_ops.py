@@ -112,21 +112,25 @@ def test_fused_epilogue_backward_matches_the_torch_formula(activation, layout, d
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("iters", [0, 1, 3])
 @pytest.mark.parametrize("fill_grad", [False, True])
-def test_soft_fill_matches_the_reference_in_every_layout(dtype, layout, iters, fill_grad):
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (0, 1, 0, 1), (2, 0, 1, 3)])
+def test_soft_fill_matches_the_reference_in_every_layout(dtype, layout, iters, fill_grad, pads):
     """The CPU kernel (planes for NCHW, channels innermost for channels_last) against the reference's
-    autograd: values, the gradient to x and to a soft mask with exact zeros, NaN in removed pixels."""
+    autograd: values, the gradient to x and to a soft mask with exact zeros, NaN in removed pixels,
+    zeros padded around the result (TF "same"; channels_last writes into the padded buffer and reads
+    the padded gradient's interior in place)."""
     from masked_ops.backends import compiled, reference
 
     gen = torch.Generator().manual_seed(iters + 10 * fill_grad)
-    x = make_input(2, 5, 9, 11, dtype, seed=iters)
+    C = 5 if layout != "channels_last" else 10  # channels_last from 8 channels runs with channels innermost
+    x = make_input(2, C, 9, 11, dtype, seed=iters)
     m = torch.rand(2, 1, 9, 11, generator=gen, dtype=dtype) * (torch.rand(2, 1, 9, 11, generator=gen) > 0.4).to(dtype)
     m[0, :, 2, 3] = 1.0  # a fully visible pixel next to partly visible ones
     x[:, :, 0, 0], m[:, :, 0, 0] = float("nan"), 0.0  # removed: never read
-    w = torch.randn(2, 5, 9, 11, generator=gen, dtype=dtype)
+    w = torch.randn(2, C, 9 + pads[2] + pads[3], 11 + pads[0] + pads[1], generator=gen, dtype=dtype)
     out, grads = {}, {}
     for backend in (compiled, reference):
         xi, mi = with_layout(x, layout).requires_grad_(), m.clone().requires_grad_()
-        out[backend] = backend.soft_fill(xi, mi, iters, fill_grad)
+        out[backend] = backend.soft_fill(xi, mi, iters, fill_grad, pads)
         (out[backend] * w).sum().backward()
         grads[backend] = (xi.grad, mi.grad)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
@@ -142,12 +146,13 @@ def test_soft_fill_matches_the_reference_in_every_layout(dtype, layout, iters, f
                                    (9, 12, 5, 7), (9, 8, 1, 1)])
 @pytest.mark.parametrize("iters", [1, 2, 3])
 @pytest.mark.parametrize("fill_grad", [False, True])
-def test_soft_fill_backward_channels_last_sweeps(shape, iters, fill_grad):
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 2, 0, 1)])
+def test_soft_fill_backward_channels_last_sweeps(shape, iters, fill_grad, pads):
     """The channels_last backward sweeps the rows of each ring once, all of a pixel's channels together
     (channel counts that leave a partial 8-lane sum, single rows and columns), in row chunks for small
     batches and per sample for batch 9 (at least twice the threads of any CI machine), with 1-3
-    rings (the value's adjoint alternates between two buffers), NaN and inf in removed pixels: against
-    the reference's autograd in float64."""
+    rings (the value's adjoint alternates between two buffers), NaN and inf in removed pixels, a padded
+    result (its gradient's interior read in place): against the reference's autograd in float64."""
     from masked_ops.backends import compiled, reference
 
     N, C, H, W = shape
@@ -157,12 +162,13 @@ def test_soft_fill_backward_channels_last_sweeps(shape, iters, fill_grad):
     m = m * (torch.rand(N, 1, H, W, generator=gen) > 0.3).to(torch.float64)
     x = x.masked_fill(m == 0, float("nan"))
     x[:, :1] = x[:, :1].masked_fill(m == 0, float("inf"))
-    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(N, C, H + pads[2] + pads[3], W + pads[0] + pads[1], generator=gen, dtype=torch.float64)
+    w = w.contiguous(memory_format=torch.channels_last)
     grads = {}
     for backend in (compiled, reference):
         xi = x.contiguous(memory_format=torch.channels_last).requires_grad_()
         mi = m.clone().requires_grad_()
-        (backend.soft_fill(xi, mi, iters, fill_grad) * w).sum().backward()
+        (backend.soft_fill(xi, mi, iters, fill_grad, pads) * w).sum().backward()
         grads[backend] = (xi.grad, mi.grad)
     for g, r in zip(grads[compiled], grads[reference]):
         assert torch.isfinite(g).all()
@@ -193,8 +199,8 @@ def test_opcheck_soft_fill(layout, dtype):
     m = torch.rand(2, 1, 9, 8, generator=torch.Generator().manual_seed(4), dtype=dtype)
     m[:, :, :3, :3] = 0
     m.requires_grad_()
-    for iters, fill_grad in [(0, False), (2, False), (3, True)]:
-        _opcheck(_ops().soft_fill.default, (x, m, iters, fill_grad))
+    for iters, fill_grad, pads in [(0, False, [0, 0, 0, 0]), (2, False, [0, 1, 0, 1]), (3, True, [2, 0, 1, 0])]:
+        _opcheck(_ops().soft_fill.default, (x, m, iters, fill_grad, pads))
         _opcheck(_ops().soft_fill_backward.default, (torch.randn_like(x), x.detach(), m.detach(), iters, fill_grad))
 
 

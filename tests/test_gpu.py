@@ -82,19 +82,21 @@ def test_removed_region_invariance(backend, fmt):
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
 def test_soft_fill_forward_and_gradients_match_reference(backend, fmt, dtype):
     """Soft masks: the fill's value and its gradients to x and to the mask (exact zeros in the mask, NaN
-    under them) against the reference's autograd, for 0 to 3 rings, with and without fill_grad."""
+    under them) against the reference's autograd, for 0 to 3 rings, with and without fill_grad, with and
+    without zeros padded around the result."""
     B = _backend(backend)
     g = torch.Generator().manual_seed(7)
-    for iters, fill_grad in ((0, False), (1, False), (3, False), (3, True)):
+    for iters, fill_grad, pads in ((0, False, (0, 0, 0, 0)), (1, False, (0, 1, 0, 1)), (3, False, (0, 0, 0, 0)),
+                                   (3, True, (2, 1, 0, 1))):
         x = torch.randn(2, 5, 13, 17, generator=g, dtype=dtype)
         m = torch.rand(2, 1, 13, 17, generator=g, dtype=dtype) * (torch.rand(2, 1, 13, 17, generator=g) > 0.4)
         x[:, :, 0, 0], m[:, :, 0, 0] = float("nan"), 0.0
-        w = torch.randn(2, 5, 13, 17, generator=g, dtype=dtype).cuda()
+        w = torch.randn(2, 5, 13 + pads[2] + pads[3], 17 + pads[0] + pads[1], generator=g, dtype=dtype).cuda()
         got = []
         for M in (B, R):
             xi = _fmt(x.cuda(), fmt).requires_grad_(True)
             mi = m.cuda().to(dtype).requires_grad_(True)
-            out = M.soft_fill(xi, mi, iters, fill_grad)
+            out = M.soft_fill(xi, mi, iters, fill_grad, pads)
             (out * w).sum().backward()
             got.append((out, xi.grad, mi.grad))
         tol = 1e-10 if dtype == torch.float64 else 1e-4

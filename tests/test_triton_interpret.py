@@ -234,8 +234,10 @@ def _checks():
                 x[:, :, 0, 0], m[:, :, 0, 0] = float("nan"), 0  # removed: never read
                 xs = [x.clone().requires_grad_(True) for _ in range(2)]
                 ms = [m.clone().requires_grad_(True) for _ in range(2)]
-                out_t, out_r = T.soft_fill(xs[0], ms[0], iters, fill_grad), R.soft_fill(xs[1], ms[1], iters, fill_grad)
-                what = f"soft_fill {dtype} cl={cl} iters={iters} fill_grad={fill_grad}"
+                pads = (0, 1, 0, 1) if fill_grad else (0, 0, 0, 0)  # zeros around the result (TF "same")
+                out_t = T.soft_fill(xs[0], ms[0], iters, fill_grad, pads)
+                out_r = R.soft_fill(xs[1], ms[1], iters, fill_grad, pads)
+                what = f"soft_fill {dtype} cl={cl} iters={iters} fill_grad={fill_grad} pads={pads}"
                 close(out_t, out_r, TOL[dtype] * 4, what)
                 w = torch.randn_like(out_r)
                 (out_t * w).sum().backward()
@@ -280,7 +282,7 @@ def _checks():
             (ops.masked_max_pool2d.default, (x, m, [3, 3], [2, 2], [1, 1], [1, 1], False)),
             (ops.masked_avg_pool2d.default, (x, m, [3, 3], [2, 2], [1, 1], False, True)),
             (ops.masked_mean.default, (x, m)),
-            (ops.soft_fill.default, (x.clone().requires_grad_(), m * 0.5, 2, False)),
+            (ops.soft_fill.default, (x.clone().requires_grad_(), m * 0.5, 2, False, [0, 1, 0, 1])),
             (ops.soft_fill_backward.default, (torch.randn_like(x), x, m * 0.5, 2, True)),
         ]
         for op, args in cases:

@@ -16,6 +16,7 @@
 // channels (per-thread buffers), then carried back through the maxpool3 chain of k (first maximum,
 // as ATen). Why the loops are shaped as they are: docs/design.md, section 5.
 #include "common.h"
+#include "../pads.h"
 
 #include <torch/library.h>
 
@@ -159,9 +160,10 @@ inline void kv_row_nhwc(const T* k, const scalar_t* v, int64_t r, int64_t H, int
 // One ring over NHWC input, parallel over rows; each thread keeps k v of three rows (zero-padded),
 // so every pixel's nine-term sum is one vectorised loop over its channels. With select, v is the
 // input x and reads as 0 where k (the mask) is 0: the first ring needs no selected copy of x.
+// out_row: elements from one output row to the next (W C, or more when out is a padded buffer's interior).
 template <typename scalar_t, typename T>
 void ring_nhwc(const T* k, const T* c, const scalar_t* v, scalar_t* out, int64_t H, int64_t W, int64_t C,
-               bool select = false) {
+               bool select, int64_t out_row) {
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     const int64_t Lp = (W + 2) * C;
     std::vector<T> rows(3 * Lp);
@@ -176,7 +178,7 @@ void ring_nhwc(const T* k, const T* c, const scalar_t* v, scalar_t* out, int64_t
         const int64_t p = h * W + w;
         const T a = k[p], cnt = c[p];
         const scalar_t* vp = v + p * C;
-        scalar_t* o = out + p * C;
+        scalar_t* o = out + h * out_row + w * C;
         const bool removed = select && !(a > T(0));
         if (!(cnt > T(0)) || a == T(1)) {  // no known neighbour, or fully known: unchanged
           for (int64_t j = 0; j < C; ++j) o[j] = removed ? scalar_t(0) : vp[j];
@@ -277,13 +279,29 @@ std::tuple<at::Tensor, at::Tensor> scale_by_mask_backward(const at::Tensor& grad
   return {gx, gm};
 }
 
-at::Tensor soft_fill_nhwc(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters) {
+// Zero the border that pads adds around one sample's H x W interior (NHWC, Wp = W + left + right).
+template <typename scalar_t>
+void zero_border(scalar_t* out, int64_t H, int64_t W, int64_t C, at::IntArrayRef pads) {
+  const int64_t left = pads[0], right = pads[1], top = pads[2], bottom = pads[3];
+  const int64_t row = (W + left + right) * C;
+  std::fill(out, out + top * row, scalar_t(0));
+  std::fill(out + (top + H) * row, out + (top + H + bottom) * row, scalar_t(0));
+  for (int64_t h = top; h < top + H; ++h) {
+    std::fill(out + h * row, out + h * row + left * C, scalar_t(0));
+    std::fill(out + h * row + (left + W) * C, out + (h + 1) * row, scalar_t(0));
+  }
+}
+
+// The NHWC forward. With pads the last ring writes straight into the padded result's interior: no
+// padded copy of the fill (in a TF-"same" model that copy and its zeroing cost as much as the fill).
+at::Tensor soft_fill_nhwc(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters, at::IntArrayRef pads) {
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor mask = mask_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t left = pads[0], top = pads[2], Hp = H + top + pads[3], Wp = W + left + pads[1];
   iters = saturated_rings(iters, H, W);
-  at::Tensor out = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (x.numel() == 0) return out;
+  at::Tensor out = at::empty({N, C, Hp, Wp}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (x.numel() == 0) return out.zero_();
   // Rings ping-pong between two scratch samples (the last writes the output); the first reads x.
   at::Tensor scratch = at::empty({iters > 1 ? std::min<int64_t>(iters - 1, 2) : 0, HW * C}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_fill_cpu", [&] {
@@ -293,10 +311,12 @@ at::Tensor soft_fill_nhwc(const at::Tensor& x_in, const at::Tensor& mask_in, int
       const scalar_t* m = mask.const_data_ptr<scalar_t>() + n * HW;
       knownness(m, H, W, iters, k.data(), c.data());
       const scalar_t* src = x.const_data_ptr<scalar_t>() + n * HW * C;
-      scalar_t* dst_n = out.data_ptr<scalar_t>() + n * HW * C;
+      scalar_t* out_n = out.data_ptr<scalar_t>() + n * Hp * Wp * C;
+      zero_border(out_n, H, W, C, pads);
       for (int64_t t = 1; t <= iters; ++t) {
-        scalar_t* dst = t == iters ? dst_n : scratch.data_ptr<scalar_t>() + ((t - 1) % 2) * HW * C;
-        ring_nhwc(k.data() + (t - 1) * HW, c.data() + (t - 1) * HW, src, dst, H, W, C, t == 1);
+        const bool last = t == iters;
+        scalar_t* dst = last ? out_n + (top * Wp + left) * C : scratch.data_ptr<scalar_t>() + ((t - 1) % 2) * HW * C;
+        ring_nhwc(k.data() + (t - 1) * HW, c.data() + (t - 1) * HW, src, dst, H, W, C, t == 1, (last ? Wp : W) * C);
         src = dst;
       }
     }
@@ -304,10 +324,8 @@ at::Tensor soft_fill_nhwc(const at::Tensor& x_in, const at::Tensor& mask_in, int
   return out;
 }
 
-at::Tensor soft_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters, bool /*fill_grad*/) {
-  check_soft_fill(x_in, mask_in, iters, "soft_fill");
-  if (saturated_rings(iters, x_in.size(2), x_in.size(3)) == 0) return scale_by_mask(x_in, mask_in);
-  if (channels_innermost(x_in)) return soft_fill_nhwc(x_in, mask_in, iters);
+// The plane (NCHW inside) forward.
+at::Tensor soft_fill_planes(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters) {
   const auto fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous();  // planes: NCHW inside, the input's format outside
   const at::Tensor mask = mask_in.contiguous();
@@ -342,6 +360,19 @@ at::Tensor soft_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, int6
     });
   });
   return out.contiguous(fmt);
+}
+
+at::Tensor soft_fill_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters, bool /*fill_grad*/,
+                         at::IntArrayRef pads) {
+  check_soft_fill(x_in, mask_in, iters, "soft_fill");
+  const bool padded = check_pads(pads, "soft_fill");
+  if (saturated_rings(iters, x_in.size(2), x_in.size(3)) == 0) {
+    const at::Tensor out = scale_by_mask(x_in, mask_in);
+    return padded ? pad_result(out, pads) : out;
+  }
+  if (channels_innermost(x_in)) return soft_fill_nhwc(x_in, mask_in, iters, pads);
+  const at::Tensor out = soft_fill_planes(x_in, mask_in, iters);
+  return padded ? pad_result(out, pads) : out;
 }
 
 // 3x3 sum (zero padding) of a plane into out, separably: rows into tmp (W), then columns.
@@ -427,7 +458,8 @@ template <typename scalar_t, typename T, typename u_t>
 struct RingSweep {
   const scalar_t* v;  // v_{t-1}, HW x C; the first ring reads x itself, as 0 where a == 0 (select)
   bool select;
-  const u_t* U;                  // the value's adjoint after ring t, HW x C
+  const u_t* U;                  // the value's adjoint after ring t, H rows of W x C, urow apart
+  int64_t urow;
   const T *a, *inv, *om, *keep;  // per pixel: k_{t-1}, 1 / c, (1 - a) / c, the keep factor
   T* dk;                         // ring t's mask gradient, added to (HW)
   T* P;                          // om inv sum_c U box3(a v), written (HW); the caller boxes it
@@ -486,7 +518,7 @@ void sweep_rows(const RingSweep<scalar_t, T, u_t>& r, int64_t lo, int64_t hi, Ro
   auto slot = [L](std::vector<T>& b, int64_t row) { return b.data() + (row % 3) * L; };
   auto load_row = [&](int64_t row) {
     weighted_row_sum3(r.v + row * L, r.a + row * W, W, C, s.pad.data(), slot(s.hav, row));
-    weighted_row_sum3(r.U + row * L, r.om + row * W, W, C, s.pad.data(), slot(s.hou, row));
+    weighted_row_sum3(r.U + row * r.urow, r.om + row * W, W, C, s.pad.data(), slot(s.hou, row));
   };
   const T* zero = s.zero.data();
   if (lo > 0) load_row(lo - 1);
@@ -501,12 +533,13 @@ void sweep_rows(const RingSweep<scalar_t, T, u_t>& r, int64_t lo, int64_t hi, Ro
     const T* od = row + 1 < H ? slot(s.hou, row + 1) : zero;
     for (int64_t w = 0; w < W; ++w) {
       const int64_t p = row * W + w, i = w * C, at = p * C;
+      const u_t* U = r.U + row * r.urow + i;
       T sums[3] = {T(0), T(0), T(0)};
       if (r.select && !(r.a[p] > T(0))) {
-        sums[0] = removed_pixel(au + i, am + i, ad + i, r.U + at, C);
+        sums[0] = removed_pixel(au + i, am + i, ad + i, U, C);
         if (GX) std::fill(r.gx + at, r.gx + at + C, scalar_t(0));
       } else {
-        ring_pixel<NEXT, GX, FILL>(au + i, am + i, ad + i, ou + i, om + i, od + i, r.v + at, r.U + at, r.a[p],
+        ring_pixel<NEXT, GX, FILL>(au + i, am + i, ad + i, ou + i, om + i, od + i, r.v + at, U, r.a[p],
                                    r.keep[p], NEXT ? r.next + at : nullptr, GX ? r.gx + at : nullptr, C, sums);
       }
       const T d2 = r.inv[p] * sums[0];  // sum_c U f
@@ -538,7 +571,8 @@ struct SampleScratch {
 // or, for fewer samples than twice the threads, over row chunks of each sample. Without fill_grad
 // the gradient to x is grad times the product of the rings' keeps (with one ring: the first sweep's U keep).
 template <typename scalar_t, typename T>
-void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp, scalar_t* gxp, const T* k,
+void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, int64_t g_sample, int64_t g_row, const scalar_t* mp,
+                     scalar_t* gxp, const T* k,
                      const T* c, const RingFactors<T>& f, T* dk, int64_t N, int64_t C, int64_t H, int64_t W,
                      int64_t iters, bool fill_grad) {
   const int64_t HW = H * W, S = HW * C, KS = (iters + 1) * HW, CS = iters * HW;
@@ -554,7 +588,7 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp,
   };
   auto sample = [&](int64_t n, SampleScratch<scalar_t, T>& ss) {
     const scalar_t* x = xp + n * S;
-    const scalar_t* g = gp + n * S;
+    const scalar_t* g = gp + n * g_sample;  // rows g_row apart
     const scalar_t* m = mp + n * HW;
     scalar_t* gx = gxp + n * S;
     const T* kn = k + n * KS;
@@ -562,7 +596,7 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp,
     // v_1 .. v_{iters-1}, as the forward computes them (ring_nhwc runs over rows when not nested).
     for (int64_t t = 1; t < iters; ++t)
       ring_nhwc(kn + (t - 1) * HW, cn + (t - 1) * HW, t == 1 ? x : ss.vs.data() + (t - 2) * S,
-                ss.vs.data() + (t - 1) * S, H, W, C, t == 1);
+                ss.vs.data() + (t - 1) * S, H, W, C, t == 1, W * C);
     const bool gx_in_sweep = iters == 1 || fill_grad;
     const T* after = nullptr;      // the value's adjoint after ring t, for t < iters (after the last: grad)
     T* before = ss.ua.data();      // ... and before it, written for t > 1
@@ -571,7 +605,7 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp,
       auto run = [&](const auto* U) {
         using u_t = std::remove_cv_t<std::remove_pointer_t<decltype(U)>>;
         const RingSweep<scalar_t, T, u_t> r{t == 1 ? x : ss.vs.data() + (t - 2) * S, t == 1, U,
-                                            kn + (t - 1) * HW, f.inv.data() + fr, f.om.data() + fr,
+                                            t == iters ? g_row : W * C, kn + (t - 1) * HW, f.inv.data() + fr, f.om.data() + fr,
                                             f.keep.data() + fr, dk + n * CS + (t - 1) * HW, ss.P.data(),
                                             t > 1 ? before : nullptr, gx, H, W, C};
         over_rows([&](int64_t lo, int64_t hi) {
@@ -604,7 +638,7 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, const scalar_t* mp,
       over_rows([&](int64_t lo, int64_t hi) {
         for (int64_t p = lo * W; p < hi * W; ++p) {
           if (m[p] > scalar_t(0))
-            scale_block(g + p * C, kp[p], gx + p * C, C);
+            scale_block(g + (p / W) * g_row + (p % W) * C, kp[p], gx + p * C, C);
           else
             std::fill(gx + p * C, gx + (p + 1) * C, scalar_t(0));
         }
@@ -656,6 +690,12 @@ void plane_sum_adjoints(const T* __restrict bh, const T* __restrict bhf, const s
     for (int64_t p = 0; p < HW; ++p) u[p] = u[p] * keep[p] + a[p] * bh[p];
 }
 
+// Whether g (of x's dtype) is NHWC rows: each pixel's channels packed, a row's pixels packed, rows
+// and samples at any stride.
+bool nhwc_rows(const at::Tensor& g, at::ScalarType dtype) {
+  return g.scalar_type() == dtype && g.stride(1) == 1 && (g.size(3) == 1 || g.stride(3) == g.size(1));
+}
+
 std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                          const at::Tensor& mask_in, int64_t iters, bool fill_grad) {
   check_soft_fill(x_in, mask_in, iters, "soft_fill_backward");
@@ -666,7 +706,10 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
   const bool nhwc = channels_innermost(x_in);  // else planes (NCHW inside)
   const auto inner = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = x_in.contiguous(inner);
-  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(inner);
+  // NHWC reads grad's rows at their own stride: the gradient of a padded result, narrowed to the
+  // interior, needs no copy.
+  const at::Tensor grad = nhwc && nhwc_rows(grad_in, x.scalar_type()) ? grad_in
+                                                                     : grad_in.to(x.scalar_type()).contiguous(inner);
   const at::Tensor mask = mask_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   iters = saturated_rings(iters, H, W);
@@ -692,7 +735,7 @@ std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cpu(const at::Tensor& grad
     const T* keep = factors.keep.data();
     const T* keep_prod = factors.keep_prod.data();
     if (nhwc) {
-      ring_grads_nhwc<scalar_t, T>(xp, gp, mp, gxp, k.data(), c.data(), factors, dk.data(), N, C, H, W, iters, fill_grad);
+      ring_grads_nhwc<scalar_t, T>(xp, gp, grad.stride(0), grad.stride(2), mp, gxp, k.data(), c.data(), factors, dk.data(), N, C, H, W, iters, fill_grad);
     } else {
       // Per-thread sums over channels of each ring's mask gradient: [thread][n][ring][pixel].
       const int threads = at::get_num_threads();

@@ -7,6 +7,7 @@
 // all channels meets by atomic adds) and mask_chain through the maxpool3 chain of the knownness
 // (to the first maximum, as ATen). Computed in float (double for double), stored in the input dtype.
 #include "common.cuh"
+#include "../pads.h"
 
 #include <vector>
 
@@ -204,7 +205,7 @@ std::vector<at::Tensor> rings(const at::Tensor& x, const at::Tensor& m, int64_t 
   return vs;
 }
 
-at::Tensor soft_fill_cuda(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters, bool /*fill_grad*/) {
+at::Tensor soft_fill_unpadded(const at::Tensor& x_in, const at::Tensor& mask_in, int64_t iters) {
   check_cuda_args(x_in, mask_in, "soft_fill");
   TORCH_CHECK(iters >= 0, "soft_fill: iters must be >= 0, got ", iters);
   c10::cuda::CUDAGuard guard(x_in.device());
@@ -228,6 +229,14 @@ at::Tensor soft_fill_cuda(const at::Tensor& x_in, const at::Tensor& mask_in, int
   std::vector<at::Tensor> ks, cs;
   knownness(m, iters, acc_type_of(x), ks, cs, stream);
   return rings(x, m, iters, ks, cs, stream).back().contiguous(fmt);
+}
+
+// pads: the fill, then zeros around it (no fused padded write on CUDA).
+at::Tensor soft_fill_cuda(const at::Tensor& x, const at::Tensor& mask, int64_t iters, bool /*fill_grad*/,
+                          at::IntArrayRef pads) {
+  const bool padded = check_pads(pads, "soft_fill");
+  const at::Tensor out = soft_fill_unpadded(x, mask, iters);
+  return padded ? pad_result(out, pads) : out;
 }
 
 std::tuple<at::Tensor, at::Tensor> soft_fill_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,

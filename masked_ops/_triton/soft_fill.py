@@ -213,7 +213,14 @@ def _rings(x, mask, iters, ks, cs, wrap):
     return vs
 
 
-def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False, wrap=identity) -> torch.Tensor:
+def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False, wrap=identity,
+              pads=(0, 0, 0, 0)) -> torch.Tensor:
+    """The fill, then ``pads`` (left, right, top, bottom) zeros around it (no fused padded write here)."""
+    out = _soft_fill(x, mask, iters, wrap)
+    return torch.nn.functional.pad(out, tuple(pads)) if any(pads) else out
+
+
+def _soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, wrap) -> torch.Tensor:
     fmt = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)) \
         else torch.contiguous_format
     xd = x.contiguous()

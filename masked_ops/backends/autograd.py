@@ -166,19 +166,26 @@ def mean_backward(ctx, grad):
     return gx, gmask
 
 
-# -- soft_fill(x, mask, iters, fill_grad): the backward is a fused op of each backend
+# -- soft_fill(x, mask, iters, fill_grad, pads): the backward is a fused op of each backend
 def soft_fill_formula(backward_op):
     """(backward, setup_context) of soft_fill, given the backend's soft_fill_backward op."""
     def setup(ctx, inputs, output):
-        x, mask, iters, fill_grad = inputs
-        ctx.iters, ctx.fill_grad = int(iters), bool(fill_grad)
+        x, mask, iters, fill_grad, pads = inputs
+        ctx.iters, ctx.fill_grad, ctx.pads = int(iters), bool(fill_grad), tuple(int(p) for p in pads)
         ctx.save_for_backward(x, mask)
 
     def backward(ctx, grad):
         x, mask = ctx.saved_tensors
-        gx, gmask = backward_op(grad.contiguous(memory_format=_memory_format_of(x)), x, mask, ctx.iters,
-                                ctx.fill_grad)
-        return (gx if ctx.needs_input_grad[0] else None), (gmask if ctx.needs_input_grad[1] else None), None, None
+        left, _, top, _ = ctx.pads
+        if any(ctx.pads):
+            # The padded border's gradient goes nowhere; the interior goes to the backward as a view
+            # (the CPU kernel reads its rows in place, the others copy).
+            grad = grad[:, :, top:top + x.shape[2], left:left + x.shape[3]]
+        else:
+            grad = grad.contiguous(memory_format=_memory_format_of(x))
+        gx, gmask = backward_op(grad, x, mask, ctx.iters, ctx.fill_grad)
+        return ((gx if ctx.needs_input_grad[0] else None), (gmask if ctx.needs_input_grad[1] else None),
+                None, None, None)
 
     return backward, setup
 

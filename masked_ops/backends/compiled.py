@@ -78,8 +78,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _ops().masked_mean(x, mask)
 
 
-def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False) -> torch.Tensor:
-    return _ops().soft_fill(x, mask, int(iters), bool(fill_grad))
+def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False,
+              pads=(0, 0, 0, 0)) -> torch.Tensor:
+    return _ops().soft_fill(x, mask, int(iters), bool(fill_grad), [int(p) for p in pads])
 
 
 # ----------------------------------------------------------------------------- shapes and layouts
@@ -151,8 +152,10 @@ def _register() -> None:
         return x.new_empty((x.shape[0], x.shape[1]))
 
     @torch.library.register_fake(lib + "soft_fill")
-    def _(x, mask, iters, fill_grad):
-        return torch.empty_like(x, memory_format=_memory_format(x))
+    def _(x, mask, iters, fill_grad, pads):
+        n, c, h, w = x.shape
+        return torch.empty((n, c, h + pads[2] + pads[3], w + pads[0] + pads[1]), dtype=x.dtype, device=x.device,
+                           memory_format=_memory_format(x))
 
     @torch.library.register_fake(lib + "conv_epilogue_backward")
     def _(grad, y, keep, scale, bias, activation, need_scale, need_bias):

@@ -72,7 +72,8 @@ def neighbor_fill(x: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tens
     return torch.where(mask > 0, out, filled)
 
 
-def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False) -> torch.Tensor:
+def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False,
+              pads=(0, 0, 0, 0)) -> torch.Tensor:
     """The input a soft-masked conv reads: each pixel blended with the fill by its mask value.
 
     docs/design.md, "Soft masks". With v_0 = x (selected to 0 where m == 0) and the knownness
@@ -83,8 +84,11 @@ def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool =
     and returns v. ``iters == 0`` gives m * x (the zero and renorm modes' input). At a 0/1 mask this
     is exactly ``neighbor_fill`` (a ring fills the unknown pixels next to known ones with the mean of
     those, known pixels keep x), bit for bit. Differentiable in the mask; ``fill_grad=False`` (the
-    paper's choice) lets fill values carry no gradient to x, only to the mask.
+    paper's choice) lets fill values carry no gradient to x, only to the mask. ``pads`` (left, right,
+    top, bottom): zeros around the result, as F.pad after it (a TF-"same" conv's input).
     """
+    if any(pads):
+        return F.pad(soft_fill(x, mask, iters, fill_grad), tuple(int(p) for p in pads))
     v = _zero_removed(x, mask)
     iters = saturated_rings(iters, x.shape[2], x.shape[3])
     if iters <= 0:

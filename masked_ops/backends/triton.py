@@ -140,9 +140,9 @@ if AVAILABLE:
     def _mean_launch(x, mask, wrap=lambda k: k):
         return _mean.masked_mean(x, mask, wrap=wrap)
 
-    @_signature(x=Tensor, mask=Tensor, iters=int, fill_grad=bool, returns=Tensor)
-    def _soft_fill_launch(x, mask, iters, fill_grad, wrap=lambda k: k):
-        return _soft.soft_fill(x, mask, iters, fill_grad, wrap=wrap)
+    @_signature(x=Tensor, mask=Tensor, iters=int, fill_grad=bool, pads=List[int], returns=Tensor)
+    def _soft_fill_launch(x, mask, iters, fill_grad, pads, wrap=lambda k: k):
+        return _soft.soft_fill(x, mask, iters, fill_grad, wrap=wrap, pads=pads)
 
     @_signature(grad=Tensor, x=Tensor, mask=Tensor, iters=int, fill_grad=bool, returns=Tuple[Tensor, Tensor])
     def _soft_fill_backward_launch(grad, x, mask, iters, fill_grad, wrap=lambda k: k):
@@ -221,6 +221,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _mean_op(x, mask)
 
 
-def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False) -> torch.Tensor:
+def soft_fill(x: torch.Tensor, mask: torch.Tensor, iters: int, fill_grad: bool = False,
+              pads=(0, 0, 0, 0)) -> torch.Tensor:
     require()
-    return _soft_fill_op(x, mask, int(iters), bool(fill_grad))
+    return _soft_fill_op(x, mask, int(iters), bool(fill_grad), [int(p) for p in pads])
