@@ -188,3 +188,38 @@ def test_original_model_module_tree_is_not_touched():
     assert {name: type(mod) for name, mod in net.named_modules()} == before
     assert all(torch.equal(p, params[name]) for name, p in net.named_parameters())
     assert lm.layers["head"] is not None if "head" in lm.layers else True
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_fills_take_the_layout_inductor_chose(soft):
+    """The fills and the epilogue are tagged flexible_layout (csrc/ops.cpp): inductor hands them the
+    layout it picked for the convs around them. Forcing its layout optimisation on an NCHW model makes
+    that channels_last: outputs (and, soft, the mask's gradient) still match eager."""
+    if not mo.available("cpp"):
+        pytest.skip("backend cpp not built")
+    import torch._inductor.config as inductor_config
+
+    for op in ("neighbor_fill", "soft_fill", "soft_fill_backward", "conv_epilogue", "masked_affine_act"):
+        assert torch.Tag.flexible_layout in getattr(torch.ops.masked_ops, op).default.tags, op
+    net = _tiny()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    lm = mo.layer_mask(net, soft=soft)
+    x, m = _data(n=3, h=17, w=16)
+    if soft:
+        m = m * torch.rand(m.shape, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with mo.set_backend("cpp"), inductor_config.patch(force_layout_optimization=True):
+        compiled = torch.compile(lm, fullgraph=True)
+        outs, grads = [], []
+        for f in (lm, compiled):
+            mi = m.clone().requires_grad_(soft)
+            with torch.set_grad_enabled(soft):
+                out = f(x, mi)
+                if soft:
+                    out.logsumexp(-1).sum().backward()
+            outs.append(out.detach())
+            grads.append(mi.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    if soft:
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)

@@ -166,7 +166,8 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "soft_fill_backward")
     def _(grad, x, mask, iters, fill_grad):
-        return torch.empty_like(x, memory_format=_memory_format(x)), torch.empty_like(mask)
+        # grad_mask: contiguous, as every kernel returns it (whatever the mask's strides).
+        return torch.empty_like(x, memory_format=_memory_format(x)), mask.new_empty(mask.shape)
 
     @torch.library.register_fake(lib + "imputation_solve")
     def _(b, removed, tol, max_iter):
