@@ -27,10 +27,12 @@ from .modes import fill_iters
 
 # ----------------------------------------------------------------------------- in place or not
 def owns_for_writing(t: torch.Tensor) -> bool:
-    """Whether a tensor the caller owns may be written in place: not when autograd records it
-    (it may be saved for backward), and not under torch.compile / export, where inductor plans
-    buffers itself and functional ops trace more simply."""
-    return not (t.requires_grad and torch.is_grad_enabled()) and not C.is_compiling()
+    """Whether a tensor the caller owns may be written in place: not when autograd records it (it
+    may be saved for backward). Under torch.compile too: inductor writes a mutating op into the
+    buffer when nothing else reads it, and copies first otherwise (auto_functionalize), and the
+    in-place fill touches only the ring pixels where the functional one writes a whole new tensor
+    (EfficientNet-Lite0, NCHW, batch 32, compiled: 1.69 s -> 1.2-1.3 s)."""
+    return not (t.requires_grad and torch.is_grad_enabled())
 
 
 def epilogue_of_fresh(backend, y, keep, scale, bias, activation):

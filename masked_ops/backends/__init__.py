@@ -122,7 +122,7 @@ def _triton_runs_on_cpu() -> bool:
 # (bench/README.md, "Under torch.compile"): "kernel" keeps the backend's fused kernel as one opaque
 # op; "decompose" uses the reference formulation in torch ops, which inductor can fuse with its
 # neighbours (a conv epilogue into one pointwise loop after the vendor conv, for example).
-# In-place variants are never used under compile (inductor plans buffers itself).
+# In-place variants follow the same choice (ops.owns_for_writing says when a model may use them).
 UNDER_COMPILE: Dict[str, str] = {
     # Measured on whole models (bench/README.md, "Under torch.compile"): the fill stays one fused pass
     # (inductor cannot make its rings one pass); everything pointwise or pooled after a conv is better
