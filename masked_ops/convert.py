@@ -438,10 +438,11 @@ class _Converter:
         self.rows.append((node.name, what, layer.describe()))
 
     def _mark_in_place_fills(self, output: fx.Node) -> None:
-        """Let a conv fill its input in place when nothing else can see that input.
+        """Let a conv fill its input in place, and an add write into one of its inputs, when nothing
+        else can see that input.
 
         The input must be a fresh tensor made by a masked layer (not the model's input, not a view),
-        read by that conv alone (fused BatchNorm/activation nodes are the conv's own value, so they
+        read by that layer alone (fused BatchNorm/activation nodes are the conv's own value, so they
         are no extra readers) and not returned.
         """
         self._describe = {}
@@ -450,11 +451,16 @@ class _Converter:
         for old, new in self.env.items():
             if isinstance(new, fx.Node) and new in self.layers:
                 by_new.setdefault(new, old.name)
+        def owned(src) -> bool:
+            producer = self.layers.get(src) if isinstance(src, fx.Node) else None
+            return producer is not None and producer.fresh_output and len(src.users) == 1 and src not in returned
+
         for node, layer in self.layers.items():
+            if isinstance(layer, mnn.MaskedBinary) and layer.kind == "add":
+                layer.add_into = next((i for i in (0, 1) if owned(node.args[i]) and node.args[i] is not node.args[1 - i]),
+                                      None)
             if not isinstance(layer, mnn.MaskedConv2d) or not layer.can_fill_in_place:
                 continue
-            src = node.args[0]
-            producer = self.layers.get(src)
-            if producer is not None and producer.fresh_output and len(src.users) == 1 and src not in returned:
+            if owned(node.args[0]):
                 layer.fill_in_place = True
                 self._describe[by_new[node]] = layer.describe()

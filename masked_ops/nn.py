@@ -541,6 +541,9 @@ class MaskedBinary(MaskedLayer):
         self.kind, self.name, self.layout = kind, name, layout
         self.activation = check_activation(activation)
         self.rezero = True
+        # Which input (0 or 1) an add may write its sum into: a fresh tensor of a masked layer that
+        # nothing else reads (set by the converter, as MaskedConv2d.fill_in_place); None: neither.
+        self.add_into: Optional[int] = None
 
     def masks(self, mb, in_masks):
         masked = [k for k in in_masks if k is not None]
@@ -553,6 +556,15 @@ class MaskedBinary(MaskedLayer):
         return ([out] if self.rezero else []), out
 
     def forward(self, a, b, m_out=None):
+        if self.add_into is not None and a.shape == b.shape:
+            dst, src = (a, b) if self.add_into == 0 else (b, a)
+            if ops.owns_for_writing(dst):
+                y = dst.add_(src)
+                if self.rezero and self.layout == "nchw" and self.soft is None and y.dim() == 4:
+                    # activation and selection in one pass over the sum (ResNet's add + ReLU)
+                    return ops.resolve(y.device).conv_epilogue_(y, m_out.to(y.dtype), None, None, self.activation)
+                y = _act_fresh(y, self.activation)
+                return _zero_fresh(y, layout_mask(m_out, self.layout)) if self.rezero else y
         y = _act_fresh(_BINARY_FNS[self.kind](a, b), self.activation)
         return _zero_fresh(y, layout_mask(m_out, self.layout)) if self.rezero else y
 

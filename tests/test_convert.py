@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import masked_ops as mo
 from masked_ops.convert import TraceError
-from masked_ops.nn import MaskedPointwise
+from masked_ops.nn import MaskedBinary, MaskedPointwise
 
 D = torch.float64
 
@@ -130,8 +130,9 @@ def _without_in_place(lm):
 @pytest.mark.parametrize("dtype,fmt", [(torch.float64, torch.contiguous_format), (torch.float32, torch.channels_last)])
 def test_in_place_fill_only_for_sole_readers_and_identical_results(backend, dtype, fmt):
     """Only b may fill its input in place (its input is a fresh activation nobody else reads); a's
-    input is the model's, c and d share theirs, e's is an add. The in-place fills (b's, and e's
-    fill into its padded copy) give bit-identical results to the copying ones."""
+    input is the model's, c and d share theirs, e's is an add. The add writes its sum into c's output
+    (fresh, read by the add alone). The in-place fills (b's, and e's fill into its padded copy) and the
+    in-place add give bit-identical results to the copying ones."""
     if not mo.backends.available(backend):
         pytest.skip(f"backend {backend} not built")
     torch.manual_seed(0)
@@ -143,6 +144,7 @@ def test_in_place_fill_only_for_sole_readers_and_identical_results(backend, dtyp
         marked = {name for name, layer in lm.layers.items() if getattr(layer, "fill_in_place", False)}
         assert marked == {"b"}
         assert "fills its input in place" in lm.rules_used()["b"]
+        assert [layer.add_into for layer in lm.layers.values() if isinstance(layer, MaskedBinary)] == [0]
         x_before = x.clone()
         fast = lm(x, mask)
         _without_in_place(lm)
@@ -150,6 +152,37 @@ def test_in_place_fill_only_for_sole_readers_and_identical_results(backend, dtyp
             slow = lm(x.detach().requires_grad_(), mask)
     assert torch.equal(x.isnan(), x_before.isnan()) and torch.equal(x.nan_to_num(), x_before.nan_to_num())
     assert torch.equal(fast, slow.detach())
+
+
+class _Shortcut(nn.Module):
+    """A residual block: the shortcut y is read twice (by conv b and by the add), b's output once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return F.relu(y + self.b(y))
+
+
+def test_residual_add_writes_into_the_branch_nobody_else_reads():
+    """The add writes into b's output (its second input), never into the shortcut that b also reads;
+    the result equals the pure-PyTorch backend's, which computes every add out of place."""
+    torch.manual_seed(0)
+    lm = mo.layer_mask(_Shortcut().eval())
+    assert [layer.add_into for layer in lm.layers.values() if isinstance(layer, MaskedBinary)] == [1]
+    x, mask = _data(c=3, h=15, w=13)
+    x = _nan_outside(x, mask)
+    with mo.set_backend("torch"):
+        lm_torch = mo.layer_mask(_Shortcut().eval())
+        lm_torch.load_state_dict(lm.state_dict())
+        for layer in lm_torch.layers.values():
+            if isinstance(layer, MaskedBinary):
+                layer.add_into = None
+        expected = lm_torch(x, mask)
+    _close(lm(x, mask), expected)
 
 
 def test_in_place_fill_is_skipped_under_autograd():
