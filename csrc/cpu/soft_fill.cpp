@@ -8,13 +8,13 @@
 // neighbourhood in row-major order in opmath and each ring is rounded to the storage dtype, as
 // the hard fill does (neighbor_fill.cpp), so at a 0/1 mask the result is the hard fill bit for bit.
 //
-// The backward recomputes the rings of a plane (cheaper than saving them) and runs them in
-// reverse with two adjoints: U, the gradient of the value (it reaches the mask through every
-// use), and Gv, the part that reaches x (without fill_grad, fill values pass no gradient to x,
-// as in the paper, so Gv is grad times the product of each ring's per-pixel keep factor; the
-// channels_last kernel keeps just that product). The mask's gradient of each ring is summed over
-// channels (per-thread buffers), then carried back through the maxpool3 chain of k (first maximum,
-// as ATen). Why the loops are shaped as they are: docs/design.md, section 5.
+// The backward recomputes the rings (cheaper than saving them) and runs them in reverse with U,
+// the gradient of the value (it reaches the mask through every use); without fill_grad, fill values
+// pass no gradient to x (as in the paper), so x's gradient is grad times the product of each ring's
+// per-pixel keep factor. The mask's gradient of each ring is summed over channels (channels_last:
+// per pixel inside one sweep per ring; planes: per-thread buffers), then carried back through the
+// maxpool3 chain of k (first maximum, as ATen). pads (TF "same") write the result into a padded
+// buffer. Why the loops are shaped as they are: docs/design.md, section 5.
 #include "common.h"
 #include "../pads.h"
 
