@@ -457,8 +457,8 @@ class _Converter:
 
         for node, layer in self.layers.items():
             if isinstance(layer, mnn.MaskedBinary) and layer.kind == "add":
-                layer.add_into = next((i for i in (0, 1) if owned(node.args[i]) and node.args[i] is not node.args[1 - i]),
-                                      None)
+                a, b = node.args[0], node.args[1]
+                layer.add_into = 0 if owned(a) and a is not b else 1 if owned(b) and b is not a else None
             if not isinstance(layer, mnn.MaskedConv2d) or not layer.can_fill_in_place:
                 continue
             if owned(node.args[0]):

@@ -556,7 +556,7 @@ class MaskedBinary(MaskedLayer):
         return ([out] if self.rezero else []), out
 
     def forward(self, a, b, m_out=None):
-        if self.add_into is not None and a.shape == b.shape:
+        if self.add_into is not None and a.shape == b.shape and a.dtype == b.dtype:  # else a + b promotes
             dst, src = (a, b) if self.add_into == 0 else (b, a)
             if ops.owns_for_writing(dst):
                 y = dst.add_(src)
