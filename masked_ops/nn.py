@@ -181,7 +181,7 @@ class MaskedConv2d(MaskedLayer):
 
     @property
     def can_fill_in_place(self) -> bool:
-        return self.iters > 0 and self.prepad is None and self.soft is None
+        return self.iters > 0 and self.soft is None
 
     def masks(self, mb, in_masks):
         m = in_masks[0]

@@ -56,6 +56,11 @@ def conv_input(backend, x, m, iters: int, kernel, stride, dilation, *, prepad: M
     """
     if prepad is not None:
         pads = M.explicit_pads(prepad, x, kernel, stride, dilation)
+        if iters and zeroed and in_place and owns_for_writing(x):
+            # Fill first, pad after: under torch.compile the pad is a pointwise copy whose layout
+            # inductor chooses (channels_last around its channels_last convs), where a fill into a
+            # view of the padded buffer pins that buffer to NCHW (two transposes per conv).
+            return F.pad(backend.neighbor_fill_(x, m, iters), pads)
         if iters and zeroed and owns_for_writing(x) and min(pads) >= 0:
             left, _, top, _ = pads
             h, w = x.shape[-2:]

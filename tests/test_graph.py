@@ -223,3 +223,44 @@ def test_fills_take_the_layout_inductor_chose(soft):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
     if soft:
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+class _TFSameChain(nn.Module):
+    """conv+BN+ReLU6 whose output only a TF-"same" padded stride-2 depthwise conv reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, groups=16)
+        self.pw = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = F.relu6(self.bn(self.stem(x)))
+        return self.pw(self.dw(F.pad(y, (0, 1, 0, 1)))).mean((2, 3))
+
+
+def test_padded_conv_fills_its_own_input_then_pads_under_compile():
+    """A conv with explicit padding that owns its input fills it in place and pads it after. Under
+    compile the fill then gets the conv output in inductor's layout; filling a view of the padded
+    buffer instead pinned that buffer to NCHW (a transpose before and after the conv)."""
+    if not mo.available("cpp"):
+        pytest.skip("backend cpp not built")
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    net = _TFSameChain().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+    lm = mo.layer_mask(net)
+    assert lm.layers["dw"].fill_in_place and "fills its input in place" in lm.rules_used()["dw"]
+    x, m = _data(n=2, h=17, w=16)
+    torch._dynamo.reset()
+    with torch.no_grad(), mo.set_backend("cpp"), inductor_config.patch(force_layout_optimization=True):
+        eager = lm(x, m)
+        compiled, (code, *_) = run_and_get_code(torch.compile(lm, fullgraph=True), x, m)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    fills = [ln for ln in code.splitlines() if "masked_ops.neighbor_fill_" in ln and "torch.ops" in ln]
+    assert len(fills) == 1, fills  # the depthwise conv's input (the stem's, the model's input, is copied)
+    assert "reinterpret_tensor" not in fills[0], fills
