@@ -556,17 +556,22 @@ class MaskedBinary(MaskedLayer):
         return ([out] if self.rezero else []), out
 
     def forward(self, a, b, m_out=None):
-        if self.add_into is not None and a.shape == b.shape and a.dtype == b.dtype:  # else a + b promotes
-            dst, src = (a, b) if self.add_into == 0 else (b, a)
-            if ops.owns_for_writing(dst):
-                y = dst.add_(src)
-                if self.rezero and self.layout == "nchw" and self.soft is None and y.dim() == 4:
-                    # activation and selection in one pass over the sum (ResNet's add + ReLU)
-                    return ops.resolve(y.device).conv_epilogue_(y, m_out.to(y.dtype), None, None, self.activation)
-                y = _act_fresh(y, self.activation)
-                return _zero_fresh(y, layout_mask(m_out, self.layout)) if self.rezero else y
-        y = _act_fresh(_BINARY_FNS[self.kind](a, b), self.activation)
+        y = self._sum_in_place(a, b)
+        if y is None:
+            y = _BINARY_FNS[self.kind](a, b)
+        elif self.rezero and self.layout == "nchw" and self.soft is None and y.dim() == 4:
+            # activation and selection in one pass over the sum (ResNet's add + ReLU)
+            return ops.resolve(y.device).conv_epilogue_(y, m_out.to(y.dtype), None, None, self.activation)
+        y = _act_fresh(y, self.activation)
         return _zero_fresh(y, layout_mask(m_out, self.layout)) if self.rezero else y
+
+    def _sum_in_place(self, a, b) -> Optional[torch.Tensor]:
+        """a + b written into the input the converter chose (add_into), or None where that is not
+        allowed: no such input, inputs that broadcast or promote, or autograd recording."""
+        if self.add_into is None or a.shape != b.shape or a.dtype != b.dtype:
+            return None
+        dst, src = (a, b) if self.add_into == 0 else (b, a)
+        return dst.add_(src) if ops.owns_for_writing(dst) else None
 
     def describe(self):
         act = f" +{self.activation}" if self.activation != "none" else ""
