@@ -550,14 +550,16 @@ void sweep_rows(const RingSweep<scalar_t, T, u_t>& r, int64_t lo, int64_t hi, Ro
 }
 
 // A thread's buffers for one sample: the forward rings v_1 .. v_{iters-1}, the value's adjoint of
-// two rings (iters > 1), P, its 3x3 sum and the box's scratch.
+// two rings (iters > 1), P, its 3x3 sum and the box's scratch, and the row sweep's scratch (used when
+// one thread sweeps the whole sample; row chunks on several threads each allocate their own).
 template <typename scalar_t, typename T>
 struct SampleScratch {
   std::vector<scalar_t> vs;
   std::vector<T> ua, ub, P, boxP, tmp;
-  SampleScratch(int64_t iters, int64_t HW, int64_t C)
+  RowScratch<T> rows;
+  SampleScratch(int64_t iters, int64_t HW, int64_t W, int64_t C)
       : vs((iters - 1) * HW * C), ua(iters > 1 ? HW * C : 0), ub(iters > 2 ? HW * C : 0), P(HW), boxP(HW),
-        tmp(HW) {}
+        tmp(HW), rows(W, C) {}
 };
 
 // The rings' backward for NHWC input (the plane version below keeps channels apart): gx and
@@ -577,13 +579,16 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, int64_t g_sample, i
                      int64_t iters, bool fill_grad) {
   const int64_t HW = H * W, S = HW * C, KS = (iters + 1) * HW, CS = iters * HW;
   const bool split_rows = N < 2 * at::get_num_threads();
-  // rows(lo, hi) over the whole image, in row chunks over the threads when split_rows.
-  auto over_rows = [&](auto&& rows) {
+  // rows(lo, hi, scratch) over the whole image, in row chunks over the threads when split_rows.
+  auto over_rows = [&](SampleScratch<scalar_t, T>& ss, auto&& rows) {
     if (split_rows) {
       const int64_t grain = (H + at::get_num_threads() - 1) / at::get_num_threads();
-      at::parallel_for(0, H, grain, [&](int64_t lo, int64_t hi) { rows(lo, hi); });
+      at::parallel_for(0, H, grain, [&](int64_t lo, int64_t hi) {
+        RowScratch<T> s(W, C);
+        rows(lo, hi, s);
+      });
     } else {
-      rows(0, H);
+      rows(0, H, ss.rows);
     }
   };
   auto sample = [&](int64_t n, SampleScratch<scalar_t, T>& ss) {
@@ -608,8 +613,7 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, int64_t g_sample, i
                                             t == iters ? g_row : W * C, kn + (t - 1) * HW, f.inv.data() + fr, f.om.data() + fr,
                                             f.keep.data() + fr, dk + n * CS + (t - 1) * HW, ss.P.data(),
                                             t > 1 ? before : nullptr, gx, H, W, C};
-        over_rows([&](int64_t lo, int64_t hi) {
-          RowScratch<T> s(W, C);
+        over_rows(ss, [&](int64_t lo, int64_t hi, RowScratch<T>& s) {
           if (t > 1)
             sweep_rows<true, false, false>(r, lo, hi, s);
           else if (!gx_in_sweep)
@@ -635,7 +639,7 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, int64_t g_sample, i
     }
     if (!gx_in_sweep) {
       const T* kp = f.keep_prod.data() + n * HW;
-      over_rows([&](int64_t lo, int64_t hi) {
+      over_rows(ss, [&](int64_t lo, int64_t hi, RowScratch<T>&) {
         for (int64_t p = lo * W; p < hi * W; ++p) {
           if (m[p] > scalar_t(0))
             scale_block(g + (p / W) * g_row + (p % W) * C, kp[p], gx + p * C, C);
@@ -646,11 +650,11 @@ void ring_grads_nhwc(const scalar_t* xp, const scalar_t* gp, int64_t g_sample, i
     }
   };
   if (split_rows) {
-    SampleScratch<scalar_t, T> ss(iters, HW, C);
+    SampleScratch<scalar_t, T> ss(iters, HW, W, C);
     for (int64_t n = 0; n < N; ++n) sample(n, ss);
   } else {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      SampleScratch<scalar_t, T> ss(iters, HW, C);
+      SampleScratch<scalar_t, T> ss(iters, HW, W, C);
       for (int64_t n = begin; n < end; ++n) sample(n, ss);
     });
   }
