@@ -359,3 +359,57 @@ def test_pools_random_configs(backend, cfg):
     assert_agree(backend, mo.masked_max_pool2d, (x, m), k, s, p, 1, ceil_mode=ceil_mode)
     assert_agree(backend, mo.masked_avg_pool2d, (x, m), k, s, p, ceil_mode=ceil_mode,
                  count_include_pad=count_include_pad)
+
+
+# ----------------------------------------------------------------------------- AVX2 and baseline loops
+_BASELINE_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from masked_ops.backends import resolve
+from op_cases import DTYPES, LAYOUTS, assert_primitive_sweep, primitive_cases, sweep_inputs
+B = resolve(torch.device("cpu"), "cpp")
+out = {}
+for dtype in DTYPES:
+    for layout in LAYOUTS:
+        assert_primitive_sweep(B, dtype, layout, shape=(2, 19, 13, 21))
+        x, m = sweep_inputs(dtype, layout, "cpu", 2, 19, 13, 21)
+        for name, f in primitive_cases().items():
+            out[(str(dtype), layout, name)] = f(B, x, m)
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS_UNDER_TEST, reason="backend cpp not built")
+def test_cpu_kernels_without_avx2_are_accurate_and_bit_identical(tmp_path):
+    """The hot CPU loops are compiled for the x86-64 baseline and for AVX2, chosen at run time
+    (csrc/cpu/common.h). This machine runs one path in this process; a subprocess with
+    MASKED_OPS_NO_AVX2=1 runs the other: it meets the reference over the whole primitive sweep, and
+    both paths give the same bits (no FMA in either)."""
+    import os
+    import subprocess
+    import sys
+
+    from masked_ops.backends import resolve
+    from op_cases import DTYPES, LAYOUTS, primitive_cases, sweep_inputs
+
+    path = tmp_path / "baseline.pt"
+    env = dict(os.environ, MASKED_OPS_NO_AVX2="1")
+    r = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, os.path.dirname(__file__), str(path)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    baseline = torch.load(path)
+    B = resolve(torch.device("cpu"), "cpp")
+    for dtype in DTYPES:
+        for layout in LAYOUTS:
+            x, m = sweep_inputs(dtype, layout, "cpu", 2, 19, 13, 21)
+            for name, f in primitive_cases().items():
+                ours = f(B, x, m)
+                theirs = baseline[(str(dtype), layout, name)]
+                ours, theirs = [t if isinstance(t, tuple) else (t,) for t in (ours, theirs)]
+                for a, b in zip(ours, theirs):
+                    assert torch.equal(_bits(a), _bits(b)), f"{name} {dtype} {layout}"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (NaN payloads and signed zeros included)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

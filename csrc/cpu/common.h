@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -24,6 +25,26 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
   return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
                                                                      : at::MemoryFormat::Contiguous;
 }
+
+// Hot loops are compiled twice: for the x86-64 baseline the wheel targets, and for AVX2, chosen at
+// run time (ATen's own kernels dispatch the same way). A loop body is an always-inline template called
+// from a MASKED_OPS_TARGET_AVX2 wrapper and from the plain code; no FMA, so results do not depend on
+// the path. MASKED_OPS_NO_AVX2=1 in the environment forces the baseline (tests run both).
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define MASKED_OPS_TARGET_AVX2 __attribute__((target("avx2")))
+#define MASKED_OPS_ALWAYS_INLINE __attribute__((always_inline))
+inline bool cpu_has_avx2() {
+  static const bool has = [] {
+    const char* off = std::getenv("MASKED_OPS_NO_AVX2");
+    return __builtin_cpu_supports("avx2") && !(off && off[0] == '1');
+  }();
+  return has;
+}
+#else
+#define MASKED_OPS_TARGET_AVX2
+#define MASKED_OPS_ALWAYS_INLINE
+inline bool cpu_has_avx2() { return false; }
+#endif
 
 // The sum of eight partial sums, in a fixed tree order.
 template <typename T>
