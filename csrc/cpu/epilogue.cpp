@@ -16,103 +16,86 @@ namespace masked_ops {
 namespace cpu {
 namespace {
 
+// What one epilogue call reads and writes; y is unused in place (INPLACE: out holds y on entry).
+template <typename scalar_t>
 struct EpilogueArgs {
+  const scalar_t* y;
+  scalar_t* out;
+  const scalar_t* keep;
+  const scalar_t* pix;
+  const at::opmath_type<scalar_t>* mul;
+  const at::opmath_type<scalar_t>* add;
   int64_t N, C, HW;
 };
 
-// NCHW planes [begin, end). INPLACE: out holds y on entry (y is unused). The loops read and write
-// through one restrict pointer then; two pointers to the same buffer would make the compiler's alias
-// check fail at run time and fall back to its scalar loop.
-template <typename scalar_t, Act A, bool PIX, bool INPLACE>
-MASKED_OPS_ALWAYS_INLINE inline void epilogue_planes(const scalar_t* y, scalar_t* out, const scalar_t* keep,
-                                                     const scalar_t* pix, const at::opmath_type<scalar_t>* mul,
-                                                     const at::opmath_type<scalar_t>* add, EpilogueArgs d,
-                                                     int64_t begin, int64_t end) {
+// NCHW planes (CL false) or NHWC pixels (CL true) [begin, end). In place the loops read and write
+// through one restrict pointer: two pointers to the same buffer would make the compiler's alias check
+// fail at run time and fall back to its scalar loop.
+template <typename scalar_t, Act A, bool PIX, bool INPLACE, bool CL>
+MASKED_OPS_ALWAYS_INLINE inline void epilogue_range(const EpilogueArgs<scalar_t>& d, int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = d.C, HW = d.HW;
-  for (int64_t plane = begin; plane < end; ++plane) {
-    const int64_t n = plane / C, c = plane % C;
-    scalar_t* __restrict__ op = out + plane * HW;
-    const scalar_t* __restrict__ yp = INPLACE ? nullptr : y + plane * HW;
-    const scalar_t* __restrict__ kp = keep + n * HW;
-    const scalar_t* __restrict__ sp = PIX ? pix + n * HW : nullptr;
-    const opmath_t m = mul[c], a = add[c];
-    for (int64_t i = 0; i < HW; ++i) {
-      opmath_t z = static_cast<opmath_t>(INPLACE ? op[i] : yp[i]);
-      if constexpr (PIX) z = z * static_cast<opmath_t>(sp[i]);
-      // A ternary select of floats vectorises as a blend (the bitwise select_if did not).
-      const scalar_t v = static_cast<scalar_t>(activate<A>(z * m + a));
-      op[i] = static_cast<opmath_t>(kp[i]) > opmath_t(0) ? v : scalar_t(0);
+  if constexpr (!CL) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C, c = plane % C;
+      scalar_t* __restrict__ op = d.out + plane * HW;
+      const scalar_t* __restrict__ yp = INPLACE ? nullptr : d.y + plane * HW;
+      const scalar_t* __restrict__ kp = d.keep + n * HW;
+      const scalar_t* __restrict__ sp = PIX ? d.pix + n * HW : nullptr;
+      const opmath_t m = d.mul[c], a = d.add[c];
+      for (int64_t i = 0; i < HW; ++i) {
+        opmath_t z = static_cast<opmath_t>(INPLACE ? op[i] : yp[i]);
+        if constexpr (PIX) z = z * static_cast<opmath_t>(sp[i]);
+        // A ternary select of floats vectorises as a blend (the bitwise select_if did not).
+        const scalar_t v = static_cast<scalar_t>(activate<A>(z * m + a));
+        op[i] = static_cast<opmath_t>(kp[i]) > opmath_t(0) ? v : scalar_t(0);
+      }
     }
-  }
-}
-
-// NHWC pixels [begin, end).
-template <typename scalar_t, Act A, bool PIX, bool INPLACE>
-MASKED_OPS_ALWAYS_INLINE inline void epilogue_pixels(const scalar_t* y, scalar_t* out, const scalar_t* keep,
-                                                     const scalar_t* pix, const at::opmath_type<scalar_t>* mul,
-                                                     const at::opmath_type<scalar_t>* add, EpilogueArgs d,
-                                                     int64_t begin, int64_t end) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t C = d.C;
-  const opmath_t* __restrict__ mv = mul;
-  const opmath_t* __restrict__ av = add;
-  for (int64_t p = begin; p < end; ++p) {
-    scalar_t* __restrict__ op = out + p * C;
-    if (!(static_cast<opmath_t>(keep[p]) > opmath_t(0))) {
-      std::fill(op, op + C, scalar_t(0));
-      continue;
-    }
-    const scalar_t* __restrict__ yp = INPLACE ? nullptr : y + p * C;
-    const opmath_t s = PIX ? static_cast<opmath_t>(pix[p]) : opmath_t(1);
-    for (int64_t c = 0; c < C; ++c) {
-      opmath_t z = static_cast<opmath_t>(INPLACE ? op[c] : yp[c]);
-      if constexpr (PIX) z = z * s;
-      op[c] = static_cast<scalar_t>(activate<A>(z * mv[c] + av[c]));
+  } else {
+    const opmath_t* __restrict__ mv = d.mul;
+    const opmath_t* __restrict__ av = d.add;
+    for (int64_t p = begin; p < end; ++p) {
+      scalar_t* __restrict__ op = d.out + p * C;
+      if (!(static_cast<opmath_t>(d.keep[p]) > opmath_t(0))) {
+        std::fill(op, op + C, scalar_t(0));
+        continue;
+      }
+      const scalar_t* __restrict__ yp = INPLACE ? nullptr : d.y + p * C;
+      const opmath_t s = PIX ? static_cast<opmath_t>(d.pix[p]) : opmath_t(1);
+      for (int64_t c = 0; c < C; ++c) {
+        opmath_t z = static_cast<opmath_t>(INPLACE ? op[c] : yp[c]);
+        if constexpr (PIX) z = z * s;
+        op[c] = static_cast<scalar_t>(activate<A>(z * mv[c] + av[c]));
+      }
     }
   }
 }
 
 // The same loops compiled for AVX2 (chosen at run time: the wheel itself targets every x86-64).
-template <typename scalar_t, Act A, bool PIX, bool INPLACE>
-MASKED_OPS_TARGET_AVX2 void epilogue_planes_avx2(const scalar_t* y, scalar_t* out, const scalar_t* keep,
-                                                 const scalar_t* pix, const at::opmath_type<scalar_t>* mul,
-                                                 const at::opmath_type<scalar_t>* add, EpilogueArgs d,
-                                                 int64_t begin, int64_t end) {
-  epilogue_planes<scalar_t, A, PIX, INPLACE>(y, out, keep, pix, mul, add, d, begin, end);
+template <typename scalar_t, Act A, bool PIX, bool INPLACE, bool CL>
+MASKED_OPS_TARGET_AVX2 void epilogue_range_avx2(const EpilogueArgs<scalar_t>& d, int64_t begin, int64_t end) {
+  epilogue_range<scalar_t, A, PIX, INPLACE, CL>(d, begin, end);
 }
 
 template <typename scalar_t, Act A, bool PIX, bool INPLACE>
-MASKED_OPS_TARGET_AVX2 void epilogue_pixels_avx2(const scalar_t* y, scalar_t* out, const scalar_t* keep,
-                                                 const scalar_t* pix, const at::opmath_type<scalar_t>* mul,
-                                                 const at::opmath_type<scalar_t>* add, EpilogueArgs d,
-                                                 int64_t begin, int64_t end) {
-  epilogue_pixels<scalar_t, A, PIX, INPLACE>(y, out, keep, pix, mul, add, d, begin, end);
-}
-
-template <typename scalar_t, Act A, bool PIX, bool INPLACE>
-void epilogue_kernel(const scalar_t* y, scalar_t* out, const scalar_t* keep, const scalar_t* pix,
-                     const at::opmath_type<scalar_t>* mul, const at::opmath_type<scalar_t>* add, int64_t N,
-                     int64_t C, int64_t HW, bool channels_last) {
-  const EpilogueArgs d{N, C, HW};
+void epilogue_kernel(const EpilogueArgs<scalar_t>& d, bool channels_last) {
   const bool avx2 = cpu_has_avx2();
-  if (!channels_last) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
-    at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+  auto run = [&](auto cl) {
+    constexpr bool CL = decltype(cl)::value;
+    // Tasks of about 32K elements: planes in NCHW, pixels in NHWC.
+    const int64_t per_task = CL ? d.C : d.HW, units = CL ? d.N * d.HW : d.N * d.C;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per_task, 1));
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
       if (avx2)
-        epilogue_planes_avx2<scalar_t, A, PIX, INPLACE>(y, out, keep, pix, mul, add, d, begin, end);
+        epilogue_range_avx2<scalar_t, A, PIX, INPLACE, CL>(d, begin, end);
       else
-        epilogue_planes<scalar_t, A, PIX, INPLACE>(y, out, keep, pix, mul, add, d, begin, end);
+        epilogue_range<scalar_t, A, PIX, INPLACE, CL>(d, begin, end);
     });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, N * HW, grain, [&](int64_t begin, int64_t end) {
-    if (avx2)
-      epilogue_pixels_avx2<scalar_t, A, PIX, INPLACE>(y, out, keep, pix, mul, add, d, begin, end);
-    else
-      epilogue_pixels<scalar_t, A, PIX, INPLACE>(y, out, keep, pix, mul, add, d, begin, end);
-  });
+  };
+  if (channels_last)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
 }
 
 // Per-channel factors in opmath (1 / 0 where absent). Values are first rounded to the input
@@ -154,15 +137,16 @@ at::Tensor epilogue(const at::Tensor& y_in, const at::Tensor& keep_in, const std
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     dispatch_activation(act, [&](auto a) {
       constexpr Act A = decltype(a)::value;
+      const EpilogueArgs<scalar_t> d{yp, op, kp, pp, mulv.data(), addv.data(), N, C, HW};
       const bool same = out.is_same(y);
       if (has_pix && same) {
-        epilogue_kernel<scalar_t, A, true, true>(nullptr, op, kp, pp, mulv.data(), addv.data(), N, C, HW, cl);
+        epilogue_kernel<scalar_t, A, true, true>(d, cl);
       } else if (has_pix) {
-        epilogue_kernel<scalar_t, A, true, false>(yp, op, kp, pp, mulv.data(), addv.data(), N, C, HW, cl);
+        epilogue_kernel<scalar_t, A, true, false>(d, cl);
       } else if (same) {
-        epilogue_kernel<scalar_t, A, false, true>(nullptr, op, kp, nullptr, mulv.data(), addv.data(), N, C, HW, cl);
+        epilogue_kernel<scalar_t, A, false, true>(d, cl);
       } else {
-        epilogue_kernel<scalar_t, A, false, false>(yp, op, kp, nullptr, mulv.data(), addv.data(), N, C, HW, cl);
+        epilogue_kernel<scalar_t, A, false, false>(d, cl);
       }
     });
   });
