@@ -78,15 +78,10 @@ def lime_weights(z: torch.Tensor, y: torch.Tensor, kernel_width: float = KERNEL_
 
 
 def curve_masks(order: torch.Tensor, steps: Sequence[float]) -> tuple:
-    """(deletion, insertion) visibility per step, each len(steps) x S bool, for a segment ranking."""
-    s = order.numel()
-    deletion = torch.ones(len(steps), s, dtype=torch.bool)
-    insertion = torch.zeros(len(steps), s, dtype=torch.bool)
-    for i, t in enumerate(steps):
-        k = int(round(float(t) * s))
-        deletion[i, order[:k]] = False
-        insertion[i, order[:k]] = True
-    return deletion, insertion
+    """(deletion, insertion) visibility per step, each len(steps) x S bool, for a segment ranking:
+    the first round(t * S) segments removed, or the only ones shown."""
+    first = M.ranked_first(order, steps)
+    return ~first, first
 
 
 def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_STRATEGIES, *,

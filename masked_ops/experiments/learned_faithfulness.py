@@ -63,15 +63,7 @@ def cell_order(attribution: torch.Tensor, unit: int, generator: torch.Generator)
 
 def removal_masks(order: torch.Tensor, steps: Sequence[float], size, unit: int):
     """(MoRF, LeRF) visibility masks, each len(steps) x 1 x H x W: the top / bottom fraction t removed."""
-    n = order.numel()
-    morf = torch.zeros(len(steps), n, dtype=torch.bool)
-    lerf = torch.zeros(len(steps), n, dtype=torch.bool)
-    for i, t in enumerate(steps):
-        k = int(round(float(t) * n))
-        morf[i, order[:k]] = True
-        if k:
-            lerf[i, order[n - k:]] = True
-    return M.patches_to_mask(morf, size, unit), M.patches_to_mask(lerf, size, unit)
+    return M.removal_masks(size, unit, steps, order), M.removal_masks(size, unit, steps, order.flip(0))
 
 
 def _available(explainers: Sequence[str]):

@@ -38,6 +38,17 @@ def patches_to_mask(removed: torch.Tensor, size: Tuple[int, int], patch: int) ->
     return vis.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
 
 
+def ranked_first(order: torch.Tensor, fractions: Sequence[float]) -> torch.Tensor:
+    """F x n bool: for each fraction f, True at the first round(f * n) items of ``order`` (a ranking of
+    n items). Rows are nested: a larger fraction selects a superset. Every removal and insertion curve
+    (removal_masks here, the faithfulness experiments' MoRF / LeRF / deletion / insertion) uses it."""
+    n = order.numel()
+    first = torch.zeros(len(fractions), n, dtype=torch.bool)
+    for i, f in enumerate(fractions):
+        first[i, order[:int(round(float(f) * n))]] = True
+    return first
+
+
 def removal_masks(size: Tuple[int, int], patch: int, fractions: Sequence[float], order: torch.Tensor
                   ) -> torch.Tensor:
     """F x 1 x H x W masks: the first round(f * P) patches of ``order`` removed, for each fraction f.
@@ -46,12 +57,10 @@ def removal_masks(size: Tuple[int, int], patch: int, fractions: Sequence[float],
     progressive removal.
     """
     gh, gw = patch_grid(size, patch)
-    n = gh * gw
-    removed = torch.zeros(len(fractions), n, dtype=torch.bool)
-    for i, f in enumerate(fractions):
-        k = int(round(float(f) * n))
-        removed[i, order[:k]] = True
-    return patches_to_mask(removed, size, patch)
+    if order.numel() != gh * gw:
+        raise ValueError(f"order must rank the {gh * gw} patches of a {size[0]} x {size[1]} image, "
+                         f"got {order.numel()} items")
+    return patches_to_mask(ranked_first(order, fractions), size, patch)
 
 
 def random_orders(n_patches: int, repeats: int, g: torch.Generator) -> torch.Tensor:
