@@ -51,8 +51,9 @@ def conv_input(backend, x, m, iters: int, kernel, stride, dilation, *, prepad: M
     ``zeroed``: x is already exactly 0 at removed pixels (a converted model's activations), so a
     fill of 0 rings has nothing to do. ``in_place``: the caller owns x (nobody else reads it), so
     the fill may write the ring pixels into x itself. Explicit padding (``prepad``) is applied
-    after the fill, like the conv's own padding: the padded border is never filled; the fill then
-    writes into the padded copy that F.pad makes anyway. Unreached removed pixels keep 0.
+    after the fill, like the conv's own padding: the padded border is never filled. An owned x is
+    filled in place and then padded; otherwise the fill writes into the padded copy that F.pad makes
+    anyway. Unreached removed pixels keep 0.
     """
     if prepad is not None:
         pads = M.explicit_pads(prepad, x, kernel, stride, dilation)
