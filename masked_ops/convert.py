@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -142,8 +142,7 @@ class MaskBuilder:
             return uniq[0]
         # Intersection and union do not depend on order or repeats; the vote counts every input.
         srcs = tuple(sorted(uniq, key=lambda n: n.name)) if how != "majority" else tuple(masks)
-        extra = {} if self.soft is None else {"soft": True}
-        return self._emit(M.join, (srcs, how), extra, name=f"{how}_mask")
+        return self._emit(M.join, (srcs, how), name=f"{how}_mask")
 
 
 # ----------------------------------------------------------------------------- the module
@@ -159,6 +158,9 @@ class LayerMasked(fx.GraphModule):
         super().__init__(root, graph, class_name="LayerMasked")
         self._rows, self.mode, self.source, self._n_masks = rows or [], mode, source or "model", n_masks or 0
         self.soft = next((m.soft for m in self.modules() if isinstance(m, mnn.MaskedLayer)), None)
+        # The soft semantics (masks.SOFT_SEMANTICS): a straight-through model has its node in the graph.
+        self.soft_semantics = next((n.args[1] for n in graph.nodes if n.target is M.straight_through),
+                                   "blend" if self.soft else None)
 
     def recompile(self):
         result = super().recompile()
@@ -183,7 +185,7 @@ class LayerMasked(fx.GraphModule):
     def summary(self) -> str:
         """One line per node: its name, what the original model does there, and the rule used."""
         w = max([len(r[0]) for r in self._rows] + [4])
-        soft = f", soft={self.soft!r}" if self.soft else ""
+        soft = f", soft={self.soft_semantics!r}" if self.soft_semantics else ""
         lines = [f"LayerMasked({self.source}, mode={self.mode!r}{soft}): {len(self._rows)} nodes, "
                  f"{self._n_masks} mask-path ops (computed once per forward; print(model.code) shows them)",
                  f"{'node':<{w}}  rule"]
@@ -268,7 +270,7 @@ _TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._Dropout
 
 
 def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority", fold_bn: bool = True,
-               padding_visible: bool = False, soft: bool = False, fill_grad: bool = False,
+               padding_visible: bool = False, soft: Union[bool, str] = False, fill_grad: bool = False,
                soft_keep: str = "max") -> LayerMasked:
     """Return a layer-masked version of ``model`` (an ``nn.Module`` taking one image batch).
 
@@ -283,9 +285,14 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
     the border is renormalised).
     soft: the model takes float masks in [0, 1] (a degree of visibility) and is differentiable in
     them: ``lm(x, mask)`` with ``mask.requires_grad`` gives ``mask.grad`` (docs/design.md, "Soft
-    masks"). At a 0/1 mask it gives the hard model's outputs bit for bit. soft_keep: the rule of
-    soft output masks, "max" (maxpool(m), the hard rule itself) or "prob" (1 - prod(1 - m) over
-    the window). fill_grad: whether fill values pass gradient to x (default False, as in the paper).
+    masks"). ``True`` takes the default semantics (masks.DEFAULT_SOFT, chosen by measured
+    faithfulness); a name picks one of masks.SOFT_SEMANTICS: "blend" (every conv reads each pixel
+    blended with its fill by its mask value), "threshold" (the hard model at m >= 1/2, with the
+    blend's gradient at that 0/1 mask: straight-through) or "sample" (the hard model at a 0/1 mask
+    drawn with P(visible) = m, a new draw per forward; straight-through). At a 0/1 mask each gives
+    the hard model's outputs bit for bit. soft_keep: the rule of soft output masks, "max"
+    (maxpool(m), the hard rule itself). fill_grad: whether fill values pass gradient to x (default
+    False, as in the paper).
 
     The returned ``torch.fx.GraphModule``'s ``forward(x, mask=None)`` takes x N x C x H x W and
     mask N x 1 x H x W (bool or 0/1 float, 1 = visible); with ``mask=None`` a pixel with NaN in
@@ -296,7 +303,8 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_mode(mode)
-    keep_rule = M.check_keep_rule(soft_keep) if soft else None
+    semantics = M.check_soft(soft)
+    keep_rule = M.check_keep_rule(soft_keep) if semantics else None
     if concat not in M.JOINS:
         raise ValueError(f"concat must be one of {M.JOINS}, got {concat!r}")
     R.register_optional_rules()
@@ -312,14 +320,16 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
                       "Call model.eval() before layer_mask for inference.", UserWarning, stacklevel=2)
     traced = _trace(model)
     ctx = R.RuleContext(model, mode, concat, fold_bn, padding_visible, training)
-    return _Converter(model, ctx, keep_rule, fill_grad).run(traced, source)
+    return _Converter(model, ctx, keep_rule, fill_grad, semantics).run(traced, source)
 
 
 class _Converter:
     """Walks the traced graph once, emitting the layer-masked graph."""
 
-    def __init__(self, model: nn.Module, ctx: R.RuleContext, soft: Optional[str] = None, fill_grad: bool = False):
+    def __init__(self, model: nn.Module, ctx: R.RuleContext, soft: Optional[str] = None, fill_grad: bool = False,
+                 semantics: Optional[str] = None):
         self.model, self.ctx, self.soft, self.fill_grad = model, ctx, soft, fill_grad
+        self.semantics = semantics
         self.graph = fx.Graph()
         self.env: Dict[fx.Node, object] = {}  # original node -> value in the new graph
         self.root: Dict[str, object] = {}     # qualified name -> module / tensor of the new module
@@ -360,6 +370,9 @@ class _Converter:
                 mask = g.placeholder("mask", default_value=None)
                 m = g.create_node("call_function", M.input_mask, (x, mask) + ((True,) if self.soft else ()),
                                   name="input_mask")
+                if self.semantics in M.STRAIGHT_THROUGH:  # every layer then runs at a 0/1 mask
+                    m = g.create_node("call_function", M.straight_through, (m, self.semantics),
+                                      name="straight_through_mask")
                 self.masks = MaskBuilder(g, m, self.soft)
                 # The one selection of the raw input: NaN/inf/anything at removed pixels is selected
                 # away here, so every later layer sees exactly 0 there (the activation-path invariant).

@@ -83,17 +83,64 @@ def explicit_pads(prepad: Prepad, t: torch.Tensor, kernel, stride, dilation) -> 
 
 
 # ----------------------------------------------------------------------------- windows
-# Output masks of soft (differentiable) layer masking, by rule (``soft=``): "max", the hard rule's
-# maxpool(m) itself (the gradient goes to each window's largest mask value), or "prob",
-# 1 - prod(1 - m) over the window (the chance that some pixel of the window is visible, were each
-# visible with probability m; every pixel of the window gets gradient). Both are exactly the hard
-# masks at binary masks. None: hard masks.
-KEEP_RULES = ("max", "prob")
+# ----------------------------------------------------------------------------- soft semantics
+# What a soft model's forward computes from a mask in [0, 1] (``layer_mask(model, soft=...)``;
+# docs/design.md, "Soft masks"). "blend": every layer reads a pixel blended with its fill by its mask
+# value (the soft rules below and the soft ops). "threshold": the forward is the hard model at
+# m >= 1/2; the backward is the blend's gradient at that 0/1 mask (straight-through). "sample": the
+# forward is the hard model at a 0/1 mask drawn pixel by pixel with P(visible) = m (a fresh draw per
+# forward, from torch's global generator), the backward straight-through as for "threshold". At a 0/1
+# mask all three are the hard model, bit for bit. ``soft=True`` takes DEFAULT_SOFT, chosen by measured
+# faithfulness (bench/README.md, "Soft semantics").
+SOFT_SEMANTICS = ("blend", "threshold", "sample")
+DEFAULT_SOFT = "threshold"
+STRAIGHT_THROUGH = ("threshold", "sample")
+
+
+def check_soft(soft) -> Optional[str]:
+    """None for hard masks (``soft`` False/None), else the name of the soft semantics (True: DEFAULT_SOFT)."""
+    if soft is None or soft is False:
+        return None
+    if soft is True:
+        return DEFAULT_SOFT
+    if isinstance(soft, str) and soft in SOFT_SEMANTICS:
+        return soft
+    raise ValueError(f"soft must be False (hard 0/1 masks), True (the default soft semantics, "
+                     f"{DEFAULT_SOFT!r}) or one of {SOFT_SEMANTICS}, got {soft!r}")
+
+
+def straight_through(m: torch.Tensor, semantics: str) -> torch.Tensor:
+    """The 0/1 mask a straight-through soft model runs at, carrying m's gradient unchanged.
+
+    Its value is exactly 0 or 1 (hard + (m - m.detach()): the difference is exactly 0), so every layer
+    takes its hard path's values; its gradient is the identity to m, so the backward is the soft
+    rules' gradient at that 0/1 mask. "threshold": m >= 1/2; "sample": visible with probability m
+    (m = 1 always, m = 0 never, so a 0/1 mask is kept as it is).
+    """
+    if semantics == "threshold":
+        hard = m >= 0.5
+    elif semantics == "sample":
+        hard = torch.rand_like(m) < m
+    else:
+        raise ValueError(f"straight_through: semantics must be one of {STRAIGHT_THROUGH}, got {semantics!r}")
+    return hard.to(m.dtype) + (m - m.detach())
+
+
+# ----------------------------------------------------------------------------- windows
+# Output masks of soft layers, by rule (``soft_keep=``): "max", the hard rule's maxpool(m) itself (the
+# gradient goes to each window's largest mask value). It is depth-consistent: a spatially constant
+# mask c keeps the value c through any stack of convs and pools, and raising m never lowers it.
+# (An earlier "prob" rule, 1 - prod(1 - m) over the window, was removed: a constant mask c became
+# 1 - (1 - c)^(k*k) at every conv, so soft values drifted towards 1 with depth.) None: hard masks.
+KEEP_RULES = ("max",)
 
 
 def check_keep_rule(soft) -> Optional[str]:
+    if soft == "prob":
+        raise ValueError("soft_keep='prob' was removed: 1 - prod(1 - m) over a window is not depth-consistent "
+                         "(a constant mask c grows towards 1 at every conv); use soft_keep='max'")
     if soft is not None and soft not in KEEP_RULES:
-        raise ValueError(f"soft must be None (hard masks) or one of {KEEP_RULES}, got {soft!r}")
+        raise ValueError(f"soft_keep must be one of {KEEP_RULES}, got {soft!r}")
     return soft
 
 
@@ -119,24 +166,16 @@ def window_sum(m: torch.Tensor, kernel, stride, padding, dilation, ceil_mode: bo
     return F.conv2d(m, ones, None, stride, padding, dilation)
 
 
-def window_keep(mask: torch.Tensor, kernel, stride, padding, dilation, ceil_mode: bool = False,
-                soft: Optional[str] = None) -> torch.Tensor:
-    """1 where the window holds a visible pixel (hard), or its soft relaxation (KEEP_RULES)."""
+def window_keep(mask: torch.Tensor, kernel, stride, padding, dilation, ceil_mode: bool = False) -> torch.Tensor:
+    """maxpool(m) over each window: 1 where it holds a visible pixel (hard), its largest value (soft)."""
     kernel, stride, padding, dilation = tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)
-    if soft != "prob":
-        if ceil_mode:  # a pool's geometry (its padding is at most half its kernel): max pooling itself
-            return F.max_pool2d(mask, kernel, stride, padding, dilation, True)
-        # A conv's geometry (any padding): maxpool(m) with zero padding (m >= 0: the same as max
-        # pooling's -inf padding wherever a window holds an image pixel, and 0 for a window of
-        # padding only, as the window sum says).
-        padded = F.pad(mask, (padding[1], padding[1], padding[0], padding[0]))
-        return F.max_pool2d(padded, kernel, stride, 0, dilation)
-    hard = window_keep(mask, kernel, stride, padding, dilation, ceil_mode, None)
-    # log(1 - m) summed over the window; m = 1 (log 0) is clamped away and its window set to 1 exactly.
-    eps = torch.finfo(mask.dtype).eps
-    log_absent = torch.log1p(-mask.clamp(max=1 - eps))
-    none_visible = torch.exp(window_sum(log_absent, kernel, stride, padding, dilation, ceil_mode))
-    return torch.where(hard >= 1, torch.ones((), dtype=mask.dtype, device=mask.device), 1 - none_visible)
+    if ceil_mode:  # a pool's geometry (its padding is at most half its kernel): max pooling itself
+        return F.max_pool2d(mask, kernel, stride, padding, dilation, True)
+    # A conv's geometry (any padding): maxpool(m) with zero padding (m >= 0: the same as max
+    # pooling's -inf padding wherever a window holds an image pixel, and 0 for a window of
+    # padding only, as the window sum says).
+    padded = F.pad(mask, (padding[1], padding[1], padding[0], padding[0]))
+    return F.max_pool2d(padded, kernel, stride, 0, dilation)
 
 
 # ----------------------------------------------------------------------------- conv
@@ -176,7 +215,7 @@ def conv_masks(mask: torch.Tensor, kernel, stride, padding, dilation, mode: str 
         wsum = window_sum(m, kernel, stride, padding, dilation)
         keep = (wsum > 0).to(mask.dtype)
     else:
-        keep = window_keep(m, kernel, stride, padding, dilation, False, soft)
+        keep = window_keep(m, kernel, stride, padding, dilation)
     if mode != "renorm":
         return keep, None
     if padding_visible and (prepad is not None or padding[0] or padding[1]):
@@ -214,7 +253,7 @@ def pool_mask(mask: torch.Tensor, kernel, stride, padding, dilation=(1, 1), ceil
         mask = F.pad(mask, explicit_pads(prepad, mask, kernel, stride, dilation))
     if soft is None:
         return F.max_pool2d(mask, kernel, stride, padding, dilation, ceil_mode)
-    return window_keep(mask, kernel, stride, padding, dilation, ceil_mode, soft)
+    return window_keep(mask, kernel, stride, padding, dilation, ceil_mode)
 
 
 def adaptive_fraction(mask: torch.Tensor, output_size) -> torch.Tensor:
@@ -225,7 +264,7 @@ def adaptive_fraction(mask: torch.Tensor, output_size) -> torch.Tensor:
 
 def adaptive_keep(mask: torch.Tensor, output_size, soft: Optional[str] = None) -> torch.Tensor:
     """Output mask of an adaptive average pool: 1 where the bin holds a visible pixel (soft: the bin's
-    largest mask value; "prob" is not defined for adaptive bins and uses it too)."""
+    largest mask value)."""
     if soft is None:
         return indicator(adaptive_fraction(mask, output_size))
     return F.adaptive_max_pool2d(mask, tuple(output_size))
@@ -240,14 +279,16 @@ def indicator(t: torch.Tensor) -> torch.Tensor:
 JOINS = ("majority", "union", "intersection")
 
 
-def join(masks: Sequence[torch.Tensor], how: str, soft: bool = False) -> torch.Tensor:
+def join(masks: Sequence[torch.Tensor], how: str) -> torch.Tensor:
     """Mask of a join of several masked maps, for hard and soft masks alike.
 
-    "intersection" (residual add, any elementwise op): the product of the masks (visible where
-    every input is); "union" (Fire's concat): their maximum; "majority" (DenseNet's concat): the
+    "intersection" (residual add, any elementwise op): the elementwise minimum (visible where every
+    input is); "union" (Fire's concat): the maximum; "majority" (DenseNet's concat): the
     ceil(n/2)-th largest, i.e. visible where at least half the inputs are (a tie counts as visible,
-    so a two-way majority is the union). At 0/1 masks these are exactly the set operations.
-    ``soft``: the product is floored (soft_floor): products of soft masks shrink fast in deep networks.
+    so a two-way majority is the union). At 0/1 masks these are exactly the set operations. All three
+    are idempotent (a join of a mask with itself, or with masks derived from it by the depth-consistent
+    keep rule, gives it back), so soft values do not decay with depth; the product, used before as the
+    soft intersection, turned m into about m^(2^k) after k residual blocks (docs/design.md, "Soft masks").
     """
     masks = list(masks)
     if how not in JOINS:
@@ -255,15 +296,12 @@ def join(masks: Sequence[torch.Tensor], how: str, soft: bool = False) -> torch.T
     if len(masks) == 1:
         return masks[0]
     out = masks[0]
-    if how == "intersection":
+    if how in ("intersection", "union"):
+        combine = torch.minimum if how == "intersection" else torch.maximum
         for m in masks[1:]:
-            out = out * m
-        return soft_floor(out) if soft else out
-    if how == "union":
-        for m in masks[1:]:
-            out = torch.maximum(out, m)
+            out = combine(out, m)
         return out
     k = (len(masks) + 1) // 2
     if k == 1:
-        return join(masks, "union", soft)
+        return join(masks, "union")
     return torch.stack(masks).topk(k, dim=0).values[k - 1]

@@ -192,7 +192,8 @@ class MaskedConv2d(MaskedLayer):
     def forward(self, x, m, keep, scale=None):
         return ops.conv_core(x, m, keep, scale, self.weight, self.bias, self.stride, self.padding, self.dilation,
                              self.groups, self.iters, self.activation, prepad=self.prepad, zeroed=True,
-                             in_place=self.fill_in_place, soft=self.soft is not None, fill_grad=self.fill_grad)
+                             in_place=self.fill_in_place, soft=self.soft is not None, fill_grad=self.fill_grad,
+                             mode=self.mode)
 
     def describe(self):
         k, s, p = self.kernel, self.stride, self.padding
@@ -384,19 +385,11 @@ class MaskedMaxPool2d(MaskedLayer):
     def masks(self, mb, in_masks):
         out = mb.pool(in_masks[0], self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode,
                       self.prepad)
-        if self.soft is not None:
-            return [in_masks[0], out], out
         return ([out] if self.prepad is not None else []), out
 
     def forward(self, x, *masks):
-        if self.soft is not None:  # the max of m * x (each pixel weighted once, here), 0 where m_out == 0
-            m, m_out = masks
-            x = x * m
-            if self.prepad is not None:
-                x = F.pad(x, M.explicit_pads(self.prepad, x, self.kernel, self.stride, self.dilation),
-                          value=self.pad_value)
-            y = F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
-            return M.select_visible(y, m_out)
+        # Soft masks too: a pool reads its pixels as they are (ops.pool_core); the mask path carries
+        # the soft output mask and its gradient.
         if self.prepad is not None:
             (m_out,) = masks
             x = F.pad(x, M.explicit_pads(self.prepad, x, self.kernel, self.stride, self.dilation),
@@ -427,14 +420,10 @@ class MaskedAvgPool2d(MaskedLayer):
 
     def masks(self, mb, in_masks):
         out = mb.pool(in_masks[0], self.kernel, self.stride, self.padding, (1, 1), self.ceil_mode, None)
-        return ([in_masks[0], out] if self.soft is not None else []), out
+        return [], out
 
-    def forward(self, x, *masks):
-        if self.soft is not None:  # the mean of m * x, 0 where m_out == 0
-            m, m_out = masks
-            y = F.avg_pool2d(x * m, self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
-            return M.select_visible(y, m_out)
-        # A window without visible pixels averages zeros: already 0.
+    def forward(self, x):
+        # A window without visible pixels averages zeros: already 0. Soft masks: as MaskedMaxPool2d.
         return F.avg_pool2d(x, self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
 
     def describe(self):
@@ -507,11 +496,11 @@ class FlattenHead(MaskedLayer):
         self.name = name
 
     def masks(self, mb, in_masks):
-        return ([in_masks[0]] if self.soft is not None else []), None
+        return [], None
 
-    def forward(self, x, m=None):
-        # Hard: already 0 at removed positions. Soft: each pixel weighted once, here, by its mask.
-        return torch.flatten(x if m is None else x * m, 1)
+    def forward(self, x):
+        # Already 0 at removed positions; soft masks: pixels read as they are, as a pool reads them.
+        return torch.flatten(x, 1)
 
     def describe(self):
         return f"flatten head ({self.name}; removed = 0, mask dropped)"

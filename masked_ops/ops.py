@@ -101,7 +101,8 @@ def soft_conv_input(backend, x, m, iters: int, kernel, stride, dilation, *, prep
 def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optional[torch.Tensor],
               weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
               iters: int, activation: str = "none", *, prepad: M.Prepad = None, zeroed: bool = False,
-              in_place: bool = False, soft: bool = False, fill_grad: bool = False) -> torch.Tensor:
+              in_place: bool = False, soft: bool = False, fill_grad: bool = False,
+              mode: str = "fill") -> torch.Tensor:
     """The masked conv after its checks and its mask path (``keep``, ``scale`` from masks.conv_masks).
 
     fill -> vendor conv -> fused epilogue. In fill/zero modes the bias rides in the vendor
@@ -109,8 +110,15 @@ def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optio
     inductor fuses into one pointwise pass), except for unpadded 1x1 convs of zeroed inputs (no fill;
     see below); in renorm mode it is added after the scale, in the epilogue. ``soft``: the mask is a
     degree of visibility (soft_conv_input), and gradients reach it.
+
+    A soft mask weighs a pixel only where the conv mixes it with something: with its fill (fill mode
+    with rings: the blend, whose two weights sum to 1) or as the zero and renorm modes' m * x. A
+    fill-mode conv without rings (1x1) reads its pixels as they are, like every pointwise layer: m * x
+    there shrank a constant mask c's activations by c at every 1x1 conv, c^33 through
+    EfficientNet-Lite0, so its output stopped depending on any mask below about 0.3 (docs/design.md).
     """
     backend = resolve(x.device)
+    weigh = soft and (iters > 0 or mode != "fill")
     kernel = (weight.shape[2], weight.shape[3])
     w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
@@ -125,9 +133,9 @@ def conv_core(x: torch.Tensor, m: torch.Tensor, keep: torch.Tensor, scale: Optio
         # a 0/1 mask (y * 1 + b, where a conv with its bias may round differently); compiled hard
         # models keep the measured compile policy (UNDER_COMPILE["conv_bias"]).
         y = F.conv2d(x, w, None, stride, padding, dilation, groups)
-        ms = m[:, :, ::stride[0], ::stride[1]] if soft else None  # 1x1, no padding: the output grid
+        ms = m[:, :, ::stride[0], ::stride[1]] if weigh else None  # 1x1, no padding: the output grid
         return epilogue_of_fresh(backend, y, keep, None if ms is None else ms.contiguous(), b, activation)
-    if soft:
+    if weigh:
         xin = soft_conv_input(backend, x, m, iters, kernel, stride, dilation, prepad=prepad, fill_grad=fill_grad)
     else:
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -156,8 +164,8 @@ def masked_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
 
     ``soft=True``: the mask is a degree of visibility in [0, 1] and the op is differentiable in it
     (docs/design.md, "Soft masks"): the conv reads each pixel blended with its fill by its mask
-    value, mask_out is the relaxation ``soft_keep`` ("max": maxpool(m); "prob": 1 - prod(1 - m)
-    over the window). At a 0/1 mask it equals the hard op bit for bit. ``fill_grad``: whether fill
+    value (the "blend" semantics; a converted model offers others, see layer_mask), mask_out is
+    maxpool(m) (``soft_keep="max"``). At a 0/1 mask it equals the hard op bit for bit. ``fill_grad``: whether fill
     values pass gradient to x (default False, as in the paper; the mask always gets its gradient).
     """
     C.check_input(x)
@@ -170,7 +178,7 @@ def masked_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
     keep, scale = M.conv_masks(m, kernel, stride, padding, dilation, mode, padding_visible, soft=keep_rule)
     iters = fill_iters(kernel, dilation) if mode == "fill" else 0
     y = conv_core(x, m, keep, scale, weight, bias, stride, padding, dilation, groups, iters, activation,
-                  soft=soft, fill_grad=fill_grad)
+                  soft=soft, fill_grad=fill_grad, mode=mode)
     return y, C.restore_mask_dtype(keep, mask)
 
 
@@ -241,21 +249,19 @@ def pool_core(x: torch.Tensor, m: torch.Tensor, kind: str, kernel, stride, paddi
     """A masked max or average pool of a checked input: (y, mask_out).
 
     Hard: the backend's fused pool (removed = 0, zeroed where no visible pixel). Soft (``soft`` the
-    keep rule): the pool of m * x (each pixel weighted once, by its mask, where the pool consumes it),
-    0 where mask_out == 0; mask_out = masks.pool_mask. At a 0/1 mask both agree bit for bit.
+    keep rule): the same pool of the pixels with m > 0, read as they are (a pool mixes no fill into a
+    pixel, so its mask value does not weigh it: see conv_core), and mask_out = masks.pool_mask, which
+    carries the mask's gradient. At a 0/1 mask both agree bit for bit.
     """
-    if soft is None:
-        backend = resolve(x.device)
-        if kind == "max":
-            return backend.masked_max_pool2d(x, m, kernel, stride, padding, dilation, ceil_mode)
-        return backend.masked_avg_pool2d(x, m, kernel, stride, padding, ceil_mode, count_include_pad)
-    xm = M.select_visible(x, m) * m
+    backend = resolve(x.device)
+    h = m if soft is None else (m > 0).to(m.dtype)
     if kind == "max":
-        y = F.max_pool2d(xm, kernel, stride, padding, dilation, ceil_mode)
+        y, m2 = backend.masked_max_pool2d(x, h, kernel, stride, padding, dilation, ceil_mode)
     else:
-        y = F.avg_pool2d(xm, kernel, stride, padding, ceil_mode, count_include_pad)
-    m2 = M.pool_mask(m, kernel, stride, padding, dilation, ceil_mode, soft=soft)
-    return M.select_visible(y, m2), m2
+        y, m2 = backend.masked_avg_pool2d(x, h, kernel, stride, padding, ceil_mode, count_include_pad)
+    if soft is None:
+        return y, m2
+    return y, M.pool_mask(m, kernel, stride, padding, dilation, ceil_mode, soft=soft)
 
 
 def masked_max_pool2d(x: torch.Tensor, mask: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
@@ -263,7 +269,8 @@ def masked_max_pool2d(x: torch.Tensor, mask: torch.Tensor, kernel_size, stride=N
                       soft_keep: str = "max") -> Tuple[torch.Tensor, torch.Tensor]:
     """Max pool of the masked input (removed = 0, as in the paper); mask_out = maxpool(mask).
 
-    ``soft=True``: the max pool of m * x, differentiable in a mask in [0, 1] (see pool_core)."""
+    ``soft=True``: a mask in [0, 1]; the pool reads pixels with m > 0 as they are and mask_out,
+    maxpool(mask), is differentiable in it (see pool_core)."""
     C.check_input(x)
     C.check_mask(mask, x, soft=soft)
     kernel, stride, padding, dilation = C.check_pool_args(x, kernel_size, stride, padding, dilation)
@@ -278,7 +285,7 @@ def masked_avg_pool2d(x: torch.Tensor, mask: torch.Tensor, kernel_size, stride=N
                       soft_keep: str = "max") -> Tuple[torch.Tensor, torch.Tensor]:
     """avgpool(x*m) on positions whose window holds a visible pixel; mask_out = that indicator.
 
-    ``soft=True``: differentiable in a mask in [0, 1] (see pool_core)."""
+    ``soft=True``: a mask in [0, 1]; mask_out is differentiable in it (see pool_core)."""
     C.check_input(x)
     C.check_mask(mask, x, soft=soft)
     kernel, stride, padding, _ = C.check_pool_args(x, kernel_size, stride, padding, 1)

@@ -59,6 +59,23 @@ def test_samples_are_differentiable_inside():
     assert bool((la.grad[inside] > 0).all()) and bool((la.grad[~inside] == 0).all())
 
 
+def test_straight_through_gates_carry_the_open_probabilitys_gradient_to_shut_gates():
+    """A clamped gate (z exactly 0) has no gradient of its own; the straight-through gates pass the KL's
+    gradient on through P(z != 0), the quantity the L0 term reads, and keep shut gates faintly open."""
+    from masked_ops.explain.hard_concrete import straight_through_gates
+
+    la = torch.tensor([-8.0, -1.0, 0.5, 6.0], requires_grad=True)
+    z = hard_concrete_sample(la, torch.Generator().manual_seed(0))
+    (own,) = torch.autograd.grad(z.sum(), la, allow_unused=True)
+    assert own[0] == 0  # the shut gate: no gradient of its own
+    st = straight_through_gates(z, la, 0.01)
+    assert torch.equal(st.detach(), z.detach().clamp_min(0.01))
+    (g,) = torch.autograd.grad(st.sum(), la)
+    p = open_probability(la.detach())
+    torch.testing.assert_close(g, p * (1 - p))
+    assert (g > 0).all()
+
+
 def test_kl_divergence_matches_torch_distributions():
     a, b = torch.randn(5, 7), torch.randn(5, 7)
     want = D.kl_divergence(D.Categorical(logits=a), D.Categorical(logits=b))

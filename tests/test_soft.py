@@ -45,20 +45,16 @@ OPS = {
     "conv_fill": lambda x, m: mo.masked_conv2d(x, m, _w(), _b(), padding=1, soft=True, activation="silu")[0],
     "conv_fill_dilated_stride": lambda x, m: mo.masked_conv2d(x, m, _w(), None, stride=2, padding=2, dilation=2,
                                                               soft=True)[0],
-    "conv_fill_prob": lambda x, m: mo.masked_conv2d(x, m, _w(), _b(), padding=1, soft=True, soft_keep="prob")[0],
     "conv_renorm": lambda x, m: mo.masked_conv2d(x, m, _w(), _b(), padding=1, mode="renorm", soft=True)[0],
     "conv_renorm_pv": lambda x, m: mo.masked_conv2d(x, m, _w(), _b(), padding=1, mode="renorm", soft=True,
                                                     padding_visible=True)[0],
     "conv_zero": lambda x, m: mo.masked_conv2d(x, m, _w(), _b(), padding=1, mode="zero", soft=True)[0],
     "conv_depthwise": lambda x, m: mo.masked_conv2d(x, m, _w(3, 1), _b(3), padding=1, groups=3, soft=True)[0],
-    "conv_1x1": lambda x, m: mo.masked_conv2d(x, m, _w(4, 3, 1), _b(4), soft=True)[0],
+    "conv_1x1_zero": lambda x, m: mo.masked_conv2d(x, m, _w(4, 3, 1), _b(4), mode="zero", soft=True)[0],
     "conv_keep_max": lambda x, m: mo.masked_conv2d(x, m, _w(), None, stride=2, padding=1, soft=True)[1],
-    "conv_keep_prob": lambda x, m: mo.masked_conv2d(x, m, _w(), None, stride=2, padding=1, soft=True,
-                                                    soft_keep="prob")[1],
-    "max_pool": lambda x, m: mo.masked_max_pool2d(x, m, 3, 2, 1, soft=True)[0],
-    "max_pool_ceil_prob": lambda x, m: mo.masked_max_pool2d(x, m, 2, 2, 0, ceil_mode=True, soft=True,
-                                                            soft_keep="prob")[0],
-    "avg_pool": lambda x, m: mo.masked_avg_pool2d(x, m, 3, 2, 1, soft=True)[0],
+    "max_pool_mask": lambda x, m: mo.masked_max_pool2d(x, m, 3, 2, 1, soft=True)[1],
+    "max_pool_ceil_mask": lambda x, m: mo.masked_max_pool2d(x, m, 2, 2, 0, ceil_mode=True, soft=True)[1],
+    "avg_pool_mask": lambda x, m: mo.masked_avg_pool2d(x, m, 3, 2, 1, soft=True)[1],
     "mean": lambda x, m: mo.masked_mean(x, m, soft=True),
     "affine": lambda x, m: mo.masked_affine_act(x, m, torch.full((3,), 1.5, dtype=D), torch.zeros(3, dtype=D),
                                                 "tanh", soft=True)[0],
@@ -80,6 +76,30 @@ def test_gradcheck_with_respect_to_a_soft_mask(backend, op):
     m = _soft_mask(1, 7, 8).requires_grad_()
     with mo.set_backend(backend):
         assert _gradcheck(lambda m: OPS[op](x, m), m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layers_that_mix_no_fill_read_pixels_as_they_are(backend):
+    """Pools and fill-mode convs without rings (1x1) read a pixel with m > 0 as it is: its mask value
+    weighs it only where it is blended with its fill. Weighing there too shrank a constant mask c's
+    activations by c at every such layer (c^33 through EfficientNet-Lite0's 1x1 convs)."""
+    x = _x(1, 3, 9, 9)
+    m = _soft_mask(1, 9, 9, seed=8, zeros=True)
+    support = (m > 0).to(D)
+    w, b = _w(4, 3, 1), _b(4)
+    with mo.set_backend(backend):
+        calls = {
+            "max_pool": lambda mm: mo.masked_max_pool2d(x, mm, 3, 2, 1, soft=True)[0],
+            "avg_pool": lambda mm: mo.masked_avg_pool2d(x, mm, 3, 2, 1, soft=True)[0],
+            "conv_1x1_fill": lambda mm: mo.masked_conv2d(x, mm, w, b, soft=True)[0],
+        }
+        for name, f in calls.items():
+            assert torch.equal(f(m), f(support)), name
+        # zero mode weighs by definition (partial convolution's m * x), a ring-filling conv blends
+        assert not torch.equal(mo.masked_conv2d(x, m, w, b, mode="zero", soft=True)[0],
+                               mo.masked_conv2d(x, support, w, b, mode="zero", soft=True)[0])
+        assert not torch.equal(mo.masked_conv2d(x, m, _w(), _b(), padding=1, soft=True)[0],
+                               mo.masked_conv2d(x, support, _w(), _b(), padding=1, soft=True)[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -139,12 +159,13 @@ def _small():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode,keep", [("fill", "max"), ("fill", "prob"), ("renorm", "max"), ("zero", "max")])
-def test_gradcheck_converted_model_with_respect_to_the_mask(backend, mode, keep):
+@pytest.mark.parametrize("mode", ["fill", "renorm", "zero"])
+def test_gradcheck_converted_model_with_respect_to_the_mask(backend, mode):
     """The exact mask gradient needs fill_grad=True: in a deep model x itself depends on the mask, and
     the default (fill values pass no gradient to x, as in the paper) drops the paths from the mask
-    through earlier layers into later fill values (see test_default_mask_gradient_is_the_paper_surrogate)."""
-    lm = mo.layer_mask(_small(), mode, soft=True, soft_keep=keep, fill_grad=True)
+    through earlier layers into later fill values (see test_default_mask_gradient_is_the_paper_surrogate).
+    The blend semantics: the straight-through ones are piecewise constant in the mask by design."""
+    lm = mo.layer_mask(_small(), mode, soft="blend", fill_grad=True)
     x = _x(1, 3, 8, 8)
     m = _soft_mask(1, 8, 8, seed=3).requires_grad_()
     with mo.set_backend(backend):
@@ -161,7 +182,7 @@ def test_default_mask_gradient_is_the_paper_surrogate():
     for name, net in (("one", one), ("two", two)):
         for fill_grad in (False, True):
             m = _soft_mask(1, 8, 8, seed=3).requires_grad_()
-            mo.layer_mask(net, soft=True, fill_grad=fill_grad)(x, m).sum().backward()
+            mo.layer_mask(net, soft="blend", fill_grad=fill_grad)(x, m).sum().backward()
             grads[name, fill_grad] = m.grad
     torch.testing.assert_close(grads["one", False], grads["one", True], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(grads["two", False], grads["two", True])
@@ -188,12 +209,10 @@ def test_binary_masks_give_the_hard_ops_bit_for_bit(backend, dtype):
     }
     with mo.set_backend(backend):
         for name, f in pairs.items():
-            for rule in ("max", "prob"):
-                kw = dict(soft=True) if name.startswith("fill") or name == "mean" else dict(soft=True, soft_keep=rule)
-                hard, soft = f(), f(**kw)
-                hard, soft = (hard, soft) if isinstance(hard, tuple) else ((hard,), (soft,))
-                for h, s in zip(hard, soft):
-                    assert torch.equal(h, s), f"{name} ({rule}): soft != hard at a 0/1 mask"
+            hard, soft = f(), f(soft=True)
+            hard, soft = (hard, soft) if isinstance(hard, tuple) else ((hard,), (soft,))
+            for h, s in zip(hard, soft):
+                assert torch.equal(h, s), f"{name}: soft != hard at a 0/1 mask"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,20 +225,22 @@ def test_binary_masks_give_the_hard_model_bit_for_bit_on_the_zoo(backend, name):
     m = make_mask("patches", 2, 64, 64, seed=5).float()
     with mo.set_backend(backend), torch.no_grad():
         hard = mo.layer_mask(net)(x, m)
-        for keep in ("max", "prob"):
-            assert torch.equal(mo.layer_mask(net, soft=True, soft_keep=keep)(x, m), hard), keep
+        for semantics in M.SOFT_SEMANTICS:
+            assert torch.equal(mo.layer_mask(net, soft=semantics)(x, m), hard), semantics
 
 
 # ----------------------------------------------------------------------------- removed means removed
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("semantics", M.SOFT_SEMANTICS)
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -1e30])
-def test_values_where_the_mask_is_zero_never_reach_outputs_or_gradients(backend, poison):
-    lm = mo.layer_mask(_small(), soft=True)
+def test_values_where_the_mask_is_zero_never_reach_outputs_or_gradients(backend, semantics, poison):
+    lm = mo.layer_mask(_small(), soft=semantics)
     x = _x(2, 3, 10, 10)
     m = _soft_mask(2, 10, 10, seed=6, zeros=True)
     results = []
     for xx in (x, torch.where(m > 0, x, torch.full((), poison, dtype=D))):
         xg, mg = xx.clone().requires_grad_(), m.clone().requires_grad_()
+        torch.manual_seed(0)  # "sample" draws the same 0/1 mask for both
         with mo.set_backend(backend):
             out = lm(xg, mg)
         params = [p for p in lm.parameters() if p.requires_grad]
@@ -242,7 +263,7 @@ def test_tiny_mask_values_count_as_removed_and_keep_gradients_finite(backend):
     tiny[:, :, 2:7, 3:8] = 1e-41  # a float32 denormal, far below the floor
     zero = m.clone()
     zero[:, :, 2:7, 3:8] = 0.0
-    lm = mo.layer_mask(_small().float(), soft=True)
+    lm = mo.layer_mask(_small().float(), soft="blend")
     with mo.set_backend(backend):
         outs = []
         for mm in (tiny, zero):
@@ -261,16 +282,10 @@ def test_tiny_mask_values_count_as_removed_and_keep_gradients_finite(backend):
     assert M.soft_floor_value(torch.float32) == 1e-6 and M.soft_floor_value(torch.bfloat16) > 1e-3
 
 
-def test_soft_residual_joins_floor_the_product():
-    a = torch.tensor([[[[1e-4, 0.5, 1.0, 0.0]]]])
-    b = torch.tensor([[[[1e-4, 0.5, 1.0, 1.0]]]])
-    assert M.join([a, b], "intersection", soft=True).tolist() == [[[[0.0, 0.25, 1.0, 0.0]]]]  # 1e-8 < the floor
-    assert M.join([a, b], "intersection")[0, 0, 0, 0].item() == pytest.approx(1e-8)  # hard joins: no extra op
-
-
 # ----------------------------------------------------------------------------- compile, bad input
-def test_compile_fullgraph_forward_and_backward_of_a_soft_model():
-    lm = mo.layer_mask(_small().float(), soft=True)
+@pytest.mark.parametrize("semantics", M.SOFT_SEMANTICS)
+def test_compile_fullgraph_forward_and_backward_of_a_soft_model(semantics):
+    lm = mo.layer_mask(_small().float(), soft=semantics)
     x = _x(2, 3, 10, 10).float()
     m = _soft_mask(2, 10, 10).float()
     torch._dynamo.reset()
@@ -278,6 +293,7 @@ def test_compile_fullgraph_forward_and_backward_of_a_soft_model():
     grads = []
     for f in (lm, compiled):
         mg = m.clone().requires_grad_()
+        torch.manual_seed(0)
         f(x, mg).sum().backward()
         grads.append(mg.grad)
     torch.testing.assert_close(grads[1], grads[0])
@@ -302,5 +318,19 @@ def test_bad_soft_masks_name_the_argument(bad, exc, words):
 def test_a_soft_mask_without_soft_true_is_still_refused():
     with pytest.raises(ValueError, match="soft=True"):
         mo.neighbor_fill(_x(), _soft_mask(1, 7, 8), 2)
-    with pytest.raises(ValueError, match="soft must be"):
+    with pytest.raises(ValueError, match="soft_keep must be"):
         mo.layer_mask(_small(), soft=True, soft_keep="mean")
+    with pytest.raises(ValueError, match="soft_keep='prob' was removed"):
+        mo.layer_mask(_small(), soft=True, soft_keep="prob")
+
+
+@pytest.mark.parametrize("bad", ["bogus", "Blend", 1, 0.5])
+def test_an_unknown_soft_semantics_is_refused_naming_the_argument(bad):
+    from masked_ops.explain import get_strategy
+
+    with pytest.raises(ValueError, match=r"soft must be False .* one of \('blend', 'threshold', 'sample'\)"):
+        mo.layer_mask(_small(), soft=bad)
+    with pytest.raises(ValueError, match="soft must be"):
+        get_strategy("layer", _small(), soft=bad)
+    with pytest.raises(ValueError, match="for layer strategies"):
+        get_strategy("blur", _small(), soft="threshold")

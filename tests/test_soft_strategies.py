@@ -106,7 +106,8 @@ def test_gradcheck_wrt_soft_mask(name):
         p.requires_grad_(False)
     # layer masking: the exact mask gradient needs fill_grad (the default is the paper's surrogate, which
     # drops how deeper layers' fill values move with the mask)
-    s = soft_strategy(name, model, **({"fill_grad": True} if name.startswith("layer") else {}))
+    # layer: the blend semantics with fill_grad (the straight-through ones are piecewise constant by design)
+    s = soft_strategy(name, model, **({"fill_grad": True, "soft": "blend"} if name.startswith("layer") else {}))
     assert torch.autograd.gradcheck(lambda mm: s(x, mm), (m,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 

@@ -36,6 +36,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from ..masks import DEFAULT_SOFT
 from . import masks as M
 from .common import Subject, base_config, check_images, fingerprint
 from .metrics import auc, kl_divergence, mean_se
@@ -67,11 +68,12 @@ def removal_masks(order: torch.Tensor, steps: Sequence[float], size, unit: int):
 
 
 def _available(explainers: Sequence[str]):
-    """(explainers to run, those skipped with the reason, whether layer masking runs soft masks)."""
+    """(explainers to run, those skipped with the reason, the soft semantics of layer masking: part of
+    the run's configuration, so that units computed under another semantics are never mixed in)."""
     for e in explainers:
         if e not in EXPLAINERS:
             raise ValueError(f"unknown explainer {e!r}; expected names from {', '.join(EXPLAINERS)}")
-    return list(explainers), {}, True
+    return list(explainers), {}, DEFAULT_SOFT
 
 
 def _gradcam(model, images: torch.Tensor, normalise, layer: str, target: int) -> torch.Tensor:
@@ -268,7 +270,8 @@ def markdown(r: dict) -> str:
            f"removed in attribution order at {len(r['steps'])} fractions; rows: explainer (and the strategy that "
            f"made it), columns: strategy that removes the cells in the evaluation. Extremal: "
            f"{p['extremal_iterations']} steps, areas {p['extremal_areas']}; RISE: {p['rise_masks']} masks"
-           f"{'' if r['soft_layer'] else ' (binary, see below)'}; LIME: {p['lime_samples']} samples, "
+           f"{'' if r['soft_layer'] else ' (binary, see below)'}"
+           f"{'; soft layer masking: ' + repr(r['soft_layer']) if isinstance(r['soft_layer'], str) else ''}; LIME: {p['lime_samples']} samples, "
            f"{p['lime_segments']} SLIC segments; occlusion: {p['occlusion_cells']}x{p['occlusion_cells']} grid."]
     names = {"morf_prob": "Most relevant removed first, AUC of the class probability",
              "lerf_prob": "Least relevant removed first, AUC of the class probability",

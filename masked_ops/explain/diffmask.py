@@ -73,13 +73,16 @@ import torch.nn.functional as F
 from .checkpoint import CHECKPOINT_FORMAT, fingerprint, load_checkpoint, model_fingerprint, save_atomic
 from .gate_net import GateNet, HiddenFeatures, stage_layers
 from .hard_concrete import (STRETCH, TEMPERATURE, deterministic_gate, gates_to_mask, hard_concrete_sample,
-                            kl_divergence, open_probability)
+                            kl_divergence, open_probability, straight_through_gates)
 from .maps import MapExplanation, patch_segments
 from .perturb import _progress, check_positive, prepare_image, resolve_targets
 from .soft import frozen_parameters, require_soft, soft_strategy
 from .strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy
 
 LAGRANGE_OPTIMIZERS = ("adam", "sgd")
+# Gates fed to the strategy while training are at least this open (hard_concrete.straight_through_gates):
+# a removed pixel's gradient cannot say whether revealing it would help, a faintly visible one's can.
+TRAIN_FLOOR = 0.01
 __all__ = ["DiffMask", "explain_diffmask", "random_resized_crop", "LAGRANGE_OPTIMIZERS",
            # re-exported from the helper modules (hard_concrete, gate_net, checkpoint)
            "TEMPERATURE", "STRETCH", "hard_concrete_sample", "open_probability", "deterministic_gate",
@@ -411,7 +414,7 @@ class DiffMask:
     def _train_step(self, x: torch.Tensor) -> dict:
         with torch.enable_grad():
             clean, gl = self.gate_logits(x)             # one clean forward (no grad) + the gate network
-            z = hard_concrete_sample(gl, self.generator)
+            z = straight_through_gates(hard_concrete_sample(gl, self.generator), gl, TRAIN_FLOOR)
             kl = self._masked_kl(x, clean, z)          # the masked forward, differentiable in the mask
             l0 = open_probability(gl).mean(dim=(1, 2, 3))
             excess = kl - self.config["eps"]
@@ -533,7 +536,8 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     opt_lam = _lagrange_optimizer(lagrange_optimizer, lam, lagrange_lr)
     with frozen_parameters(strategy), _progress(steps, f"diffmask ({strategy.name})", progress) as bar:
         for _ in range(steps):
-            z = hard_concrete_sample(log_alpha.expand(samples, -1, -1, -1), g)
+            la = log_alpha.expand(samples, -1, -1, -1)
+            z = straight_through_gates(hard_concrete_sample(la, g), la, TRAIN_FLOOR)
             kl = kl_divergence(clean.expand(samples, -1), strategy(x.expand(samples, -1, -1, -1),
                                                                    gates_to_mask(z, patch))).mean()
             l0 = open_probability(log_alpha).mean()

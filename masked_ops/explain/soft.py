@@ -43,11 +43,12 @@ def require_soft(strategy, method: str) -> Strategy:
 
 
 def soft_strategy(name, model, method: str = "this explainer", **options) -> Strategy:
-    """get_strategy(name, model, **options), asking for the soft variant of layer strategies, checked."""
+    """get_strategy(name, model, **options), asking for the soft variant of layer strategies (``soft=``
+    a name of masks.SOFT_SEMANTICS picks one; else the default), checked."""
     if isinstance(name, Strategy):
         return require_soft(name, method)
-    if name in LAYER_STRATEGIES:
-        options["soft"] = True
+    if name in LAYER_STRATEGIES and not options.get("soft"):
+        options["soft"] = True  # the default soft semantics; a name in options picks another
     return require_soft(get_strategy(name, model, **options), method)
 
 

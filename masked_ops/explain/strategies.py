@@ -74,6 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checks as C
+from ..masks import check_soft
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -196,21 +197,22 @@ class FillStrategy(Strategy):
 class LayerStrategy(Strategy):
     """Layer masking: the mask travels through the network (masked_ops.layer_mask).
 
-    ``soft=True`` converts the model with ``layer_mask(..., soft=True)``: it then takes float masks
-    in [0, 1] and is differentiable in them (the learned-mask explainers need that); at 0/1 masks
-    it gives the hard model's logits bit for bit. ``fill_grad`` is layer_mask's (default False:
+    ``soft=True`` (or a name of masks.SOFT_SEMANTICS) converts the model with
+    ``layer_mask(..., soft=soft)``: it then takes float masks in [0, 1] and is differentiable in them
+    (the learned-mask explainers need that); at 0/1 masks it gives the hard model's logits bit for bit. ``fill_grad`` is layer_mask's (default False:
     fill values pass gradient to the mask, not to the image, as in the paper).
     """
 
     def __init__(self, name: str, model, mean=IMAGENET_MEAN, std=IMAGENET_STD, mode: str = "fill",
-                 padding_visible: bool = False, soft: bool = False, fill_grad: bool = False):
+                 padding_visible: bool = False, soft=False, fill_grad: bool = False):
         super().__init__(model, mean, std)
         from ..modes import check_mode
 
         self.name = name
         self.mode = check_mode(mode)
         self.padding_visible = bool(padding_visible)
-        self.soft = bool(soft)
+        # False, or the soft semantics' name (truthy: learned-mask explainers test ``strategy.soft``)
+        self.soft = check_soft(soft) or False
         self.fill_grad = bool(fill_grad)
         self._masked: Optional[nn.Module] = None
 
@@ -321,7 +323,7 @@ _FILLS: Dict[str, Callable] = {
 def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, mode: str = "fill", seed: int = 0,
                  blur_sigma: float = 5.0, smooth_sigma: float = 2.0,
-                 padding_visible: bool = False, soft: bool = False, fill_grad: bool = False,
+                 padding_visible: bool = False, soft=False, fill_grad: bool = False,
                  **options) -> Strategy:
     """The strategy called ``name`` (see ``STRATEGIES``) for ``model``.
 
@@ -332,7 +334,8 @@ def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENE
     as in partial convolution, so "layer-renorm" with nothing removed differs at the borders.
     ``options``: the options of the imputation strategies (``IMPUTATION_STRATEGIES``); any other
     option raises ValueError. ``soft=True`` (layer strategies) asks for layer masking that takes
-    soft masks in [0, 1] and is differentiable in them (``LayerStrategy``); the colour and blur
+    soft masks in [0, 1] and is differentiable in them (``LayerStrategy``; a name of
+    masks.SOFT_SEMANTICS picks the semantics, True the default); the colour and blur
     fills take soft masks anyway, and the other strategies refuse ``soft=True``. ``fill_grad``
     (soft layer strategies): fill values pass gradient to the image too, which makes the mask's
     gradient exact in deep models (default False: the paper's surrogate, cheaper; docs/design.md).
@@ -342,6 +345,9 @@ def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENE
     if fill_grad and not (soft and name in LAYER_STRATEGIES):
         raise ValueError("fill_grad=True is for soft layer strategies (get_strategy('layer', model, soft=True, "
                          "fill_grad=True))")
+    if isinstance(soft, str) and name not in LAYER_STRATEGIES:
+        raise ValueError(f"soft={soft!r}: a soft semantics by name is for layer strategies; masking strategy "
+                         f"{name!r} takes soft=True or False")
     if soft and name not in soft_strategy_names():
         raise ValueError(f"masking strategy {name!r} takes hard 0/1 masks only (soft=True is for "
                          f"{', '.join(soft_strategy_names())})")
