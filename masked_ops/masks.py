@@ -93,7 +93,7 @@ def explicit_pads(prepad: Prepad, t: torch.Tensor, kernel, stride, dilation) -> 
 # mask all three are the hard model, bit for bit. ``soft=True`` takes DEFAULT_SOFT, chosen by measured
 # faithfulness (bench/README.md, "Soft semantics").
 SOFT_SEMANTICS = ("blend", "threshold", "sample")
-DEFAULT_SOFT = "threshold"
+DEFAULT_SOFT = "blend"
 STRAIGHT_THROUGH = ("threshold", "sample")
 
 
