@@ -276,6 +276,18 @@ def test_cli_bad_input_exits_with_a_message(tmp_path, capsys):
     assert "no-such-photo" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,value,words", [("--steps", "1", "--steps: must be >= 2"),
+                                                 ("--samples", "0", "--samples: must be >= 1"),
+                                                 ("--augment", "-1", "--augment: must be >= 0"),
+                                                 ("--batch-size", "many", "--batch-size: expected an integer >= 1")])
+def test_cli_refuses_out_of_range_options_before_running(tmp_path, capsys, option, value, words):
+    """--steps 1 used to end in an unexpected ZeroDivisionError after the model had loaded."""
+    with pytest.raises(SystemExit) as info:
+        cli_main(["faithfulness", option, value, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert words in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 def test_bundled_image_set_is_all_photos():
     from masked_ops.experiments.images import BUNDLED
 

@@ -44,6 +44,9 @@ def _strategies(text: List[str]) -> List[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import int_at_least
+
+    count, positive = int_at_least(0), int_at_least(1)
     p.add_argument("name", choices=NAMES, help="which experiment to run (or 'report')")
     p.add_argument("--model", default="efficientnet-lite0",
                    help="model name for masked_ops.models.load_model (default: the pretrained EfficientNet-Lite0)")
@@ -53,29 +56,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", nargs="+", default=["bundled"],
                    help="image specs: 'bundled' (all bundled photos), skimage names, china, flower, motorcycle, "
                         "file paths, or a folder (DIR/<class>/<image> gives labels) (default: bundled)")
-    p.add_argument("--augment", type=int, default=0,
+    p.add_argument("--augment", type=count, default=0,
                    help="extra views (flip, corner crops) per photo, 0-9 (default 0; the shape probe uses "
                         "--probe-augment)")
-    p.add_argument("--probe-augment", type=int, default=2, help="extra views per photo for the shape probe")
+    p.add_argument("--probe-augment", type=count, default=2, help="extra views per photo for the shape probe")
     p.add_argument("--strategies", nargs="+", default=["all"],
                    help="masking strategies, space or comma separated, or 'all' (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of masks, orders and LIME samples (default 0)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output and checkpoint directory (default {DEFAULT_OUT})")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--repeats", type=positive, default=None,
                    help="random orders per image (removal, default 5) / patch draws per image (linearity, default 4)")
-    p.add_argument("--samples", type=int, default=200, help="LIME samples per image (faithfulness)")
-    p.add_argument("--steps", type=int, default=11, help="points on the deletion/insertion curves (faithfulness)")
+    p.add_argument("--samples", type=positive, default=200, help="LIME samples per image (faithfulness)")
+    p.add_argument("--steps", type=int_at_least(2), default=11, help="points on the deletion/insertion curves (faithfulness)")
     p.add_argument("--evaluators", nargs="+", default=None,
                    help="strategies that score the explanations (faithfulness; default: --strategies)")
-    p.add_argument("--patch", type=int, default=16,
+    p.add_argument("--patch", type=positive, default=16,
                    help="patch side in pixels (removal, linearity; must divide the image size; default 16)")
     p.add_argument("--train-images", nargs="+", default=None,
                    help="learned-faithfulness: photos DiffMask trains on (default: the bundled photos not in --images)")
     p.add_argument("--explainers", nargs="+", default=None,
                    help="learned-faithfulness: explainers (default: all of learned_faithfulness.EXPLAINERS)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's input size)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--size", type=positive, default=None, help="image side in pixels (default: the model's input size)")
+    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--threads", type=positive, default=None,
                    help="torch CPU threads (default: torch's choice; 1 per process under torchrun)")
     p.add_argument("--channels-last", action="store_true",
                    help="run the model in channels_last memory format (faster depthwise convs on CPU)")
