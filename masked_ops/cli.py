@@ -240,6 +240,8 @@ def _add_method_options(p) -> None:
 
 
 def _add_target_options(p) -> None:
+    from .explain.mask_cli import default_masking
+
     g = p.add_argument_group("what is explained")
     g.add_argument("--target", default=None,
                    help="class to explain: an index or a class name (default: the model's top-1 class)")
@@ -247,7 +249,8 @@ def _add_target_options(p) -> None:
                    help="explain the softmax probability (default) or the logit of the target (not for extremal "
                         "and diffmask, whose objectives are fixed)")
     g.add_argument("--masking", default=None,
-                   help=f"comma-separated strategies (default {DEMO_MASKING}); see masked_ops.explain.STRATEGIES")
+                   help=f"comma-separated strategies (default {DEMO_MASKING}; extremal, rise and diffmask: "
+                        f"{','.join(default_masking())}); see masked_ops.explain.STRATEGIES")
 
 
 def _add_output_options(p) -> None:

@@ -440,6 +440,12 @@ def test_python_m_entry_point_help():
     for flag in ("--masking", "--demo", "--weights", "--target", "--output", "--save", "--window", "--stride",
                  "--shared-scale"):
         assert flag in r.stdout
+    # both --masking defaults, read from the code that applies them (the mask methods' was missing)
+    from masked_ops.cli import DEMO_MASKING
+    from masked_ops.explain.mask_cli import default_masking
+
+    flat = " ".join(r.stdout.split())
+    assert f"default {DEMO_MASKING};" in flat and f"diffmask: {','.join(default_masking())}" in flat
 
 
 def test_default_model_is_the_real_pretrained_efficientnet():
