@@ -15,29 +15,16 @@ Results: bench/results/cpu-diffmask-<date>.json (history per epoch, final figure
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
-import warnings
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+
 HELD_OUT = ("chelsea", "coffee", "astronaut")
-
-
-def _write(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -48,30 +35,21 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--soft", default=None, help="the soft semantics of layer masking (default: masks.DEFAULT_SOFT)")
     p.add_argument("--per-image-steps", type=int, default=300)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(args.threads)
+    args = H.script_args(p, argv)
 
     import masked_ops
     from masked_ops.experiments.images import BUNDLED, centre_view, load_photo
     from masked_ops.explain import DiffMask, explain_diffmask, get_strategy
     from masked_ops.explain.hard_concrete import deterministic_gate, gates_to_mask, kl_divergence
-    from masked_ops.models import load_model
 
-    model, info = load_model("efficientnet-lite0")
-    model = model.to(memory_format=torch.channels_last)
+    model, info = H.lite0()
     train = [load_photo(n) for n in BUNDLED if n not in HELD_OUT]
     held = torch.stack([centre_view(load_photo(n), 224) for n in HELD_OUT])
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"cpu-diffmask-{datetime.date.today().isoformat()}.json")
+    out = H.results_path(args, "cpu-diffmask")
     summary = dict(benchmark="diffmask_learns", model="efficientnet-lite0", train_photos=len(train),
                    held_out=list(HELD_OUT), epochs=args.epochs, batch_size=args.batch_size, eps=args.eps,
-                   soft_semantics=args.soft or masked_ops.masks.DEFAULT_SOFT, threads=args.threads, torch=torch.__version__,
-                   python=platform.python_version(), machine=platform.processor() or platform.machine(),
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   loadavg_before=os.getloadavg(), results={})
+                   soft_semantics=args.soft or masked_ops.masks.DEFAULT_SOFT, **H.environment(torch.device("cpu")),
+                   results={})
     hard_layer = get_strategy("layer", model, mean=info.mean, std=info.std)
 
     def hard_kl(mask):
@@ -97,7 +75,7 @@ def main(argv=None) -> int:
             kept_gates = (gates >= 0.5).float().mean(dim=(1, 2, 3)).tolist()
         res["amortised"] = dict(val_kl=v["kl"], val_kept_open_probability=v["kept"], lagrange=float(dm.lagrange),
                                 kept_fraction=kept_gates, hard_layer_kl=hard_kl(gates_to_mask(gates, dm.patch)))
-        _write(out, summary)
+        H.write_json(out, summary)
         print(f"{name}: fit {dm.step} steps {res['fit_seconds']:.0f} s: val KL {v['kl']:.3f}, kept "
               f"{v['kept']:.2f}, lambda {float(dm.lagrange):.2f}, kept patches {kept_gates}", flush=True)
         per = []
@@ -111,8 +89,8 @@ def main(argv=None) -> int:
             print(f"  per-image {photo}: KL {e.info['kl']:.3f} kept {kept:.2f} lambda {e.info['lagrange']:.2f}",
                   flush=True)
         res["per_image"] = per
-        summary["loadavg_after"] = os.getloadavg()
-        _write(out, summary)
+        summary["load_avg_end"] = H.load_average()
+        H.write_json(out, summary)
     return 0
 
 

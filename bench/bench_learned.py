@@ -27,11 +27,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
 import torch.nn as nn
 
 
@@ -39,17 +41,6 @@ def _timed(fn):
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     return time.perf_counter() - t0, time.process_time() - c0, out
-
-
-def _write(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _stats(walls, cpus):
@@ -114,7 +105,7 @@ def main(argv=None) -> int:
     def record(section, name, stats):
         summary["results"].setdefault(section, {})[name] = stats
         summary["loadavg_after"] = os.getloadavg()
-        _write(out, summary)
+        H.write_json(out, summary)
 
     # ------------------------------------------------------------------ 1. DiffMask vs LIME
     if args.only in (None, "diffmask"):
@@ -147,7 +138,7 @@ def main(argv=None) -> int:
         summary["diffmask_speedup_vs_lime"] = {n: r["median_s"] / one["median_s"] for n, r in lime.items()}
         summary["diffmask_cpu_speedup_vs_lime"] = {n: r["median_cpu_s"] / one["median_cpu_s"] for n, r in lime.items()}
         summary["segments"] = int(seg.max()) + 1
-        _write(out, summary)
+        H.write_json(out, summary)
         print(json.dumps({k: round(v, 1) for k, v in summary["diffmask_speedup_vs_lime"].items()}),
               "(DiffMask speed-up over LIME, wall)", flush=True)
         dm.close()
@@ -201,7 +192,7 @@ def main(argv=None) -> int:
 
     summary["complete"] = True
     summary["loadavg_after"] = os.getloadavg()
-    _write(out, summary)
+    H.write_json(out, summary)
     print(f"wrote {out}")
     return 0
 

@@ -18,35 +18,21 @@ started again with the same --out skips the pairs it already has (it is long).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
-import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "motorcycle", "china", "flower", "grace_hopper")  # experiments.images.BUNDLED
 METHODS = ("layer-blend", "layer-threshold", "layer-sample", "blur")
 EVALUATORS = ("layer", "grey", "blur")
 PATCH, STEPS = 16, 15
-
-
-def _write(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def deletion_scores(evaluators, image, order, target):
@@ -71,29 +57,19 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--area", type=float, default=0.1)
     p.add_argument("--random", type=int, default=10, help="random orders per photo")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(args.threads)
+    args = H.script_args(p, argv)
 
     import masked_ops
-    from masked_ops.experiments.learned_faithfulness import cell_order
     from masked_ops.experiments.images import load_photo
+    from masked_ops.experiments.learned_faithfulness import cell_order
     from masked_ops.experiments.masks import generator
     from masked_ops.explain import explain_extremal, get_strategy
-    from masked_ops.models import load_model
 
-    model, info = load_model("efficientnet-lite0")
-    model = model.to(memory_format=torch.channels_last)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"cpu-soft-semantics-{datetime.date.today().isoformat()}.json")
+    model, info = H.lite0()
+    out = H.results_path(args, "cpu-soft-semantics")
     summary = dict(benchmark="soft_semantics", model="efficientnet-lite0", patch=PATCH, steps=STEPS,
-                   iterations=args.iterations, area=args.area, random_orders=args.random, device="cpu",
-                   threads=args.threads, torch=torch.__version__, masked_ops=masked_ops.__version__,
-                   python=platform.python_version(), machine=platform.processor() or platform.machine(),
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   loadavg_before=os.getloadavg(), results={})
+                   iterations=args.iterations, area=args.area, random_orders=args.random,
+                   masked_ops=masked_ops.__version__, **H.environment(torch.device("cpu")), results={})
     if os.path.exists(out):
         with open(out) as f:
             summary["results"] = json.load(f).get("results", {})
@@ -113,7 +89,7 @@ def main(argv=None) -> int:
                     for _ in range(args.random)]
             res["random"] = {e: sum(r[e] for r in runs) / len(runs) for e in EVALUATORS}
             res["random_each"] = runs
-            _write(out, summary)
+            H.write_json(out, summary)
         for method in args.methods:
             if method in res:
                 continue
@@ -131,8 +107,8 @@ def main(argv=None) -> int:
             res[method] = dict(scores, seconds=wall, ratio_to_random={e: scores[e] / res["random"][e]
                                                                        for e in EVALUATORS},
                                area=exp.info["per_target"][0]["area"][0])
-            summary["loadavg_after"] = os.getloadavg()
-            _write(out, summary)
+            summary["load_avg_end"] = H.load_average()
+            H.write_json(out, summary)
             print(f"{photo:<10} {method:<16} " + "  ".join(f"{e} {scores[e]:.3f} ({scores[e] / res['random'][e]:.2f}x)"
                                                           for e in EVALUATORS) + f"  {wall:.0f} s", flush=True)
     # means over photos of the ratio to random
@@ -142,7 +118,7 @@ def main(argv=None) -> int:
         if rows:
             table[method] = {e: sum(r[e] for r in rows) / len(rows) for e in EVALUATORS}
     summary["mean_ratio_to_random"] = table
-    _write(out, summary)
+    H.write_json(out, summary)
     print(json.dumps(table, indent=1))
     return 0
 

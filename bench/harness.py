@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -143,6 +144,47 @@ def environment(device: torch.device, **extra) -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "clock": "cuda events" if device.type == "cuda" else CLOCK["cpu"],
             "load_avg_start": load_average(), "argv": sys.argv[1:], **extra}
+
+
+def script_args(p, argv=None, threads: int = 2):
+    """Finish an end-to-end script's options: --threads and --out, then parse, set the threads and
+    silence warnings (the scripts print their own progress)."""
+    import warnings
+
+    p.add_argument("--threads", type=int, default=threads, help=f"torch CPU threads (default {threads})")
+    p.add_argument("--out", default=None, help="results JSON (default bench/results/<name>-<date>.json)")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def results_path(args, name: str) -> str:
+    """--out, or bench/results/<name>-<today>.json."""
+    return args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"{name}-{_dt.date.today().isoformat()}.json")
+
+
+def lite0():
+    """(the pretrained EfficientNet-Lite0 in channels_last, its ModelInfo): the end-to-end scripts' model,
+    in the layout the CLI and the explainers use on CPU."""
+    from masked_ops.models import load_model
+
+    model, info = load_model("efficientnet-lite0")
+    return model.to(memory_format=torch.channels_last), info
+
+
+def write_json(path: str, obj) -> None:
+    """Any result object as JSON, atomically (a temporary file, then a rename), readable by everyone: a
+    long run writes after every step, and one cut short keeps its last complete file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def write_results(path: str, meta: dict, records: List[dict]) -> None:
