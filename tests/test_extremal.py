@@ -216,6 +216,20 @@ def test_presets():
     assert PRESETS["fast"]["area_growth"] ** 300 == pytest.approx(1.0035 ** 800)
 
 
+def test_the_fast_preset_scales_its_schedule_to_fewer_steps():
+    """With preset="fast" and 120 steps the area weight ends where 800 steps end it (the 300-step growth
+    left it at 1.0035^(800 * 120 / 300), a fifth of its final value, issue 28)."""
+    model = small_cnn()
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    s = get_strategy("grey", model)
+    opts = dict(targets=0, areas=(0.15,), iterations=120, step=4, sigma=8, progress=False)
+    fast = explain_extremal(s, image, preset="fast", **opts)
+    explicit = explain_extremal(s, image, area_growth=1.0035 ** (800 / 120), **opts)
+    assert torch.equal(fast.masks, explicit.masks)
+    area = fast.info["per_target"][0]["area_with_margin"][0]
+    assert area == pytest.approx(0.15, abs=0.03)
+
+
 def test_bad_input():
     model = small_cnn()
     image = torch.rand(3, 16, 16)

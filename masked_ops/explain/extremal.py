@@ -161,7 +161,8 @@ def explain_extremal(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     """Extremal perturbation masks of ``image`` (3 x H x W in [0, 1]) for each target class.
 
     ``iterations`` defaults to 800 (``preset="paper"``, TorchRay's default) or 300
-    (``preset="fast"``); ``area_growth`` to the preset's. ``seed`` seeds torch's global RNG
+    (``preset="fast"``); ``area_growth`` to the preset's ("fast": scaled to ``iterations`` so that
+    the area weight ends where the paper's 800 steps end it). ``seed`` seeds torch's global RNG
     for the run (restored afterwards): only a strategy or model that draws random numbers
     (the "noise" fill) uses it; the optimisation itself is deterministic.
     """
@@ -179,7 +180,13 @@ def explain_extremal(strategy: Strategy, image: torch.Tensor, *, targets: Union[
         iterations = cfg["iterations"]
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-    area_growth = cfg["area_growth"] if area_growth is None else float(area_growth)
+    if area_growth is None:
+        # "fast" is the paper's schedule compressed: the penalty's weight ends where 800 steps end it,
+        # whatever the number of steps (with 150 steps and the 300-step growth the weight stopped at a
+        # quarter of it, and the "area 0.1" mask could keep far more than 10%).
+        area_growth = cfg["area_growth"] if preset != "fast" else PRESETS["paper"]["area_growth"] ** (
+            PRESETS["paper"]["iterations"] / iterations)
+    area_growth = float(area_growth)
     targets, _ = resolve_targets(strategy, image, targets, "logit")  # (also builds a layer strategy's model)
 
     gen = SmoothMask(image.shape[1], image.shape[2], step, sigma, device=image.device)
