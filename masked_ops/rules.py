@@ -554,6 +554,70 @@ def pad(node, ctx):
     return Padded(node.args[0], pads, value)
 
 
+# ----------------------------------------------------------------------------- channel selections
+# Splitting, chunking, narrowing or slicing a masked map along its channels keeps every pixel where it
+# is: each piece carries the input's mask unchanged, and removed pixels stay 0 (no re-zeroing needed).
+# Any other dimension would cut the mask apart and is refused. (Res2Net, CSPNet, SKNet, GhostNet, DPN...)
+_SPLITS = {torch.split: "split", torch.chunk: "chunk", torch.tensor_split: "tensor_split",
+           "split": "split", "chunk": "chunk", "tensor_split": "tensor_split"}
+
+
+def _channel_dim(node, ctx, dim, what) -> None:
+    layout = ctx.layout(node.args[0])
+    channels = {"nchw": 1, "nhwc": 3}.get(layout)
+    if channels is None or not isinstance(dim, int) or dim % 4 != channels:
+        _reject(node, f"{what} a {layout} masked map along dim {dim}; only its channel dim ({channels}) is "
+                      f"supported (any other would cut the mask apart)")
+
+
+def _selection(fn, args, kwargs, name, layout) -> mnn.MaskedPointwise:
+    return mnn.MaskedPointwise(mnn.Bound(fn, args, kwargs), name, zero_preserving=True, layout=layout)
+
+
+@rule(*_SPLITS)
+def channel_split(node, ctx):
+    """torch.split / chunk / tensor_split along channels: a tuple of pieces, each with the input's mask."""
+    name = _SPLITS[node.target]
+    args = [ctx.value(a) for a in node.args[1:]]
+    kwargs = {k: ctx.value(v) for k, v in node.kwargs.items()}
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    _channel_dim(node, ctx, dim, f"{name}s")
+    return _selection(getattr(torch, name), args, kwargs, f"{name} of channels", ctx.layout(node.args[0]))
+
+
+@rule(torch.narrow, "narrow")
+def channel_narrow(node, ctx):
+    args = [ctx.value(a) for a in node.args[1:]]
+    kwargs = {k: ctx.value(v) for k, v in node.kwargs.items()}
+    _channel_dim(node, ctx, kwargs.get("dim", args[0] if args else None), "narrows")
+    return _selection(torch.narrow, args, kwargs, "narrow of channels", ctx.layout(node.args[0]))
+
+
+@rule(operator.getitem)
+def getitem(node, ctx):
+    """A piece of a channel split (``pieces[i]``), or a channel slice of a map (``x[:, a:b]``)."""
+    src, index = node.args
+    index = ctx.value(index)
+    layout = ctx.layout(src)
+    if isinstance(src, fx.Node) and src.op in ("call_function", "call_method") and src.target in _SPLITS:
+        if not isinstance(index, int):
+            _reject(node, f"indexes a channel split with {index!r}; only single pieces (an int) are supported")
+        return _selection(operator.getitem, (index,), {}, f"piece {index} of a channel split", layout)
+    channels = {"nchw": 1, "nhwc": 3}.get(layout)
+    items = list(index) if isinstance(index, tuple) else [index]
+    if Ellipsis in items:  # x[..., a:b] (NHWC channels) or x[:, a:b, ...]
+        at = items.index(Ellipsis)
+        items = items[:at] + [slice(None)] * (4 - len(items) + 1) + items[at + 1:]
+    items += [slice(None)] * (4 - len(items))
+    full = slice(None)
+    ok = channels is not None and len(items) == 4 and all(
+        it == full for d, it in enumerate(items) if d != channels) and isinstance(items[channels], slice)
+    if not ok:
+        _reject(node, f"indexes a masked map with {index!r}; only a slice of its channels is supported "
+                      f"(x[:, a:b] in NCHW, x[..., a:b] in NHWC)")
+    return _selection(operator.getitem, (index,), {}, f"channels {items[channels]}", layout)
+
+
 # ----------------------------------------------------------------------------- joins
 _BINARY = {operator.add: ("+", "add"), operator.iadd: ("+=", "add"), torch.add: ("add", "add"),
            operator.sub: ("-", "sub"), operator.isub: ("-=", "sub"), torch.sub: ("sub", "sub"),

@@ -17,7 +17,10 @@ torchvision = pytest.importorskip("torchvision")
 TORCHVISION = ["resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d", "vgg16_bn", "densenet121",
                "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf",
                "squeezenet1_1", "alexnet"]
-TIMM = ["resnet50", "tf_efficientnet_lite0", "convnext_tiny"]
+TIMM = ["resnet50", "tf_efficientnet_lite0", "convnext_tiny",
+        # channel splits, chunks and slices (issue 24)
+        "res2net50_14w_8s", "cspdarknet53", "cspresnet50", "ghostnet_100", "dpn68", "rexnet_100",
+        "inception_next_tiny"]
 SIZE = 64
 
 
