@@ -136,6 +136,9 @@ class MaskBuilder:
             return frac, self._emit(M.indicator, (frac,), name="bin_mask")
         return frac, self._emit(M.adaptive_keep, (m, tuple(output_size), self.soft), name="bin_mask")
 
+    def upsample(self, m, scale) -> fx.Node:
+        return self._emit(M.upsample_nearest, (m, tuple(scale)), name="upsampled_mask")
+
     def join(self, masks: List[fx.Node], how: str) -> fx.Node:
         uniq = list(dict.fromkeys(masks))
         if len(uniq) == 1:
@@ -415,6 +418,7 @@ class _Converter:
                 f"spatial map; it could leak the mask. Register one with "
                 f"masked_ops.register_rule({'its module type' if node.op == 'call_module' else repr(node.target)}, "
                 f"rule) (see masked_ops.rules).")
+        self._check_in_place(node, what)
         result = rule(node, ctx)
         if result is R.PLAIN:
             self.env[node] = self._copy_plain(node)
@@ -449,6 +453,27 @@ class _Converter:
         layout = lowered.layout or next((ctx.layout(i) for i in lowered.inputs if ctx.is_masked(i)), "nchw")
         ctx.syms[node] = R.PLAIN_SYM if out_mask is None else R.Sym("masked", out_mask, layout)
         self.rows.append((node.name, what, layer.describe()))
+
+    def _check_in_place(self, node: fx.Node, what: str) -> None:
+        """Refuse an in-place method (``x.mul_(g)``) on a masked value that is read again afterwards.
+
+        fx records the call, but later nodes still read ``x``, the value from before the call; eager
+        PyTorch changed that very tensor. The masked layers compute out of place, so the converted model
+        would silently skip the mutation (timm's NFNet: ``out.mul_(skipinit_gain)``, off by 50%).
+        """
+        if node.op != "call_method" or not str(node.target).endswith("_") or not node.args:
+            return
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            return
+        order = {n: i for i, n in enumerate(node.graph.nodes)}
+        later = [u.name for u in src.users if u is not node and order[u] > order[node]]
+        if later:
+            raise ValueError(
+                f"layer_mask: node {node.name!r} ({what}) changes {src.name!r} in place, and "
+                f"{', '.join(repr(n) for n in later)} read(s) it afterwards; the converted model computes "
+                f"out of place and would miss the change. Write it out of place in the model "
+                f"(x = x.{str(node.target)[:-1]}(...)) or register a rule for the module that does it.")
 
     def _mark_in_place_fills(self, output: fx.Node) -> None:
         """Let a conv fill its input in place, and an add write into one of its inputs, when nothing

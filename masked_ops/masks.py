@@ -270,6 +270,12 @@ def adaptive_keep(mask: torch.Tensor, output_size, soft: Optional[str] = None) -
     return F.adaptive_max_pool2d(mask, tuple(output_size))
 
 
+def upsample_nearest(mask: torch.Tensor, scale) -> torch.Tensor:
+    """Output mask of a nearest-neighbour upsampling by integer factors (sh, sw): every output pixel
+    copies one input pixel, and its mask value with it (soft masks alike: idempotent and monotone)."""
+    return mask.repeat_interleave(int(scale[0]), dim=2).repeat_interleave(int(scale[1]), dim=3)
+
+
 def indicator(t: torch.Tensor) -> torch.Tensor:
     """1 where t > 0, else 0, in t's dtype (the mask of a bin with any visible pixel)."""
     return (t > 0).to(t.dtype)

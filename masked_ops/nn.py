@@ -506,6 +506,28 @@ class FlattenHead(MaskedLayer):
         return f"flatten head ({self.name}; removed = 0, mask dropped)"
 
 
+# ----------------------------------------------------------------------------- resampling
+class MaskedUpsampleNearest(MaskedLayer):
+    """Nearest-neighbour upsampling by integer factors (HRNet's fuse layers, FPN and segmentation heads):
+    every output pixel copies one input pixel, removed ones as 0, so the output is exact and needs no
+    re-zeroing; mask out = the mask upsampled the same way (masks.upsample_nearest). forward(x)."""
+
+    rule = "upsample"
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = (int(scale[0]), int(scale[1]))
+
+    def masks(self, mb, in_masks):
+        return [], mb.upsample(in_masks[0], self.scale)
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+    def describe(self):
+        return f"nearest upsampling x{self.scale[0]}x{self.scale[1]}"
+
+
 # ----------------------------------------------------------------------------- joins
 # Out of place (an input may still be read by other layers); operator.* takes a scalar on either side.
 _BINARY_FNS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}

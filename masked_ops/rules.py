@@ -311,6 +311,26 @@ def conv_same(node, ctx):
     return _absorb_bn_act(node, ctx, layer, node.args[0])
 
 
+def std_conv(node, ctx):
+    """timm's weight-standardised convs (StdConv2d, ScaledStdConv2d and their Same variants: NF-Nets, BiT).
+
+    The standardised weight depends on parameters only, so it is computed once here, with the module's
+    own formula, and the conv is an ordinary masked conv (like a folded BatchNorm, it is a copy: later
+    changes to the module's weights do not reach it).
+    """
+    conv = ctx.module(node)
+    with torch.no_grad():
+        gain = (conv.gain * conv.scale).view(-1) if hasattr(conv, "gain") else None
+        w = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, weight=gain, training=True,
+                         momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+    same = bool(getattr(conv, "same_pad", False))
+    layer = mnn.MaskedConv2d(nn.Parameter(w, requires_grad=False), conv.bias, conv.stride,
+                             0 if same else conv.padding, conv.dilation, conv.groups, ctx.mode,
+                             prepad="same" if same else None, padding_visible=ctx.padding_visible,
+                             source=type(conv).__name__ + " (standardised weight)")
+    return _absorb_bn_act(node, ctx, layer, node.args[0])
+
+
 @rule(F.conv2d, torch.conv2d)
 def conv_function(node, ctx):
     x, prepad = _conv_input(node, ctx, node.args[0])
@@ -522,6 +542,15 @@ def metadata(node, ctx):
     return PLAIN
 
 
+@rule("expand_as")
+def expand_as(node, ctx):
+    """gate.expand_as(x): a per-channel gate (SE, ECA) broadcast to a masked map's shape reads only its
+    size, so the result is plain; the product with the map is a masked multiply."""
+    if ctx.is_masked(node.args[0]):
+        _reject(node, "expands a masked map")
+    return PLAIN
+
+
 @rule(nn.Dropout, nn.Dropout2d, nn.AlphaDropout, F.dropout, F.dropout2d)
 def dropout(node, ctx):
     layout = ctx.layout(node.args[0])
@@ -552,6 +581,33 @@ def pad(node, ctx):
     if len(pads) != 4:
         _reject(node, f"pads {len(pads) // 2} dims; only the two spatial dims (left, right, top, bottom) are supported")
     return Padded(node.args[0], pads, value)
+
+
+# ----------------------------------------------------------------------------- resampling
+@rule(nn.Upsample, F.interpolate, F.upsample, F.upsample_nearest)
+def upsample(node, ctx):
+    """Nearest upsampling by integer factors (given as scale_factor, or as a constant size that is a
+    multiple of the input's): exact, see MaskedUpsampleNearest. Other modes mix removed pixels into
+    visible ones or move them; refused until they have a rule."""
+    if node.op == "call_module":
+        m = ctx.module(node)
+        size, scale, mode = m.size, m.scale_factor, m.mode
+    else:
+        size = ctx.value(_arg(node, 1, "size"))
+        scale = ctx.value(_arg(node, 2, "scale_factor"))
+        mode = "nearest" if node.target is F.upsample_nearest else ctx.value(_arg(node, 3, "mode", "nearest"))
+    if ctx.layout(node.args[0]) != "nchw":
+        _reject(node, "resamples a channels-last (permuted) masked map")
+    if mode != "nearest":
+        _reject(node, f"upsamples with mode={mode!r}; only 'nearest' (by integer factors) is supported so far "
+                      f"(bilinear would blend removed pixels into visible ones)")
+    if scale is None:
+        _reject(node, f"upsamples to a size ({size}); give scale_factor (integers) instead, so that the mask "
+                      f"path does not depend on the input size")
+    scale = tuple(scale) if isinstance(scale, (tuple, list)) else (scale, scale)
+    if len(scale) != 2 or any(float(s) != int(s) or int(s) < 1 for s in scale):
+        _reject(node, f"upsamples by {scale}; only integer factors >= 1 are supported")
+    return mnn.MaskedUpsampleNearest(scale)
 
 
 # ----------------------------------------------------------------------------- channel selections
@@ -686,6 +742,10 @@ OPTIONAL_RULES = (
     ("timm.layers.norm_act", "BatchNormAct2d", batch_norm),
     ("timm.layers.norm_act", "FrozenBatchNormAct2d", batch_norm),
     ("timm.layers.conv2d_same", "Conv2dSame", conv_same),
+    ("timm.layers.std_conv", "StdConv2d", std_conv),
+    ("timm.layers.std_conv", "StdConv2dSame", std_conv),
+    ("timm.layers.std_conv", "ScaledStdConv2d", std_conv),
+    ("timm.layers.std_conv", "ScaledStdConv2dSame", std_conv),
     ("timm.layers.drop", "DropPath", dropout),
     ("efficientnet_lite_pytorch.utils", "Conv2dDynamicSamePadding", conv_same),
 )

@@ -1,8 +1,11 @@
-"""Channel splits, chunks, narrows and slices of a masked map (Res2Net, CSPNet, GhostNet, DPN, ReXNet...).
+"""Constructs of modern CNNs that layer_mask converts (issue 24), each against an independent expectation.
 
-Each piece keeps its pixels where they are, so it carries the input's mask unchanged; the expectation is
-written independently: the masked model equals the same model built from masked convs by hand, on the
-same pieces. Splits along a spatial dim would cut the mask apart: refused, naming the node.
+- Channel splits, chunks, narrows and slices (Res2Net, CSPNet, GhostNet, DPN, ReXNet...): each piece keeps
+  its pixels where they are, so it carries the input's mask unchanged; the masked model equals the same
+  model built from masked convs by hand. Spatial splits would cut the mask apart: refused, naming the node.
+- In-place changes read again afterwards (NFNet's ``out.mul_(gain)``): refused, never silently skipped.
+- Weight-standardised convs (timm's StdConv2d family): the module's own weight formula, folded once.
+- Nearest upsampling by integer factors (HRNet): pixels and their mask copied; other resampling refused.
 """
 from __future__ import annotations
 
@@ -81,3 +84,79 @@ def test_spatial_splits_and_slices_are_refused_naming_the_node(how, words):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=words):
         mo.layer_mask(_Bad(how).eval())
+
+
+class _InPlace(nn.Module):
+    """timm's NFNet block: ``out.mul_(gain)`` whose result is discarded, then ``out`` read again."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("gain", torch.tensor(2.0))
+
+    def forward(self, x):
+        out = self.a(x)
+        out.mul_(self.gain)
+        return (out + 1).mean((2, 3))
+
+
+def test_an_in_place_change_read_again_is_refused_not_silently_skipped():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"changes 'a' in place, and 'add' read\(s\) it afterwards"):
+        mo.layer_mask(_InPlace().eval())
+
+
+def test_weight_standardised_convs_use_the_modules_own_weight():
+    timm = pytest.importorskip("timm")
+    from timm.layers import ScaledStdConv2dSame, StdConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 13, 14, dtype=D)
+    m = (torch.rand(2, 1, 13, 14) > 0.3).to(D)
+    for conv in (StdConv2d(3, 5, 3, padding=1), ScaledStdConv2dSame(3, 5, 3, stride=2)):
+        conv = conv.to(D).eval()
+        lm = mo.layer_mask(conv)
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), conv(x), rtol=1e-12, atol=1e-12)
+        assert "standardised weight" in lm.summary()
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
+        assert torch.equal(lm(poisoned, m), lm(x, m)) and torch.isfinite(lm(poisoned, m)).all()
+
+
+class _Up(nn.Module):
+    def __init__(self, up):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.up = up
+
+    def forward(self, x):
+        return self.b(x) + self.up(self.a(x))
+
+
+@pytest.mark.parametrize("up", [nn.Upsample(scale_factor=2, mode="nearest"),
+                                lambda y: F.interpolate(y, scale_factor=2.0)], ids=["module", "function"])
+def test_nearest_upsampling_copies_pixels_and_their_mask(up):
+    torch.manual_seed(0)
+    net = _Up(up).to(D).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 12, 10, generator=g, dtype=D)
+    m = (torch.rand(2, 1, 12, 10, generator=g) > 0.5).to(D)
+    lm = mo.layer_mask(net)
+    ya, ka = mo.masked_conv2d(x, m, net.a.weight, net.a.bias, stride=2, padding=1)
+    yb, kb = mo.masked_conv2d(x, m, net.b.weight, net.b.bias, padding=1)
+    up_y = ya.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    up_k = ka.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    want = torch.where((kb * up_k) > 0, yb + up_y, torch.zeros((), dtype=D))
+    torch.testing.assert_close(lm(x, m), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lm(x, torch.ones_like(m)), net(x), rtol=1e-12, atol=1e-12)
+    soft = (torch.rand(2, 1, 12, 10, generator=g, dtype=D) * 0.9 + 0.05).requires_grad_()
+    (grad,) = torch.autograd.grad(mo.layer_mask(net, soft=True)(x, soft).sum(), soft)
+    assert torch.isfinite(grad).all() and (grad != 0).any()
+
+
+@pytest.mark.parametrize("up,words", [(nn.Upsample(scale_factor=2, mode="bilinear"), "only 'nearest'"),
+                                      (nn.Upsample(size=(12, 10)), "give scale_factor"),
+                                      (nn.Upsample(scale_factor=1.5), "only integer factors")])
+def test_other_resampling_is_refused_naming_the_node(up, words):
+    with pytest.raises(ValueError, match=words):
+        mo.layer_mask(_Up(up).eval())

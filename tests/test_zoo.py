@@ -20,7 +20,11 @@ TORCHVISION = ["resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d", "vg
 TIMM = ["resnet50", "tf_efficientnet_lite0", "convnext_tiny",
         # channel splits, chunks and slices (issue 24)
         "res2net50_14w_8s", "cspdarknet53", "cspresnet50", "ghostnet_100", "dpn68", "rexnet_100",
-        "inception_next_tiny"]
+        "inception_next_tiny",
+        # an ECA gate broadcast with expand_as; weight-standardised convs folded at conversion
+        "ecaresnet26t", "nf_resnet26", "nf_regnet_b0", "resnetv2_50x1_bit",
+        # nearest upsampling (HRNet's fuse layers)
+        "hrnet_w18_small"]
 SIZE = 64
 
 
