@@ -578,8 +578,10 @@ class MaskedBinary(MaskedLayer):
 
     def _sum_in_place(self, a, b) -> Optional[torch.Tensor]:
         """a + b written into the input the converter chose (add_into), or None where that is not
-        allowed: no such input, inputs that broadcast or promote, or autograd recording."""
-        if self.add_into is None or a.shape != b.shape or a.dtype != b.dtype:
+        allowed: no such input, a Python number (x + 1), inputs that broadcast or promote, or autograd
+        recording."""
+        if self.add_into is None or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) \
+                or a.shape != b.shape or a.dtype != b.dtype:
             return None
         dst, src = (a, b) if self.add_into == 0 else (b, a)
         return dst.add_(src) if ops.owns_for_writing(dst) else None

@@ -160,3 +160,24 @@ def test_nearest_upsampling_copies_pixels_and_their_mask(up):
 def test_other_resampling_is_refused_naming_the_node(up, words):
     with pytest.raises(ValueError, match=words):
         mo.layer_mask(_Up(up).eval())
+
+
+class _PlusOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.a(x) + 1  # a fresh conv output and a Python number (FastViT)
+
+
+def test_adding_a_python_number_to_a_fresh_map():
+    """The in-place add (written into a fresh conv output nobody else reads) assumed two tensors: with a
+    Python number it raised AttributeError at run time."""
+    torch.manual_seed(0)
+    net = _PlusOne().to(D).eval()
+    x = torch.randn(1, 3, 6, 7, dtype=D)
+    m = (torch.rand(1, 1, 6, 7) > 0.4).to(D)
+    y, k = mo.masked_conv2d(x, m, net.a.weight, net.a.bias, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(mo.layer_mask(net)(x, m), torch.where(k > 0, y + 1, torch.zeros((), dtype=D)))
