@@ -732,6 +732,19 @@ def stochastic_depth(node, ctx):
                                zero_preserving=True, layout=layout)
 
 
+def global_response_norm(node, ctx):
+    """ConvNeXt-V2's GRN: x + bias + weight * x * N(x), N from the L2 norm of each channel over space.
+
+    A sum of squares over space is the same whether removed pixels are left out or counted as the 0 they
+    hold, so the module itself computes the statistic over visible pixels only; what it adds at removed
+    pixels (the bias) is selected away. Exact for hard and soft masks (pixels with m > 0 as they are)."""
+    m = ctx.module(node)
+    expected = (1, 2) if ctx.layout(node.args[0]) == "nhwc" else (2, 3)
+    if tuple(m.spatial_dim) != expected:
+        _reject(node, f"normalises over dims {m.spatial_dim} of a {ctx.layout(node.args[0])} masked map")
+    return mnn.MaskedPointwise(m, "GlobalResponseNorm (L2 over visible pixels)", layout=ctx.layout(node.args[0]))
+
+
 # (module, attribute, rule): types of optional packages, registered once the user has imported
 # the package (their models are the only ones that can contain them).
 OPTIONAL_RULES = (
@@ -742,6 +755,7 @@ OPTIONAL_RULES = (
     ("timm.layers.norm_act", "BatchNormAct2d", batch_norm),
     ("timm.layers.norm_act", "FrozenBatchNormAct2d", batch_norm),
     ("timm.layers.conv2d_same", "Conv2dSame", conv_same),
+    ("timm.layers.grn", "GlobalResponseNorm", global_response_norm),
     ("timm.layers.std_conv", "StdConv2d", std_conv),
     ("timm.layers.std_conv", "StdConv2dSame", std_conv),
     ("timm.layers.std_conv", "ScaledStdConv2d", std_conv),

@@ -6,6 +6,7 @@
 - In-place changes read again afterwards (NFNet's ``out.mul_(gain)``): refused, never silently skipped.
 - Weight-standardised convs (timm's StdConv2d family): the module's own weight formula, folded once.
 - Nearest upsampling by integer factors (HRNet): pixels and their mask copied; other resampling refused.
+- ConvNeXt-V2's global response norm over visible pixels; a fresh map plus a Python number (FastViT).
 """
 from __future__ import annotations
 
@@ -181,3 +182,39 @@ def test_adding_a_python_number_to_a_fresh_map():
     y, k = mo.masked_conv2d(x, m, net.a.weight, net.a.bias, padding=1)
     with torch.no_grad():
         torch.testing.assert_close(mo.layer_mask(net)(x, m), torch.where(k > 0, y + 1, torch.zeros((), dtype=D)))
+
+
+def test_global_response_norm_uses_visible_pixels_only():
+    """ConvNeXt-V2's GRN, with non-zero weight and bias (timm initialises both to 0, where GRN is the
+    identity and a zoo test could not see it), against the formula over visible pixels written here."""
+    pytest.importorskip("timm")
+    from timm.layers.grn import GlobalResponseNorm
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 6, 3, padding=1)
+            self.grn = GlobalResponseNorm(6, channels_last=True)
+
+        def forward(self, x):
+            return self.grn(self.a(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    torch.manual_seed(0)
+    net = Net().to(D).eval()
+    with torch.no_grad():
+        net.grn.weight.uniform_(-1, 1)
+        net.grn.bias.uniform_(-1, 1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 9, 8, generator=g, dtype=D)
+    m = (torch.rand(2, 1, 9, 8, generator=g) > 0.5).to(D)
+    y, k = mo.masked_conv2d(x, m, net.a.weight, net.a.bias, padding=1)
+    vis = k > 0
+    norm = torch.sqrt((torch.where(vis, y, torch.zeros((), dtype=D)) ** 2).sum((2, 3), keepdim=True))
+    n = norm / (norm.mean(1, keepdim=True) + net.grn.eps)
+    want = y + net.grn.bias.view(1, -1, 1, 1) + net.grn.weight.view(1, -1, 1, 1) * y * n
+    want = torch.where(vis, want, torch.zeros((), dtype=D))
+    lm = mo.layer_mask(net)
+    torch.testing.assert_close(lm(x, m), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lm(x, torch.ones_like(m)), net(x), rtol=1e-12, atol=1e-12)
+    poisoned = torch.where(m > 0, x, torch.full((), float("inf"), dtype=D))
+    assert torch.equal(lm(poisoned, m), lm(x, m))

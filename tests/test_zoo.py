@@ -24,7 +24,9 @@ TIMM = ["resnet50", "tf_efficientnet_lite0", "convnext_tiny",
         # an ECA gate broadcast with expand_as; weight-standardised convs folded at conversion
         "ecaresnet26t", "nf_resnet26", "nf_regnet_b0", "resnetv2_50x1_bit",
         # nearest upsampling (HRNet's fuse layers); a fresh map plus a Python number (FastViT)
-        "hrnet_w18_small", "fastvit_t8"]
+        "hrnet_w18_small", "fastvit_t8",
+        # global response normalisation
+        "convnextv2_atto"]
 SIZE = 64
 
 
