@@ -49,8 +49,9 @@ from .rules import register_rule  # noqa: F401  (re-exported: masked_ops.convert
 __all__ = ["layer_mask", "LayerMasked", "register_rule", "TraceError"]
 
 
-class TraceError(RuntimeError):
-    """The model could not be traced symbolically; names the module being traced."""
+class TraceError(ValueError):
+    """The model could not be traced symbolically; names the module being traced. A ValueError like
+    every other refusal of layer_mask (the CLI reports it as bad input, exit status 2)."""
 
 
 class _Tracer(fx.Tracer):
