@@ -350,8 +350,14 @@ def conv_function(node, ctx):
 @rule(nn.BatchNorm2d)
 def batch_norm(node, ctx):
     bn = ctx.eval_bn(node)
+    module = ctx.module(node)
+    if bn is None and not module.training and getattr(module, "track_running_stats", True) \
+            and getattr(module, "running_mean", None) is not None:
+        # An eval BatchNorm with an activation the fused kernels lack (timm's BatchNormAct2d with GELU):
+        # still a per-pixel function, so the module itself runs and removed pixels are selected away.
+        act = type(getattr(module, "act", None)).__name__
+        return mnn.MaskedPointwise(module, f"{type(module).__name__} (eval, {act})", layout=ctx.layout(node.args[0]))
     if bn is None:  # train mode
-        module = ctx.module(node)
         act = getattr(module, "act", None)
         act = activation_module_name(act) if act is not None else "none"
         if act is None:

@@ -218,3 +218,29 @@ def test_global_response_norm_uses_visible_pixels_only():
     torch.testing.assert_close(lm(x, torch.ones_like(m)), net(x), rtol=1e-12, atol=1e-12)
     poisoned = torch.where(m > 0, x, torch.full((), float("inf"), dtype=D))
     assert torch.equal(lm(poisoned, m), lm(x, m))
+
+
+def test_an_eval_batchnorm_with_an_activation_the_kernels_lack_runs_per_pixel():
+    """timm's BatchNormAct2d with timm's own GELU class (EfficientFormerV2's stem) was refused as "cannot be
+    fused" (the kernels' activation table knows nn.GELU, not it); in
+    eval mode it is a per-pixel function, so it runs as it is, removed pixels selected away."""
+    pytest.importorskip("timm")
+    from timm.layers.activations import GELU
+    from timm.layers.norm_act import BatchNormAct2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct2d(4, act_layer=GELU)).to(D).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 1.5)
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 7, 6, dtype=D)
+    m = (torch.rand(2, 1, 7, 6) > 0.4).to(D)
+    lm = mo.layer_mask(net)
+    y, k = mo.masked_conv2d(x, m, net[0].weight, net[0].bias, padding=1)
+    with torch.no_grad():
+        want = torch.where(k > 0, net[1](y), torch.zeros((), dtype=D))
+        torch.testing.assert_close(lm(x, m), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), net(x), rtol=1e-12, atol=1e-12)
+    assert "BatchNormAct2d (eval, GELU)" in lm.summary()
