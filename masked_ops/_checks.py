@@ -5,7 +5,7 @@ ValueError/TypeError instead of deep inside a kernel or, worse, silently.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 

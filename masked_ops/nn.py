@@ -22,7 +22,7 @@ Masks are floating N x 1 x H x W tensors holding 0/1 in the activations' dtype.
 from __future__ import annotations
 
 import operator
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn

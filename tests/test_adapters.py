@@ -1,4 +1,4 @@
-"""Adapters, each run through the real installed package (lime, Captum, Quantus): the recipes of the
+"""Adapters, each run through the real installed package (lime, Captum, Quantus, shap): the recipes of the
 module docstrings run verbatim, every Quantus 0.6 faithfulness metric with a perturb_func runs and agrees
 with Quantus's own baseline replacement of the same whole pixels."""
 import importlib
@@ -191,6 +191,46 @@ def test_lime_recipe_runs_as_documented():
     assert exp.top_labels[0] in range(281, 286)  # a cat
     weights = np.array([w for _, w in exp.local_exp[exp.top_labels[0]]])
     assert np.isfinite(weights).all() and np.abs(weights).max() > 0
+
+
+# ----------------------------------------------------------------------------- shap
+def test_shap_recipe_runs_as_documented():
+    pytest.importorskip("shap")
+    ns = run_recipe("masked_ops.explain.adapters.shap_adapter")
+    sv, heat = ns["sv"], ns["heat"]
+    assert sv.values.shape == (1, 224, 224, 3, 1) and heat.shape == (224, 224)
+    assert np.isfinite(heat).all() and np.abs(heat).max() > 0
+    # the class explained is the model's top-1 (a cat)
+    top = int(np.argmax(ns["f"](ns["image"][None])[0]))
+    names = np.asarray(sv.output_names).reshape(-1)
+    assert top in range(281, 286) and names[0] == ns["info"].class_names[top]
+
+
+def test_shap_black_strategy_equals_shaps_own_black_masker(setup):
+    shap = pytest.importorskip("shap")
+    from masked_ops.explain.adapters.shap_adapter import shap_model
+
+    model, image, _ = setup
+    img = image.permute(1, 2, 0).numpy()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def plain(x):  # the plain model as a shap user would wrap it, with SHAP painting removed pixels 0
+        x = torch.as_tensor(np.asarray(x, np.float32)).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            return model((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).softmax(1).numpy()
+
+    def run(f, value):
+        return shap.Explainer(f, shap.maskers.Image(value, img.shape))(img[None], max_evals=120, batch_size=40,
+                                                                      outputs=[1]).values
+
+    ours = run(shap_model(model, "black", mean=mean, std=std), np.nan)
+    theirs = run(plain, 0.0)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert np.abs(theirs).max() > 0
+    layer = run(shap_model(model, "layer", mean=mean, std=std), np.nan)
+    assert np.isfinite(layer).all() and not np.allclose(layer, theirs)  # layer masking is not black paint
+    with pytest.raises(ValueError, match="N x H x W x C"):
+        shap_model(model, "layer")(np.zeros((2, 3, H, W), np.float32))
 
 
 # ----------------------------------------------------------------------------- captum: one map per image

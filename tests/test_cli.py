@@ -6,6 +6,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from PIL import Image
 
 from cli_helpers import pngs, run_cli
 from masked_ops import cli
+from masked_ops.cli import explain as cli_explain
 from masked_ops.explain import Explanation, explain_occlusion, get_strategy
-from masked_ops.models import ModelInfo, load_image, load_model
+from masked_ops.images import load_image
+from masked_ops.models import ModelInfo, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,13 +53,13 @@ def _all_prefixed(err):
 def titles(monkeypatch):
     """The suptitles of the figures the CLI writes."""
     seen = []
-    original = cli._write_png
+    original = cli_explain._write_png
 
     def spy(fig, path):
         seen.append(fig._suptitle.get_text() if fig._suptitle else "")
         original(fig, path)
 
-    monkeypatch.setattr(cli, "_write_png", spy)
+    monkeypatch.setattr(cli_explain, "_write_png", spy)
     return seen
 
 
@@ -251,6 +254,24 @@ def test_bad_targets(target, message, photo, tmp_path, capsys):
     assert code == 2 and message in err and _all_prefixed(err)
 
 
+def test_tiny_images_are_refused_or_warned_about(tmp_path, capsys):
+    from masked_ops.models import MAX_UPSCALE, MIN_IMAGE_SIDE
+
+    info = ModelInfo("m", input_size=224)
+    with pytest.raises(ValueError, match=f"8 x 8 pixels: too small to explain .* at least {MIN_IMAGE_SIDE} px"):
+        info.prepare(torch.rand(3, 8, 8))
+    with pytest.warns(UserWarning, match="enlarged 7x"):
+        assert info.prepare(torch.rand(3, 32, 40)).shape == (1, 3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at up to MAX_UPSCALE times
+        info.prepare(torch.rand(3, 224 // MAX_UPSCALE, 60))
+    # the command line: one line and exit status 2, before any work
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tiny.png")
+    code, _, err = run_cli(["explain", str(tmp_path / "tiny.png"), "--model", "test_cli:tiny_model",
+                            "--out", str(tmp_path / "o.png"), "--no-progress"], capsys)
+    assert code == 2 and "too small to explain" in err and _all_prefixed(err)
+
+
 def test_aspect_ratio_kept_centre_square(photo, capsys, tmp_path):
     image = torch.rand(3, 30, 80, generator=torch.Generator().manual_seed(0))
     x = ModelInfo("m", input_size=24).prepare(image)
@@ -357,7 +378,7 @@ def test_load_image_conversions(tmp_path):
     (["explain", "{photo}", "--samples", "0"], "must be >= 1"),
     (["explain", "{photo}", "--method", "magic"], "invalid choice: 'magic'"),
     (["explain", "{photo}", "--window", "8x"], "expected pixels as N or HxW"),
-    (["experiment", "removal", "--strategies", "purple", "--out", "{tmp}/exp"], "unknown strategy 'purple'"),
+    (["experiment", "removal", "--strategies", "purple", "--out", "{tmp}/exp"], "unknown masking strategy 'purple'"),
     (["experiment", "nosuch"], "invalid choice"),
     ([], "give a command"),
 ])
@@ -441,11 +462,11 @@ def test_python_m_entry_point_help():
                  "--shared-scale"):
         assert flag in r.stdout
     # both --masking defaults, read from the code that applies them (the mask methods' was missing)
-    from masked_ops.cli import DEMO_MASKING
-    from masked_ops.explain.mask_cli import default_masking
+    from masked_ops.explain.registry import METHODS
 
     flat = " ".join(r.stdout.split())
-    assert f"default {DEMO_MASKING};" in flat and f"diffmask: {','.join(default_masking())}" in flat
+    assert f"default {','.join(METHODS['lime'].default_masking())};" in flat
+    assert f"diffmask: {','.join(METHODS['diffmask'].default_masking())}" in flat
 
 
 def test_a_missing_optional_package_is_one_line_naming_the_extra():
@@ -464,7 +485,7 @@ def test_a_missing_optional_package_is_one_line_naming_the_extra():
 def test_missing_dependency_messages_follow_the_extras():
     import tomllib
 
-    from masked_ops.cli import EXTRA_OF_MODULE, missing_dependency
+    from masked_ops.cli.common import EXTRA_OF_MODULE, missing_dependency
 
     extras = tomllib.load(open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb"))
     extras = extras["project"]["optional-dependencies"]

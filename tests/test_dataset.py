@@ -6,6 +6,7 @@ CNN at 64 x 64 (dataset_helpers.tiny_model), LIME with 16 samples on SLIC superp
 multi-process runs take seconds.
 """
 import os
+import re
 import signal
 import socket
 import stat
@@ -133,10 +134,13 @@ def test_single_process_output(folder, reference):
     assert r["attrs"]["format"] == H.FORMAT and r["attrs"]["classes"] == ["1", "5"]
     assert r["attrs"]["threads_per_process"] == 1 and r["attrs"]["masking"] == MASKING.split(",")
     assert set(r["attributions"]) == set(MASKING.split(","))
+    # the weights asked for ("default" when --weights is not given, never the string 'None') and, in
+    # words, what was loaded
+    assert r["attrs"]["weights"] == "default" and r["attrs"]["model_weights"] not in ("", "None")
     assert r["model_classes"] == [f"c{i}" for i in range(10)]
 
     # top-k against the model run directly on the same preprocessed image
-    from masked_ops.models import load_image
+    from masked_ops.images import load_image
 
     model, info = tiny_model()
     mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
@@ -167,7 +171,7 @@ def test_one_image_matches_the_explainer(folder, reference):
     """The runner's wiring (target, segments, seed, batches) against the explainer called directly."""
     from masked_ops.explain import explain_lime, get_strategy
     from masked_ops.explain.segmentation import segment
-    from masked_ops.models import load_image
+    from masked_ops.images import load_image
 
     root, paths = folder
     model, info = tiny_model()
@@ -192,10 +196,19 @@ def test_one_image_matches_the_explainer(folder, reference):
 @pytest.mark.slow  # subprocesses: ~10 s on an idle 2-core machine, ~40 s under load
 def test_torchrun_two_processes_bit_identical(folder, reference, tmp_path):
     out = str(tmp_path / "two.h5")
-    res = subprocess.run(_torchrun(2, ["explain", folder[0], "--out", out] + ARGS), env=_env(),
+    with_bar = [a for a in ARGS if a != "--no-progress"]  # rank 0's bar, written to a pipe: every draw shows
+    res = subprocess.run(_torchrun(2, ["explain", folder[0], "--out", out] + with_bar), env=_env(),
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es) x 1 thread(s), backend gloo" in res.stdout
+    # one bar (rank 0's), drawn once more per finished image, not once per poll while rank 0 waits for
+    # rank 1: the final count appears at most twice (its draw, and the bar's close)
+    total = len(folder[1]) + 1  # the readable images and the broken one
+    draws = [d for d in re.split(r"[\r\n]", res.stderr) if d.startswith("explain:")]
+    assert draws and sum(f"{total}/{total}" in d for d in draws) <= 2, draws[-6:]
+    # rank 1's warning about the broken image starts a line of its own, never inside rank 0's bar
+    assert "masked-ops: warning: 5/broken.jpg" in res.stderr
+    assert not [d for d in draws if "masked-ops:" in d], [d for d in draws if "masked-ops:" in d]
     _same_file(reference, out)
     with h5py.File(out) as f:
         assert f["run"].attrs["world_size"] == 2
@@ -265,7 +278,7 @@ def test_kill_and_resume_equals_uninterrupted_run(folder, reference, tmp_path):
     assert not os.path.exists(out)  # no output that looks complete
     done = len(_batch_files(parts))
     assert 3 <= done
-    with open(os.path.join(parts, f".r00001-deadbeef.h5.tmp-{os.getpid()}"), "wb") as f:
+    with open(os.path.join(parts, ".r00001-deadbeef.h5.0badf00d.tmp"), "wb") as f:
         f.write(b"\x89HDF half a file")  # what a kill during a write leaves behind
     # resumed on ONE process: the shards of the killed run are not tied to their ranks
     prev = torch.get_num_threads()

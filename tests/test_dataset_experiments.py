@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dataset_helpers import make_folder, tiny_model
-from masked_ops.experiments import cli as exp_cli
-from masked_ops.experiments.images import centre_view, labelled_image_set, load_photo
+from masked_ops.cli import experiment as exp_cli
+from masked_ops.experiments.images import labelled_image_set
+from masked_ops.images import centre_view, load_image
 from masked_ops.experiments.removal import removal_curves, removal_masks_for_image
 from masked_ops.explain import get_strategy
 from test_dataset import _env, _torchrun
@@ -41,7 +42,7 @@ def test_labelled_image_set_reads_class_folders(folder):
     assert s.names == paths  # the corrupt file skipped, the text file ignored
     assert [p for p, _ in s.skipped] == ["5/broken.jpg"]
     assert s.labels.tolist() == [int(p.split("/")[0]) for p in paths]
-    one = centre_view(load_photo(os.path.join(root, paths[0])), 64)
+    one = centre_view(load_image(os.path.join(root, paths[0])), 64)
     assert torch.equal(s.images[0], one)
     aug = labelled_image_set([root], 64, augment=1, class_names=info.class_names)
     assert len(aug.names) == 2 * len(paths) and aug.names[1] == paths[0] + ":flip"

@@ -203,10 +203,13 @@ def test_interrupted_fit_resumes_to_the_same_state(tmp_path):
             raise KeyboardInterrupt
 
     first = make()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         first.fit(train, epochs=2, val_images=val, checkpoint=str(ckpt), checkpoint_every=1, progress=False,
                   callback=stop)
     assert ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == 4
+    # the interrupt says, in one line, where the fit stopped and which file resumes it
+    message = str(stopped.value)
+    assert "\n" not in message and "at step 4 of 6" in message and str(ckpt) in message and "holds step 4" in message
     assert all(p.requires_grad for p in first.model.parameters())  # the CNN's gradients are given back
     assert [p.name for p in tmp_path.iterdir()] == ["dm.pt"]  # no temporary file left behind
     assert oct(ckpt.stat().st_mode & 0o777) in ("0o644", "0o664", "0o666")
@@ -221,6 +224,16 @@ def test_interrupted_fit_resumes_to_the_same_state(tmp_path):
     assert again.step == 6
     again.fit(train, epochs=3, checkpoint=str(ckpt), val_images=val, progress=False)
     assert again.step == 9
+
+
+def test_interrupt_without_checkpoint_says_nothing_was_saved():
+    train, _ = red_images(4, 5)
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match="at step 1 of 2; no checkpoint was written"):
+        make().fit(train, epochs=2, progress=False, callback=stop)
 
 
 def test_save_load_roundtrip_and_wrong_checkpoints(tmp_path):

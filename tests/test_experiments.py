@@ -18,9 +18,9 @@ from masked_ops.experiments import (image_set, lime_faithfulness, linearity, rem
                                     shape_probe)
 from masked_ops.experiments import masks as M
 from masked_ops.experiments import metrics
-from masked_ops.experiments.cli import main as cli_main
+from masked_ops.cli.experiment import main as cli_main
 from masked_ops.experiments.faithfulness import curve_masks, lime_weights
-from masked_ops.experiments.runner import Run
+from masked_ops.runs.store import Run
 
 ID = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # no normalisation: hand-made predictors stay simple
 
@@ -270,7 +270,7 @@ def test_cli_all_writes_report_and_resumes(tmp_path, monkeypatch, capsys):
 
 def test_cli_bad_input_exits_with_a_message(tmp_path, capsys):
     assert cli_main(["removal", "--strategies", "purple", "--out", str(tmp_path)]) == 2
-    assert "unknown strategy 'purple'" in capsys.readouterr().err
+    assert "unknown masking strategy 'purple'" in capsys.readouterr().err
     assert cli_main(["removal", "--images", "no-such-photo", "--out", str(tmp_path), "--model",
                      "torch.nn:Identity"]) == 2
     assert "no-such-photo" in capsys.readouterr().err

@@ -16,7 +16,8 @@ import torch.nn as nn
 from masked_ops.explain.extremal import PRESETS, SmoothMask, area_reference, explain_extremal
 from masked_ops.explain.maps import MapExplanation
 from masked_ops.explain.soft import soft_strategies, soft_strategy
-from masked_ops.explain.strategies import IMAGENET_MEAN, IMAGENET_STD, FillStrategy, get_strategy
+from masked_ops.explain.strategies import FillStrategy, get_strategy
+from masked_ops.images import IMAGENET_MEAN, IMAGENET_STD
 
 torchray_ep = pytest.importorskip("torchray.attribution.extremal_perturbation",
                                   reason="torchray is a test dependency (pip install torchray)")
@@ -135,7 +136,8 @@ def test_same_masks_as_torchray_with_our_generator(variant):
 
 @pytest.fixture(scope="module")
 def lite0_cat():
-    from masked_ops.models import load_image, load_model
+    from masked_ops.images import load_image
+    from masked_ops.models import load_model
 
     model, info = load_model("efficientnet-lite0")
     return model, info.prepare(load_image("chelsea"))

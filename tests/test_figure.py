@@ -51,7 +51,7 @@ def test_many_strategies_wrap_into_a_grid(image):
     ("lime", "prob", "LIME weight, change of p(cat)"),
     ("occlusion", "logit", "drop in logit(cat) when removed"),
     ("kernel-shap", "prob", "SHAP value, share of p(cat)"),
-    ("rise", "prob", "rise attribution, p(cat)"),  # a method the figure does not know yet
+    ("saliency", "prob", "saliency attribution, p(cat)"),  # a method the figure does not know
 ])
 def test_colour_bars_say_what_they_show(method, output, label, image):
     fig = explanation_figure(image, [_exp("layer", 1.0, method, output)], "cat")
@@ -120,3 +120,32 @@ def test_readme_visualize_example_runs_as_written(tmp_path, monkeypatch):
     back = Explanation.load(tmp_path / "cat-occlusion.npz")
     assert torch.equal(back.weights, namespace["exp"].weights)
     assert namespace["heat"].shape == (224, 224)
+    # nothing of the picture is clipped: the (long) title, the colour bar, its ticks and label lie inside
+    fig = namespace["fig"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    cbar = [a for a in fig.axes if a is not namespace["ax"]][0]
+    assert cbar.yaxis.label.get_text()
+    # the colour bar's tight box covers what is drawn of it: its ticks, their labels and its label
+    for name, e in (("title", namespace["ax"].title.get_window_extent(renderer)),
+                    ("colour bar", cbar.get_tightbbox(renderer))):
+        assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, name
+    plt.close(fig)
+
+
+def test_mask_figure_colour_bars_are_labelled(image):
+    from masked_ops.explain.figure import mask_figure
+    from masked_ops.explain.maps import map_explanation
+
+    maps = torch.rand(1, H, W, generator=torch.Generator().manual_seed(2))
+    labels = {}
+    for method, info in (("rise", {"output": "prob"}), ("extremal", {"areas": [0.1]}), ("diffmask", {"kept": 0.3})):
+        masks = (maps > 0.5).float()[None] if method == "extremal" else (maps > 0.5).float()
+        exp = map_explanation(method, "layer", [3], maps, masks=masks, info=info)
+        fig = mask_figure(image, [exp], "cat")
+        (heat,) = _heat_images(fig)
+        labels[method] = heat.colorbar.ax.get_ylabel()
+        plt.close(fig)
+    assert labels == {"rise": "mean p when visible", "extremal": "mean of the masks over the areas (1: kept by all)",
+                      "diffmask": "probability the gate keeps the patch"}

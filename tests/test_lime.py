@@ -9,7 +9,7 @@ from sklearn.metrics import pairwise_distances
 from masked_ops.explain import explain_kernel_shap, explain_lime, get_strategy, grid_segments
 from masked_ops.explain.lime import cosine_distance_to_ones, lime_kernel, lime_samples, weighted_ridge
 from masked_ops.explain.perturb import forward_samples
-from masked_ops.explain.strategies import IMAGENET_MEAN, IMAGENET_STD
+from masked_ops.images import IMAGENET_MEAN, IMAGENET_STD
 
 lime_base = pytest.importorskip("lime.lime_base")
 lime_image = pytest.importorskip("lime.lime_image")

@@ -12,7 +12,8 @@ import torch.nn as nn
 from masked_ops.explain.maps import MapExplanation
 from masked_ops.explain.rise import explain_rise, rise_masks
 from masked_ops.explain.soft import soft_strategies, soft_strategy
-from masked_ops.explain.strategies import IMAGENET_MEAN, IMAGENET_STD, get_strategy
+from masked_ops.explain.strategies import get_strategy
+from masked_ops.images import IMAGENET_MEAN, IMAGENET_STD
 
 torchray_rise = pytest.importorskip("torchray.attribution.rise", reason="torchray is a test dependency")
 

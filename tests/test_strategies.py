@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 from scipy import ndimage
 
-from masked_ops.explain.strategies import (FILL_STRATEGIES, IMAGENET_MEAN, IMAGENET_STD, STRATEGIES,
+from masked_ops.images import IMAGENET_MEAN, IMAGENET_STD
+from masked_ops.explain.strategies import (FILL_STRATEGIES, STRATEGIES,
                                            gaussian_blur, get_strategy)
 
 # Strategies whose output must not depend on what the removed pixels hold.

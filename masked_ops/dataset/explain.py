@@ -3,9 +3,9 @@
     masked-ops explain DIR --method occlusion --masking layer,grey --out results.h5
     torchrun --nproc-per-node 2 -m masked_ops.cli explain DIR ... --out results.h5
 
-Per image: read it (masked_ops.models.load_image), resize it for the model (``info.prepare``),
+Per image: read it (masked_ops.images.load_image), resize it for the model (``info.prepare``),
 segment it, take the clean top-k, and explain the top-1 class under every strategy with the same
-explainer the single-image command runs (masked_ops.explain.METHODS). The forward batches are the
+explainer the single-image command runs (masked_ops.explain.registry.METHODS). The forward batches are the
 image's own perturbation samples, so an image's numbers do not depend on which other images share
 its shard or checkpoint; with the same threads per process (default 1) a run on any number of
 processes gives the same bits.
@@ -41,49 +41,51 @@ import numpy as np
 import torch
 
 from . import h5 as H
-from .cli import DEFAULT_BATCH_IMAGES, DEFAULT_TOP_K
-from .distributed import DEFAULT_THREADS, Dist, resolve_device, setup
+from .._util.io import check_writable, is_temp_of, read_json, write_json
+from .._util.progress import note, progress_bar
+from ..runs.config import canonical, check_config, differences
+from ..runs.distributed import DEFAULT_THREADS, Dist, env_world, resolve_device, setup
+from ..explain.registry import DEFAULT_MASKING, METHODS, get_method, names
 from .folder import Folder, Item, label_indices, scan_folder
+
+DEFAULT_BATCH_IMAGES = 8
+DEFAULT_TOP_K = 5
+
 
 @dataclasses.dataclass
 class Settings:
-    """What an explanation run computes (everything that changes the numbers)."""
+    """What an explanation run computes (everything that changes the numbers).
+
+    ``for_method`` fills in the method's defaults from the method table (masked_ops.explain.registry).
+    """
 
     model: str = "efficientnet-lite0"
     method: str = "lime"
-    masking: Sequence[str] = ("layer", "grey")
-    samples: int = 500
-    segments: str = "slic"
-    n_segments: int = 50
+    masking: Sequence[str] = DEFAULT_MASKING
+    samples: int = METHODS["lime"].default_samples
+    segments: str = METHODS["lime"].default_segments
+    n_segments: int = METHODS["lime"].default_n_segments
     seed: int = 0
     top_k: int = DEFAULT_TOP_K
     batch_size: Optional[int] = None
     output: str = "prob"
     weights: Optional[str] = None
 
+    @classmethod
+    def for_method(cls, method: str, *, samples: Optional[int] = None, segments: Optional[str] = None,
+                   n_segments: Optional[int] = None, **settings) -> "Settings":
+        """Settings of ``method`` with its defaults for what is None (ValueError naming a bad value).
 
-def settings_from_args(args) -> Settings:
-    """Settings from the ``explain`` arguments, with the single-image command's defaults."""
-    from .. import cli
-
-    masking = cli.parse_masking(cli.DEMO_MASKING if args.masking is None else args.masking)
-    method = args.method
-    cli.check_method_options(args)
-    for dest, flag, why in (("target", "--target", "each image explains its own top-1 class"),
-                            ("window", "--window", "occlusion of a folder removes segments"),
-                            ("save", "--save", "--out names the HDF5 file of a folder"),
-                            ("shared_scale", "--shared-scale", "a folder run writes no pictures")):
-        if getattr(args, dest, None) not in (None, False):
-            raise cli.CliError(f"{flag} does not apply to a folder ({why})")
-    samples = args.samples or cli.DEMO_SAMPLES
-    if method == "kernel-shap" and samples < 3:
-        raise cli.CliError(f"--samples must be >= 3 for kernel-shap, got {samples}")
-    return Settings(model=args.model, method=method, masking=masking,
-                    samples=0 if method == "occlusion" else samples,
-                    segments=args.segments or ("grid" if method == "occlusion" else "slic"),
-                    n_segments=args.n_segments or (64 if method == "occlusion" else 50), seed=args.seed,
-                    top_k=getattr(args, "top_k", DEFAULT_TOP_K), batch_size=args.batch_size,
-                    output=getattr(args, "output", None) or "prob", weights=getattr(args, "weights", None))
+        Folder runs explain segments, so only the perturbation methods apply (the mask methods'
+        maps are not per segment and their soft strategies are per image).
+        """
+        m = get_method(method)
+        if m.kind != "perturbation":
+            raise ValueError(f"method {method!r} cannot explain a folder (one of "
+                             f"{', '.join(names('perturbation'))})")
+        return cls(method=method, samples=m.check_samples(samples) if m.samples_keyword else 0,
+                   segments=segments or m.default_segments, n_segments=n_segments or m.default_n_segments,
+                   **settings)
 
 
 class ImageExplainer:
@@ -91,11 +93,9 @@ class ImageExplainer:
 
     def __init__(self, settings: Settings, device: torch.device):
         from .. import models as M
-        from ..explain import METHODS, get_strategy
+        from ..explain import get_strategy
         from ..explain.perturb import resolve_batch_size
 
-        if settings.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {settings.method!r}")
         if not isinstance(settings.top_k, int) or settings.top_k < 1:
             raise ValueError(f"--top-k must be an int >= 1, got {settings.top_k!r}")
         self.settings = settings
@@ -106,16 +106,18 @@ class ImageExplainer:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.info = model, info
         self.batch_size = resolve_batch_size(settings.batch_size, device)
-        self.method = METHODS[settings.method]
+        self.method = get_method(settings.method)
         self.strategies = [get_strategy(n, model, mean=info.mean, std=info.std, seed=settings.seed)
                            for n in settings.masking]
 
     def config(self) -> dict:
         """Everything the numbers depend on: checked when a run is resumed, stored in the file."""
-        from ..experiments.common import model_fingerprint
+        from .._util.fingerprint import model_fingerprint
 
         s = self.settings
-        cfg = dict(method=s.method, masking=list(s.masking), model=s.model, weights=str(s.weights),
+        # weights: what was asked for ("default": the model's usual); model_weights: what was loaded, in words
+        cfg = dict(method=s.method, masking=list(s.masking), model=s.model,
+                   weights="default" if s.weights is None else str(s.weights), model_weights=self.info.weights,
                    model_fingerprint=model_fingerprint(self.model), model_pretrained=bool(self.info.pretrained),
                    input_size=int(self.info.input_size), samples=int(s.samples), segments=s.segments,
                    n_segments=int(s.n_segments), seed=int(s.seed), top_k=int(s.top_k), output=s.output,
@@ -127,10 +129,10 @@ class ImageExplainer:
     @staticmethod
     def load(path: str) -> torch.Tensor:
         """The image as 3 x H x W in [0, 1]; any failure to decode it is a ValueError (listed, not fatal)."""
-        from .. import models as M
+        from ..images import load_image
 
         try:
-            return M.load_image(path)
+            return load_image(path)
         except ValueError:
             raise
         except Exception as e:  # PIL raises SyntaxError, DecompressionBombError, ... on some files
@@ -152,13 +154,13 @@ class ImageExplainer:
         target = top[0][0]
         opts = dict(targets=[target], segments=seg, batch_size=self.batch_size, seed=s.seed, progress=False,
                     output=s.output)
-        if s.method != "occlusion":
-            opts["num_samples"] = s.samples
+        if self.method.samples_keyword is not None:
+            opts = self.method.keywords(s.samples, **opts)
         maps = {}
         for strat in self.strategies:
             if hasattr(strat, "generator"):  # the noise fill: the same stream for every image, whatever
                 strat.generator = None       # images this rank explained before (shard-independent)
-            exp = self.method(strat, x, **opts)
+            exp = self.method.explain(strat, x, **opts)
             maps[strat.name] = exp.heatmap(0).float().cpu().numpy()
         return H.Row(item.path, int(label), item.label_name, size, int(target),
                      np.asarray([t[0] for t in top], dtype=np.int64),
@@ -187,29 +189,6 @@ def _batch_files(parts: str) -> List[str]:
                   if f.startswith("r") and f.endswith(".h5"))
 
 
-def _read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = H.temp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _canonical(config: dict) -> dict:
-    return json.loads(json.dumps(config, sort_keys=True))
-
-
-def _differences(a: dict, b: dict) -> str:
-    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
-
-
 def _prepare(folder: Folder, out: str, config: dict, fresh: bool, token: str) -> Tuple[dict, bool]:
     """Rank 0: check and set up OUT.parts, find what is done, write the plan. Returns (plan, reuse OUT)."""
     parts = _parts_dir(out)
@@ -221,10 +200,8 @@ def _prepare(folder: Folder, out: str, config: dict, fresh: bool, token: str) ->
     os.makedirs(parts, exist_ok=True)
     cfg_path = os.path.join(parts, "config.json")
     if os.path.exists(cfg_path):
-        saved = _read_json(cfg_path)
-        if saved != config:
-            raise ValueError(f"{parts} holds checkpoints of a run with other settings (differs in: "
-                             f"{_differences(saved, config)}); use another --out or --fresh to discard them")
+        check_config(read_json(cfg_path), config, f"{parts} holds checkpoints of a run",
+                     "use another --out or --fresh to discard them")
     reuse_out = False
     if os.path.exists(out):
         try:
@@ -234,17 +211,17 @@ def _prepare(folder: Folder, out: str, config: dict, fresh: bool, token: str) ->
                              f"another --out, or --fresh to replace it") from None
         if existing != config:
             what = "no masked_ops settings" if existing is None else \
-                f"other settings (differs in: {_differences(existing, config)})"
+                f"other settings (differs in: {differences(existing, config)})"
             raise ValueError(f"--out {out!r} exists with {what}; use another --out or --fresh to replace it")
         reuse_out = True
     for name in os.listdir(parts):  # temporary files of a killed run
-        if name.startswith(".") and ".tmp-" in name:
+        if name.startswith(".") and name.endswith(".tmp"):
             os.unlink(os.path.join(parts, name))
     folder_out, name_out = os.path.split(os.path.abspath(out))
     for name in os.listdir(folder_out):  # a merge that was killed
-        if name.startswith(f".{name_out}.tmp-"):
+        if is_temp_of(name, name_out):
             os.unlink(os.path.join(folder_out, name))
-    _write_json(cfg_path, config)
+    write_json(cfg_path, config)
 
     done = set()
     sources = ([out] if reuse_out else []) + _batch_files(parts)
@@ -261,7 +238,7 @@ def _prepare(folder: Folder, out: str, config: dict, fresh: bool, token: str) ->
     todo = [[it.path, it.label_name] for it in folder.items if it.path not in done]
     plan = dict(token=token, todo=todo, total=len(folder.items), done=len(folder.items) - len(todo),
                 classes=folder.classes)
-    _write_json(os.path.join(parts, "plan.json"), plan)
+    write_json(os.path.join(parts, "plan.json"), plan)
     return plan, reuse_out
 
 
@@ -270,7 +247,7 @@ def _read_plan(out: str, token: str) -> dict:
     if not os.path.exists(path):
         raise ValueError(f"{path} (written by rank 0) is not visible here: --out must be on a filesystem "
                          f"that every rank shares (across machines: a network filesystem)")
-    plan = _read_json(path)
+    plan = read_json(path)
     if token and plan.get("token") != token:
         raise ValueError(f"{path} belongs to another run: --out must be on a filesystem that every rank "
                          f"shares (across machines: a network filesystem)")
@@ -309,8 +286,6 @@ def explain_folder(folder: str, out: str, settings: Settings, *, device: str = "
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"--threads must be an int >= 1, got {threads!r}")
     _check_out(out)
-    from .distributed import env_world
-
     _, world, local = env_world()
     dev = resolve_device(device, local, world)
     torch.set_num_threads(threads or DEFAULT_THREADS)
@@ -325,7 +300,7 @@ def explain_folder(folder: str, out: str, settings: Settings, *, device: str = "
 def _run(listing: Folder, out: str, settings: Settings, dev: torch.device, dist: Dist, batch_images: int,
          fresh: bool, keep_parts: bool, progress: bool, verbose: bool, start: float) -> Optional[Summary]:
     explainer = ImageExplainer(settings, dev)
-    config = _canonical(explainer.config())
+    config = canonical(explainer.config())
     token = _share_token(dist)
     reuse_out = False
     if dist.is_main:
@@ -337,12 +312,16 @@ def _run(listing: Folder, out: str, settings: Settings, dev: torch.device, dist:
     if dist.is_main and verbose:
         _announce(listing, labels, plan, explainer, dist)
 
-    bar = _progress_bar(plan, progress and dist.is_main)
+    bar = progress_bar(plan["total"], "explain", "image", initial=plan["done"], leave=True,
+                       enabled=progress and dist.is_main)
     parts = _parts_dir(out)
 
     def refresh():
-        if bar is not None:
-            bar.n = plan["done"] + dist.count("images")
+        # redraw only when the global count moved: rank 0 polls the store while it waits for the others,
+        # and every redraw of an unchanged count would print the same final line again in a log
+        n = plan["done"] + dist.count("images")
+        if n != bar.n:
+            bar.n = n
             bar.refresh()
 
     shard = plan["todo"][dist.rank::dist.world]
@@ -355,14 +334,13 @@ def _run(listing: Folder, out: str, settings: Settings, dev: torch.device, dist:
                 rows.append(explainer.explain(image, item, labels.get(label_name, -1)))
             except ValueError as e:  # unreadable or unexplainable image: listed, the run goes on
                 errors.append((path, str(e)))
-                _warn(f"masked-ops: warning: {path}: {e}", bar)
+                note(f"masked-ops: warning: {path}: {e}", bar, bar_elsewhere=progress and not dist.is_main)
             dist.add("images", 1)
             refresh()
         H.write_file(os.path.join(parts, _batch_name(dist.rank, shard[b][0])), rows, errors,
                      strategies=list(settings.masking), attrs=config, model_classes=())
-    dist.all_done(on_poll=refresh)
-    if bar is not None:
-        bar.close()
+    dist.all_done(on_poll=refresh)  # (refreshes once more after the last rank finished)
+    bar.close()
     if not dist.is_main:
         return None
 
@@ -401,44 +379,15 @@ def _announce(listing: Folder, labels: Dict[str, int], plan: dict, explainer: Im
                  + (" ..." if len(unknown) > 5 else "") if unknown else ", all name classes of the model"))
 
 
-def _warn(message: str, bar) -> None:
-    if bar is not None:
-        bar.write(message, file=sys.stderr)
-    else:
-        print(message, file=sys.stderr)
-
-
-def _progress_bar(plan: dict, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=plan["total"], initial=plan["done"], desc="explain", unit="image", smoothing=0.1)
+def default_out(folder: str, method: str) -> str:
+    """The output file when none is given: <folder name>-<method>.h5 in the current folder."""
+    stem = os.path.basename(os.path.normpath(folder)) or "images"
+    return f"{stem}-{method}.h5"
 
 
 def _check_out(out: str) -> None:
-    from ..cli import check_writable
-
     if not isinstance(out, str):
         raise ValueError(f"--out must name an HDF5 file (.h5 or .hdf5) when IMAGE is a folder, got {out!r}")
     check_writable(out, "--out", "results.h5")
     if not out.endswith((".h5", ".hdf5")):
         raise ValueError(f"--out must name an HDF5 file (.h5 or .hdf5) when IMAGE is a folder, got {out!r}")
-
-
-# ----------------------------------------------------------------------------- command line
-def default_out(folder: str, method: str) -> str:
-    stem = os.path.basename(os.path.normpath(folder)) or "images"
-    return f"{stem}-{method}.h5"
-
-
-def run_folder(args) -> int:
-    """``masked-ops explain DIR ...``: the CLI's hand-over when IMAGE is a directory."""
-    settings = settings_from_args(args)
-    out = args.out or default_out(args.image, settings.method)
-    explain_folder(args.image, out, settings, device=args.device, batch_images=args.batch_images,
-                   threads=args.threads, fresh=args.fresh, keep_parts=args.keep_parts,
-                   progress=not args.no_progress, dist_backend=args.dist_backend)
-    return 0

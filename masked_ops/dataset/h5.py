@@ -14,8 +14,9 @@ Schema (format "masked_ops.explanations", version 1; N images, E errors, H x W t
     /model_classes   (C,)  str     the model's class names (index -> name)
     /errors/path     (E,)  str     images that could not be read, and why
     /errors/message  (E,)  str
-    root attributes  format, format_version, the run's settings (method, masking, model, samples,
-                     segments, n_segments, seed, top_k, output, batch_size, input_size,
+    root attributes  format, format_version, the run's settings (method, masking, model, weights (as asked:
+                     "default" or the --weights value), model_weights (what was loaded, in words),
+                     samples, segments, n_segments, seed, top_k, output, batch_size, input_size,
                      threads_per_process, model_fingerprint), library versions, ``folder`` and
                      ``classes`` (class folder names); ``config_json`` holds the settings and
                      versions as one JSON string (a resumed run must match it)
@@ -30,7 +31,7 @@ Reading::
         heat = f["attributions/layer"][0]          # H x W map of the first image
         print(paths[0], f["model_classes"].asstr()[f["target"][0]])
 
-Every file is written to a temporary name in the same folder (".<name>.tmp-<pid>") and renamed
+Every file is written to a temporary name in the same folder (".<name>.<random>.tmp", masked_ops._util.io) and renamed
 when complete and synced, so a file at the final name is always whole.
 """
 from __future__ import annotations
@@ -38,11 +39,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .._util.io import atomic_path
+from .._util.progress import progress_bar
 
 FORMAT = "masked_ops.explanations"
 FORMAT_VERSION = 1
@@ -85,29 +88,13 @@ class Contents:
 
 
 # ----------------------------------------------------------------------------- atomic files
-def temp_name(path: str) -> str:
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-
-
 @contextlib.contextmanager
 def atomic_h5(path: str):
-    """Yield an h5py.File open for writing at a temporary name; rename it to ``path`` on success."""
+    """Yield an h5py.File open for writing at a temporary name; synced and renamed to ``path`` on success."""
     h5py = _h5py()
-    tmp = temp_name(path)
-    try:
-        with h5py.File(tmp, "w") as f:  # created with the umask's permissions (0644 under umask 022)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:  # h5py truncates the empty temporary file; its permissions stay
             yield f
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------- writing
@@ -292,7 +279,7 @@ def merge(sources: Sequence[str], out: str, *, attrs: Mapping, run: Mapping, str
     order = sorted(where)
     names = list(ROW_DATASETS) + [f"attributions/{s}" for s in strategies]
     readers: Dict[int, _Reader] = {}
-    bar = _bar(len(order), "merge", progress)
+    bar = progress_bar(len(order), "merge", "image", enabled=progress, leave=True)
     try:
         with atomic_h5(out) as f:
             _write_common(f, sorted(errors.items()), attrs, run, model_classes)
@@ -340,12 +327,6 @@ class _Reader:
 
     def close(self) -> None:
         self.f.close()
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    from ..experiments.runner import _progress
-
-    return _progress(total=total, desc=desc, unit="image", disable=not enabled)
 
 
 # ----------------------------------------------------------------------------- user-facing

@@ -10,14 +10,14 @@ name (masked_ops.explain.strategies) or as ``{name: predict(images, masks) -> lo
 
 With ``out=DIR`` every unit of work is checkpointed under DIR/<experiment>/units and a run
 started again resumes; ``masked-ops experiment NAME`` / ``python -m masked_ops.experiments NAME``
-run them from the command line (masked_ops.experiments.cli).
+run them from the command line (masked_ops.cli.experiment).
 """
 from .faithfulness import lime_faithfulness
 from .images import BUNDLED, image_set
 from .leakage import salient_vs_moved, shape_probe
 from .linearity import linearity
 from .removal import removal_curves
-from .runner import Run
+from ..runs.store import Run
 
 __all__ = ["removal_curves", "salient_vs_moved", "shape_probe", "lime_faithfulness", "linearity", "image_set",
            "BUNDLED", "Run"]

@@ -8,14 +8,14 @@ a mapping ``{name: predict}`` with ``predict(images, masks) -> logits`` for a st
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from ..explain.strategies import IMAGENET_MEAN, IMAGENET_STD, STRATEGIES, get_strategy
+from .._util.fingerprint import fingerprint, model_fingerprint
+from ..explain.strategies import STRATEGIES, get_strategy
+from ..images import IMAGENET_MEAN, IMAGENET_STD
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StrategySpec = Union[Sequence[str], Mapping[str, Predictor]]
@@ -92,28 +92,13 @@ class Subject:
         return torch.cat(out)
 
 
-def fingerprint(*tensors: torch.Tensor) -> str:
-    """A short content hash of tensors (model parameters, images): detects a changed input on resume."""
-    h = hashlib.sha1()
-    for t in tensors:
-        a = t.detach().cpu().contiguous().float().numpy()
-        h.update(str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    params = [p for p in model.state_dict().values() if torch.is_tensor(p) and p.is_floating_point()]
-    return fingerprint(*params) if params else type(model).__name__
-
-
 def base_config(experiment: str, subject: Subject, images: torch.Tensor, seed: int, **params) -> dict:
     """The configuration a checkpointed run is tied to (see runner.Run).
 
     The strategies are not part of it: units are keyed by strategy, so a run resumed with more
     or fewer strategies reuses the units it has and computes only the new ones.
     """
-    return dict(experiment=experiment, model=model_fingerprint(subject.model), images=fingerprint(images),
+    return dict(experiment=experiment, model=model_fingerprint(subject.model), images=fingerprint([images]),
                 n_images=int(images.shape[0]), seed=int(seed), **params)
 
 

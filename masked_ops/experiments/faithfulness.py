@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from . import masks as M
-from .common import DEFAULT_STRATEGIES, StrategySpec, Subject, base_config, check_images
+from .common import DEFAULT_STRATEGIES, StrategySpec, base_config, check_images
 from .metrics import auc, bootstrap_ci, group_means, mean_se
 from .road import srg
 from .removal import _subject
-from .runner import Run
+from ..runs.store import Run
 
 STEPS = tuple(round(0.1 * i, 1) for i in range(11))
 KERNEL_WIDTH = 0.25  # lime.lime_image.LimeImageExplainer's default

@@ -2,10 +2,8 @@
 
 ``image_set(specs, size, augment)`` returns (N x 3 x size x size tensor in [0, 1], names).
 
-Specs: ``"bundled"`` (all natural colour photos below), a scikit-image sample name, ``"motorcycle"``
-(left view of skimage's stereo pair), ``"china"``/``"flower"`` (scikit-learn's sample images),
-``"grace_hopper"`` (matplotlib's sample photo), a
-file path (read by masked_ops.models.load_image), or a folder: every image under it, in the order
+Specs: ``"bundled"`` (the natural colour photos of masked_ops.images.BUNDLED), a bundled sample name
+(masked_ops.images.SAMPLES), a file path (read by masked_ops.images.load_image), or a folder: every image under it, in the order
 and with the labels of masked_ops.dataset.folder (``DIR/<class>/<image>``: the class folder names
 the label). Each photo is resized so its shorter side is ``size`` and centre-cropped (the usual
 ImageNet evaluation view, aspect ratio kept).
@@ -28,52 +26,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-# The natural colour photographs that ship inside the scikit-image, scikit-learn and matplotlib wheels
-# (skimage's "cat" is the same photo as "chelsea"; colorwheel and logo are drawings).
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                  "retina")
-EXTRA_PHOTOS = ("motorcycle", "china", "flower", "grace_hopper")
-BUNDLED = SKIMAGE_PHOTOS + EXTRA_PHOTOS
+from ..images import BUNDLED, centre_view, load_image
+
 MAX_AUGMENT = 9
-
-
-def _uint8_to_tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a[:, :, :3])).permute(2, 0, 1).float() / 255.0
-
-
-def load_photo(spec: str) -> torch.Tensor:
-    """3 x H x W float in [0, 1] for one image spec (see the module docstring)."""
-    if spec == "motorcycle":
-        import skimage.data
-
-        return _uint8_to_tensor(skimage.data.stereo_motorcycle()[0])
-    if spec == "grace_hopper":  # matplotlib's sample photo (ships inside its wheel)
-        from matplotlib import cbook
-
-        return load_photo(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
-    if spec in ("china", "flower"):
-        import os
-
-        import sklearn.datasets
-
-        path = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", f"{spec}.jpg")
-        spec = path
-    from ..models import load_image
-
-    return load_image(spec)
-
-
-def centre_view(image: torch.Tensor, size: int, *, scale: float = 1.0, corner: str = "c") -> torch.Tensor:
-    """Square crop of ``scale`` x the shorter side (at the centre or a corner), resized to size."""
-    _, h, w = image.shape
-    side = max(1, int(round(min(h, w) * scale)))
-    top = {"c": (h - side) // 2, "tl": 0, "tr": 0, "bl": h - side, "br": h - side}[corner]
-    left = {"c": (w - side) // 2, "tl": 0, "bl": 0, "tr": w - side, "br": w - side}[corner]
-    crop = image[None, :, top:top + side, left:left + side]
-    out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].clamp(0, 1)
 
 
 def _views(image: torch.Tensor, size: int, augment: int) -> List[Tuple[str, torch.Tensor]]:
@@ -131,7 +87,7 @@ def labelled_image_set(specs: Sequence[str] = ("bundled",), size: int = 224, aug
             folder = scan_folder(spec)
             for item in folder.items:
                 try:
-                    photo = load_photo(folder.full_path(item))
+                    photo = load_image(folder.full_path(item))
                 except Exception as e:  # a corrupt file is skipped, not fatal (PIL may raise SyntaxError)
                     skipped.append((item.path, str(e)))
                     print(f"masked-ops: warning: skipping {item.path}: {e}", file=sys.stderr)
@@ -139,7 +95,7 @@ def labelled_image_set(specs: Sequence[str] = ("bundled",), size: int = 224, aug
                 add(photo, item.path, item.label_name)
             continue
         for name in (BUNDLED if spec == "bundled" else [spec]):
-            add(load_photo(name), name, "")
+            add(load_image(name), name, "")
     if not images:
         raise ValueError(f"images: no readable image in {specs}")
     return ImageSet(torch.stack(images), names, np.asarray(labels, dtype=np.int64), label_names, skipped)

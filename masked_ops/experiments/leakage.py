@@ -30,7 +30,7 @@ from . import masks as M
 from .common import DEFAULT_STRATEGIES, StrategySpec, Subject, base_config, check_images
 from .metrics import agreement, kl_divergence, mean_se
 from .removal import _subject, check_labels
-from .runner import Run
+from ..runs.store import Run
 
 PROBE_SHAPES = M.SHAPES
 

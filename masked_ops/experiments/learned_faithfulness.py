@@ -40,7 +40,7 @@ from ..masks import DEFAULT_SOFT
 from . import masks as M
 from .common import Subject, base_config, check_images, fingerprint
 from .metrics import auc, kl_divergence, mean_se
-from .runner import Run
+from ..runs.store import Run
 
 STEPS = tuple(round(0.1 * i, 1) for i in range(11))
 EVALUATORS = ("grey", "blur", "layer")
@@ -109,7 +109,7 @@ def learned_faithfulness(model, test_images: torch.Tensor, train_images: torch.T
                            get_strategy)
     from ..explain.diffmask import stage_layers
     from ..explain.soft import soft_strategy
-    from ..explain.strategies import IMAGENET_MEAN, IMAGENET_STD
+    from ..images import IMAGENET_MEAN, IMAGENET_STD
 
     unknown = set(params) - set(DEFAULTS)
     if unknown:
@@ -130,7 +130,7 @@ def learned_faithfulness(model, test_images: torch.Tensor, train_images: torch.T
     explainers, skipped, soft_layer = _available(list(explainers))
     evaluators = list(evaluators)
     subject = Subject(model, evaluators, mean=mean, std=std, batch_size=batch_size, seed=seed)
-    config = base_config("learned-faithfulness", subject, test_images, seed, train=fingerprint(train_images),
+    config = base_config("learned-faithfulness", subject, test_images, seed, train=fingerprint([train_images]),
                          steps=steps, evaluators=evaluators, soft_layer=soft_layer,
                          **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()})
     run = Run(out, "learned-faithfulness", config, fresh=fresh, progress=progress)

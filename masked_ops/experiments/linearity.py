@@ -29,7 +29,7 @@ from . import masks as M
 from .common import DEFAULT_STRATEGIES, StrategySpec, base_config, check_images
 from .metrics import cosine, mean_se, relative_error
 from .removal import _subject
-from .runner import Run
+from ..runs.store import Run
 
 
 def linearity_masks(index: int, size, *, patch: int, groups: int, group_fraction: float, repeats: int,

@@ -30,7 +30,7 @@ from . import masks as M
 from .common import DEFAULT_STRATEGIES, StrategySpec, Subject, base_config, check_images
 from .metrics import (agreement, bootstrap_ci, class_histogram_entropy, group_means, kl_divergence, mean_se,
                       most_common)
-from .runner import Run
+from ..runs.store import Run
 
 FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
 PAPER = {"model": "torchvision ResNet-50", "mean_agreement": {"layer": 0.585, "grey": 0.246}}

@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .._io import atomic_write
-from .runner import write_json_atomic
+from .._util.io import atomic_write, write_json
 
 ORDER = ("removal", "leakage-salient", "leakage-probe", "faithfulness", "linearity", "learned-faithfulness")
 LAYER = ("layer", "layer-renorm", "layer-zero")
@@ -50,7 +49,7 @@ def record_command(out, experiment: str, command: str, wall_s: float, cpu_s: flo
                         "chunks": chunks, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if elapsed_s is not None:
         data[experiment]["elapsed_s"] = round(elapsed_s, 1)
-    write_json_atomic(path, data)
+    write_json(path, data)
 
 
 def has_record(out, experiment: str) -> bool:
@@ -144,7 +143,7 @@ def plot_leakage(salient: Optional[dict], probe: Optional[dict], path: Path) -> 
                 vals = [salient["strategies"][s][f"{metric}_{which}"] for s in names]
                 errs = [salient["strategies"][s][f"{metric}_{which}_se"] for s in names]
                 ax.bar([n + 0.4 * k - 0.2 for n in range(len(names))], vals, 0.4, yerr=errs, capsize=2,
-                       label=f"mask over the salient region" if which == "salient" else "same mask moved away")
+                       label="mask over the salient region" if which == "salient" else "same mask moved away")
             ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
             ax.set_title(("top-1 agreement" if metric == "agreement" else "probability of the clean class")
                          + f" ({int(100 * salient['area'])}% removed)", fontsize=10)

@@ -13,17 +13,15 @@ from .perturb import Explanation
 from .segmentation import grid_segments, segment
 from .strategies import STRATEGIES, Strategy, get_strategy
 
-METHODS = {"lime": explain_lime, "occlusion": explain_occlusion, "kernel-shap": explain_kernel_shap}
-
-# learned-mask and random-mask explainers (methods of their own: masked_ops.explain.mask_cli drives them)
+# learned-mask and random-mask explainers
 from .diffmask import DiffMask, explain_diffmask  # noqa: E402
 from .extremal import explain_extremal  # noqa: E402
 from .maps import MapExplanation  # noqa: E402
 from .rise import explain_rise  # noqa: E402
-
-MASK_METHODS = {"extremal": explain_extremal, "rise": explain_rise, "diffmask": explain_diffmask}
+# the one table of methods, their settings, defaults and limits
+from .registry import METHODS, Method, get_method  # noqa: E402
 
 __all__ = ["STRATEGIES", "Strategy", "get_strategy", "explain_lime", "explain_kernel_shap",
-           "explain_occlusion", "Explanation", "segment", "grid_segments", "weighted_ridge", "METHODS"]
-__all__ += ["explain_extremal", "explain_rise", "DiffMask", "explain_diffmask", "MapExplanation",
-            "MASK_METHODS"]
+           "explain_occlusion", "Explanation", "segment", "grid_segments", "weighted_ridge", "METHODS", "Method",
+           "get_method"]
+__all__ += ["explain_extremal", "explain_rise", "DiffMask", "explain_diffmask", "MapExplanation"]

@@ -1,7 +1,7 @@
 """DiffMask for CNNs: learn which patches a CNN needs, with hard-concrete gates and a KL budget.
 
 (Helpers: masked_ops.explain.hard_concrete (the gates, the KL), gate_net (stage outputs, hooks,
-the gate network), checkpoint (atomic files, fingerprints).)
+the gate network), checkpoint (the checkpoint format, reading it), diffmask_data (the training batches).)
 
 Vision DiffMask (Nalmpantis et al., CVPR-W 2023; code AngelosNal/Vision-DiffMask) gates the
 patches of a ViT and learns the smallest set that keeps the model's output distribution. Here the
@@ -62,29 +62,32 @@ the model is meant to be explained on); the bundled photos are far too few for a
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .checkpoint import CHECKPOINT_FORMAT, fingerprint, load_checkpoint, model_fingerprint, save_atomic
+from .._util.fingerprint import model_fingerprint
+from .._util.io import atomic_torch_save
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from .diffmask_data import data_fingerprint, random_resized_crop, training_batches
 from .gate_net import GateNet, HiddenFeatures, stage_layers
 from .hard_concrete import (STRETCH, TEMPERATURE, deterministic_gate, gates_to_mask, hard_concrete_sample,
                             kl_divergence, open_probability, straight_through_gates)
 from .maps import MapExplanation, patch_segments
-from .perturb import _progress, check_positive, prepare_image, resolve_targets
+from .._util.progress import progress_bar
+from .perturb import check_positive, prepare_image, resolve_targets
 from .soft import frozen_parameters, require_soft, soft_strategy
-from .strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy
+from ..images import IMAGENET_MEAN, IMAGENET_STD
+from .strategies import Strategy
 
 LAGRANGE_OPTIMIZERS = ("adam", "sgd")
 # Gates fed to the strategy while training are at least this open (hard_concrete.straight_through_gates):
 # a removed pixel's gradient cannot say whether revealing it would help, a faintly visible one's can.
 TRAIN_FLOOR = 0.01
 __all__ = ["DiffMask", "explain_diffmask", "random_resized_crop", "LAGRANGE_OPTIMIZERS",
-           # re-exported from the helper modules (hard_concrete, gate_net, checkpoint)
+           # re-exported from the helper modules (hard_concrete, gate_net, checkpoint, diffmask_data)
            "TEMPERATURE", "STRETCH", "hard_concrete_sample", "open_probability", "deterministic_gate",
            "kl_divergence", "gates_to_mask", "stage_layers", "GateNet", "HiddenFeatures", "load_checkpoint",
            "model_fingerprint", "CHECKPOINT_FORMAT"]
@@ -97,37 +100,6 @@ def _lagrange_optimizer(kind: str, param: torch.Tensor, lr: float) -> torch.opti
     if kind == "adam":
         return torch.optim.Adam([param], lr=lr, maximize=True)
     return torch.optim.SGD([param], lr=lr, maximize=True)
-
-
-# ----------------------------------------------------------------------------- augmentation
-def random_resized_crop(image: torch.Tensor, size: int, generator: torch.Generator,
-                        scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
-    """A random crop of ``scale`` of the area and ``ratio`` aspect, resized to size x size, maybe flipped."""
-    _, h, w = image.shape
-    area = h * w
-    for _ in range(10):
-        a = area * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=generator)))
-        logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * float(torch.rand((), generator=generator))
-        r = math.exp(logr)
-        cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
-        if 0 < cw <= w and 0 < ch <= h:
-            break
-    else:
-        ch = cw = min(h, w)
-    top = int(torch.randint(0, h - ch + 1, (), generator=generator))
-    left = int(torch.randint(0, w - cw + 1, (), generator=generator))
-    crop = image[None, :, top:top + ch, left:left + cw]
-    out = F.interpolate(crop.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    if flip and bool(torch.rand((), generator=generator) < 0.5):
-        out = out.flip(-1)
-    return out.clamp(0, 1)
-
-
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    if tuple(image.shape[-2:]) == (size, size):
-        return image.float()
-    return F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False)[0].clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- the explainer
@@ -296,55 +268,6 @@ class DiffMask:
         return {"kl": float(torch.cat(kls).mean()), "kept": float(torch.cat(kept).mean())}
 
     # -- training ---------------------------------------------------------------------------
-    def _batches(self, data, batch_size: int, augment: bool):
-        """(steps per epoch, function(epoch, index) -> batch) for a tensor/list of photos or a DataLoader."""
-        if isinstance(data, torch.utils.data.DataLoader):
-            n = len(data)
-            if n == 0:
-                raise ValueError("data: the DataLoader is empty (no training batches)")
-            state = {"epoch": None, "it": None, "i": 0}
-
-            def get(epoch, index):
-                if state["epoch"] != epoch or state["i"] > index:
-                    state.update(epoch=epoch, it=iter(data), i=0)
-                while True:
-                    b = next(state["it"])
-                    state["i"] += 1
-                    if state["i"] - 1 == index:
-                        break
-                b = b[0] if isinstance(b, (tuple, list)) else b
-                return self._check_images(b.to(self.gate.offset.device), "data batch")
-            return n, get
-        photos = list(data) if isinstance(data, (list, tuple)) else (
-            list(data) if isinstance(data, torch.Tensor) and data.dim() == 4 else None)
-        if photos is None:
-            raise ValueError("data must be an N x 3 x H x W tensor, a list of 3 x H x W tensors, or a DataLoader")
-        if not photos:
-            raise ValueError("data: empty training set (no images)")
-        for i, p in enumerate(photos):
-            if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[0] != 3 or not p.is_floating_point():
-                raise ValueError(f"data[{i}] must be a 3 x H x W float tensor in [0, 1], got "
-                                 f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
-        steps = math.ceil(len(photos) / batch_size)
-        device = self.gate.offset.device
-        orders: Dict[int, torch.Tensor] = {}
-
-        def get(epoch, index):
-            if epoch not in orders:  # each epoch's order from (seed, epoch): the same after a resume
-                orders.clear()
-                g = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
-                orders[epoch] = torch.randperm(len(photos), generator=g)
-            idx = orders[epoch][index * batch_size:(index + 1) * batch_size]
-            views = [random_resized_crop(photos[j], self.image_size, self.generator) if augment
-                     else _resize(photos[j], self.image_size) for j in idx.tolist()]
-            return torch.stack(views).to(device)
-        return steps, get
-
-    def _data_fingerprint(self, data) -> str:
-        if isinstance(data, torch.utils.data.DataLoader):
-            return f"dataloader:{len(data)}"
-        return fingerprint(list(data))
-
     def fit(self, data, *, epochs: int = 1, val_images: Optional[torch.Tensor] = None, augment: bool = True,
             checkpoint: Optional[str] = None, checkpoint_every: int = 10, val_every: int = 1,
             progress: Optional[bool] = None, callback: Optional[Callable[[dict], None]] = None) -> List[dict]:
@@ -362,10 +285,13 @@ class DiffMask:
         check_positive(checkpoint_every, "checkpoint_every")
         check_positive(val_every, "val_every")
         bs = self.config["batch_size"]
-        steps_per_epoch, get_batch = self._batches(data, bs, augment)
+        steps_per_epoch, get_batch = training_batches(
+            data, batch_size=bs, augment=augment, image_size=self.image_size, seed=self.config["seed"],
+            generator=self.generator, device=self.gate.offset.device,
+            check=lambda b: self._check_images(b, "data batch"))
         if val_images is not None:
             val_images = self._check_images(val_images, "val_images")
-        data_fp = self._data_fingerprint(data)
+        data_fp = data_fingerprint(data)
         if checkpoint is not None:
             folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
             if not os.path.isdir(folder):
@@ -374,10 +300,8 @@ class DiffMask:
                 self._resume(load_checkpoint(checkpoint), checkpoint, data_fp, augment)
         total = epochs * steps_per_epoch
         self.gate.train()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=min(self.step, total), desc=f"DiffMask fit ({self.strategy.name})",
-                   unit="step", disable=(not progress) if progress is not None else False, leave=False)
+        bar = progress_bar(total, f"DiffMask fit ({self.strategy.name})", "step", initial=min(self.step, total),
+                           enabled=True if progress is None else progress)
         running = self._running
         frozen = frozen_parameters(self.strategy)  # the CNN's weights never change (restored after)
         frozen.__enter__()
@@ -406,10 +330,24 @@ class DiffMask:
                     self.save(checkpoint, data_fingerprint=data_fp, augment=augment)
                 if callback is not None:
                     callback(dict(record, step=self.step))
+        except KeyboardInterrupt:
+            bar.close()
+            raise KeyboardInterrupt(self._interrupted_message(checkpoint, total, checkpoint_every)) from None
         finally:
             bar.close()
             frozen.__exit__(None, None, None)
         return self.history
+
+    def _interrupted_message(self, checkpoint, total: int, every: int) -> str:
+        """One line for Ctrl-C in ``fit``: where the fit stopped and what resumes it."""
+        where = f"DiffMask.fit interrupted at step {self.step} of {total}"
+        if checkpoint is None:
+            return f"{where}; no checkpoint was written (fit(..., checkpoint=FILE) makes a fit resumable)"
+        if not os.path.exists(checkpoint):
+            return f"{where}; the checkpoint {checkpoint} was not written yet (the first comes at step {every})"
+        saved = load_checkpoint(checkpoint).get("step", "?")
+        return (f"{where}; the checkpoint {os.path.abspath(checkpoint)} holds step {saved}: calling fit with "
+                f"checkpoint={checkpoint!r} again resumes from it")
 
     def _train_step(self, x: torch.Tensor) -> dict:
         with torch.enable_grad():
@@ -474,7 +412,7 @@ class DiffMask:
         """Write the state to ``path`` atomically (a temporary file, then a rename)."""
         state = self.state_dict()
         state.update({("data" if k == "data_fingerprint" else k): v for k, v in extra.items()})
-        save_atomic(state, path)
+        atomic_torch_save(state, path)
 
     @classmethod
     def load(cls, path: str, model: nn.Module, *, strategy: Union[str, Strategy, None] = None,
@@ -534,7 +472,8 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     lam = torch.tensor(float(lagrange_init), device=image.device, requires_grad=True)
     opt = torch.optim.Adam([log_alpha], lr=lr)
     opt_lam = _lagrange_optimizer(lagrange_optimizer, lam, lagrange_lr)
-    with frozen_parameters(strategy), _progress(steps, f"diffmask ({strategy.name})", progress) as bar:
+    with frozen_parameters(strategy), progress_bar(steps, f"diffmask ({strategy.name})", "step", enabled=progress,
+                                                  auto_min=256) as bar:
         for _ in range(steps):
             la = log_alpha.expand(samples, -1, -1, -1)
             z = straight_through_gates(hard_concrete_sample(la, g), la, TRAIN_FLOOR)

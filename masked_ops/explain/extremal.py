@@ -49,6 +49,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .._util.progress import progress_bar
 from .maps import MapExplanation, map_explanation
 from .perturb import prepare_image, resolve_targets
 from .soft import frozen_parameters, require_soft
@@ -195,7 +196,8 @@ def explain_extremal(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     maps, all_masks, info = [], [], {"areas": list(areas), "variant": variant, "iterations": iterations,
                                      "reward": reward, "per_target": []}
     fork = torch.random.fork_rng(devices=[image.device] if image.device.type == "cuda" else [])
-    with fork, frozen_parameters(strategy), _bar(iterations * len(targets), strategy.name, progress) as bar:
+    with fork, frozen_parameters(strategy), progress_bar(iterations * len(targets), f"extremal ({strategy.name})", "step",
+                                                                 enabled=progress, auto_min=100) as bar:
         torch.manual_seed(int(seed))
         for target in targets:
             masks, stats = _optimise(strategy, image, target, gen, ref, areas, variant, iterations,
@@ -247,10 +249,3 @@ def _optimise(strategy, image, target, gen, ref, areas, variant, iterations, lr,
              "area_with_margin": full.mean(dim=(1, 2, 3)).tolist(),
              "reward": r.detach().tolist(), "penalty": penalty.detach().tolist()}
     return mask[:, 0].detach(), stats
-
-
-def _bar(total: int, name: str, enabled: Optional[bool]):
-    from tqdm.auto import tqdm
-
-    disable = (total < 100) if enabled is None else not enabled
-    return tqdm(total=total, desc=f"extremal ({name})", unit="step", disable=disable, leave=False)

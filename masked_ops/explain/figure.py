@@ -11,10 +11,15 @@ colour bar, like Captum's ``visualize_image_attr``::
 ``explanation_figure`` is the picture of ``masked-ops explain``: the image, then per masking
 strategy the heatmap (top) and its top-k segments (bottom), wrapped into rows of ``columns``
 panels; one colour scale per strategy or, with ``shared_scale=True``, one for all.
+
+``mask_figure`` is the picture of the mask methods (extremal, RISE, DiffMask): per masking strategy the
+map over the image (top) and the learned mask over the image (bottom: the image where the mask keeps
+it, washed to grey elsewhere).
 """
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,11 +38,22 @@ _MEANING = {
 }
 
 
-def attribution_label(exp: Explanation, class_name: Optional[str] = None) -> str:
-    """The colour bar label of an explanation: what its numbers are, for which class."""
-    output = "logit" if exp.output == "logit" else "p"
+# ... and of each map method (MapExplanation)
+_MAP_MEANING = {
+    "extremal": "mean of the masks over the areas (1: kept by all)",
+    "rise": "mean {output} when visible",
+    "diffmask": "probability the gate keeps the patch",
+}
+
+
+def attribution_label(exp, class_name: Optional[str] = None) -> str:
+    """The colour bar label of an explanation (an Explanation or a MapExplanation): what its numbers are,
+    for which class."""
+    output = "logit" if (getattr(exp, "output", None) or getattr(exp, "info", {}).get("output")) == "logit" else "p"
     if class_name:
         output = f"{output}({class_name})"
+    if exp.method in _MAP_MEANING:
+        return _MAP_MEANING[exp.method].format(output=output)
     return _MEANING.get(exp.method, exp.method + " attribution, {output}").format(output=output)
 
 
@@ -160,13 +176,14 @@ def visualize(attribution, image=None, *, sign: str = "all", vmax: Optional[floa
     if label is None and isinstance(attribution, Explanation):
         label = attribution_label(attribution)
     if ax is None:
-        fig, ax = plt.subplots(figsize=(4.2, 3.6))
+        # constrained layout keeps the title, the colour bar and its ticks inside the figure when saved
+        fig, ax = plt.subplots(figsize=(4.2, 3.6), layout="constrained")
     else:
         fig = ax.figure
     draw_attribution(ax, heat, _rgb(image), sign=sign, vmax=vmax, cmap=cmap, alpha=alpha, label=label,
                      colorbar=colorbar)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(textwrap.fill(title, 48), fontsize=10)  # a long title wraps instead of being clipped
     return fig, ax
 
 
@@ -208,3 +225,46 @@ def explanation_figure(image: torch.Tensor, explanations: Sequence[Explanation],
                      color=title_color)
     fig.tight_layout()
     return fig
+
+
+def mask_figure(image: torch.Tensor, explanations: Sequence, class_name: str, title: Optional[str] = None):
+    """Column 0 the image; column i the map of explanation i over the image (top) and its mask (bottom)."""
+    import matplotlib.pyplot as plt
+
+    rgb = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    n = len(explanations)
+    fig, axes = plt.subplots(2, n + 1, figsize=(3.2 * (n + 1), 6.6), squeeze=False)
+    axes[0, 0].imshow(rgb)
+    axes[0, 0].set_title("image")
+    axes[1, 0].axis("off")
+    for i, exp in enumerate(explanations, 1):
+        heat = exp.heatmap().numpy()
+        axes[0, i].imshow(rgb, alpha=0.35)
+        im = axes[0, i].imshow(heat, cmap="viridis", alpha=0.75)
+        axes[0, i].set_title(f"{exp.method} ({exp.strategy}): {class_name}", fontsize=9)
+        bar = fig.colorbar(im, ax=axes[0, i], fraction=0.046, pad=0.02)
+        bar.set_label(attribution_label(exp), fontsize=8)
+        keep, label = shown_mask(exp)
+        axes[1, i].imshow(rgb * keep[:, :, None] + 0.5 * (1 - keep[:, :, None]))
+        axes[1, i].set_title(label, fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def shown_mask(exp):
+    """(H x W mask in [0, 1], caption) to draw over the image for a MapExplanation."""
+    if exp.method == "extremal" and exp.masks is not None:
+        areas = exp.info.get("areas", [])
+        k = int(np.argmin([abs(a - 0.1) for a in areas])) if areas else 0
+        return exp.masks[0, k].numpy(), f"mask, area {areas[k]:g}" if areas else "mask"
+    if exp.method == "diffmask" and exp.masks is not None:
+        m = exp.masks
+        m = m[0] if m.dim() == 3 else m
+        return m.numpy(), f"gates (kept {exp.info.get('kept', float(m.mean())):.0%})"
+    heat = exp.heatmap()
+    cut = torch.quantile(heat.flatten().float(), 0.8)
+    return (heat >= cut).float().numpy(), "top 20% of pixels"

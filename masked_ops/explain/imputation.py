@@ -51,7 +51,8 @@ import torch.nn.functional as F
 
 from .. import backends
 from .._checks import check_input, check_mask
-from .strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy
+from ..images import IMAGENET_MEAN, IMAGENET_STD
+from .strategies import Strategy
 
 __all__ = ["blend", "linear_imputation", "noisy_linear_imputation", "segment_mean_fill", "ImputationStrategy",
            "NoisyLinearStrategy", "SegmentMeanStrategy"]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .imputation import ImputationStrategy, blend, hard_mask
-from .strategies import IMAGENET_MEAN, IMAGENET_STD
+from ..images import IMAGENET_MEAN, IMAGENET_STD
 
 METHODS = ("telea", "ns")
 DEFAULT_RADIUS = 3

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._util.progress import progress_bar
 from .segmentation import check_segments, segment
 from .strategies import Strategy
 
@@ -103,7 +104,7 @@ def save_explanations(path, explanations: Sequence[Explanation], *, image: Optio
 
     import numpy as np
 
-    from .._io import atomic_write
+    from .._util.io import atomic_write
 
     path = os.fspath(path)
     if not path.endswith(".npz"):
@@ -222,14 +223,6 @@ def resolve_batch_size(batch_size: Optional[int], device: torch.device) -> int:
     return check_positive(batch_size, "batch_size")
 
 
-def _progress(total: int, desc: str, enabled: Optional[bool]):
-    from tqdm.auto import tqdm
-
-    # Default: a bar only for long runs (many samples), never in tiny calls.
-    disable = (total < 256) if enabled is None else not enabled
-    return tqdm(total=total, desc=desc, unit="sample", disable=disable, leave=False)
-
-
 @torch.no_grad()
 def resolve_targets(strategy: Strategy, image: torch.Tensor, targets, output: str):
     """(target list, full-image outputs for them): default target = the top-1 class of the full image."""
@@ -261,7 +254,8 @@ def forward_samples(strategy: Strategy, image: torch.Tensor, segments: torch.Ten
     seg = segments.to(image.device)
     idx = torch.as_tensor(list(targets), device=image.device)
     out = []
-    with _progress(samples.shape[0], desc, progress) as bar:
+    # a bar only for long runs (many samples), never in tiny calls
+    with progress_bar(samples.shape[0], desc, "sample", enabled=progress, auto_min=256) as bar:
         for start in range(0, samples.shape[0], batch_size):
             z = samples[start:start + batch_size].to(image.device, torch.bool)
             masks = z[:, seg].unsqueeze(1)  # B x 1 x H x W

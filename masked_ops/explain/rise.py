@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .maps import MapExplanation, map_explanation
-from .perturb import _progress, check_output, check_positive, prepare_image, resolve_batch_size, resolve_targets
+from .._util.progress import progress_bar
+from .perturb import check_output, check_positive, prepare_image, resolve_batch_size, resolve_targets
 from .soft import require_soft
 from .strategies import Strategy
 
@@ -91,7 +92,8 @@ def explain_rise(strategy: Strategy, image: torch.Tensor, *, targets: Union[None
     # every random number drawn up front (tiny): the masks do not depend on the batch size
     grid, dys, dxs = rise_draw(n_masks, (h, w), cells, p, generator=torch.Generator().manual_seed(int(seed)))
     saliency = torch.zeros(len(targets), h * w, dtype=torch.float64, device=image.device)
-    with torch.inference_mode(), _progress(n_masks, f"rise ({strategy.name})", progress) as bar:
+    with torch.inference_mode(), progress_bar(n_masks, f"rise ({strategy.name})", "mask", enabled=progress,
+                                                     auto_min=256) as bar:
         for start in range(0, n_masks, batch_size):
             b = min(batch_size, n_masks - start)
             sl = slice(start, start + b)

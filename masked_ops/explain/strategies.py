@@ -74,10 +74,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checks as C
+from ..images import IMAGENET_MEAN, IMAGENET_STD
 from ..masks import check_soft
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FILL_STRATEGIES = ("black", "grey", "mean", "blur", "noise", "smooth-grey")
 LAYER_STRATEGIES = {"layer": None, "layer-renorm": "renorm", "layer-zero": "zero"}

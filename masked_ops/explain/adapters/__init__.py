@@ -6,6 +6,8 @@
   4th input channel with baseline 0) for Captum's Lime, KernelShap, FeatureAblation, Occlusion.
 - masked_ops.explain.adapters.quantus: ``NaNMaskedModel`` + ``nan_perturb_func`` for Quantus'
   faithfulness metrics (PixelFlipping, RegionPerturbation, ...).
+- masked_ops.explain.adapters.shap_adapter: ``shap_model`` for shap's image explainer with
+  ``shap.maskers.Image(np.nan, shape)`` (removed pixels arrive as NaN).
 
 Common idea: a removed pixel is a NaN in any channel (the convention ``layer_mask`` already
 understands); ``NaNMaskedModel`` turns NaNs into a mask and runs a strategy, which never reads

@@ -11,7 +11,8 @@ Recipe (runs as written; tests/test_adapters.py runs it)::
     from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
     from masked_ops.explain import segment
     from masked_ops.explain.adapters.captum import CaptumForward, captum_inputs
-    from masked_ops.models import load_image, load_model
+    from masked_ops.images import load_image
+    from masked_ops.models import load_model
 
     model, info = load_model("efficientnet-lite0")          # any CNN, with its mean and std
     images = info.prepare(load_image("chelsea"))            # N x 3 x H x W, pixels in [0, 1]

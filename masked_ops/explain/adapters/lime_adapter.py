@@ -4,7 +4,8 @@ Recipe (runs as written; tests/test_adapters.py runs it)::
 
     from lime.lime_image import LimeImageExplainer
     from masked_ops.explain.adapters.lime_adapter import lime_classifier_fn, to_lime_image
-    from masked_ops.models import load_image, load_model
+    from masked_ops.images import load_image
+    from masked_ops.models import load_model
 
     model, info = load_model("efficientnet-lite0")
     image = to_lime_image(info.prepare(load_image("chelsea")))   # H x W x 3 float64 in [0, 1]
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy
+from ...images import IMAGENET_MEAN, IMAGENET_STD
+from ..strategies import Strategy
 from .nan_model import NaNMaskedModel
 
 

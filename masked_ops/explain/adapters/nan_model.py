@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from ..perturb import check_pixel_range
-from ..strategies import IMAGENET_MEAN, IMAGENET_STD, Strategy, get_strategy
+from ...images import IMAGENET_MEAN, IMAGENET_STD
+from ..strategies import Strategy, get_strategy
 
 
 def nan_mask(images: torch.Tensor, negative_zero: bool = False) -> torch.Tensor:

@@ -7,7 +7,8 @@ Recipe (runs as written; tests/test_adapters.py runs it)::
     import torch
     from masked_ops.explain import explain_occlusion, get_strategy
     from masked_ops.explain.adapters.quantus import NaNMaskedModel, nan_perturb_func
-    from masked_ops.models import load_image, load_model
+    from masked_ops.images import load_image
+    from masked_ops.models import load_model
 
     model, info = load_model("efficientnet-lite0")
     images = info.prepare(load_image("chelsea"))                         # N x 3 x 224 x 224, pixels in [0, 1]

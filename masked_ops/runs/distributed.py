@@ -1,4 +1,4 @@
-"""torch.distributed for dataset runs: who am I, which device, shared counters and waiting.
+"""torch.distributed for resumable runs (dataset and experiments): who am I, which device, shared counters and waiting.
 
 ``torchrun --nnodes M --nproc-per-node G -m masked_ops.cli ...`` starts M x G processes and gives
 each RANK, WORLD_SIZE and LOCAL_RANK; ``setup()`` reads them and joins the process group: gloo for
@@ -14,7 +14,7 @@ the backend is needed, so gloo / NCCL only have to initialise (a plain ``dist.ba
 fallback where the store is not reachable).
 
 ``join()`` / ``active()`` / ``leave()``: one process group for a whole process, used by the
-experiments (masked_ops.experiments.runner.Run shards its units over ``active()``).
+experiments (masked_ops.runs.store.Run shards its units over ``active()``).
 
 Threads: ``DEFAULT_THREADS = 1`` torch thread per process, in every run, with or without
 torchrun. Results are then bit-identical whatever the number of processes (a CPU kernel's
@@ -31,8 +31,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .cli import BACKENDS
-
+# --dist-backend: auto = nccl for CUDA devices, gloo otherwise
+BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_THREADS = 1
 _PREFIX = "masked_ops"
 _SETUPS = itertools.count()

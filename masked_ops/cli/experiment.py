@@ -1,4 +1,4 @@
-"""Command line of the experiments.
+"""``masked-ops experiment``: the paper's experiments (masked_ops.experiments) from the command line.
 
     masked-ops experiment NAME [--images ...] [--strategies ...] [--seed S] [--out DIR] [--repeats R]
     python -m masked_ops.experiments NAME ...            (the same, on its own)
@@ -26,28 +26,22 @@ import sys
 import time
 from typing import List, Optional
 
-EXPERIMENTS = ("removal", "leakage-salient", "leakage-probe", "faithfulness", "linearity", "learned-faithfulness")
-NAMES = EXPERIMENTS + ("leakage", "all", "report", "summary")
+from .common import Parser, int_at_least, parse_strategies, report_error, report_interrupt
+
 DEFAULT_OUT = "out/experiments"
+# besides the experiments and their groups (masked_ops.experiments.registry)
+COMMANDS = ("report", "summary")
 
 
-def _strategies(text: List[str]) -> List[str]:
-    from ..explain.strategies import STRATEGIES
+def _names():
+    from ..experiments.registry import EXPERIMENTS, GROUPS
 
-    names = [s for part in text for s in part.split(",") if s]
-    if names == ["all"]:
-        return list(STRATEGIES)
-    unknown = [s for s in names if s not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"unknown strategy {unknown[0]!r}; expected 'all' or names from {', '.join(STRATEGIES)}")
-    return names
+    return tuple(EXPERIMENTS) + tuple(GROUPS) + COMMANDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import int_at_least
-
     count, positive = int_at_least(0), int_at_least(1)
-    p.add_argument("name", choices=NAMES, help="which experiment to run (or 'report')")
+    p.add_argument("name", choices=_names(), help="which experiment to run (or 'report')")
     p.add_argument("--model", default="efficientnet-lite0",
                    help="model name for masked_ops.models.load_model (default: the pretrained EfficientNet-Lite0)")
     p.add_argument("--weights", default=None,
@@ -87,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``experiment`` on the ``masked-ops`` command line (called from masked_ops/cli.py)."""
+    """Register ``experiment`` on the ``masked-ops`` command line."""
     p = subparsers.add_parser("experiment", help="run the paper's experiments and write a report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
@@ -107,14 +101,14 @@ def _command(args) -> str:
 
 def run_from_args(args) -> int:
     """Run what ``args`` asks for; bad input -> one ``masked-ops: error:`` line on stderr and exit status 2."""
-    from ..cli import report_error
-
+    args.resume_hint = (f"the finished units are kept in {args.out}/: run the same command again to resume "
+                        f"(--fresh starts over)")
     try:
         return _run(args)
     except (ValueError, TypeError, OSError) as e:
         return report_error(e)
     finally:
-        from ..dataset.distributed import leave
+        from ..runs.distributed import leave
 
         leave()  # torchrun: leave the process group (nothing to do in a world of one)
 
@@ -122,16 +116,12 @@ def run_from_args(args) -> int:
 def _run(args) -> int:
     import torch
 
-    # (functions, not modules: the package re-exports ``linearity`` the function under the module's name)
-    from . import report
-    from .faithfulness import lime_faithfulness
-    from .images import BUNDLED, image_set, labelled_image_set
-    from .leakage import salient_vs_moved, shape_probe
-    from .linearity import linearity
-    from .removal import removal_curves
-    from .runner import annotate_results
-
-    from ..dataset.distributed import env_world, join
+    from ..experiments import report
+    from ..experiments.images import labelled_image_set
+    from ..experiments.registry import EXPERIMENTS, Inputs, expand
+    from ..models import load_model
+    from ..runs.distributed import env_world, join
+    from ..runs.store import annotate_results
 
     rank, world, _ = env_world()
     if args.threads or world > 1:
@@ -143,13 +133,14 @@ def _run(args) -> int:
         print(f"report: {path}")
         return 0
     if args.name == "summary":
-        from .summary import write_summary
+        from ..experiments.summary import write_summary
 
         print(f"summary: {write_summary(args.out)}")
         return 0
-    from ..models import load_model
-
-    strategies = _strategies(args.strategies)
+    todo = expand(args.name)
+    strategies = parse_strategies(args.strategies, "--strategies", allow_all=True)
+    evaluators = parse_strategies(args.evaluators, "--evaluators", allow_all=True) if args.evaluators else None
+    explainers = [e for part in args.explainers for e in part.split(",") if e] if args.explainers else None
     model, info = load_model(args.model, args.weights)
     print(f"model: {info.describe()}")
     if getattr(args, "channels_last", False):
@@ -159,43 +150,19 @@ def _run(args) -> int:
     main = dist.is_main
     common = dict(seed=args.seed, mean=info.mean, std=info.std, batch_size=args.batch_size, out=args.out,
                   fresh=args.fresh, progress=not args.no_progress and main)
-    todo = {"all": EXPERIMENTS, "leakage": ("leakage-salient", "leakage-probe")}.get(args.name, (args.name,))
     iset = labelled_image_set(args.images, size, args.augment, class_names=list(info.class_names))
-    imgs, names = iset.images, iset.names
-    labels = iset.labels if iset.labelled else None
+    names = iset.names
     if main and any(iset.label_names):
         n_lab = int((iset.labels >= 0).sum())
         print(f"labels: {n_lab} of {len(names)} images have a class folder naming a class of {info.name}"
               + ("" if n_lab else " (accuracy is not reported)"), file=sys.stderr)
+    inputs = Inputs(model, info, iset.images, names, iset.labels if iset.labelled else None, strategies, common,
+                    image_specs=args.images, size=size, repeats=args.repeats, patch=args.patch, samples=args.samples,
+                    steps=args.steps, evaluators=evaluators, probe_augment=args.probe_augment,
+                    train_images=args.train_images, explainers=explainers)
     for exp in todo:
         start, cpu = time.time(), time.process_time()
-        if exp == "removal":
-            res = removal_curves(model, imgs, strategies, repeats=args.repeats or 5, image_names=names,
-                                 patch=args.patch, class_names=list(info.class_names), labels=labels, **common)
-        elif exp == "leakage-salient":
-            res = salient_vs_moved(model, imgs, strategies, image_names=names, labels=labels, **common)
-        elif exp == "leakage-probe":
-            pset = labelled_image_set(args.images, size, args.probe_augment)
-            pimgs, pnames = pset.images, pset.names
-            res = shape_probe(model, pimgs, strategies, groups=[n.split(":")[0] for n in pnames], **common)
-        elif exp == "faithfulness":
-            evaluators = _strategies(args.evaluators) if args.evaluators else None
-            res = lime_faithfulness(model, imgs, strategies, evaluators=evaluators, samples=args.samples,
-                                           steps=[i / (args.steps - 1) for i in range(args.steps)],
-                                           image_names=names, **common)
-        elif exp == "learned-faithfulness":
-            from .learned_faithfulness import EXPLAINERS, EVALUATORS, learned_faithfulness
-
-            train_specs = args.train_images or [b for b in BUNDLED if b not in set(args.images)]
-            timgs, tnames = image_set(train_specs, size, 0)
-            evaluators = _strategies(args.evaluators) if args.evaluators else list(EVALUATORS)
-            explainers = [e for part in (args.explainers or EXPLAINERS) for e in part.split(",") if e]
-            res = learned_faithfulness(model, imgs, timgs, explainers=explainers, evaluators=evaluators,
-                                       steps=[i / (args.steps - 1) for i in range(args.steps)], image_names=names,
-                                       train_names=tnames, lime_samples=args.samples, **common)
-        elif exp == "linearity":
-            res = linearity(model, imgs, strategies, repeats=args.repeats or 4, image_names=names, patch=args.patch,
-                            **common)
+        res = EXPERIMENTS[exp].run(inputs)
         if not main:
             continue
         annotate_results(args.out, exp, model=info.as_dict())  # results name the model and its weights
@@ -228,8 +195,7 @@ def accuracy_line(exp: str, res: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..cli import Parser
-
+    """``python -m masked_ops.experiments``: the experiment command on its own."""
     p = Parser(prog="python -m masked_ops.experiments", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
@@ -238,12 +204,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args._argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return run_from_args(args)
-    except KeyboardInterrupt:
-        print("masked-ops: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        report_interrupt(args, e)
         return 130
     except Exception as e:  # one "masked-ops:" line, as `masked-ops experiment` gives
         if os.environ.get("MASKED_OPS_DEBUG") == "1":
             raise
-        from ..cli import report_error
-
         return report_error(e)

@@ -16,7 +16,7 @@ A run started again with a *different* configuration refuses to mix results: it 
 and names the keys that differ (use another out dir, or ``fresh=True`` to discard them).
 With ``out_dir=None`` nothing is written: units live in memory for one call.
 
-Under torchrun (masked_ops.dataset.distributed.join() called first, as ``masked-ops experiment``
+Under torchrun (masked_ops.runs.distributed.join() called first, as ``masked-ops experiment``
 does) the units are sharded: rank r computes ``keys[r::world]``, every rank waits for the others
 (through the rendezvous store) and then loads all units from ``out_dir``, which must be on a
 filesystem every rank sees; rank 0 alone writes config.json and results.json. Each unit is computed
@@ -34,24 +34,13 @@ from typing import Callable, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 
-from .._io import atomic_write
+from .._util.io import atomic_write, read_json, write_json
+from .._util.progress import progress_bar
+from .config import canonical, check_config
+from .distributed import Dist, active
 
 _KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _RUNS = itertools.count()
-
-
-def _canonical(config: Mapping) -> dict:
-    """The config as plain JSON values (tuples -> lists), so saved and new configs compare equal."""
-    return json.loads(json.dumps(dict(config), sort_keys=True, default=str))
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON through a temporary file (normal 0644-style permissions), then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
 
 
 class Run:
@@ -59,10 +48,8 @@ class Run:
 
     def __init__(self, out_dir, experiment: str, config: Mapping, *, fresh: bool = False,
                  progress: bool = True, dist=None):
-        from ..dataset.distributed import Dist, active
-
         self.experiment = experiment
-        self.config = _canonical(config)
+        self.config = canonical(config)
         self.progress = progress
         self.computed = 0  # units computed (not loaded) by this process: what tests count
         self.computed_all = 0  # ... by all ranks
@@ -92,14 +79,10 @@ class Run:
             shutil.rmtree(self.units_dir)
         cfg_path = self.dir / "config.json"
         if cfg_path.exists() and not fresh:
-            saved = json.loads(cfg_path.read_text())
-            if saved != self.config:
-                keys = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
-                raise ValueError(
-                    f"{self.dir} holds a run of {experiment!r} with a different configuration "
-                    f"(differs in: {', '.join(keys)}); use another --out directory or --fresh to discard it")
+            check_config(read_json(cfg_path), self.config, f"{self.dir} holds a run of {experiment!r}",
+                         "use another --out directory or --fresh to discard it")
         self.units_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg_path, self.config)
+        write_json(cfg_path, self.config)
 
     def _path(self, key: str) -> Path:
         if not _KEY.match(key):
@@ -139,8 +122,8 @@ class Run:
         # shard ALL keys (not the ones this rank sees undone: another rank may be saving already)
         mine = todo if not dist.distributed else [k for k in keys[dist.rank::dist.world] if not self.done(k)]
         initial = len(keys) - len(todo)
-        bar = _progress(total=len(keys), initial=initial, desc=desc or self.experiment,
-                        disable=not self.progress or not dist.is_main)
+        bar = progress_bar(len(keys), desc or self.experiment, "unit", initial=initial, leave=True,
+                           enabled=self.progress and dist.is_main)
         try:
             for key in mine:
                 self.save(key, compute(key))
@@ -172,7 +155,7 @@ class Run:
         if self.dir is None or not self.dist.is_main:
             return None
         path = self.dir / "results.json"
-        write_json_atomic(path, results)
+        write_json(path, results)
         return path
 
 
@@ -186,23 +169,5 @@ def annotate_results(out_dir, experiment: str, **fields) -> Optional[Path]:
         return None
     results = json.loads(path.read_text())
     results.update(fields)
-    write_json_atomic(path, results)
+    write_json(path, results)
     return path
-
-
-def _progress(**kwargs):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is an optional dependency: run silently without it
-        return _NoBar()
-    return tqdm(**kwargs)
-
-
-class _NoBar:
-    n = 0
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass

