@@ -2,6 +2,7 @@
 
     python bench/bench_dataset.py                      # CPU: 1 process, 2 processes, 1 process x 2 threads
     python bench/bench_dataset.py --repeats 1 --views 1 --merge-rows 500     # a quick look
+    python bench/bench_dataset.py --smoke              # the smallest settings: tests the script
 
 Folder: the six bundled photos (scikit-image's chelsea, coffee, astronaut, rocket; scikit-learn's
 china, flower) shrunk to --image-size px (short side) plus flipped and cropped views (--views per
@@ -10,10 +11,11 @@ photo), in two class folders, as in tests/test_dataset.py. Every run is the real
 process, so each figure includes process start, imports and model load (``wall``); ``in_run``
 is the command's own clock (from listing the folder to the merged file: model load included,
 imports excluded), and ``cpu`` the CPU seconds of all its processes (children rusage, which a loaded
-machine inflates less than wall time). Contenders run round robin (repeat r of each before
-repeat r+1 of any); medians and all values are kept. The 2-process output is checked bit for bit
-against the 1-process one. Every contender runs with OMP_WAIT_POLICY=PASSIVE (unless set): on a
-shared, oversubscribed host, spinning OpenMP threads make the 2-thread run several times slower.
+machine inflates less than wall time). Contenders run interleaved (bench/harness.py: repeat r of each
+before repeat r+1 of any, the order rotated per round); medians, p25-p75 and all values are kept. The
+2-process output is checked bit for bit against the 1-process one. Every contender runs with
+OMP_WAIT_POLICY=PASSIVE (unless set): on a shared, oversubscribed host, spinning OpenMP threads make
+the 2-thread run several times slower.
 
 The merge (rank 0's serial part) is timed on its own: --merge-rows synthetic rows at 224 x 224
 with two strategies and 64 segments, in checkpoint files of 8 (written as the runner writes them),
@@ -26,22 +28,19 @@ Results: bench/results/cpu-dataset-<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
-import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402  (also puts this checkout's package first on sys.path)
+
+ROOT = H.ROOT
 
 
 def _free_port() -> int:
@@ -60,20 +59,14 @@ def _env():
     return env
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def run_once(cmd, env):
-    """(wall s, in-run s, cpu s, stdout) of one command."""
-    c0, t0 = _children_cpu(), time.perf_counter()
+def run_once(cmd, env) -> float:
+    """Run one command; its own clock (in-run seconds, from its last line). The harness times it (wall,
+    and the CPU of the processes it ran)."""
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
     m = re.search(r"; ([0-9.]+) s\s*$", res.stdout.strip())
-    return wall, float(m.group(1)) if m else float("nan"), cpu, res.stdout
+    return float(m.group(1)) if m else float("nan")
 
 
 def make_bench_folder(root: str, image_size: int, views: int) -> int:
@@ -96,26 +89,27 @@ def bench_merge(rows: int, tmp: str) -> dict:
     """Rank 0's merge of ``rows`` synthetic rows (224 x 224, two strategies) from files of 8."""
     import numpy as np
 
-    from masked_ops.dataset import h5 as H
+    from masked_ops.dataset import h5
 
     rng = np.random.default_rng(0)
     parts = os.path.join(tmp, "merge.parts")
     os.makedirs(parts)
     seg = (np.arange(224)[:, None] // 28 * 8 + np.arange(224)[None, :] // 28).astype(np.uint16)  # 64 cells
-    t0 = time.perf_counter()
-    for b in range(0, rows, 8):
-        batch = []
-        for i in range(b, min(rows, b + 8)):
-            w = rng.standard_normal((2, 64)).astype(np.float32)
-            batch.append(H.Row(f"c/{i:07d}.jpg", 1, "c", (375, 500), 1, np.arange(5), np.full(5, 0.2, np.float32),
-                               seg, {"layer": w[0][seg], "grey": w[1][seg]}))
-        H.write_file(os.path.join(parts, f"r00000-{b:08d}.h5"), batch, strategies=["layer", "grey"], attrs={})
-    write_s = time.perf_counter() - t0
+
+    def write_checkpoints():
+        for b in range(0, rows, 8):
+            batch = []
+            for i in range(b, min(rows, b + 8)):
+                w = rng.standard_normal((2, 64)).astype(np.float32)
+                batch.append(h5.Row(f"c/{i:07d}.jpg", 1, "c", (375, 500), 1, np.arange(5),
+                                    np.full(5, 0.2, np.float32), seg, {"layer": w[0][seg], "grey": w[1][seg]}))
+            h5.write_file(os.path.join(parts, f"r00000-{b:08d}.h5"), batch, strategies=["layer", "grey"], attrs={})
+
+    write_s = H.measure(write_checkpoints).wall_s
     files = sorted(os.path.join(parts, f) for f in os.listdir(parts))
     out = os.path.join(tmp, "merged.h5")
-    t0, c0 = time.perf_counter(), time.process_time()
-    H.merge(files, out, attrs={}, run={}, strategies=["layer", "grey"], model_classes=[])
-    merge_s, merge_cpu = time.perf_counter() - t0, time.process_time() - c0
+    m = H.measure(lambda: h5.merge(files, out, attrs={}, run={}, strategies=["layer", "grey"], model_classes=[]))
+    merge_s, merge_cpu = m.wall_s, m.cpu_s
     size = os.path.getsize(out)
     shard_bytes = sum(os.path.getsize(f) for f in files)
     return dict(rows=rows, map_size=[224, 224], strategies=2, checkpoint_write_s=write_s, merge_s=merge_s,
@@ -164,22 +158,18 @@ def main(argv=None) -> int:
     p.add_argument("--n-segments", type=int, default=16, help="occlusion grid cells (default 16: 4 x 4)")
     p.add_argument("--views", type=int, default=3, choices=(1, 2, 3), help="views per photo (1-3)")
     p.add_argument("--image-size", type=int, default=256, help="short side of the photos on disk")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--merge-rows", type=int, default=2000)
-    p.add_argument("--out", default=None)
     p.add_argument("--rank-only", action="store_true",
                    help="measure only the rank profile and add it to the --out JSON (which must exist)")
-    args = p.parse_args(argv)
-    # this checkout's package first, then the tests' helpers (done here, not at import: `make bench`
-    # imports every bench_*.py under pytest)
-    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-
-    import torch
-
-    import masked_ops
+    # no --threads: each command runs with its own default (1 thread) or --threads 2
+    args = H.script_args(p, argv, threads=None, repeats=3, smoke=dict(views=1, repeats=1, merge_rows=16, n_segments=4,
+                                                         image_size=64))
+    # the tests' helpers (done here, not at import: `make bench` imports every bench_*.py under pytest;
+    # the harness put this checkout's package first)
+    sys.path.insert(1, os.path.join(ROOT, "tests"))
 
     tmp = tempfile.mkdtemp(prefix="bench-dataset-")
-    out = args.out or os.path.join(HERE, "results", f"cpu-dataset-{datetime.date.today().isoformat()}.json")
+    out = H.results_path(args, "dataset")
     try:
         folder = os.path.join(tmp, "photos")
         n = make_bench_folder(folder, args.image_size, args.views)
@@ -187,11 +177,9 @@ def main(argv=None) -> int:
         if args.rank_only:
             with open(out) as f:
                 summary = json.load(f)
-            summary["rank"] = dict(rank_profile(folder, args, env), measured=datetime.datetime.now(
-                datetime.timezone.utc).isoformat(timespec="seconds"), loadavg=os.getloadavg())
-            with open(out, "w") as f:
-                json.dump(summary, f, indent=2)
-                f.write("\n")
+            summary["rank"] = dict(rank_profile(folder, args, env), measured=H.now(),
+                                   loadavg=H.load_average())
+            H.write_json(out, summary, load_end=False)  # the run's load_avg_end stays
             print(json.dumps(summary["rank"]))
             return 0
         common = ["explain", folder, "--model", args.model, "--method", args.method, "--masking", args.masking,
@@ -202,22 +190,30 @@ def main(argv=None) -> int:
             return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
                     "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "masked_ops.cli"]
 
-        contenders = {
+        commands = {
             "1_process_x_1_thread": lambda o: cli + common + ["--out", o],
             "2_processes_x_1_thread": lambda o: torchrun(2) + common + ["--out", o],
             "1_process_x_2_threads": lambda o: cli + common + ["--out", o, "--threads", "2"],
         }
-        load_before = os.getloadavg()
-        runs = {k: [] for k in contenders}
-        outputs = {}
-        for r in range(args.repeats):
-            for name, cmd in contenders.items():
-                o = os.path.join(tmp, f"{name}.h5")
-                wall, in_run, cpu, _ = run_once(cmd(o), env)
-                runs[name].append(dict(wall_s=wall, in_run_s=in_run, cpu_s=cpu, loadavg=os.getloadavg()[0]))
-                outputs[name] = o
-                print(f"repeat {r}: {name:<24} {wall:7.1f} s wall {in_run:7.1f} s in run {cpu:7.1f} s cpu "
-                      f"({n / wall:.2f} images/s end to end)", flush=True)
+        outputs = {name: os.path.join(tmp, f"{name}.h5") for name in commands}
+        contenders = {name: (lambda name=name: run_once(commands[name](outputs[name]), env)) for name in commands}
+        from masked_ops.models import load_model
+
+        _, info = load_model(args.model)
+        summary = dict(
+            benchmark="dataset_explain", model=args.model, method=args.method, masking=args.masking.split(","),
+            segments=f"grid {args.n_segments}", images=n, image_size_on_disk=args.image_size,
+            input_shape=[1, 3, info.input_size, info.input_size], dtype="float32", repeats=args.repeats,
+            **H.environment(H.CPU))
+        loads = {k: [] for k in contenders}
+
+        def after(name, samples):  # the command's CPU: the processes it ran (children rusage)
+            s = samples[-1]
+            loads[name].append((H.load_average() or [None])[0])
+            print(f"repeat {len(samples) - 1}: {name:<24} {s.wall_s:7.1f} s wall {s.result:7.1f} s in run "
+                  f"{s.children_cpu_s:7.1f} s cpu ({n / s.wall_s:.2f} images/s end to end)", flush=True)
+
+        samples = H.interleaved_samples(contenders, args.repeats, after=after, verbose=False)
         from test_dataset import _same_file
 
         try:
@@ -226,35 +222,29 @@ def main(argv=None) -> int:
         except AssertionError:
             identical = False
         results = {}
-        for name, rs in runs.items():
-            wall = statistics.median(x["wall_s"] for x in rs)
-            in_run = statistics.median(x["in_run_s"] for x in rs)
-            cpu = statistics.median(x["cpu_s"] for x in rs)
-            results[name] = dict(images=n, median_wall_s=wall, median_in_run_s=in_run, median_cpu_s=cpu,
-                                 images_per_s_end_to_end=n / wall, images_per_s_in_run=n / in_run,
-                                 cpu_s_per_image=cpu / n, runs=rs)
+        for name, ss in samples.items():
+            sec = H.seconds(ss, cpu="children_cpu_s")
+            in_run = H.stats([s.result for s in ss], digits=9)
+            rs = [dict(wall_s=s.wall_s, in_run_s=s.result, cpu_s=s.children_cpu_s, loadavg=load)
+                  for s, load in zip(ss, loads[name])]
+            results[name] = dict(images=n, median_wall_s=sec["median_s"], median_in_run_s=in_run["median"],
+                                 median_cpu_s=sec["median_cpu_s"], p25_wall_s=sec["p25_s"], p75_wall_s=sec["p75_s"],
+                                 p25_in_run_s=in_run["p25"], p75_in_run_s=in_run["p75"],
+                                 images_per_s_end_to_end=n / sec["median_s"],
+                                 images_per_s_in_run=n / in_run["median"],
+                                 cpu_s_per_image=sec["median_cpu_s"] / n, runs=rs)
         base = results["1_process_x_1_thread"]
         for r in results.values():
             r["speedup_end_to_end"] = base["median_wall_s"] / r["median_wall_s"]
             r["speedup_in_run"] = base["median_in_run_s"] / r["median_in_run_s"]
+        paired = H.ratios({k: [s.wall_s for s in v] for k, v in samples.items()}, ["1_process_x_1_thread"])
+        for k, r in results.items():  # medians of per-round speed-ups
+            if paired[k]:
+                r["paired_speedup_end_to_end"] = 1 / paired[k]["1_process_x_1_thread"]
         merge = bench_merge(args.merge_rows, tmp) if args.merge_rows else None
         rank = rank_profile(folder, args, env)
-        from masked_ops.models import load_model
-
-        _, info = load_model(args.model)
-        summary = dict(
-            benchmark="dataset_explain", model=args.model, method=args.method, masking=args.masking.split(","),
-            segments=f"grid {args.n_segments}", images=n, image_size_on_disk=args.image_size,
-            input_shape=[1, 3, info.input_size, info.input_size], dtype="float32", device="cpu",
-            repeats=args.repeats, two_process_output_bit_identical=identical,
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            torch=torch.__version__, masked_ops=masked_ops.__version__, python=platform.python_version(),
-            machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-            loadavg_before=load_before, loadavg_after=os.getloadavg(), results=results, merge=merge, rank=rank)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        summary.update(two_process_output_bit_identical=identical, results=results, merge=merge, rank=rank)
+        H.write_json(out, summary)
         print(json.dumps({k: round(v["images_per_s_in_run"], 3) for k, v in results.items()}), "(images/s in run)")
         print(json.dumps({k: round(v["speedup_end_to_end"], 2) for k, v in results.items()}), "(speed-up, wall)")
         if merge:

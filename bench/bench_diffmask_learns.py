@@ -2,6 +2,7 @@
 
     python bench/bench_diffmask_learns.py                          # layer and blur, ~15 min on 2 cores
     python bench/bench_diffmask_learns.py --strategies layer --epochs 40
+    python bench/bench_diffmask_learns.py --smoke                  # 1 epoch, 2 steps: tests the script
 
 Amortised ``DiffMask(model, strategy=...)`` on the pretrained EfficientNet-Lite0, trained on the bundled
 photos other than the held-out ones (augmented views: random resized crops and flips), and the per-image
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -35,21 +35,21 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--soft", default=None, help="the soft semantics of layer masking (default: masks.DEFAULT_SOFT)")
     p.add_argument("--per-image-steps", type=int, default=300)
-    args = H.script_args(p, argv)
+    args = H.script_args(p, argv, smoke=dict(strategies=["layer"], epochs=1, per_image_steps=2))
 
     import masked_ops
-    from masked_ops.experiments.images import BUNDLED, centre_view, load_photo
+    from masked_ops.images import BUNDLED, centre_view, load_image
     from masked_ops.explain import DiffMask, explain_diffmask, get_strategy
     from masked_ops.explain.hard_concrete import deterministic_gate, gates_to_mask, kl_divergence
 
     model, info = H.lite0()
-    train = [load_photo(n) for n in BUNDLED if n not in HELD_OUT]
-    held = torch.stack([centre_view(load_photo(n), 224) for n in HELD_OUT])
-    out = H.results_path(args, "cpu-diffmask")
+    train = [load_image(n) for n in BUNDLED if n not in HELD_OUT]
+    held = torch.stack([centre_view(load_image(n), 224) for n in HELD_OUT])
+    out = H.results_path(args, "diffmask")
     summary = dict(benchmark="diffmask_learns", model="efficientnet-lite0", train_photos=len(train),
                    held_out=list(HELD_OUT), epochs=args.epochs, batch_size=args.batch_size, eps=args.eps,
-                   soft_semantics=args.soft or masked_ops.masks.DEFAULT_SOFT, **H.environment(torch.device("cpu")),
-                   results={})
+                   soft_semantics=args.soft or masked_ops.masks.DEFAULT_SOFT, input_shape=[1, *held.shape[1:]],
+                   dtype="float32", **H.environment(H.CPU), results={})
     hard_layer = get_strategy("layer", model, mean=info.mean, std=info.std)
 
     def hard_kl(mask):
@@ -59,13 +59,13 @@ def main(argv=None) -> int:
 
     for name in args.strategies:
         res = summary["results"].setdefault(name, {})
-        t0 = time.perf_counter()
         strat = name if name != "layer" or args.soft is None else \
             get_strategy("layer", model, mean=info.mean, std=info.std, soft=args.soft)
         dm = DiffMask(model, strategy=strat, batch_size=args.batch_size, eps=args.eps, mean=info.mean, std=info.std)
-        hist = dm.fit(train, epochs=args.epochs, val_images=held, progress=False,
-                      callback=lambda r: None)
-        res["fit_seconds"] = time.perf_counter() - t0
+        fit = H.measure(lambda: dm.fit(train, epochs=args.epochs, val_images=held, progress=False,
+                                       callback=lambda r: None))
+        hist = fit.result
+        res["fit_seconds"], res["fit_cpu_seconds"] = fit.wall_s, fit.cpu_s
         res["steps"] = dm.step
         res["history"] = hist
         v = dm.evaluate(held)
@@ -81,15 +81,15 @@ def main(argv=None) -> int:
         per = []
         s = dm.strategy
         for i, photo in enumerate(HELD_OUT):
-            t0 = time.perf_counter()
-            e = explain_diffmask(s, held[i], steps=args.per_image_steps, eps=args.eps, progress=False)
+            run = H.measure(lambda: explain_diffmask(s, held[i], steps=args.per_image_steps, eps=args.eps,
+                                                     progress=False))
+            e = run.result
             kept = float((deterministic_gate(e.info["log_alpha"]) >= 0.5).float().mean())
             per.append(dict(photo=photo, kl=e.info["kl"], kept_open_probability=e.info["kept"], kept_fraction=kept,
-                            lagrange=e.info["lagrange"], seconds=time.perf_counter() - t0))
+                            lagrange=e.info["lagrange"], seconds=run.wall_s, cpu_seconds=run.cpu_s))
             print(f"  per-image {photo}: KL {e.info['kl']:.3f} kept {kept:.2f} lambda {e.info['lagrange']:.2f}",
                   flush=True)
         res["per_image"] = per
-        summary["load_avg_end"] = H.load_average()
         H.write_json(out, summary)
     return 0
 

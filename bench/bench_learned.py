@@ -2,6 +2,7 @@
 
     python bench/bench_learned.py                        # both, EfficientNet-Lite0, scikit-image's cat
     python bench/bench_learned.py --only extremal --iterations 100 --repeats 3
+    python bench/bench_learned.py --smoke                # tiny settings, seconds: tests the script
 
 1. **DiffMask explanation of one image after fit** (amortised: one forward pass of the CNN with
    hooks, then the gate network) against **LIME with 1,000 samples** on the same image, model and
@@ -14,51 +15,23 @@
    ``extremal_perturbation`` with its blur pyramid, all on the same model (channels_last, as the
    CLI runs it on CPU). Target: layer masking <= 1.5x TorchRay's time.
 
-Contenders run round robin (repeat r of every contender before repeat r + 1 of any), medians and
-min/max of wall time and of process CPU time. Results: bench/results/cpu-learned-<date>.json,
-rewritten after every contender so that a cut-short run keeps its figures.
+Contenders run interleaved (bench/harness.py: repeat r of every contender before repeat r + 1 of any,
+the order rotated per round), medians, p25-p75 and min/max of wall time and of process CPU time.
+Results: bench/results/cpu-learned-<date>.json, rewritten after every contender so that a cut-short
+run keeps its figures.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
 import sys
-import time
-import warnings
 
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
-import torch.nn as nn
-
-
-def _timed(fn):
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - t0, time.process_time() - c0, out
-
-
-def _stats(walls, cpus):
-    return dict(median_s=statistics.median(walls), min_s=min(walls), max_s=max(walls), times_s=walls,
-                median_cpu_s=statistics.median(cpus), cpu_times_s=cpus)
-
-
-def round_robin(contenders, repeats, record):
-    walls = {n: [] for n in contenders}
-    cpus = {n: [] for n in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            wall, cpu, _ = _timed(fn)
-            walls[name].append(wall)
-            cpus[name].append(cpu)
-            print(f"  {name:<28} {wall:8.3f} s wall {cpu:8.3f} s cpu", flush=True)
-            record(name, _stats(walls[name], cpus[name]))
-    return {n: _stats(walls[n], cpus[n]) for n in contenders}
 
 
 class _Normalise(nn.Module):
@@ -76,36 +49,31 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=("diffmask", "extremal"), default=None)
     p.add_argument("--samples", type=int, default=1000, help="LIME samples")
     p.add_argument("--iterations", type=int, default=100, help="extremal iterations (every contender)")
-    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats (LIME: --lime-repeats)")
     p.add_argument("--lime-repeats", type=int, default=1)
     p.add_argument("--explain-repeats", type=int, default=20, help="DiffMask explanations timed")
     p.add_argument("--checkpoint", default=None, help="a fitted DiffMask checkpoint for EfficientNet-Lite0")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(args.threads)
+    # --repeats: interleaved rounds of the extremal contenders (LIME: --lime-repeats)
+    args = H.script_args(p, argv, repeats=3, smoke=dict(samples=16, iterations=2, repeats=1, lime_repeats=1,
+                                                         explain_repeats=2))
 
-    import masked_ops
     from masked_ops.explain import DiffMask, explain_extremal, explain_lime, get_strategy, segment
     from masked_ops.explain.soft import soft_strategy
-    from masked_ops.models import load_image, load_model
+    from masked_ops.images import load_image
+    from masked_ops.models import load_model
 
     model, info = load_model("efficientnet-lite0")
     image = info.prepare(load_image("chelsea"))[0]
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"cpu-learned-{datetime.date.today().isoformat()}.json")
+    out = H.results_path(args, "learned")
     summary = dict(benchmark="learned_masks", model="efficientnet-lite0", image="chelsea (224 x 224)",
-                   dtype="float32", device="cpu", threads=args.threads,
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   torch=torch.__version__, masked_ops=masked_ops.__version__, backend=masked_ops.get_backend(),
-                   python=platform.python_version(), machine=platform.processor() or platform.machine(),
-                   cpu_count=os.cpu_count(), loadavg_before=os.getloadavg(), results={}, complete=False)
+                   input_shape=[1, *image.shape], dtype="float32", **H.environment(H.CPU), results={},
+                   complete=False)
 
     def record(section, name, stats):
         summary["results"].setdefault(section, {})[name] = stats
-        summary["loadavg_after"] = os.getloadavg()
         H.write_json(out, summary)
+
+    def recorder(section, per=1):
+        return lambda name, samples: record(section, name, H.seconds(samples, per=per))
 
     # ------------------------------------------------------------------ 1. DiffMask vs LIME
     if args.only in (None, "diffmask"):
@@ -126,15 +94,15 @@ def main(argv=None) -> int:
             for _ in range(args.explain_repeats):
                 dm.explain(image)
 
-        res = round_robin({"diffmask_explain_x%d" % args.explain_repeats: diffmask_explain},
-                          1, lambda n, s: record("diffmask_vs_lime", n, s))
-        per = res["diffmask_explain_x%d" % args.explain_repeats]
-        one = dict(median_s=per["median_s"] / args.explain_repeats, median_cpu_s=per["median_cpu_s"] / args.explain_repeats,
+        many = f"diffmask_explain_x{args.explain_repeats}"
+        res = H.interleaved_samples({many: diffmask_explain}, 1, after=recorder("diffmask_vs_lime"))
+        one = dict(H.seconds(res[many], per=args.explain_repeats),
                    note=f"{args.explain_repeats} explanations in a row, divided")
         record("diffmask_vs_lime", "diffmask_explain_one", one)
-        lime = round_robin({f"lime_{n}_{args.samples}": (lambda s=s: explain_lime(
+        lime = H.interleaved_samples({f"lime_{n}_{args.samples}": (lambda s=s: explain_lime(
             s, image, segments=seg, num_samples=args.samples, batch_size=16, progress=False))
-            for n, s in strategies.items()}, args.lime_repeats, lambda n, s: record("diffmask_vs_lime", n, s))
+            for n, s in strategies.items()}, args.lime_repeats, after=recorder("diffmask_vs_lime"))
+        lime = {n: H.seconds(v) for n, v in lime.items()}
         summary["diffmask_speedup_vs_lime"] = {n: r["median_s"] / one["median_s"] for n, r in lime.items()}
         summary["diffmask_cpu_speedup_vs_lime"] = {n: r["median_cpu_s"] / one["median_cpu_s"] for n, r in lime.items()}
         summary["segments"] = int(seg.max()) + 1
@@ -180,18 +148,20 @@ def main(argv=None) -> int:
         restore()
         for s in ([blur, layer] if "ours_layer" in contenders else [blur]):
             explain_extremal(s, image, targets=target, areas=(0.1,), iterations=2, progress=False)
-        res = round_robin(contenders, args.repeats, lambda n, s: record("extremal", n, s))
-        tr = res["torchray_blur"]["median_s"]
-        summary["extremal_ratio_to_torchray"] = {n: r["median_s"] / tr for n, r in res.items()}
-        summary["extremal_cpu_ratio_to_torchray"] = {
-            n: r["median_cpu_s"] / res["torchray_blur"]["median_cpu_s"] for n, r in res.items()}
+        samples = H.interleaved_samples(contenders, args.repeats, after=recorder("extremal"))
+        res = {n: H.seconds(v) for n, v in samples.items()}
+        tr = res["torchray_blur"]
+        summary["extremal_ratio_to_torchray"] = {n: r["median_s"] / tr["median_s"] for n, r in res.items()}
+        summary["extremal_cpu_ratio_to_torchray"] = {n: r["median_cpu_s"] / tr["median_cpu_s"] for n, r in res.items()}
+        summary["extremal_paired_ratio_to_torchray"] = {  # medians of per-round ratios
+            n: r["torchray_blur"] for n, r in H.ratios({n: [s.wall_s for s in v] for n, v in samples.items()},
+                                                       ["torchray_blur"]).items() if r}
         summary["iterations"] = args.iterations
         summary["target"] = target
         print(json.dumps({k: round(v, 2) for k, v in summary["extremal_ratio_to_torchray"].items()}),
               "(ratio to TorchRay, wall)", flush=True)
 
     summary["complete"] = True
-    summary["loadavg_after"] = os.getloadavg()
     H.write_json(out, summary)
     print(f"wrote {out}")
     return 0

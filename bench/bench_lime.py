@@ -2,6 +2,7 @@
 
     python bench/bench_lime.py                       # CPU, EfficientNet-Lite0, 1,000 samples
     python bench/bench_lime.py --device cuda --model resnet50 --repeats 5    # the GPU target (< 0.5 s)
+    python bench/bench_lime.py --smoke               # 16 samples, seconds: tests the script
 
 Same model, same photo (scikit-image's cat, 224 x 224), same SLIC segments for every contender;
 each figure is wall time of one full explanation (sampling, masks, every forward pass, the
@@ -11,8 +12,8 @@ and runs the plain model (layer masking runs a converted model and can go below 
 Every contender runs the same model in the same memory format (--format; channels_last by
 default on CPU, as `masked-ops explain` does: oneDNN's depthwise convs are much faster so), the
 lime package included, so the comparison is about the explainers, not the memory format.
-Medians over --repeats, run round robin (wall time, and process CPU time, which a shared machine
-inflates less).
+Medians and p25-p75 over --repeats, run interleaved (bench/harness.py: wall time, and process CPU
+time, which a shared machine inflates less); ``ratio`` per contender is the median of per-round ratios.
 The lime package runs with its defaults (batch_size 10) and hide_color = the ImageNet mean
 colour (grey), with a classifier_fn that runs the plain model.
 Results go to bench/results/<device>-lime-<date>.json (with --compile: <device>-lime-compiled-<date>.json).
@@ -20,47 +21,23 @@ Results go to bench/results/<device>-lime-<date>.json (with --compile: <device>-
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
 import sys
-import time
-import warnings
 
 import numpy as np
 import torch
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    """(median wall s, wall times, result, median process CPU s). CPU time is recorded because a
-    shared machine inflates wall time; it is less sensitive to other processes (not immune)."""
-    times, cpu, result = [], [], None
-    for _ in range(repeats):
-        _sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(times), times, result, statistics.median(cpu)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet-lite0")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward (default: the library's, 16 on CPU, 64 on GPU)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--format", choices=("contiguous", "channels_last"), default=None,
                    help="memory format of the model for every contender (default: channels_last on CPU, as "
                         "the CLI; contiguous on GPU)")
@@ -68,19 +45,16 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="every contender's model under torch.compile (the plain model for the floor, grey fill and "
                         "the lime package; the layer-masked model for layer masking), warmed up at every batch size")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(args.threads)
+    args = H.script_args(p, argv, device="cpu", repeats=1, smoke=dict(samples=16, repeats=1))
     device = torch.device(args.device)
     from masked_ops.explain.perturb import resolve_batch_size
 
     args.batch_size = resolve_batch_size(args.batch_size, device)
     args.format = args.format or ("channels_last" if device.type == "cpu" else "contiguous")
 
-    import masked_ops
     from masked_ops.explain import explain_lime, get_strategy, segment
-    from masked_ops.models import load_image, load_model
+    from masked_ops.images import load_image
+    from masked_ops.models import load_model
 
     model, info = load_model(args.model)
     model = model.to(device)
@@ -89,42 +63,40 @@ def main(argv=None) -> int:
     k = int(seg.max()) + 1
     mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
-    load_before = os.getloadavg()
+    out = H.results_path(args, "lime-compiled" if args.compile else "lime", device.type)
     results = {}
+    summary = dict(benchmark="lime_end_to_end", model=args.model, samples=args.samples, segments=k,
+                   batch_size=args.batch_size, repeats=args.repeats, format=args.format, compiled=args.compile,
+                   input_shape=[1, *image.shape], dtype="float32",
+                   **H.environment(device), complete=False, results=results)
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"{device.type}-lime{'-compiled' if args.compile else ''}-"
-                                   f"{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-
-    def summarise():
-        floor = results["plain_forward"]["median_s"]
-        cfloor = results["plain_forward"]["median_cpu_s"]
-        for r in results.values():
-            r["ratio_to_plain"] = r["median_s"] / floor
-            r["cpu_ratio_to_plain"] = r["median_cpu_s"] / cfloor
-        summary = dict(
-            benchmark="lime_end_to_end", model=args.model, device=str(device), samples=args.samples, segments=k,
-            batch_size=args.batch_size, repeats=args.repeats, threads=args.threads, format=args.format,
-            compiled=args.compile,
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            torch=torch.__version__, masked_ops=masked_ops.__version__, backend=masked_ops.get_backend(),
-            python=platform.python_version(), machine=platform.processor() or platform.machine(),
-            cpu_count=os.cpu_count(), loadavg_before=load_before, loadavg_after=os.getloadavg(),
-            complete=False, results=results)
+    def summarise(samples):
+        """results: per contender its seconds, its ratio to the plain forward (of the medians, as before)
+        and ``ratio``/``cpu_ratio`` (medians of per-round ratios to every baseline of the same rounds)."""
+        walls = {n: [s.wall_s for s in v] for n, v in samples.items() if v}
+        cpus = {n: [s.cpu_s for s in v] for n, v in samples.items() if v}
+        n_min = min(len(v) for v in walls.values())
+        paired = H.ratios({n: v[:n_min] for n, v in walls.items()}, ["plain_forward", "lime_package_grey"])
+        cpu_paired = H.ratios({n: v[:n_min] for n, v in cpus.items()}, ["plain_forward", "lime_package_grey"])
+        for name, v in samples.items():
+            if not v:
+                continue
+            r = results.setdefault(name, {})
+            r.update(H.seconds(v), ratio=paired[name], cpu_ratio=cpu_paired[name])
+            if v[-1].result is not None:
+                r.update(v[-1].result[1])
+        if "plain_forward" in results:
+            floor = results["plain_forward"]
+            for r in results.values():
+                r["ratio_to_plain"] = r["median_s"] / floor["median_s"]
+                r["cpu_ratio_to_plain"] = r["median_cpu_s"] / floor["median_cpu_s"]
         if "lime_package_grey" in results:
             lp = results["lime_package_grey"]
             summary["speedup_vs_lime_package"] = {n: lp["median_s"] / r["median_s"] for n, r in results.items()
                                                   if n.startswith("masked_ops")}
             summary["cpu_speedup_vs_lime_package"] = {n: lp["median_cpu_s"] / r["median_cpu_s"]
                                                       for n, r in results.items() if n.startswith("masked_ops")}
-        return summary
-
-    def record(name, med, times, extra=None, cpu=None):
-        results[name] = dict(median_s=med, times_s=times, median_cpu_s=cpu, **(extra or {}))
-        print(f"{name:<34} {med:8.2f} s wall {cpu:8.2f} s cpu", flush=True)
-        with open(out, "w") as f:  # after every contender: a cut-short run still leaves its figures
-            json.dump(summarise(), f, indent=2)
+        H.write_json(out, summary)  # after every call: a cut-short run still leaves its figures
 
     # One memory format for every contender (the lime package's classifier_fn runs the same model).
     fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
@@ -147,7 +119,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():  # warm-up (under --compile: every batch size the floor uses)
         for n in {args.batch_size, args.samples % args.batch_size or args.batch_size}:
             model(batch[:n])
-    contenders = {"plain_forward": (plain, None)}
+    contenders = {"plain_forward": plain}
 
     def lime_run(strat):
         exp = explain_lime(strat, image, segments=seg, num_samples=args.samples, batch_size=args.batch_size,
@@ -161,7 +133,7 @@ def main(argv=None) -> int:
         # warm-up (the layer_mask conversion; under --compile, a compile per batch size LIME will use)
         for n in {args.batch_size, args.samples % args.batch_size or args.batch_size}:
             explain_lime(strat, image, segments=seg, num_samples=n, batch_size=args.batch_size, progress=False)
-        contenders[f"masked_ops_{name}"] = (lambda strat=strat: lime_run(strat), None)
+        contenders[f"masked_ops_{name}"] = lambda strat=strat: lime_run(strat)
 
     if not args.no_lime_package:
         from lime.lime_image import LimeImageExplainer
@@ -182,29 +154,19 @@ def main(argv=None) -> int:
             top = [int(f) for f, _ in sorted(exp.local_exp[exp.top_labels[0]], key=lambda t: -t[1])[:5]]
             return exp, dict(target=int(exp.top_labels[0]), top_segments=top)
 
-        contenders["lime_package_grey"] = (run_lime, None)
+        contenders["lime_package_grey"] = run_lime
 
-    # Round robin: repeat r of every contender runs before repeat r+1 of any, so a machine that
+    # Interleaved: repeat r of every contender runs before repeat r+1 of any, so a machine that
     # speeds up or slows down over minutes (shared hosts do) biases no contender.
-    walls = {n: [] for n in contenders}
-    cpus = {n: [] for n in contenders}
-    extras = {}
-    for _ in range(args.repeats):
-        for name, (fn, _unused) in contenders.items():
-            wall, _, result, cpu = timed(fn, device, 1)
-            walls[name].append(wall)
-            cpus[name].append(cpu)
-            if isinstance(result, tuple):
-                extras[name] = result[1]
-            print(f"  {name:<32} {wall:8.2f} s wall {cpu:8.2f} s cpu", flush=True)
-    for name in contenders:
-        record(name, statistics.median(walls[name]), walls[name], extras.get(name),
-               cpu=statistics.median(cpus[name]))
+    samples = {n: [] for n in contenders}
 
-    summary = summarise()
+    def after(name, so_far):
+        samples[name] = so_far
+        summarise(samples)
+
+    H.interleaved_samples(contenders, args.repeats, device, after=after)
     summary["complete"] = True
-    with open(out, "w") as f:
-        json.dump(summary, f, indent=2)
+    summarise(samples)
     print(json.dumps({n: round(r["ratio_to_plain"], 3) for n, r in results.items()}), "(wall, ratio to plain)")
     if "speedup_vs_lime_package" in summary:
         print(json.dumps({n: round(v, 2) for n, v in summary["speedup_vs_lime_package"].items()}),

@@ -2,6 +2,7 @@
 
     python bench/bench_soft_semantics.py                       # the 11 bundled photos, ~25 min on 2 cores
     python bench/bench_soft_semantics.py --photos chelsea --iterations 100
+    python bench/bench_soft_semantics.py --smoke               # 1 photo, 2 steps: tests the script
 
 For each photo and each soft semantics of layer masking (masks.SOFT_SEMANTICS: "blend", "threshold",
 "sample"), and for the blur fill as the pixel-space reference, run ``explain_extremal`` (preserve, area
@@ -21,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -57,19 +57,19 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--area", type=float, default=0.1)
     p.add_argument("--random", type=int, default=10, help="random orders per photo")
-    args = H.script_args(p, argv)
+    args = H.script_args(p, argv, smoke=dict(photos=["chelsea"], methods=["layer-blend", "blur"], iterations=2,
+                                             random=1))
 
-    import masked_ops
-    from masked_ops.experiments.images import load_photo
     from masked_ops.experiments.learned_faithfulness import cell_order
     from masked_ops.experiments.masks import generator
     from masked_ops.explain import explain_extremal, get_strategy
+    from masked_ops.images import load_image
 
     model, info = H.lite0()
-    out = H.results_path(args, "cpu-soft-semantics")
+    out = H.results_path(args, "soft-semantics")
     summary = dict(benchmark="soft_semantics", model="efficientnet-lite0", patch=PATCH, steps=STEPS,
                    iterations=args.iterations, area=args.area, random_orders=args.random,
-                   masked_ops=masked_ops.__version__, **H.environment(torch.device("cpu")), results={})
+                   input_shape=[1, 3, 224, 224], dtype="float32", **H.environment(H.CPU), results={})
     if os.path.exists(out):
         with open(out) as f:
             summary["results"] = json.load(f).get("results", {})
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                   "grey": get_strategy("grey", model, mean=info.mean, std=info.std),
                   "blur": get_strategy("blur", model, mean=info.mean, std=info.std)}
     for i, photo in enumerate(args.photos):
-        image = info.prepare(load_photo(photo))[0]
+        image = info.prepare(load_image(photo))[0]
         with torch.no_grad():
             target = int(evaluators["layer"](image[None], torch.ones(1, 1, *image.shape[-2:], dtype=torch.bool))
                          .argmax())
@@ -97,17 +97,15 @@ def main(argv=None) -> int:
                 s = get_strategy("layer", model, mean=info.mean, std=info.std, soft=method[len("layer-"):])
             else:
                 s = get_strategy(method, model, mean=info.mean, std=info.std)
-            t0 = time.perf_counter()
-            exp = explain_extremal(s, image, targets=target, areas=(args.area,), iterations=args.iterations,
-                                   seed=0, progress=False)
-            wall = time.perf_counter() - t0
+            run = H.measure(lambda: explain_extremal(s, image, targets=target, areas=(args.area,),
+                                                     iterations=args.iterations, seed=0, progress=False))
+            exp, wall = run.result, run.wall_s
             heat = exp.maps[0] if hasattr(exp, "maps") else exp.heatmap()
             order = cell_order(torch.as_tensor(heat).reshape(image.shape[-2:]), PATCH, generator(1, i))
             scores = deletion_scores(evaluators, image, order, target)
-            res[method] = dict(scores, seconds=wall, ratio_to_random={e: scores[e] / res["random"][e]
-                                                                       for e in EVALUATORS},
+            res[method] = dict(scores, seconds=wall, cpu_seconds=run.cpu_s,
+                               ratio_to_random={e: scores[e] / res["random"][e] for e in EVALUATORS},
                                area=exp.info["per_target"][0]["area"][0])
-            summary["load_avg_end"] = H.load_average()
             H.write_json(out, summary)
             print(f"{photo:<10} {method:<16} " + "  ".join(f"{e} {scores[e]:.3f} ({scores[e] / res['random'][e]:.2f}x)"
                                                           for e in EVALUATORS) + f"  {wall:.0f} s", flush=True)

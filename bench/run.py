@@ -3,7 +3,7 @@
     python bench/run.py --device cpu                      # make bench: bench/results/cpu-<date>.json
     python bench/run.py --device cuda                     # make bench-gpu: bench/results/gpu-<date>.json
     python bench/run.py --device cpu --only models        # one section
-    python bench/run.py --device cpu --smoke              # seconds, tiny shapes: tests the script
+    python bench/run.py --device cpu --smoke              # tests the script: tiny shapes, results in /tmp
 
 Every record is measured with interleaved rounds; ratios are against baselines of the same rounds.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import io
 import os
 import signal
@@ -37,11 +36,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
-
-import harness as H  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402  (also puts this checkout's package first on sys.path)
 
 import masked_ops as mo  # noqa: E402
 from masked_ops import backends as B  # noqa: E402
@@ -142,8 +138,8 @@ def bench_models(args, device, records):
                 print_record(records[-1])
             except torch.cuda.OutOfMemoryError as exc:
                 records.append({"name": label, "batch": batch, "skipped": f"out of memory: {exc}"[:200]})
-            finally:
-                del x, m, plain_c, masked_c, torch_c
+            finally:  # free the inputs and compiled models (the contenders' closures hold them) before the next
+                contenders = x = m = plain_c = masked_c = torch_c = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -299,19 +295,13 @@ def print_record(r):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
     p.add_argument("--only", nargs="*", choices=["models", "ops", "compile", "soft"], default=None)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, two rounds (tests the script)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/<cpu|gpu>-<date>.json)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per model")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the CI machine)")
-    p.add_argument("--clock", choices=["wall", "process"], default="wall",
-                   help="CPU timing: wall clock (default) or this process's CPU time (robust on a loaded host; "
-                        "use with --threads 1)")
     p.add_argument("--models", nargs="*", default=None, help="NAME:BATCH pairs (default per device)")
     p.add_argument("--channels-last", action="store_true",
                    help="models in channels_last (default: on GPU only; the CLI uses it on CPU too)")
-    a = p.parse_args(argv)
+    # --threads (default 2 on CPU, the CI machine), --out, --device, --clock, --smoke (tiny shapes, two rounds)
+    a = H.script_args(p, argv, threads=2, device="cpu", clock=True, smoke={})
     gpu = a.device.startswith("cuda")
     a.dtype = torch.bfloat16 if gpu else torch.float32
     a.channels_last = gpu or a.channels_last
@@ -325,7 +315,6 @@ def parse_args(argv=None):
         a.models = [("resnet50", 256), ("resnet50", 64)] if gpu else [("resnet50", 8), ("efficientnet-lite0", 32)]
     else:
         a.models = [(spec.split(":")[0], int(spec.split(":")[1])) for spec in a.models]
-    H.CLOCK["cpu"] = a.clock
     if a.smoke:
         a.models = [("resnet18", 2)]
         a.modes, a.pixels, a.op_batch, a.rounds, a.op_rounds, a.warmup = ["fill"], 32, 2, 2, 2, 1
@@ -341,10 +330,7 @@ def main(argv=None) -> str:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    else:
-        torch.set_num_threads(args.threads)
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    out = args.out or os.path.join(HERE, "results", f"{'gpu' if device.type == 'cuda' else 'cpu'}-{date}.json")
+    out = H.results_path(args, "", "gpu" if device.type == "cuda" else "cpu")  # cpu-<date>.json, gpu-<date>.json
     meta = H.environment(device, smoke=args.smoke, backends=fast_backends(device),
                          under_compile=dict(B.UNDER_COMPILE))
     print(f"masked_ops benchmark: {meta}", flush=True)
