@@ -1,7 +1,9 @@
-"""Shared generator of op configurations for the backend tests (CPU here; GPU helpers reuse it).
+"""Shared generator of op configurations for the backend tests, and the one accuracy rule.
 
-Everything is deterministic (seeded) and small enough for CI. A test module picks the
-backends it checks through its own ``BACKENDS_UNDER_TEST`` list (see ``available_backends``).
+The checks that use them live in tests/op_testers.py (one tester per op), which the CPU, GPU and
+Triton-interpreter tests share. Everything is deterministic (seeded) and small enough for CI. A test
+module picks the backends it checks through its own ``BACKENDS_UNDER_TEST`` list (see
+``available_backends``).
 """
 from __future__ import annotations
 
@@ -118,6 +120,8 @@ def make_mask(kind: str, n: int, h: int, w: int, seed: int = 0, device="cpu") ->
             m[i, 0, int(torch.randint(h, (1,), generator=g)), int(torch.randint(w, (1,), generator=g))] = True
     elif kind == "patches":  # 4x4 patches, about half removed (the paper's masks, scaled down)
         m = patch_mask(n, h, w, patch=4, fraction=0.5, seed=seed)
+    elif kind == "patches16":  # the paper's 16x16 patches, about half removed
+        m = patch_mask(n, h, w, patch=16, fraction=0.5, seed=seed)
     else:
         raise ValueError(f"unknown mask kind {kind!r}")
     return m.to(device)
@@ -166,12 +170,28 @@ def poison(x: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
     return torch.where(removed, torch.full((), value, dtype=x.dtype, device=x.device), x)
 
 
-def tolerance(dtype: torch.dtype) -> dict:
-    """rtol/atol for comparing a fused backend with the torch backend in the same dtype."""
-    return {torch.float64: dict(rtol=1e-10, atol=1e-12),
-            torch.float32: dict(rtol=1e-5, atol=1e-6),
-            torch.float16: dict(rtol=1e-2, atol=1e-2),
-            torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
+def imputation_case(n: int, c: int, h: int, w: int, kind: str, seed: int = 0, device="cpu"):
+    """(images float64 N x C x H x W in [0, 1), bool masks N x 1 x H x W) for the noisy-linear solve."""
+    g = _generator(seed)
+    images = torch.rand(n, c, h, w, generator=g, dtype=torch.float64)
+    if kind == "scattered":
+        masks = torch.rand(n, 1, h, w, generator=g) > 0.6
+    elif kind == "one-removed":
+        masks = torch.ones(n, 1, h, w, dtype=torch.bool)
+        masks[:, :, h // 2, w // 3] = False
+    elif kind == "one-visible":
+        masks = torch.zeros(n, 1, h, w, dtype=torch.bool)
+        masks[:, :, h - 1, 0] = True
+    elif kind == "border-blocks":
+        masks = torch.ones(n, 1, h, w, dtype=torch.bool)
+        masks[:, :, : h // 2, : (2 * w) // 3] = False
+        masks[:, :, h - 2:, w - 3:] = False
+    elif kind == "patches8":  # 8 px cells, about half removed
+        cells = torch.rand(n, 1, -(-h // 8), -(-w // 8), generator=g) > 0.5
+        masks = cells.repeat_interleave(8, 2).repeat_interleave(8, 3)[:, :, :h, :w].contiguous()
+    else:
+        raise ValueError(f"unknown imputation mask kind {kind!r}")
+    return images.to(device), masks.to(device)
 
 
 def cycle_product(*axes: Sequence, length: Optional[int] = None) -> Iterator[tuple]:
@@ -210,13 +230,46 @@ def assert_accurate(ours: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor
     assert err <= bound, f"{what}: error {err:.3g} > 2 x plain PyTorch's {max_error(plain, truth):.3g} + 2 ulp"
 
 
+# The iterative solves (noisy-linear imputation) have no "plain PyTorch in the same dtype": both solvers run
+# in float64 to a residual of SOLVE_TOL, and their solutions must then agree to SOLVE_ATOL.
+SOLVE_TOL, SOLVE_ATOL = 1e-10, 1e-8
+
+
+def assert_solved(ours: torch.Tensor, truth: torch.Tensor, what: str) -> None:
+    """The accuracy rule of the imputation solve (see SOLVE_TOL): ``ours`` within SOLVE_ATOL of ``truth``."""
+    assert ours.shape == truth.shape, f"{what}: shape {tuple(ours.shape)} != reference {tuple(truth.shape)}"
+    err = max_error(ours, truth.to(ours.device))
+    assert err <= SOLVE_ATOL, f"{what}: error {err:.3g} > {SOLVE_ATOL:g}"
+
+
 # ----------------------------------------------------------------------------- one list of primitive cases
-def primitive_cases() -> dict:
+# The ops of the backends (masked_ops/backends/reference.py), in the order of tests/op_testers.py.
+PRIMITIVE_OPS = ("neighbor_fill", "conv_epilogue", "masked_affine_act", "masked_max_pool2d", "masked_avg_pool2d",
+                 "masked_mean", "soft_fill")
+
+
+def soft_of(m: torch.Tensor, seed: int = 2) -> torch.Tensor:
+    """A soft mask with the zeros of the 0/1 mask ``m``: elsewhere multiples of 1/16 in [1/4, 1] (exact in
+    every floating dtype, so a float64 reference and a bfloat16 run read the same mask)."""
+    g = torch.Generator(m.device).manual_seed(seed)
+    k = torch.randint(4, 17, tuple(m.shape), generator=g, device=m.device)
+    return m * (k.to(m.dtype) / 16)
+
+
+def primitive_cases(op: Optional[str] = None) -> dict:
     """Every backend primitive in several configurations: name -> f(backend module, x, m) -> tensor(s).
 
-    Shared by the CPU sweep (test_backend_agreement), the Triton interpreter and the GPU tests, so that
-    every backend meets the same cases. Inputs: x N x C x H x W, m N x 1 x H x W 0/1 in x's dtype.
+    Shared by the CPU sweep (test_backend_agreement), the Triton interpreter and the GPU tests (through
+    tests/op_testers.py, one tester per op), so that every backend meets the same cases. Inputs: x
+    N x C x H x W, m N x 1 x H x W 0/1 in x's dtype. ``op``: only that op's cases (one of PRIMITIVE_OPS).
     """
+    cases = _primitive_cases_by_op()
+    if op is not None:
+        return dict(cases[op])
+    return {name: f for per_op in cases.values() for name, f in per_op.items()}
+
+
+def _primitive_cases_by_op() -> dict:
     from masked_ops.activations import ACTIVATIONS
 
     def scale_of(x):
@@ -226,10 +279,11 @@ def primitive_cases() -> dict:
     def ramp(x, lo=-1.0, hi=1.0):
         return torch.linspace(lo, hi, x.shape[1], device=x.device, dtype=x.dtype)
 
-    cases = {}
+    cases = {op: {} for op in PRIMITIVE_OPS}
+    fill = cases["neighbor_fill"]
     for iters in (0, 1, 2, 6):
-        cases[f"fill{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill(x, m, it)
-        cases[f"fill_inplace{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill_(
+        fill[f"fill{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill(x, m, it)
+        fill[f"fill_inplace{iters}"] = lambda B, x, m, it=iters: B.neighbor_fill_(
             torch.where(m > 0, x, torch.zeros((), dtype=x.dtype, device=x.device)), m, it)
 
     def padded_fill_in_place(B, x, m):  # into the interior of a padded buffer (a strided view)
@@ -237,22 +291,32 @@ def primitive_cases() -> dict:
         B.neighbor_fill_(buf[:, :, 2:2 + x.shape[2], :x.shape[3]], m, 2)
         return buf
 
-    cases["padded_fill_inplace"] = padded_fill_in_place
+    fill["padded_fill_inplace"] = padded_fill_in_place
+    epilogue = cases["conv_epilogue"]
     for act in ACTIVATIONS:
-        cases[f"epilogue_{act}"] = lambda B, x, m, a=act: B.conv_epilogue(x, m, scale_of(x), ramp(x), a)
-    cases["epilogue_plain"] = lambda B, x, m: B.conv_epilogue(x, m, None, None, "none")
-    cases["epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(x.clone(), m, scale_of(x), ramp(x), "relu6")
-    cases["strided_epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(
-        torch.cat([x, x], dim=3)[..., ::2], m, None, None, "silu")
-    cases["affine_relu"] = lambda B, x, m: B.masked_affine_act(x, m, ramp(x, 0.5, 2), ramp(x), "relu")
-    cases["affine_silu"] = lambda B, x, m: B.masked_affine_act(x, m, ramp(x, 0.5, 2), ramp(x), "silu")
+        epilogue[f"epilogue_{act}"] = lambda B, x, m, a=act: B.conv_epilogue(x, m, scale_of(x), ramp(x), a)
+    epilogue["epilogue_plain"] = lambda B, x, m: B.conv_epilogue(x, m, None, None, "none")
+    epilogue["epilogue_scale_only"] = lambda B, x, m: B.conv_epilogue(x, m, scale_of(x), None, "relu")
+    epilogue["epilogue_bias_only"] = lambda B, x, m: B.conv_epilogue(x, m, None, ramp(x), "relu")
+    epilogue["epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(x.clone(), m, scale_of(x), ramp(x), "relu6")
+    epilogue["strided_epilogue_inplace"] = lambda B, x, m: B.conv_epilogue_(  # every other column of a buffer
+        with_layout(x, "strided"), m, None, None, "silu")
+    affine = cases["masked_affine_act"]
+    affine["affine_relu"] = lambda B, x, m: B.masked_affine_act(x, m, ramp(x, 0.5, 2), ramp(x), "relu")
+    affine["affine_silu"] = lambda B, x, m: B.masked_affine_act(x, m, ramp(x, 0.5, 2), ramp(x), "silu")
     for geo in (((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 2), (2, 2), (0, 0), (1, 1), True),
                 ((3, 3), (1, 1), (1, 1), (2, 2), True), ((3, 2), (1, 2), (1, 0), (2, 1), True)):
-        cases[f"maxpool{geo}"] = lambda B, x, m, g=geo: B.masked_max_pool2d(x, m, *g)
+        cases["masked_max_pool2d"][f"maxpool{geo}"] = lambda B, x, m, g=geo: B.masked_max_pool2d(x, m, *g)
     for geo in (((3, 3), (2, 2), (1, 1), False, True), ((3, 3), (2, 2), (1, 1), True, False),
                 ((2, 2), (2, 2), (0, 0), False, True), ((2, 3), (2, 1), (1, 1), True, True)):
-        cases[f"avgpool{geo}"] = lambda B, x, m, g=geo: B.masked_avg_pool2d(x, m, *g)
-    cases["mean"] = lambda B, x, m: B.masked_mean(x, m)
+        cases["masked_avg_pool2d"][f"avgpool{geo}"] = lambda B, x, m, g=geo: B.masked_avg_pool2d(x, m, *g)
+    cases["masked_mean"]["mean"] = lambda B, x, m: B.masked_mean(x, m)
+    # soft masks (soft_of: m's zeros, values in [1/4, 1] elsewhere); 0 rings is m * x; pads: zeros around
+    soft = cases["soft_fill"]
+    for iters in (0, 1, 3):
+        soft[f"soft_fill{iters}"] = lambda B, x, m, it=iters: B.soft_fill(x, soft_of(m), it, False)
+    soft["soft_fill2_padded"] = lambda B, x, m: B.soft_fill(x, soft_of(m), 2, True, (2, 1, 0, 1))
+    soft["soft_fill2_binary"] = lambda B, x, m: B.soft_fill(x, m, 2, False)  # at a 0/1 mask: the hard fill
     return cases
 
 
@@ -264,12 +328,14 @@ def sweep_inputs(dtype: torch.dtype, layout: str, device="cpu", n=2, c=5, h=17, 
     return with_layout(x.to(dtype), layout).to(device), m.to(dtype).to(device)
 
 
-def assert_primitive_sweep(B, dtype: torch.dtype, layout: str, device="cpu", names=None, shape=(2, 5, 17, 19)) -> None:
-    """Every primitive case on backend module ``B`` against the reference, under assert_accurate."""
+def assert_primitive_sweep(B, dtype: torch.dtype, layout: str, device="cpu", names=None, shape=(2, 5, 17, 19),
+                           op: Optional[str] = None) -> None:
+    """Every primitive case (of ``op``, or of every op) on backend module ``B`` against the reference, under
+    assert_accurate; output masks exactly the reference's in the same dtype."""
     from masked_ops.backends import reference as R
 
     x, m = sweep_inputs(dtype, layout, device, *shape)
-    for name, f in primitive_cases().items():
+    for name, f in primitive_cases(op).items():
         if names is not None and name not in names:
             continue
         truth, ours, plain = f(R, x.double(), m.double()), f(B, x, m), f(R, x, m)
@@ -277,5 +343,8 @@ def assert_primitive_sweep(B, dtype: torch.dtype, layout: str, device="cpu", nam
         for k, (o, p, t) in enumerate(zip(ours, plain, truth)):
             assert o.dtype == dtype and o.device.type == torch.device(device).type, f"{name}[{k}]: dtype/device"
             assert_accurate(o, p, t, dtype, f"{name}[{k}] {dtype} {layout}")
-        if layout == "channels_last" and name.startswith(("fill", "epilogue", "affine")) and "inplace" not in name:
+            if k > 0:  # output masks are exact
+                assert torch.equal(o, p), f"{name}[{k}] {dtype} {layout}: output mask differs from the reference's"
+        if layout == "channels_last" and name.startswith(("fill", "epilogue", "affine", "soft")) \
+                and "inplace" not in name:
             assert ours[0].is_contiguous(memory_format=torch.channels_last), f"{name}: layout not kept"

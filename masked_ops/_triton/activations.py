@@ -6,10 +6,13 @@ import triton.language as tl
 @triton.jit
 def _tanh(z):
     # No tanh in tl.math across Triton 3.x (and none in the interpreter): series near 0, where
-    # 1 - exp(-2|z|) would cancel, and the exponential form elsewhere.
+    # 1 - exp(-2|z|) would cancel, and the exponential form elsewhere. The series runs to z^17: its
+    # remainder at |z| = 0.25 is ~1e-15, inside float64's accuracy rule (to z^9 it was 2e-9).
     a = tl.abs(z)
     z2 = z * z
-    series = z * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (62.0 / 2835.0)))))
+    series = z * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (
+        62.0 / 2835.0 + z2 * (-1382.0 / 155925.0 + z2 * (21844.0 / 6081075.0 + z2 * (
+            -929569.0 / 638512875.0 + z2 * (6404582.0 / 10854718875.0)))))))))
     e = tl.exp(-2.0 * a)
     big = (1.0 - e) / (1.0 + e)
     big = tl.where(z < 0, -big, big)
