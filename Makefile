@@ -9,7 +9,7 @@ TORCHVISION_VERSION ?= 0.28.0
 REGISTRY_PIP := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(PIP)
 PYTEST_ARGS ?=
 
-.PHONY: all torch install build test test-fast test-gpu demo bench bench-gpu bench-gpu-lime cmake-build clean
+.PHONY: all torch install build wheel test test-fast test-gpu demo bench bench-gpu bench-gpu-lime cmake-build clean
 
 all: test
 
@@ -18,8 +18,9 @@ torch:
 	  || $(REGISTRY_PIP) install "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
 
 # --no-build-isolation builds against the torch installed above, so the build tools must be
-# here too. Builds masked_ops._C in place (CPU kernels always, CUDA kernels when torch has CUDA and a
-# toolkit is found) and installs the package editable with every optional dependency. The stamp
+# here too. Builds masked_ops._C in place (the CPU kernels) and masked_ops._C_cuda (the CUDA kernels)
+# where a GPU can run them or MASKED_OPS_CUDA=1 asks (CI: so CUDA code that does not compile never
+# lands), and installs the package editable with every optional dependency. The stamp
 # lets `make demo` after `make test` (or the reverse) skip a second build; it is redone when the
 # build files or the C++/CUDA sources change, and `make clean` forces it.
 install: .install.stamp
@@ -32,6 +33,19 @@ install: .install.stamp
 # Rebuild the extension in place after editing csrc/ (no dependency resolution).
 build:
 	$(PYTHON) setup.py -q build_ext --inplace
+
+# A wheel in dist/, laid out as compiled PyTorch extensions ship: masked_ops/_C (the CPU kernels; links
+# only what every torch build has, so it loads with the CPU torch too) and, where CUDA kernels are built
+# (MASKED_OPS_CUDA=1, or a GPU here), masked_ops/_C_cuda. Built against the torch installed here: a
+# wheel is for one torch version. tests/test_wheel.py installs it into a fresh venv with the CPU torch.
+# build/lib* is emptied first: bdist_wheel packs all of it, and a library left there by another build
+# (a _C_cuda of an earlier MASKED_OPS_CUDA=1 build) must not ride along; the compiled objects
+# (build/temp*) stay, so only what changed is recompiled.
+WHEEL_DIR ?= dist
+wheel: torch
+	$(PIP) install -q "setuptools>=77" wheel ninja
+	rm -rf build/lib.* build/bdist.*
+	$(PIP) wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR) .
 
 test: install cmake-build
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

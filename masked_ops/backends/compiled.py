@@ -1,4 +1,4 @@
-"""The compiled backend: the fused kernels of masked_ops._C ("cpp" on CPU, "cuda" on CUDA).
+"""The compiled backend: the fused kernels of masked_ops._C ("cpp", CPU) and masked_ops._C_cuda ("cuda").
 
 The same primitives as masked_ops.backends.reference (same signatures, same return values),
 each a thin call of ``torch.ops.masked_ops.*``. The dispatcher picks the kernel by the
@@ -9,28 +9,68 @@ is device-agnostic. It also registers, for every op:
 """
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Optional
 
 import torch
 
 from .autograd import FORMULAS, epilogue_formula, soft_fill_formula
 
-try:  # Importing the extension runs its static registrations (schemas and kernels).
-    from .. import _C  # noqa: F401
-    _IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as exc:  # not built, or built against another torch
-    _IMPORT_ERROR = exc
+def _import(module: str) -> Optional[BaseException]:
+    """Import masked_ops.<module> (running its static registrations); the error, or None."""
+    try:
+        importlib.import_module(f"masked_ops.{module}")
+        return None
+    except ImportError as exc:  # not built, built against another torch, a missing shared library
+        return exc
+
+
+# The schemas and CPU kernels (masked_ops._C) load with any torch build; the CUDA kernels live in
+# masked_ops._C_cuda, which needs a CUDA torch and is only imported with one (setup.py says why).
+_IMPORT_ERROR: Optional[BaseException] = _import("_C")
+_CUDA_IMPORT_ERROR: Optional[BaseException] = None
+if _IMPORT_ERROR is None and torch.version.cuda:
+    _CUDA_IMPORT_ERROR = _import("_C_cuda")
+
+
+def _built_for() -> str:
+    """Which torch the installed extension was built against (masked_ops/_build_info.py, written by setup.py)."""
+    try:
+        from .. import _build_info
+
+        return f"built against torch {_build_info.TORCH_VERSION}; this is torch {torch.__version__}"
+    except ImportError:
+        return f"this is torch {torch.__version__}"
+
+
+def _how_to_fix(what: str) -> str:
+    """What a user can do about a library that does not load: a source checkout rebuilds, a wheel reinstalls."""
+    source = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "setup.py"))
+    if source:
+        return (f"rebuild it in this source checkout: `make build` (or `pip install -e . --no-build-isolation`"
+                f"{'; MASKED_OPS_CUDA=1 builds the CUDA kernels without a GPU' if what == 'cuda' else ''})")
+    return ("install a masked_ops build made for this torch (pip install --force-reinstall --no-cache-dir "
+            "masked_ops), or build it from source: pip install --no-binary masked_ops masked_ops")
 
 
 def require(name: str) -> None:
-    """Raise unless the backend ``name`` ("cpp" or "cuda") can run here."""
+    """Raise unless the backend ``name`` ("cpp" or "cuda") can run here, saying why and what to do."""
     if _IMPORT_ERROR is not None:
-        raise ImportError(f"masked_ops._C cannot be imported ({_IMPORT_ERROR}); build it with "
-                          f"`python setup.py build_ext --inplace`")
+        raise ImportError(f"masked_ops._C (the fused kernels) does not load: {_IMPORT_ERROR} ({_built_for()}); "
+                          f"{_how_to_fix('cpp')}")
+    if name == "cuda":
+        if not torch.version.cuda:
+            raise RuntimeError(f"torch {torch.__version__} is a CPU-only build: no CUDA kernels can run "
+                               f"(install a CUDA build of torch for them)")
+        if isinstance(_CUDA_IMPORT_ERROR, ModuleNotFoundError) and _CUDA_IMPORT_ERROR.name == "masked_ops._C_cuda":
+            raise ImportError(f"masked_ops._C_cuda (the CUDA kernels) was not built; {_how_to_fix('cuda')}")
+        if _CUDA_IMPORT_ERROR is not None:
+            raise ImportError(f"masked_ops._C_cuda (the CUDA kernels) does not load: {_CUDA_IMPORT_ERROR} "
+                              f"({_built_for()}); {_how_to_fix('cuda')}")
     key = {"cpp": "CPU", "cuda": "CUDA"}[name]
     if not torch._C._dispatch_has_kernel_for_dispatch_key("masked_ops::neighbor_fill", key):
-        raise RuntimeError(f"masked_ops._C has no {key} kernels (built without "
-                           f"{'CUDA' if key == 'CUDA' else 'the CPU sources'})")
+        raise RuntimeError(f"masked_ops has no {key} kernels registered")
 
 
 def _ops():
@@ -173,11 +213,14 @@ def _register() -> None:
     def _(b, removed, tol, max_iter):
         return torch.empty_like(b), b.new_empty((b.shape[0], b.shape[1]))
 
+    fused_epilogue = torch._C._dispatch_has_kernel_for_dispatch_key(lib + "conv_epilogue_backward", "CPU")
     for name, (backward, setup) in FORMULAS.items():
+        if name == "conv_epilogue" and fused_epilogue:
+            continue  # registered once, below (a second registration overrides the first, with a warning)
         torch.library.register_autograd(lib + name, backward, setup_context=setup)
     backward, setup = soft_fill_formula(lambda *args: _ops().soft_fill_backward(*args))
     torch.library.register_autograd(lib + "soft_fill", backward, setup_context=setup)
-    if torch._C._dispatch_has_kernel_for_dispatch_key(lib + "conv_epilogue_backward", "CPU"):
+    if fused_epilogue:
         # The fused backward where this build has it (CPU); CUDA tensors use the torch-ops formula.
         fused, _ = epilogue_formula(lambda *args: _ops().conv_epilogue_backward(*args))
         generic, setup = FORMULAS["conv_epilogue"]
