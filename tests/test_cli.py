@@ -519,3 +519,34 @@ def test_save_h5_for_one_image_reads_back_with_plain_h5py(photo, tmp_path, capsy
         assert f["attributions/grey"].shape[0] == 1 and f["path"].asstr()[0] == photo
         assert f["target"][0] == f["topk_class"][0, 0]  # the default target is the top-1
         assert len(set(f["segments"][0].ravel().tolist())) >= 2
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: exit status 130 and one ``masked-ops:`` line; a resumable run says how to resume."""
+    import masked_ops.dataset.explain as dataset_explain
+    from masked_ops.experiments import registry
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset_explain, "explain_folder", interrupted)
+    (tmp_path / "images").mkdir()
+    out = str(tmp_path / "res.h5")
+    code, _, err = run_cli(["explain", str(tmp_path / "images"), "--out", out] + FAST, capsys)
+    assert code == 130 and _all_prefixed(err) and len(err.strip().splitlines()) == 1, err
+    assert f"interrupted; the finished images are kept in {out}.parts/: run the same command again" in err
+
+    monkeypatch.setitem(registry.EXPERIMENTS, "removal", registry.Experiment("removal", interrupted, "stub"))
+    code, _, err = run_cli(["experiment", "removal", "--model", MODEL, "--images", "chelsea", "--out",
+                            str(tmp_path / "exp"), "--no-progress"], capsys)
+    assert code == 130 and _all_prefixed(err), err
+    assert f"interrupted; the finished units are kept in {tmp_path / 'exp'}/: run the same command again" in err
+
+    # a KeyboardInterrupt that carries a message (DiffMask.fit names its checkpoint) keeps it on the line
+    def fit_interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("DiffMask.fit interrupted at step 3 of 9; the checkpoint /x/dm.pt holds step 2")
+
+    monkeypatch.setitem(registry.EXPERIMENTS, "removal", registry.Experiment("removal", fit_interrupted, "stub"))
+    code, _, err = run_cli(["experiment", "removal", "--model", MODEL, "--images", "chelsea", "--out",
+                            str(tmp_path / "exp"), "--no-progress"], capsys)
+    assert code == 130 and "interrupted (DiffMask.fit interrupted at step 3 of 9; the checkpoint /x/dm.pt" in err

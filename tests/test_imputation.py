@@ -12,7 +12,9 @@ import masked_ops as mo
 from masked_ops import backends
 from masked_ops.explain.imputation import (blend, grid_labels, linear_imputation, noisy_linear_imputation,
                                            segment_mean_fill)
-from masked_ops.explain.strategies import IMAGENET_MEAN, IMPUTATION_STRATEGIES, STRATEGIES, get_strategy
+from masked_ops.explain.strategies import IMPUTATION_STRATEGIES, STRATEGIES, get_strategy
+from masked_ops.images import IMAGENET_MEAN
+from op_cases import imputation_case
 
 # road_evaluation (road/imputations.py) and Quantus: (offset, weight) of the 8 neighbours.
 NEIGHBOURS = [((1, 1), 1 / 12), ((0, 1), 1 / 6), ((-1, 1), 1 / 12), ((1, -1), 1 / 12), ((0, -1), 1 / 6),
@@ -151,30 +153,12 @@ def test_removed_content_never_enters_noisy_linear_and_inpainting():
         assert torch.isfinite(ya).all() and torch.equal(ya, yb), name
 
 
-def _random_case(g, n, c, h, w, kind):
-    images = torch.rand(n, c, h, w, generator=g, dtype=torch.float64)
-    if kind == "scattered":
-        masks = torch.rand(n, 1, h, w, generator=g) > 0.6
-    elif kind == "one-removed":
-        masks = torch.ones(n, 1, h, w, dtype=torch.bool)
-        masks[:, :, h // 2, w // 3] = False
-    elif kind == "one-visible":
-        masks = torch.zeros(n, 1, h, w, dtype=torch.bool)
-        masks[:, :, h - 1, 0] = True
-    else:  # blocks touching the border
-        masks = torch.ones(n, 1, h, w, dtype=torch.bool)
-        masks[:, :, : h // 2, : (2 * w) // 3] = False
-        masks[:, :, h - 2:, w - 3:] = False
-    return images, masks
-
-
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 40), (1, 2, 37, 53), (3, 3, 17, 9), (1, 3, 64, 48)])
 @pytest.mark.parametrize("kind", ["scattered", "one-removed", "one-visible", "border-blocks"])
 def test_fused_and_torch_solvers_agree(shape, kind):
     if not backends.available("cpp"):
         pytest.skip(f"cpp backend: {backends.unavailable_reason('cpp')}")
-    g = torch.Generator().manual_seed(sum(shape) + len(kind))
-    images, masks = _random_case(g, *shape, kind)
+    images, masks = imputation_case(*shape, kind, seed=sum(shape) + len(kind))  # the op testers' cases
     with mo.set_backend("cpp"):
         fused = linear_imputation(images, masks, tol=1e-10, fallback=[0.5])
     with mo.set_backend("torch"):
@@ -202,7 +186,7 @@ def test_fused_solver_reads_strided_float32_inputs():
 
 
 def test_solvers_say_when_they_do_not_converge(solver):
-    images, masks = _random_case(torch.Generator().manual_seed(1), 1, 3, 64, 64, "border-blocks")
+    images, masks = imputation_case(1, 3, 64, 64, "border-blocks", seed=1)
     with pytest.raises(RuntimeError, match="did not converge in 1 iterations"):
         linear_imputation(images, masks, tol=1e-14, max_iter=1)
 
@@ -220,7 +204,7 @@ def test_linear_imputation_rejects_bad_input():
 def test_opcheck_imputation_solve():
     if not backends.available("cpp"):
         pytest.skip(f"cpp backend: {backends.unavailable_reason('cpp')}")
-    images, masks = _random_case(torch.Generator().manual_seed(2), 2, 3, 12, 10, "scattered")
+    images, masks = imputation_case(2, 3, 12, 10, "scattered", seed=2)
     removed = ~masks
     b = torch.rand(images.shape, dtype=torch.float64) * removed
     torch.library.opcheck(torch.ops.masked_ops.imputation_solve.default, (b, removed, 1e-9, 200))
