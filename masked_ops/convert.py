@@ -35,6 +35,7 @@ import operator
 import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -75,13 +76,81 @@ class _Tracer(fx.Tracer):
 def _trace(model: nn.Module) -> fx.Graph:
     tracer = _Tracer()
     try:
-        return tracer.trace(model)
+        graph = tracer.trace(model)
     except Exception as exc:
         where = tracer.where[-1] if tracer.where else f"<root> ({type(model).__name__})"
         raise TraceError(
             f"layer_mask: cannot trace {type(model).__name__} symbolically: in module {where}: "
             f"{type(exc).__name__}: {exc}. Register a rule for that module type "
             f"(masked_ops.register_rule(ModuleType, rule)) so it becomes a leaf of the trace.") from exc
+    _functionalize_in_place_methods(graph, model)
+    return graph
+
+
+# Ops whose result may share memory with their first argument (a view, or the argument itself): an
+# in-place change of one is seen through the others.
+_ALIAS_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose",
+                            "permute", "unsqueeze", "squeeze", "expand", "expand_as", "narrow", "select", "t",
+                            "contiguous", "detach", "chunk", "split", "unbind", "as_strided", "type_as", "to",
+                            "float", "movedim", "__getitem__"})
+_ALIAS_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute,
+                              torch.squeeze, torch.unsqueeze, torch.narrow, torch.chunk, torch.split, torch.unbind,
+                              torch.movedim, torch.t})
+# modules that return their input itself (in eval), by class name: torch's and timm's
+_ALIAS_MODULES = frozenset({"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
+                            "FeatureAlphaDropout", "DropPath", "DropBlock2d", "Flatten", "Unflatten"})
+
+
+def _in_place_method(node: fx.Node) -> bool:
+    name = str(node.target)
+    return node.op == "call_method" and name.endswith("_") and not name.startswith("__") and bool(node.args) \
+        and isinstance(node.args[0], fx.Node)
+
+
+def _aliases_its_input(node: fx.Node, model: nn.Module) -> bool:
+    if node.op == "call_method":
+        return str(node.target) in _ALIAS_METHODS or _in_place_method(node)
+    if node.op == "call_function":
+        return node.target in _ALIAS_FUNCTIONS
+    if node.op == "call_module":
+        try:
+            return type(model.get_submodule(str(node.target))).__name__ in _ALIAS_MODULES
+        except AttributeError:
+            return False
+    return False
+
+
+def _functionalize_in_place_methods(graph: fx.Graph, model: nn.Module) -> None:
+    """Rewrite ``x.mul_(g)`` as ``y = x.mul(g)`` and let every later reader of ``x`` read ``y``.
+
+    The masked layers compute out of place; eager PyTorch changed the tensor itself, so later reads
+    must see the new value (timm's NFNets: ``out.mul_(skipinit_gain)``, then ``out * alpha``). Safe only
+    when nothing else can see the change: no other alias of ``x`` (a view, an Identity or DropPath
+    module's output, the tensor it is a view of) is read after the call. Otherwise the node stays and
+    the converter refuses it with a message (``Converter._check_in_place``).
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if not _in_place_method(node) or not hasattr(torch.Tensor, str(node.target)[:-1]):
+            continue
+        src = node.args[0]
+        aliases, todo = {src}, [src]
+        while todo:  # the alias class of src: bases it views, views of it, through alias-keeping ops
+            n = todo.pop()
+            linked = [u for u in n.users if u is not node and _aliases_its_input(u, model)]
+            if _aliases_its_input(n, model) and n.args and isinstance(n.args[0], fx.Node):
+                linked.append(n.args[0])
+            for m in linked:
+                if m not in aliases:
+                    aliases.add(m)
+                    todo.append(m)
+        shared = [m for m in aliases if m is not src and any(order[u] > order[node] for u in m.users)]
+        if shared:
+            node.meta["aliases_read_after"] = sorted(m.name for m in shared)
+            continue
+        for user in [u for u in src.users if u is not node and order[u] > order[node]]:
+            user.replace_input_with(src, node)
+        node.target = str(node.target)[:-1]
 
 
 # ----------------------------------------------------------------------------- the mask path
@@ -460,6 +529,8 @@ class _Converter:
         fx records the call, but later nodes still read ``x``, the value from before the call; eager
         PyTorch changed that very tensor. The masked layers compute out of place, so the converted model
         would silently skip the mutation (timm's NFNet: ``out.mul_(skipinit_gain)``, off by 50%).
+        ``_functionalize_in_place_methods`` rewrites the calls it can prove safe before the walk; what
+        reaches this check is an in-place call whose change another alias (a view) would have seen.
         """
         if node.op != "call_method" or not str(node.target).endswith("_") or not node.args:
             return
@@ -468,6 +539,7 @@ class _Converter:
             return
         order = {n: i for i, n in enumerate(node.graph.nodes)}
         later = [u.name for u in src.users if u is not node and order[u] > order[node]]
+        later += node.meta.get("aliases_read_after", [])  # views or aliases of it, read afterwards
         if later:
             raise ValueError(
                 f"layer_mask: node {node.name!r} ({what}) changes {src.name!r} in place, and "

@@ -57,8 +57,11 @@ def _act_fresh(y: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def layout_mask(m: torch.Tensor, layout: str) -> torch.Tensor:
-    """A N x 1 x H x W mask laid out to broadcast against the activations (N x H x W x C for "nhwc")."""
-    return m.permute(0, 2, 3, 1) if layout == "nhwc" else m
+    """A N x 1 x H x W mask laid out to broadcast against the activations (N x H x W x C for "nhwc",
+    N x G x C/G x H x W for "ngchw": channels split into groups, as a channel shuffle does)."""
+    if layout == "nhwc":
+        return m.permute(0, 2, 3, 1)
+    return m[:, :, None] if layout == "ngchw" else m
 
 
 MaskArgs = Tuple[list, Optional[object]]
@@ -345,6 +348,36 @@ class Identity(MaskedLayer):
 
     def describe(self):
         return f"identity ({self.name})"
+
+
+class ChannelGroups(Identity):
+    """Channels split into groups and back (ShuffleNet's channel shuffle: view(N, G, C/G, H, W),
+    transpose(1, 2), view(N, C, H, W)). Pixels stay where they are, so the mask passes unchanged; a
+    removed pixel's channels are all 0 and stay 0 wherever they move.
+
+    kind: "split" (N x C x H x W -> N x G x C/G x H x W; ``groups`` is G at ``position`` 1, or C/G at
+    position 2), "swap" (transpose of the two channel dims) or "merge" (back to N x C x H x W).
+    """
+
+    rule = "channel groups"
+
+    def __init__(self, kind: str, groups: int = 0, position: int = 1):
+        super().__init__(f"channel groups: {kind}")
+        self.kind, self.groups, self.position = kind, int(groups), int(position)
+
+    def forward(self, x):
+        if self.kind == "split":
+            n, _, h, w = x.shape
+            dims = (n, self.groups, -1, h, w) if self.position == 1 else (n, -1, self.groups, h, w)
+            return x.reshape(dims)
+        if self.kind == "swap":
+            return x.transpose(1, 2)
+        return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
+
+    def describe(self):
+        what = {"split": f"split channels into {self.groups} {'groups' if self.position == 1 else 'per group'}",
+                "swap": "swap the channel group dims", "merge": "merge channel groups"}[self.kind]
+        return f"{what} (mask unchanged)"
 
 
 class Relayout(Identity):

@@ -509,6 +509,44 @@ def flatten(node, ctx):
     return mnn.FlattenHead("flatten(1)")
 
 
+def _spatial_size(arg, ctx, mask, dim: int) -> bool:
+    """Whether ``arg`` is, by construction, size ``dim`` (2: H, 3: W) of a masked NCHW map with ``mask``:
+    ``t.size()[dim]``, ``t.size(dim)`` or ``t.shape[dim]`` (sizes computed at run time, read as shape
+    arithmetic rather than constants)."""
+    if not isinstance(arg, fx.Node):
+        return False
+    t, index = None, None
+    if arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[0], fx.Node):
+        src, index = arg.args[0], arg.args[1]
+        if src.op == "call_method" and src.target == "size" and len(src.args) == 1:
+            t = src.args[0]
+        elif src.op == "call_function" and src.target is getattr and src.args[1] == "shape":
+            t = src.args[0]
+    elif arg.op == "call_method" and arg.target == "size" and len(arg.args) == 2:
+        t, index = arg.args[0], arg.args[1]
+    if not isinstance(t, fx.Node) or not isinstance(index, int) or not ctx.is_masked(t):
+        return False
+    s = ctx.sym(t)
+    return s.mask is mask and s.layout == "nchw" and index % 4 == dim
+
+
+def _channel_groups(node, ctx, shape):
+    """The ChannelGroups layer for a reshape that only splits or merges channels, else None."""
+    src = ctx.sym(node.args[0])
+    if len(shape) == 5 and src.layout == "nchw" and _spatial_size(shape[3], ctx, src.mask, 2) \
+            and _spatial_size(shape[4], ctx, src.mask, 3):
+        constant = [(i, v) for i, v in ((1, shape[1]), (2, shape[2])) if isinstance(v, int) and v > 0]
+        if constant:
+            position, groups = constant[0]
+            return Lowered(mnn.ChannelGroups("split", groups, position), [node.args[0]], layout="ngchw")
+    if len(shape) == 4 and src.layout == "ngchw":
+        h_ok = _spatial_size(shape[2], ctx, src.mask, 2)
+        w_ok = _spatial_size(shape[3], ctx, src.mask, 3)
+        if h_ok and w_ok:
+            return Lowered(mnn.ChannelGroups("merge"), [node.args[0]], layout="nchw")
+    return None
+
+
 @rule("view", "reshape", torch.reshape)
 def view(node, ctx):
     shape = [ctx.value(a) if not hasattr(a, "op") else a for a in node.args[1:]]
@@ -516,8 +554,21 @@ def view(node, ctx):
         shape = list(shape[0])
     if len(shape) == 2 and shape[1] == -1 and ctx.layout(node.args[0]) == "nchw":
         return mnn.FlattenHead(f"{node.target}(N, -1)")
-    _reject(node, f"reshapes a masked map to {shape}; only the flatten head view(N, -1) is supported "
-                  f"(spatial reshapes would move the mask)")
+    grouped = _channel_groups(node, ctx, shape)
+    if grouped is not None:
+        return grouped
+    _reject(node, f"reshapes a masked map to {shape}; only the flatten head view(N, -1) and channel groups "
+                  f"(N, G, C/G, H, W) with H and W read from the map itself are supported (spatial reshapes "
+                  f"would move the mask)")
+
+
+@rule("transpose", torch.transpose)
+def transpose(node, ctx):
+    dims = sorted(d % 5 for d in (ctx.value(_arg(node, 1, "dim0")), ctx.value(_arg(node, 2, "dim1"))))
+    if ctx.layout(node.args[0]) == "ngchw" and dims == [1, 2]:
+        return Lowered(mnn.ChannelGroups("swap"), [node.args[0]], layout="ngchw")
+    _reject(node, f"transposes dims {dims} of a {ctx.layout(node.args[0])} masked map; only the two channel "
+                  f"group dims of a channel shuffle (N, G, C/G, H, W) are supported")
 
 
 @rule(torch.permute, "permute")

@@ -3,7 +3,8 @@
 - Channel splits, chunks, narrows and slices (Res2Net, CSPNet, GhostNet, DPN, ReXNet...): each piece keeps
   its pixels where they are, so it carries the input's mask unchanged; the masked model equals the same
   model built from masked convs by hand. Spatial splits would cut the mask apart: refused, naming the node.
-- In-place changes read again afterwards (NFNet's ``out.mul_(gain)``): refused, never silently skipped.
+- In-place changes read again afterwards (NFNet's ``out.mul_(gain)``): rewritten out of place with the
+  later reads redirected; refused when a view taken before would see the change.
 - Weight-standardised convs (timm's StdConv2d family): the module's own weight formula, folded once.
 - Nearest upsampling by integer factors (HRNet): pixels and their mask copied; other resampling refused.
 - ConvNeXt-V2's global response norm over visible pixels; a fresh map plus a Python number (FastViT).
@@ -101,10 +102,36 @@ class _InPlace(nn.Module):
         return (out + 1).mean((2, 3))
 
 
-def test_an_in_place_change_read_again_is_refused_not_silently_skipped():
+class _InPlaceThroughView(_InPlace):
+    """The same change, but a view of ``out`` taken before it is read after it (eager sees the change)."""
+
+    def forward(self, x):
+        out = self.a(x)
+        view = out[:, :2]
+        out.mul_(self.gain)
+        return (view + 1).mean((2, 3))
+
+
+def test_an_in_place_change_read_again_is_applied():
+    """``out.mul_(g)`` then ``out + 1``: the later read sees the change, as in eager PyTorch (timm's NFNets)."""
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match=r"changes 'a' in place, and 'add' read\(s\) it afterwards"):
-        mo.layer_mask(_InPlace().eval())
+    model = _InPlace().to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(2, 3, 10, 11, dtype=D)
+    m = (torch.rand(2, 1, 10, 11) > 0.4).to(D)
+    with torch.no_grad():
+        plain = model(x.clone())
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), plain, rtol=1e-12, atol=1e-12)
+        # the gain is applied: without it the output would be (a(x) + 1).mean, a different number
+        assert not torch.allclose(plain, (model.a(x) + 1).mean((2, 3)))
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
+        assert torch.equal(lm(poisoned, m), lm(x, m)) and torch.isfinite(lm(poisoned, m)).all()
+
+
+def test_an_in_place_change_seen_through_a_view_is_refused_not_silently_skipped():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"changes 'a' in place, and 'getitem' read\(s\) it afterwards"):
+        mo.layer_mask(_InPlaceThroughView().eval())
 
 
 def test_weight_standardised_convs_use_the_modules_own_weight():
@@ -244,3 +271,55 @@ def test_an_eval_batchnorm_with_an_activation_the_kernels_lack_runs_per_pixel():
         torch.testing.assert_close(lm(x, m), want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(lm(x, torch.ones_like(m)), net(x), rtol=1e-12, atol=1e-12)
     assert "BatchNormAct2d (eval, GELU)" in lm.summary()
+
+
+class _Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle, sizes read from the map at run time, between two convs."""
+
+    def __init__(self, groups=2, per_group=False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+        self.groups, self.per_group = groups, per_group
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.size()
+        if self.per_group:  # the other spelling: C/G channels per group given as the constant
+            x = x.view(n, c // self.groups, self.groups, h, w)
+        else:
+            x = x.view(n, self.groups, c // self.groups, h, w)
+        x = torch.transpose(x, 1, 2).contiguous().relu()
+        return self.b(x.view(n, -1, h, w))
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_channel_shuffle_passes_the_mask_through(per_group):
+    torch.manual_seed(0)
+    model = _Shuffle(3, per_group).to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(2, 3, 9, 10, dtype=D)
+    m = (torch.rand(2, 1, 9, 10) > 0.4).to(D)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
+        out = lm(poisoned, m)
+        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+    summary = lm.summary()
+    assert "split channels into 3" in summary and "swap the channel group dims" in summary
+    assert "merge channel groups" in summary
+
+
+class _SpatialView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        return x.view(n, c, h * w).mean(-1)  # merges the spatial dims: the mask cannot follow
+
+
+def test_a_reshape_that_moves_pixels_is_refused():
+    with pytest.raises(ValueError, match="only the flatten head view\\(N, -1\\) and channel groups"):
+        mo.layer_mask(_SpatialView().eval())
