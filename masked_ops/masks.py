@@ -276,6 +276,19 @@ def upsample_nearest(mask: torch.Tensor, scale) -> torch.Tensor:
     return mask.repeat_interleave(int(scale[0]), dim=2).repeat_interleave(int(scale[1]), dim=3)
 
 
+def space_to_depth(mask: torch.Tensor, block: int) -> torch.Tensor:
+    """Output mask of a space-to-depth by ``block`` (TResNet's stem): an output pixel stacks a block x block
+    square into its channels, so it is visible only as far as every pixel of the square is (the minimum;
+    soft masks alike: idempotent and monotone, the rule of the soft joins)."""
+    return -F.max_pool2d(-mask, int(block), int(block))
+
+
+def pad_reflect(mask: torch.Tensor, pads) -> torch.Tensor:
+    """A mask reflect-padded like its activations (``F.pad(x, pads, mode="reflect")``): a border pixel is a
+    copy of an interior pixel, so it is visible exactly as far as that pixel is."""
+    return F.pad(mask, tuple(int(p) for p in pads), mode="reflect")
+
+
 def indicator(t: torch.Tensor) -> torch.Tensor:
     """1 where t > 0, else 0, in t's dtype (the mask of a bin with any visible pixel)."""
     return (t > 0).to(t.dtype)

@@ -350,6 +350,64 @@ class Identity(MaskedLayer):
         return f"identity ({self.name})"
 
 
+class MaskedReflectPadConv2d(MaskedConv2d):
+    """A conv after reflect padding (timm's BlurPool2d: F.pad(x, pads, "reflect"), then a fixed depthwise
+    binomial filter with stride 2; DenseNet-blur, TResNet).
+
+    The activations and the mask are reflect-padded alike (a border pixel copies an interior pixel and its
+    visibility, masks.pad_reflect), then an ordinary masked conv without padding runs on them: no removed
+    value is copied into the border as if it were visible. With an all-ones mask it is the module exactly.
+    """
+
+    rule = "conv"
+
+    def __init__(self, weight, bias, stride, pads, groups, mode="fill", *, source="BlurPool2d"):
+        super().__init__(weight, bias, stride, 0, 1, groups, mode, source=source)
+        self.pads = tuple(int(p) for p in pads)
+
+    def masks(self, mb, in_masks):
+        mp = mb._emit(M.pad_reflect, (in_masks[0], self.pads), name="reflect_padded_mask")
+        keep, scale = mb.conv(mp, self.kernel, self.stride, self.padding, self.dilation, self.mode,
+                              self.padding_visible, None)
+        return ([mp, keep] if scale is None else [mp, keep, scale]), keep
+
+    @property
+    def can_fill_in_place(self) -> bool:
+        return False  # the fill runs on the padded copy made here
+
+    def forward(self, x, m, keep, scale=None):
+        return super().forward(F.pad(x, self.pads, mode="reflect"), m, keep, scale)
+
+    def describe(self):
+        return f"reflect pad {self.pads}, then " + super().describe()
+
+
+class MaskedSpaceToDepth(MaskedLayer):
+    """A space-to-depth module (timm's SpaceToDepth: N x C x H x W -> N x C*b*b x H/b x W/b), run as it is.
+
+    An output pixel holds a b x b square of input pixels in its channels; it is visible only where the
+    whole square is (masks.space_to_depth), so no removed value reaches a visible pixel. Removed inputs
+    are selected away first (they may be NaN at the model's input), removed outputs zeroed after.
+    """
+
+    rule = "space to depth"
+
+    def __init__(self, module: nn.Module, block: int):
+        super().__init__()
+        self.module, self.block = module, int(block)
+
+    def masks(self, mb, in_masks):
+        m = in_masks[0]
+        out = mb._emit(M.space_to_depth, (m, self.block), name="space_to_depth_mask")
+        return [m, out], out
+
+    def forward(self, x, m, m_out):
+        return M.select_visible(self.module(M.select_visible(x, m)), m_out)
+
+    def describe(self):
+        return f"space to depth {self.block}x{self.block} (visible where its whole square is)"
+
+
 class ChannelGroups(Identity):
     """Channels split into groups and back (ShuffleNet's channel shuffle: view(N, G, C/G, H, W),
     transpose(1, 2), view(N, C, H, W)). Pixels stay where they are, so the mask passes unchanged; a

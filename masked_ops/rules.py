@@ -331,6 +331,31 @@ def std_conv(node, ctx):
     return _absorb_bn_act(node, ctx, layer, node.args[0])
 
 
+def blur_pool(node, ctx):
+    """timm's BlurPool2d (reflect padding, then its fixed binomial filter, depthwise, strided): a masked
+    conv on the reflect-padded map and mask (nn.MaskedReflectPadConv2d)."""
+    m = ctx.module(node)
+    if m.channels is None:
+        _reject(node, "is a BlurPool2d built without its channel count (its filter is expanded at run time)")
+    if m.pad_mode not in ("reflect", "constant", "zeros"):
+        _reject(node, f"pads with mode {m.pad_mode!r}; reflect and zero padding are supported")
+    if m.pad_mode == "reflect":
+        layer = mnn.MaskedReflectPadConv2d(m.filt, None, m.stride, m.padding, m.channels, ctx.mode)
+    else:
+        layer = mnn.MaskedConv2d(m.filt, None, m.stride, 0, 1, m.channels, ctx.mode, prepad=tuple(m.padding),
+                                 padding_visible=ctx.padding_visible, source="BlurPool2d")
+    return _absorb_bn_act(node, ctx, layer, node.args[0])
+
+
+def space_to_depth(node, ctx):
+    """timm's SpaceToDepth (TResNet's stem): the module itself; an output pixel is visible where its whole
+    block of input pixels is (nn.MaskedSpaceToDepth)."""
+    if ctx.layout(node.args[0]) != "nchw":
+        _reject(node, "rearranges a masked map that is not N x C x H x W")
+    m = ctx.module(node)
+    return mnn.MaskedSpaceToDepth(m, m.bs)
+
+
 @rule(F.conv2d, torch.conv2d)
 def conv_function(node, ctx):
     x, prepad = _conv_input(node, ctx, node.args[0])
@@ -818,6 +843,8 @@ OPTIONAL_RULES = (
     ("timm.layers.std_conv", "ScaledStdConv2d", std_conv),
     ("timm.layers.std_conv", "ScaledStdConv2dSame", std_conv),
     ("timm.layers.drop", "DropPath", dropout),
+    ("timm.layers.blur_pool", "BlurPool2d", blur_pool),
+    ("timm.layers.space_to_depth", "SpaceToDepth", space_to_depth),
     ("efficientnet_lite_pytorch.utils", "Conv2dDynamicSamePadding", conv_same),
 )
 _optional_done: set = set()

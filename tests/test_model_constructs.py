@@ -323,3 +323,48 @@ class _SpatialView(nn.Module):
 def test_a_reshape_that_moves_pixels_is_refused():
     with pytest.raises(ValueError, match="only the flatten head view\\(N, -1\\) and channel groups"):
         mo.layer_mask(_SpatialView().eval())
+
+
+def test_reflect_padded_blur_pool_never_copies_a_removed_pixel_into_the_border():
+    """timm's BlurPool2d (DenseNet-blur, TResNet): reflect padding, then a fixed depthwise filter, stride 2."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import BlurPool2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BlurPool2d(4, filt_size=3, stride=2)).to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(2, 3, 11, 12, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones(2, 1, 11, 12, dtype=D)), model(x), rtol=1e-12, atol=1e-12)
+        # column 1 is what reflect padding copies into column -1: removed there, it must not reach any
+        # output (NaN there is inert), and the border output that reads only removed pixels is removed too
+        m = torch.ones(2, 1, 11, 12, dtype=D)
+        m[:, :, :, 0:3] = 0
+        poisoned = x.clone()
+        poisoned[:, :, :, 0:3] = float("nan")
+        out = lm(poisoned, m)
+        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+    assert "reflect pad (1, 1, 1, 1)" in lm.summary()
+
+
+def test_space_to_depth_keeps_a_block_only_when_all_of_it_is_visible():
+    timm = pytest.importorskip("timm")
+    from timm.layers.space_to_depth import SpaceToDepth
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SpaceToDepth(4), nn.Conv2d(48, 5, 1)).to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(1, 3, 16, 16, dtype=D)
+    m = torch.ones(1, 1, 16, 16, dtype=D)
+    m[:, :, 5, 6] = 0  # one pixel of block (1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
+        out = lm(poisoned, m)
+        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+        # the block holding the removed pixel is removed (0) at the output; the others are the module's
+        plain = model(x)
+        assert torch.equal(out[:, :, 1, 1], torch.zeros_like(out[:, :, 1, 1]))
+        keep = torch.ones(4, 4, dtype=torch.bool)
+        keep[1, 1] = False
+        torch.testing.assert_close(out[:, :, keep], plain[:, :, keep], rtol=1e-12, atol=1e-12)
