@@ -289,6 +289,15 @@ def pad_reflect(mask: torch.Tensor, pads) -> torch.Tensor:
     return F.pad(mask, tuple(int(p) for p in pads), mode="reflect")
 
 
+def upsample_bilinear(mask: torch.Tensor, scale, align_corners: bool, soft: Optional[str] = None) -> torch.Tensor:
+    """Output mask of a bilinear upsampling by integer factors: visible where any input pixel that contributes
+    (with a positive weight) is visible. Soft masks: the bilinear average of the mask values, which keeps a
+    constant mask constant and never lowers a value when an input rises."""
+    up = F.interpolate(mask, scale_factor=tuple(int(s) for s in scale), mode="bilinear",
+                       align_corners=bool(align_corners))
+    return up if soft is not None else (up > 0).to(mask.dtype)
+
+
 def indicator(t: torch.Tensor) -> torch.Tensor:
     """1 where t > 0, else 0, in t's dtype (the mask of a bin with any visible pixel)."""
     return (t > 0).to(t.dtype)

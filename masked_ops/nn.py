@@ -619,6 +619,47 @@ class MaskedUpsampleNearest(MaskedLayer):
         return f"nearest upsampling x{self.scale[0]}x{self.scale[1]}"
 
 
+class MaskedUpsampleBilinear(MaskedLayer):
+    """Bilinear upsampling by integer factors (segmentation heads, FPNs) that never reads a removed pixel.
+
+    An output pixel averages up to 2 x 2 input pixels with bilinear weights w; here only the visible ones,
+    renormalised: sum(w v over visible) / sum(w over visible). Where every contributing pixel is visible
+    that is the plain bilinear value, bit for bit (the renormalisation is skipped there, so an all-ones mask
+    reproduces the module exactly); where none is, the pixel is removed (masks.upsample_bilinear). Soft
+    masks: values from the pixels with m > 0 (as the soft pools read them), the output mask the bilinear
+    average of the mask (its gradient path). forward(x, m).
+    """
+
+    rule = "upsample"
+
+    def __init__(self, scale, align_corners: bool = False):
+        super().__init__()
+        self.scale = (int(scale[0]), int(scale[1]))
+        self.align_corners = bool(align_corners)
+
+    def masks(self, mb, in_masks):
+        m = in_masks[0]
+        extra = (mb.soft,) if mb.soft is not None else ()
+        out = mb._emit(M.upsample_bilinear, (m, self.scale, self.align_corners) + extra, name="bilinear_mask")
+        return [m], out
+
+    def _up(self, t):
+        return F.interpolate(t, scale_factor=self.scale, mode="bilinear", align_corners=self.align_corners)
+
+    def forward(self, x, m):
+        visible = (m > 0).to(x.dtype)
+        weight = self._up(visible)         # sum of the weights of the visible contributors
+        missing = self._up(1 - visible)    # > 0 exactly where a removed pixel contributes
+        plain = self._up(x)                # removed pixels are 0: the sum over the visible ones
+        safe = torch.where(weight > 0, weight, torch.ones((), dtype=x.dtype, device=x.device))
+        out = torch.where(missing > 0, plain / safe, plain)
+        return M.select_visible(out, (weight > 0).to(x.dtype))
+
+    def describe(self):
+        return (f"bilinear upsampling x{self.scale[0]}x{self.scale[1]}"
+                f"{' (align_corners)' if self.align_corners else ''}, over visible pixels only")
+
+
 # ----------------------------------------------------------------------------- joins
 # Out of place (an input may still be read by other layers); operator.* takes a scalar on either side.
 _BINARY_FNS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}

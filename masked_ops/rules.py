@@ -668,27 +668,30 @@ def pad(node, ctx):
 # ----------------------------------------------------------------------------- resampling
 @rule(nn.Upsample, F.interpolate, F.upsample, F.upsample_nearest)
 def upsample(node, ctx):
-    """Nearest upsampling by integer factors (given as scale_factor, or as a constant size that is a
-    multiple of the input's): exact, see MaskedUpsampleNearest. Other modes mix removed pixels into
-    visible ones or move them; refused until they have a rule."""
+    """Nearest and bilinear upsampling by integer factors (given as scale_factor): exact, see
+    MaskedUpsampleNearest and MaskedUpsampleBilinear. Other modes (bicubic, area, ...) are refused until
+    they have a rule."""
     if node.op == "call_module":
         m = ctx.module(node)
-        size, scale, mode = m.size, m.scale_factor, m.mode
+        size, scale, mode, align = m.size, m.scale_factor, m.mode, m.align_corners
     else:
         size = ctx.value(_arg(node, 1, "size"))
         scale = ctx.value(_arg(node, 2, "scale_factor"))
         mode = "nearest" if node.target is F.upsample_nearest else ctx.value(_arg(node, 3, "mode", "nearest"))
+        align = ctx.value(_arg(node, 4, "align_corners"))
     if ctx.layout(node.args[0]) != "nchw":
         _reject(node, "resamples a channels-last (permuted) masked map")
-    if mode != "nearest":
-        _reject(node, f"upsamples with mode={mode!r}; only 'nearest' (by integer factors) is supported so far "
-                      f"(bilinear would blend removed pixels into visible ones)")
+    if mode not in ("nearest", "bilinear"):
+        _reject(node, f"upsamples with mode={mode!r}; only 'nearest' and 'bilinear' (by integer factors) are "
+                      f"supported so far")
     if scale is None:
         _reject(node, f"upsamples to a size ({size}); give scale_factor (integers) instead, so that the mask "
                       f"path does not depend on the input size")
     scale = tuple(scale) if isinstance(scale, (tuple, list)) else (scale, scale)
     if len(scale) != 2 or any(float(s) != int(s) or int(s) < 1 for s in scale):
         _reject(node, f"upsamples by {scale}; only integer factors >= 1 are supported")
+    if mode == "bilinear":
+        return mnn.MaskedUpsampleBilinear(scale, bool(align))
     return mnn.MaskedUpsampleNearest(scale)
 
 

@@ -182,7 +182,7 @@ def test_nearest_upsampling_copies_pixels_and_their_mask(up):
     assert torch.isfinite(grad).all() and (grad != 0).any()
 
 
-@pytest.mark.parametrize("up,words", [(nn.Upsample(scale_factor=2, mode="bilinear"), "only 'nearest'"),
+@pytest.mark.parametrize("up,words", [(nn.Upsample(scale_factor=2, mode="bicubic"), "only 'nearest' and 'bilinear'"),
                                       (nn.Upsample(size=(12, 10)), "give scale_factor"),
                                       (nn.Upsample(scale_factor=1.5), "only integer factors")])
 def test_other_resampling_is_refused_naming_the_node(up, words):
@@ -368,3 +368,55 @@ def test_space_to_depth_keeps_a_block_only_when_all_of_it_is_visible():
         keep = torch.ones(4, 4, dtype=torch.bool)
         keep[1, 1] = False
         torch.testing.assert_close(out[:, :, keep], plain[:, :, keep], rtol=1e-12, atol=1e-12)
+
+
+class _UpBilinear(nn.Module):
+    def __init__(self, align_corners, functional):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=align_corners)
+        self.align_corners, self.functional = align_corners, functional
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.functional:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=self.align_corners)
+        else:
+            x = self.up(x)
+        return self.b(x)
+
+
+@pytest.mark.parametrize("align_corners,functional", [(False, False), (True, True), (False, True)])
+def test_bilinear_upsampling_reads_visible_pixels_only(align_corners, functional):
+    torch.manual_seed(0)
+    model = _UpBilinear(align_corners, functional).to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(2, 3, 7, 9, dtype=D)
+    m = (torch.rand(2, 1, 7, 9) > 0.4).to(D)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=0, atol=0)  # bit for bit
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
+        out = lm(poisoned, m)
+        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+    assert "bilinear upsampling x2x2" in lm.summary()
+    soft = (torch.rand(2, 1, 7, 9, dtype=D) * 0.9 + 0.05).requires_grad_()
+    (grad,) = torch.autograd.grad(mo.layer_mask(model, soft=True)(x, soft).sum(), soft)
+    assert torch.isfinite(grad).all() and (grad != 0).any()
+
+
+def test_bilinear_upsampling_renormalises_over_the_visible_contributors():
+    """By hand, align_corners=True on 2 x 2 -> 4 x 4: output (1, 1) sits at (1/3, 1/3) and weighs a, b, c, d by
+    4/9, 2/9, 2/9, 1/9; with b removed it is (4a + 2c + d) / 7; (0, 1) and (0, 2) read only a and b: a."""
+    layer = mo.nn.MaskedUpsampleBilinear((2, 2), align_corners=True)
+    a, b, c, d = 1.0, 10.0, 100.0, 1000.0
+    x = torch.tensor([[[[a, 0.0], [c, d]]]], dtype=D)  # b removed: its value is 0 (the activation invariant)
+    m = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]], dtype=D)
+    out = layer(x, m)
+    torch.testing.assert_close(out[0, 0, 1, 1], torch.tensor((4 * a + 2 * c + d) / 7, dtype=D))
+    torch.testing.assert_close(out[0, 0, 0, 1:3], torch.tensor([a, a], dtype=D))
+    # the removed corner reads only b: removed
+    assert out[0, 0, 0, 3] == 0
+    from masked_ops import masks as M
+
+    keep = M.upsample_bilinear(m, (2, 2), True)
+    assert keep[0, 0, 0, 3] == 0 and keep[0, 0, 0, 2] == 1 and keep.sum() == 15
