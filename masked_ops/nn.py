@@ -723,6 +723,50 @@ class MaskedBinary(MaskedLayer):
         return f"{self.name} (masks intersect){act}"
 
 
+class MaskedStack(MaskedLayer):
+    """``torch.stack`` of masked N x C x H x W maps along dim 1 (selective-kernel branches): an
+    N x P x C x H x W map ("ngchw" layout, one mask for all). Its mask is the intersection of the inputs'
+    (the branches are summed later, as a residual add); a pixel some branch had visible and the
+    intersection removes is zeroed. forward(*xs, m_out)."""
+
+    rule = "stack"
+
+    def __init__(self, n_inputs: int):
+        super().__init__()
+        self.n_inputs = n_inputs
+
+    def masks(self, mb, in_masks):
+        if any(k is None for k in in_masks):
+            raise ValueError("torch.stack mixes masked and unmasked tensors")
+        out = mb.join(list(in_masks), "intersection")
+        return [out], out
+
+    def forward(self, *args):
+        *xs, m = args
+        return M.select_visible(torch.stack(xs, 1), layout_mask(m, "ngchw"))
+
+    def describe(self):
+        return f"stack ({self.n_inputs} inputs along dim 1, mask: intersection)"
+
+
+class GroupSum(Identity):
+    """The sum over dim 1 of an N x G x C x H x W map (the selective-kernel's sum of its branches) or of the
+    channels of an N x C x H x W map (keepdim): per pixel, so the mask is unchanged and removed pixels
+    stay 0."""
+
+    rule = "sum over groups"
+
+    def __init__(self, keepdim: bool = False):
+        super().__init__("sum over dim 1")
+        self.keepdim = bool(keepdim)
+
+    def forward(self, x):
+        return x.sum(1, keepdim=self.keepdim)
+
+    def describe(self):
+        return "sum over the group dim (mask unchanged)"
+
+
 class MaskedConcat(MaskedLayer):
     """Channel concat. Output mask: majority vote (DenseNet), union (Fire) or intersection.
 

@@ -800,6 +800,29 @@ def cat(node, ctx):
     return Lowered(mnn.MaskedConcat(ctx.concat, len(tensors)), tensors)
 
 
+@rule(torch.stack)
+def stack(node, ctx):
+    tensors = list(node.args[0])
+    dim = ctx.value(_arg(node, 1, "dim", 0))
+    if {ctx.layout(t) for t in tensors} != {"nchw"} or dim % 5 != 1:
+        _reject(node, f"stacks masked maps along dim {dim}; only N x C x H x W maps along dim 1 are supported")
+    return Lowered(mnn.MaskedStack(len(tensors)), tensors, layout="ngchw")
+
+
+@rule(torch.sum, "sum")
+def group_sum(node, ctx):
+    dims = ctx.value(_arg(node, 1, "dim"))
+    keepdim = bool(ctx.value(_arg(node, 2, "keepdim", False)))
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    if ctx.layout(node.args[0]) == "ngchw" and len(dims) == 1 and dims[0] % 5 == 1:
+        return Lowered(mnn.GroupSum(keepdim), [node.args[0]], layout="ngchw" if keepdim else "nchw")
+    if ctx.layout(node.args[0]) == "nchw" and len(dims) == 1 and dims[0] % 4 == 1 and keepdim:
+        return Lowered(mnn.GroupSum(True), [node.args[0]], layout="nchw")  # a per-pixel sum of channels
+    _reject(node, f"sums a {ctx.layout(node.args[0])} masked map over dims {dims}; only the sum over the branch "
+                  f"dim of a stack (N x P x C x H x W) and of channels with keepdim=True are supported (a spatial "
+                  f"sum would count removed pixels)")
+
+
 # ----------------------------------------------------------------------------- optional packages
 def stochastic_depth(node, ctx):
     layout = ctx.layout(node.args[0])

@@ -27,13 +27,13 @@ TIMM_CONVERTS = [
     "inception_v3", "inception_v4", "inception_resnet_v2", "xception41", "cs3darknet_s", "darknet53",
     "ese_vovnet19b_dw", "selecsls42b", "hardcorenas_a", "lcnet_050", "repvgg_a2", "repghostnet_050", "mixnet_s",
     "tinynet_a", "gernet_s", "resnetrs50", "legacy_seresnet18", "senet154",
-    # reflect-padded blur pools; space-to-depth
-    "densenetblur121d", "tresnet_m",
+    # reflect-padded blur pools; space-to-depth; selective kernels (stacked branches)
+    "densenetblur121d", "tresnet_m", "skresnet18",
 ]
 # family: the words of the ValueError that refuses it
 TIMM_REFUSED = {
     "gcresnet50t": "reshape", "resnest14d": "reshape", "botnet26t_256": "reshape", "halonet26t": "reshape",
-    "efficientformerv2_s0": "", "skresnet18": "stack", "vgg11": "cannot trace", "mobilevit_xxs": "",
+    "efficientformerv2_s0": "", "vgg11": "cannot trace", "mobilevit_xxs": "",
 }
 TORCHVISION_CONVERTS = ["resnet34", "resnext101_32x8d", "vgg11", "googlenet", "inception_v3", "mnasnet0_5",
                         "shufflenet_v2_x0_5", "efficientnet_v2_s", "regnet_x_400mf", "mobilenet_v3_small",

@@ -420,3 +420,57 @@ def test_bilinear_upsampling_renormalises_over_the_visible_contributors():
 
     keep = M.upsample_bilinear(m, (2, 2), True)
     assert keep[0, 0, 0, 3] == 0 and keep[0, 0, 0, 2] == 1 and keep.sum() == 15
+
+
+class _SelectiveKernel(nn.Module):
+    """SKNet's selection, written out: two branches with different masks (dilation 1 and 2), stacked,
+    weighted by a softmax over branches computed from their masked global mean, and summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.p1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.p2 = nn.Conv2d(3, 4, 3, padding=2, dilation=2, stride=1)
+        self.fc = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        paths = torch.stack([self.p1(x).relu(), self.p2(x).relu()], dim=1)  # N x 2 x 4 x H x W
+        attn = self.fc(paths.sum(1).mean((2, 3), keepdim=True))
+        attn = torch.softmax(attn.view(attn.shape[0], 2, 4, 1, 1), dim=1)
+        return torch.sum(paths * attn, dim=1)
+
+
+def test_stacked_branches_share_the_intersection_of_their_masks():
+    torch.manual_seed(0)
+    model = _SelectiveKernel().to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(2, 3, 12, 13, dtype=D)
+    m = torch.ones(2, 1, 12, 13, dtype=D)
+    m[:, :, 4:8, 4:9] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
+        out = lm(poisoned, m)
+        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+        # the dilated branch keeps a smaller region than the plain one (its window reaches 2 px): the
+        # output is removed wherever either branch is, i.e. where the dilated branch sees only removed pixels
+        from masked_ops import masks as M
+
+        k1 = M.conv_keep(m, (3, 3), (1, 1), (1, 1), (1, 1))
+        k2 = M.conv_keep(m, (3, 3), (1, 1), (2, 2), (2, 2))
+        assert not torch.equal(k1, k2)
+        removed = (torch.minimum(k1, k2) == 0).expand_as(out)
+        assert removed.any() and (out[removed] == 0).all()
+    assert "stack (2 inputs along dim 1, mask: intersection)" in lm.summary()
+
+
+def test_sums_other_than_over_stacked_branches_are_refused():
+    class _SpatialSum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.a(x).sum((2, 3))
+
+    with pytest.raises(ValueError, match="a spatial sum would count removed pixels"):
+        mo.layer_mask(_SpatialSum().eval())
