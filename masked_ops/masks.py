@@ -283,6 +283,23 @@ def space_to_depth(mask: torch.Tensor, block: int) -> torch.Tensor:
     return -F.max_pool2d(-mask, int(block), int(block))
 
 
+def small_map_pool(mask: torch.Tensor, kernel: int, soft: Optional[str] = None):
+    """timm's VGG head pools a map smaller than its kernel up to kernel x kernel (adaptive average pooling)
+    before its first conv. (visible fraction per bin, the pooled mask), or (None, mask) for a large map."""
+    h, w = mask.shape[-2:]
+    if h >= kernel and w >= kernel:
+        return None, mask
+    size = (max(kernel, h), max(kernel, w))
+    return adaptive_fraction(mask, size), adaptive_keep(mask, size, soft)
+
+
+def conv_mlp_keep(mask: torch.Tensor, kernel: int, soft: Optional[str] = None) -> torch.Tensor:
+    """Output mask of timm's VGG head (ConvMlp): the small-map pool if any, then its kernel x kernel conv
+    without padding (its 1 x 1 conv keeps that mask)."""
+    _, m = small_map_pool(mask, kernel, soft)
+    return conv_keep(m, (kernel, kernel), (1, 1), (0, 0), (1, 1), soft=soft)
+
+
 def pad_reflect(mask: torch.Tensor, pads) -> torch.Tensor:
     """A mask reflect-padded like its activations (``F.pad(x, pads, mode="reflect")``): a border pixel is a
     copy of an interior pixel, so it is visible exactly as far as that pixel is."""

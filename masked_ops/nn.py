@@ -408,6 +408,78 @@ class MaskedSpaceToDepth(MaskedLayer):
         return f"space to depth {self.block}x{self.block} (visible where its whole square is)"
 
 
+class MaskedConvMlp(MaskedLayer):
+    """timm's VGG head (ConvMlp): a map smaller than the kernel is first pooled up to kernel x kernel by an
+    adaptive average pool (a Python branch on the size, taken at run time here, as in the module), then
+    a kernel x kernel conv without padding and a 1 x 1 conv, each with its activation. The pool is the
+    masked mean per bin (as MaskedAdaptiveAvgPool2d), the convs are masked convs. forward(x, m, keep)."""
+
+    rule = "conv mlp"
+
+    def __init__(self, fc1: "MaskedConv2d", fc2: "MaskedConv2d", kernel: int):
+        super().__init__()
+        self.fc1, self.fc2, self.kernel = fc1, fc2, int(kernel)
+
+    def set_soft(self, rule, fill_grad=False):
+        super().set_soft(rule, fill_grad)
+        self.fc1.set_soft(rule, fill_grad)
+        self.fc2.set_soft(rule, fill_grad)
+        return self
+
+    def masks(self, mb, in_masks):
+        m = in_masks[0]
+        extra = (mb.soft,) if mb.soft is not None else ()
+        keep = mb._emit(M.conv_mlp_keep, (m, self.kernel) + extra, name="conv_mlp_keep")
+        return [m, keep], keep
+
+    def forward(self, x, m, keep):
+        frac, pooled = M.small_map_pool(m, self.kernel, self.soft)
+        if frac is not None:  # the module's branch: the masked mean per bin
+            num = F.adaptive_avg_pool2d(x if self.soft is None else x * m, tuple(frac.shape[-2:]))
+            x = torch.where(frac > 0, num / frac.clamp_min(1e-12), torch.zeros((), dtype=x.dtype, device=x.device))
+            m = pooled
+        return self.fc2(self.fc1(x, m, keep), keep, keep)
+
+    def describe(self):
+        return (f"VGG head: masked adaptive mean up to {self.kernel}x{self.kernel} when smaller, then "
+                f"{self.fc1.describe()}; {self.fc2.describe()}")
+
+
+class MaskedGlobalContext(MaskedLayer):
+    """timm's GlobalContext block (GCNet): attention pooling over the visible pixels only, then the module's
+    own MLPs and gate on the pooled context, applied to the map per pixel. The softmax of the attention
+    logits runs over visible positions (removed ones get -inf, as a ViT drops tokens); without an
+    attention conv, the masked mean. Every written op is the module's, so an all-ones mask gives its bits.
+    forward(x, m); the mask is unchanged."""
+
+    rule = "global context"
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x, m):
+        g = self.module
+        b, c, h, w = x.shape
+        visible = (m > 0).reshape(b, 1, h * w)
+        if g.conv_attn is not None:
+            logits = g.conv_attn(x).reshape(b, 1, h * w)
+            logits = logits.masked_fill(~visible, float("-inf"))
+            attn = F.softmax(logits, dim=-1)
+            attn = torch.where(visible.any(-1, keepdim=True), attn, torch.zeros((), dtype=x.dtype, device=x.device))
+            context = (x.reshape(b, c, h * w).unsqueeze(1) @ attn.unsqueeze(3)).view(b, c, 1, 1)
+        else:
+            context = ops.mean_core(x, m, soft=self.soft is not None)[:, :, None, None]
+        if g.mlp_scale is not None:
+            x = x * g.gate(g.mlp_scale(context))
+        if g.mlp_add is not None:
+            x = x + g.mlp_add(context)
+        return M.select_visible(x, m)
+
+    def describe(self):
+        return "global context: attention pooling over visible pixels (softmax over them), gated per pixel"
+
+
 class ChannelGroups(Identity):
     """Channels split into groups and back (ShuffleNet's channel shuffle: view(N, G, C/G, H, W),
     transpose(1, 2), view(N, C, H, W)). Pixels stay where they are, so the mask passes unchanged; a

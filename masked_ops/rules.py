@@ -356,6 +356,34 @@ def space_to_depth(node, ctx):
     return mnn.MaskedSpaceToDepth(m, m.bs)
 
 
+def conv_mlp(node, ctx):
+    """timm's VGG head (ConvMlp): its size-dependent branch runs inside nn.MaskedConvMlp."""
+    m = ctx.module(node)
+    if ctx.layout(node.args[0]) != "nchw":
+        _reject(node, "is a VGG head on a map that is not N x C x H x W")
+    acts = []
+    for act in (m.act1, m.act2):
+        name = ACT_MODULES.get(type(act))
+        if name is None:
+            _reject(node, f"is a VGG head with activation {type(act).__name__}, which the fused convs lack")
+        acts.append(name)
+    if m.drop.training and m.drop.p > 0:
+        _reject(node, "is a VGG head with dropout in training mode")
+    for conv in (m.fc1, m.fc2):
+        if type(conv) is not nn.Conv2d:
+            _reject(node, f"is a VGG head with a {type(conv).__name__} (nn.Conv2d is supported)")
+    fc1 = mnn.MaskedConv2d.from_conv(m.fc1, ctx.mode, activation=acts[0], padding_visible=ctx.padding_visible)
+    fc2 = mnn.MaskedConv2d.from_conv(m.fc2, ctx.mode, activation=acts[1], padding_visible=ctx.padding_visible)
+    return mnn.MaskedConvMlp(fc1, fc2, m.input_kernel_size)
+
+
+def global_context(node, ctx):
+    """timm's GlobalContext (GCNet): nn.MaskedGlobalContext pools over visible pixels only."""
+    if ctx.layout(node.args[0]) != "nchw":
+        _reject(node, "is a GlobalContext block on a map that is not N x C x H x W")
+    return mnn.MaskedGlobalContext(ctx.module(node))
+
+
 @rule(F.conv2d, torch.conv2d)
 def conv_function(node, ctx):
     x, prepad = _conv_input(node, ctx, node.args[0])
@@ -574,9 +602,10 @@ def _channel_groups(node, ctx, shape):
 
 @rule("view", "reshape", torch.reshape)
 def view(node, ctx):
-    shape = [ctx.value(a) if not hasattr(a, "op") else a for a in node.args[1:]]
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = list(shape[0])
+    args = list(node.args[1:]) or [node.kwargs.get("shape")]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):  # x.reshape((B, G, C, H, W))
+        args = list(args[0])
+    shape = [ctx.value(a) if not hasattr(a, "op") else a for a in args]
     if len(shape) == 2 and shape[1] == -1 and ctx.layout(node.args[0]) == "nchw":
         return mnn.FlattenHead(f"{node.target}(N, -1)")
     grouped = _channel_groups(node, ctx, shape)
@@ -871,6 +900,8 @@ OPTIONAL_RULES = (
     ("timm.layers.drop", "DropPath", dropout),
     ("timm.layers.blur_pool", "BlurPool2d", blur_pool),
     ("timm.layers.space_to_depth", "SpaceToDepth", space_to_depth),
+    ("timm.models.vgg", "ConvMlp", conv_mlp),
+    ("timm.layers.global_context", "GlobalContext", global_context),
     ("efficientnet_lite_pytorch.utils", "Conv2dDynamicSamePadding", conv_same),
 )
 _optional_done: set = set()

@@ -1,8 +1,9 @@
 """Which models convert: one model per family of timm and torchvision, in float64 (issue 24).
 
-Each family listed under CONVERTS converts and holds both invariants exactly enough to tell a wrong rule
-from rounding: the all-ones mask reproduces the plain model within 1e-10 (relative, float64), and NaN in
-a removed region gives finite outputs equal to those with other values there. Each family under REFUSED
+Each family listed under CONVERTS converts and holds the invariants exactly enough to tell a wrong rule
+from rounding: the all-ones mask reproduces the plain model within 1e-10 (relative, float64), NaN in a
+removed region gives finite outputs equal to those with other values there, and the soft model at a 0/1
+mask equals the hard one. Each family under REFUSED
 is refused at conversion with a ValueError whose message names what stops it (never converted silently
 wrong); when a new rule makes one convert, its test fails and says to move it. README.md, "Which models
 convert", is this table in words. Random weights, batch 1, 96 px; the models of tests/test_zoo.py (fp32,
@@ -27,13 +28,13 @@ TIMM_CONVERTS = [
     "inception_v3", "inception_v4", "inception_resnet_v2", "xception41", "cs3darknet_s", "darknet53",
     "ese_vovnet19b_dw", "selecsls42b", "hardcorenas_a", "lcnet_050", "repvgg_a2", "repghostnet_050", "mixnet_s",
     "tinynet_a", "gernet_s", "resnetrs50", "legacy_seresnet18", "senet154",
-    # reflect-padded blur pools; space-to-depth; selective kernels (stacked branches)
-    "densenetblur121d", "tresnet_m", "skresnet18",
+    # reflect-padded blur pools; space-to-depth; selective kernels (stacked branches); split attention
+    # (channel groups read from the map); global context (attention pooling); timm's VGG head
+    "densenetblur121d", "tresnet_m", "skresnet18", "resnest14d", "gcresnet50t", "vgg11",
 ]
 # family: the words of the ValueError that refuses it
-TIMM_REFUSED = {
-    "gcresnet50t": "reshape", "resnest14d": "reshape", "botnet26t_256": "reshape", "halonet26t": "reshape",
-    "efficientformerv2_s0": "", "vgg11": "cannot trace", "mobilevit_xxs": "",
+TIMM_REFUSED = {  # the attention hybrids: self-attention over tokens (issue 26 brings token dropping)
+    "botnet26t_256": "reshape", "halonet26t": "reshape", "efficientformerv2_s0": "", "mobilevit_xxs": "",
 }
 TORCHVISION_CONVERTS = ["resnet34", "resnext101_32x8d", "vgg11", "googlenet", "inception_v3", "mnasnet0_5",
                         "shufflenet_v2_x0_5", "efficientnet_v2_s", "regnet_x_400mf", "mobilenet_v3_small",
@@ -77,6 +78,11 @@ def test_family_converts_and_holds_the_invariants_in_float64(source, name):
     assert torch.isfinite(with_nan).all() and torch.equal(with_nan, with_other), f"{name}: removed values leak"
     # the mask acts (far above float64 rounding; random deep nets can be nearly insensitive to their input)
     assert float((with_nan - plain).abs().max()) > 1e-9 * scale
+    # one converted model serves soft masks too: at 0/1 values the soft model is the hard one
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        soft = mo.layer_mask(model, soft=True)(torch.where(mask, x, torch.zeros((), dtype=D)), mask.to(D))
+    torch.testing.assert_close(soft, with_nan, rtol=1e-12, atol=1e-12 * scale)
 
 
 @pytest.mark.parametrize("source,name,words", [("timm", n, w) for n, w in TIMM_REFUSED.items()]

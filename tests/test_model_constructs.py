@@ -135,7 +135,7 @@ def test_an_in_place_change_seen_through_a_view_is_refused_not_silently_skipped(
 
 
 def test_weight_standardised_convs_use_the_modules_own_weight():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import ScaledStdConv2dSame, StdConv2d
 
     torch.manual_seed(0)
@@ -327,7 +327,7 @@ def test_a_reshape_that_moves_pixels_is_refused():
 
 def test_reflect_padded_blur_pool_never_copies_a_removed_pixel_into_the_border():
     """timm's BlurPool2d (DenseNet-blur, TResNet): reflect padding, then a fixed depthwise filter, stride 2."""
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import BlurPool2d
 
     torch.manual_seed(0)
@@ -348,7 +348,7 @@ def test_reflect_padded_blur_pool_never_copies_a_removed_pixel_into_the_border()
 
 
 def test_space_to_depth_keeps_a_block_only_when_all_of_it_is_visible():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers.space_to_depth import SpaceToDepth
 
     torch.manual_seed(0)
@@ -408,7 +408,7 @@ def test_bilinear_upsampling_renormalises_over_the_visible_contributors():
     """By hand, align_corners=True on 2 x 2 -> 4 x 4: output (1, 1) sits at (1/3, 1/3) and weighs a, b, c, d by
     4/9, 2/9, 2/9, 1/9; with b removed it is (4a + 2c + d) / 7; (0, 1) and (0, 2) read only a and b: a."""
     layer = mo.nn.MaskedUpsampleBilinear((2, 2), align_corners=True)
-    a, b, c, d = 1.0, 10.0, 100.0, 1000.0
+    a, c, d = 1.0, 100.0, 1000.0  # (b, removed, never enters)
     x = torch.tensor([[[[a, 0.0], [c, d]]]], dtype=D)  # b removed: its value is 0 (the activation invariant)
     m = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]], dtype=D)
     out = layer(x, m)
@@ -474,3 +474,52 @@ def test_sums_other_than_over_stacked_branches_are_refused():
 
     with pytest.raises(ValueError, match="a spatial sum would count removed pixels"):
         mo.layer_mask(_SpatialSum().eval())
+
+
+@pytest.mark.parametrize("side", [5, 9])  # below the head's kernel (its pooling branch) and above it
+def test_vgg_head_takes_its_size_branch_at_run_time(side):
+    pytest.importorskip("timm")
+    from timm.models.vgg import ConvMlp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ConvMlp(8, 6, kernel_size=7, drop_rate=0.0)).to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(2, 3, side, side + 1, dtype=D)
+    m = (torch.rand(2, 1, side, side + 1) > 0.3).to(D)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
+        out = lm(poisoned, m)
+        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+        assert not torch.allclose(out, model(x))  # the mask acts
+        torch.testing.assert_close(mo.layer_mask(model, soft=True)(x * m, m), out, rtol=1e-12, atol=1e-12)
+    assert "VGG head" in lm.summary()
+
+
+def test_global_context_pools_over_visible_pixels_only():
+    """GCNet's attention pooling: the softmax runs over visible positions, by hand on one image."""
+    pytest.importorskip("timm")
+    from timm.layers.global_context import GlobalContext
+
+    torch.manual_seed(0)
+    gc = GlobalContext(4, rd_channels=2).to(D).eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), gc).to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(1, 3, 6, 7, dtype=D)
+    m = (torch.rand(1, 1, 6, 7) > 0.4).to(D)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=0, atol=0)  # the module's bits
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
+        out = lm(poisoned, m)
+        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+        # by hand: the masked conv's output at its visible pixels, the softmax of the attention logits over them
+        keep = mo.masks.conv_keep(m, (3, 3), (1, 1), (1, 1), (1, 1))[0, 0] > 0  # the conv's output mask
+        lm_first = mo.layer_mask(model[0])(x, m)[0]
+        vis = keep.reshape(-1)
+        feats = lm_first.reshape(4, -1)[:, vis]              # C x V, the masked conv's visible outputs
+        logits = gc.conv_attn(lm_first[None])[0, 0].reshape(-1)[vis]
+        context = feats @ torch.softmax(logits, 0)           # C
+        want = lm_first * gc.gate(gc.mlp_scale(context.view(1, 4, 1, 1)))[0]
+        want = torch.where(keep, want, torch.zeros((), dtype=D))
+        torch.testing.assert_close(out[0], want, rtol=1e-12, atol=1e-12)
+    assert "global context" in lm.summary()
