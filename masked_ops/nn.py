@@ -480,6 +480,27 @@ class MaskedGlobalContext(MaskedLayer):
         return "global context: attention pooling over visible pixels (softmax over them), gated per pixel"
 
 
+class MaskedPixelShuffle(MaskedLayer):
+    """Depth-to-space (nn.PixelShuffle, F.pixel_shuffle): every output pixel is one channel of one input
+    pixel, removed ones as 0, so the output is exact and needs no re-zeroing; mask out = the mask
+    upsampled by nearest-neighbour, r x r (masks.upsample_nearest). forward(x)."""
+
+    rule = "pixel shuffle"
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = int(factor)
+
+    def masks(self, mb, in_masks):
+        return [], mb.upsample(in_masks[0], (self.factor, self.factor))
+
+    def forward(self, x):
+        return F.pixel_shuffle(x, self.factor)
+
+    def describe(self):
+        return f"pixel shuffle x{self.factor} (each output pixel from one input pixel)"
+
+
 class ChannelGroups(Identity):
     """Channels split into groups and back (ShuffleNet's channel shuffle: view(N, G, C/G, H, W),
     transpose(1, 2), view(N, C, H, W)). Pixels stay where they are, so the mask passes unchanged; a

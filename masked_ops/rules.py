@@ -724,6 +724,36 @@ def upsample(node, ctx):
     return mnn.MaskedUpsampleNearest(scale)
 
 
+@rule(nn.PixelShuffle, F.pixel_shuffle)
+def pixel_shuffle(node, ctx):
+    """Depth-to-space: an output pixel copies one channel of one input pixel (nn.MaskedPixelShuffle)."""
+    factor = ctx.module(node).upscale_factor if node.op == "call_module" else \
+        ctx.value(_arg(node, 1, "upscale_factor"))
+    if ctx.layout(node.args[0]) != "nchw":
+        _reject(node, "shuffles a masked map that is not N x C x H x W")
+    return mnn.MaskedPixelShuffle(factor)
+
+
+@rule(nn.PixelUnshuffle, F.pixel_unshuffle)
+def pixel_unshuffle(node, ctx):
+    """Space-to-depth: an output pixel stacks an r x r block, visible where all of it is (as SpaceToDepth)."""
+    factor = ctx.module(node).downscale_factor if node.op == "call_module" else \
+        ctx.value(_arg(node, 1, "downscale_factor"))
+    if ctx.layout(node.args[0]) != "nchw":
+        _reject(node, "rearranges a masked map that is not N x C x H x W")
+    return mnn.MaskedSpaceToDepth(mnn.Bound(F.pixel_unshuffle, (int(factor),)), factor)
+
+
+@rule(nn.ChannelShuffle, F.channel_shuffle)
+def channel_shuffle(node, ctx):
+    """A permutation of channels (nn.ChannelShuffle): per pixel, the mask is unchanged."""
+    if ctx.layout(node.args[0]) != "nchw":
+        _reject(node, "shuffles the channels of a masked map that is not N x C x H x W")
+    fn = ctx.module(node) if node.op == "call_module" else \
+        mnn.Bound(F.channel_shuffle, (ctx.value(_arg(node, 1, "groups")),))
+    return mnn.MaskedPointwise(fn, "channel shuffle", zero_preserving=True)
+
+
 # ----------------------------------------------------------------------------- channel selections
 # Splitting, chunking, narrowing or slicing a masked map along its channels keeps every pixel where it
 # is: each piece carries the input's mask unchanged, and removed pixels stay 0 (no re-zeroing needed).

@@ -476,8 +476,8 @@ def test_unknown_spatial_op_raises_naming_the_node():
 
 
 def test_leaf_module_without_rule_raises():
-    with pytest.raises(ValueError, match="PixelShuffle"):
-        mo.layer_mask(nn.Sequential(nn.Conv2d(4, 4, 1), nn.PixelShuffle(2)))
+    with pytest.raises(ValueError, match="Unfold"):
+        mo.layer_mask(nn.Sequential(nn.Conv2d(4, 4, 1), nn.Unfold(2)))
 
 
 def test_spatial_reshape_raises():

@@ -523,3 +523,75 @@ def test_global_context_pools_over_visible_pixels_only():
         want = torch.where(keep, want, torch.zeros((), dtype=D))
         torch.testing.assert_close(out[0], want, rtol=1e-12, atol=1e-12)
     assert "global context" in lm.summary()
+
+
+class _EveryNewConstruct(nn.Module):
+    """The constructs of issue 24 in one small model, for the compile check."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import BlurPool2d
+        from timm.layers.global_context import GlobalContext
+        from timm.layers.space_to_depth import SpaceToDepth
+        from timm.models.vgg import ConvMlp
+
+        self.s2d = SpaceToDepth(4)
+        self.a = nn.Conv2d(48, 8, 3, padding=1)
+        self.blur = BlurPool2d(8, filt_size=3, stride=2)
+        self.p1, self.p2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.gc = GlobalContext(8, rd_channels=4)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.head = ConvMlp(8, 5, kernel_size=3, drop_rate=0.0)
+
+    def forward(self, x):
+        x = self.blur(self.a(self.s2d(x)))
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)  # channel shuffle
+        x = torch.stack([self.p1(x), self.p2(x)], dim=1).sum(1)
+        x = self.up(self.gc(x))
+        return self.head(x).mean((2, 3))
+
+
+def test_the_new_constructs_compile_without_a_graph_break():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _EveryNewConstruct().to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    m = (torch.rand(2, 1, 32, 32) > 0.3).to(D)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
+        torch._dynamo.reset()
+        compiled = torch.compile(lm, backend="eager", fullgraph=True)  # a graph break raises
+        torch.testing.assert_close(compiled(x, m), lm(x, m), rtol=1e-12, atol=1e-12)
+
+
+class _Shuffles(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(2, 4, 3, padding=1)
+        self.shuffle = nn.ChannelShuffle(2)
+
+    def forward(self, x):
+        y = F.pixel_shuffle(self.shuffle(self.a(x)), 2)        # depth-to-space: 8 -> 2 channels, 2x larger
+        return F.pixel_unshuffle(self.b(y), 2).mean((2, 3))    # space-to-depth back
+
+
+def test_depth_to_space_and_space_to_depth():
+    torch.manual_seed(0)
+    model = _Shuffles().to(D).eval()
+    lm = mo.layer_mask(model)
+    x = torch.randn(2, 3, 8, 9, dtype=D)
+    m = (torch.rand(2, 1, 8, 9) > 0.4).to(D)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
+        out = lm(poisoned, m)
+        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+    # depth-to-space: an output pixel is visible exactly where the input pixel it copies is
+    ps = mo.layer_mask(nn.Sequential(nn.Conv2d(3, 8, 1), nn.PixelShuffle(2)).to(D).eval())
+    y = ps(x, m)
+    up = m.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    assert torch.equal((y.abs().sum(1, keepdim=True) > 0).to(D) <= up, torch.ones_like(up, dtype=torch.bool))
+    summary = lm.summary()
+    assert "pixel shuffle x2" in summary and "space to depth 2x2" in summary and "channel shuffle" in summary
