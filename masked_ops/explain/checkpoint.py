@@ -1,10 +1,19 @@
-"""DiffMask checkpoints: the format tag and reading with checks (written with _util.io.atomic_torch_save;
-which model and data they belong to: _util.fingerprint)."""
+"""DiffMask checkpoints: the format tag, reading with checks, and ``Checkpointed``, the state a DiffMask
+saves, loads and resumes from (written with _util.io.atomic_torch_save; which model and data they belong
+to: _util.fingerprint)."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
+import torch.nn as nn
+
+from .._util.io import atomic_torch_save
+from ..images import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from .strategies import Strategy
 
 CHECKPOINT_FORMAT = "masked_ops.diffmask/1"
 
@@ -20,3 +29,83 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path!r} is not a DiffMask checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
+
+
+class Checkpointed:
+    """The checkpoint side of DiffMask: its state as a dict, saving it atomically, loading it with checks
+    (the model's fingerprint, the configuration, the training data), and the line an interrupted fit ends
+    with. Uses the DiffMask's attributes: config, model_fingerprint, gate, optimizer, lagrange (and its
+    parameter and optimizer), step, generator, history and the running means."""
+
+    def state_dict(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "config": dict(self.config), "model": self.model_fingerprint,
+                "gate": self.gate.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lagrange": float(self._lagrange_param.detach()),
+                "lagrange_optimizer": self.lagrange_optimizer.state_dict(), "step": self.step,
+                "generator": self.generator.get_state(), "history": list(self.history),
+                "running": {k: list(v) for k, v in self._running.items()}}
+
+    def load_state_dict(self, state: dict, *, source: str = "state_dict") -> None:
+        """Load a state (``state_dict()`` or a checkpoint file's content) made for this model and config."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{source} is not a DiffMask state (format {CHECKPOINT_FORMAT})")
+        if state["model"] != self.model_fingerprint:
+            raise ValueError(f"{source} was made for another model (its weights' fingerprint is {state['model']}, "
+                             f"this model's is {self.model_fingerprint})")
+        diff = sorted(k for k in set(state["config"]) | set(self.config)
+                      if state["config"].get(k) != self.config.get(k))
+        if diff:
+            saved = state["config"]
+            what = ", ".join(f"{k}={saved.get(k)!r} vs {self.config.get(k)!r}" for k in diff)
+            raise ValueError(f"{source} was made with another DiffMask configuration (differs in: {what})")
+        self.gate.load_state_dict(state["gate"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            self._lagrange_param.fill_(float(state["lagrange"]))
+        self.lagrange = self._lagrange_param.detach().clone()
+        self.lagrange_optimizer.load_state_dict(state["lagrange_optimizer"])
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.history = list(state["history"])
+        self._running = {k: list(v) for k, v in state.get("running", {"kl": [], "kept": []}).items()}
+
+    def _resume(self, ckpt: dict, path, data_fp: str, augment: bool) -> None:
+        if ckpt.get("data") not in (None, data_fp) or ckpt.get("augment", augment) != augment:
+            raise ValueError(f"checkpoint {os.fspath(path)!r} was made by a fit on other training data or "
+                             f"augmentation; use another checkpoint path to start a new fit")
+        self.load_state_dict(ckpt, source=f"checkpoint {os.fspath(path)!r}")
+
+    def save(self, path: str, **extra) -> None:
+        """Write the state to ``path`` atomically (a temporary file, then a rename)."""
+        state = self.state_dict()
+        state.update({("data" if k == "data_fingerprint" else k): v for k, v in extra.items()})
+        atomic_torch_save(state, path)
+
+    @classmethod
+    def load(cls, path: str, model: nn.Module, *, strategy: Union[str, "Strategy", None] = None,
+             mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> "Checkpointed":
+        """A DiffMask rebuilt from a checkpoint file for ``model`` (refused if made for another model).
+
+        ``strategy`` defaults to the checkpoint's; the explanations do not depend on it (only the
+        training did), so any soft strategy may be given for ``evaluate``.
+        """
+        ckpt = load_checkpoint(path)
+        cfg = dict(ckpt["config"])
+        name = cfg.pop("strategy")
+        if strategy is None:
+            strategy = name
+        dm = cls(model, strategy=strategy, mean=mean, std=std, **cfg)
+        dm.config["strategy"] = name
+        dm.load_state_dict(ckpt, source=f"checkpoint {os.fspath(path)!r}")
+        return dm
+
+    def _interrupted_message(self, checkpoint, total: int, every: int) -> str:
+        """One line for Ctrl-C in ``fit``: where the fit stopped and what resumes it."""
+        where = f"DiffMask.fit interrupted at step {self.step} of {total}"
+        if checkpoint is None:
+            return f"{where}; no checkpoint was written (fit(..., checkpoint=FILE) makes a fit resumable)"
+        if not os.path.exists(checkpoint):
+            return f"{where}; the checkpoint {checkpoint} was not written yet (the first comes at step {every})"
+        saved = load_checkpoint(checkpoint).get("step", "?")
+        return (f"{where}; the checkpoint {os.path.abspath(checkpoint)} holds step {saved}: calling fit with "
+                f"checkpoint={checkpoint!r} again resumes from it")
