@@ -1,0 +1,72 @@
+"""Time per image against the batch size: the explainers' forward batches (issue 29: choose the batch size by
+measurement rather than a constant).
+
+    python bench/bench_batch_size.py                 # CPU, Lite0 and ResNet-50, eager and compiled
+    python bench/bench_batch_size.py --smoke         # one model, two sizes, no compile: tests the script
+
+For each model (channels_last, as the explainers run it on CPU), plain and layer-masked (half the 16 x 16
+patches removed), eager and under torch.compile: milliseconds per image of one forward at each batch size,
+interleaved (the sizes of one model and mode rotate every round; bench/harness.py), medians and spreads,
+and each size's ratio to the library's default (explain.perturb.resolve_batch_size).
+Results: bench/results/cpu-batch-size-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="efficientnet-lite0,resnet50")
+    p.add_argument("--sizes", default="4,8,12,16,32")
+    p.add_argument("--no-compile", action="store_true")
+    args = H.script_args(p, argv, repeats=5, smoke=dict(models="efficientnet-lite0", sizes="4,8", repeats=2,
+                                                        no_compile=True))
+    import masked_ops as mo
+    from masked_ops.explain.perturb import resolve_batch_size
+    from masked_ops.models import load_model
+
+    default = resolve_batch_size(None, H.CPU)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    out = H.results_path(args, "batch-size")
+    results = []
+    doc = dict(benchmark="batch_size", sizes=sizes, default_batch_size=default, repeats=args.repeats,
+               input_shape=[None, 3, 224, 224], dtype="float32", format="channels_last",
+               **H.environment(H.CPU), results=results)
+    for name in args.models.split(","):
+        model = load_model(name, "random" if name != "efficientnet-lite0" else None)[0]
+        model = model.eval().to(memory_format=torch.channels_last)
+        lm = mo.layer_mask(model)
+        for mode in ("eager",) + (() if args.no_compile else ("compiled",)):
+            for kind, net in (("plain", model), ("layer", lm)):
+                fn = torch.compile(net) if mode == "compiled" else net
+                contenders = {}
+                for b in sizes:
+                    x = torch.randn(b, 3, 224, 224).to(memory_format=torch.channels_last)
+                    m = (torch.rand(b, 1, 14, 14) > 0.5).float().repeat_interleave(16, 2).repeat_interleave(16, 3)
+                    contenders[str(b)] = (lambda f=fn, x=x, m=m, k=kind: f(x, m) if k == "layer" else f(x))
+                with torch.inference_mode():
+                    times = H.interleaved(contenders, args.repeats, H.CPU, warmup=2)
+                per_image = {b: [t / int(b) for t in v] for b, v in times.items()}
+                row = dict(model=name, mode=mode, kind=kind,
+                           ms_per_image={b: H.stats(v) for b, v in per_image.items()})
+                if str(default) in per_image:
+                    row["ratio_to_default"] = {b: H.paired_ratio(v, per_image[str(default)]) for b, v in per_image.items()}
+                results.append(row)
+                best = min(per_image, key=lambda b: row["ms_per_image"][b]["median"])
+                print(f"{name} {mode} {kind}: " + ", ".join(f"{b}: {row['ms_per_image'][b]['median']:.2f}"
+                                                           for b in per_image) + f" ms/image; best {best}", flush=True)
+                H.write_json(out, doc)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
