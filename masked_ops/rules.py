@@ -724,24 +724,26 @@ def upsample(node, ctx):
     return mnn.MaskedUpsampleNearest(scale)
 
 
+def _rearrange_factor(node, ctx, attribute: str, keyword: str) -> int:
+    """The factor of a pixel (un)shuffle, from the module or the call; refused off N x C x H x W maps."""
+    if ctx.layout(node.args[0]) != "nchw":
+        _reject(node, "rearranges a masked map that is not N x C x H x W")
+    if node.op == "call_module":
+        return int(getattr(ctx.module(node), attribute))
+    return int(ctx.value(_arg(node, 1, keyword)))
+
+
 @rule(nn.PixelShuffle, F.pixel_shuffle)
 def pixel_shuffle(node, ctx):
     """Depth-to-space: an output pixel copies one channel of one input pixel (nn.MaskedPixelShuffle)."""
-    factor = ctx.module(node).upscale_factor if node.op == "call_module" else \
-        ctx.value(_arg(node, 1, "upscale_factor"))
-    if ctx.layout(node.args[0]) != "nchw":
-        _reject(node, "shuffles a masked map that is not N x C x H x W")
-    return mnn.MaskedPixelShuffle(factor)
+    return mnn.MaskedPixelShuffle(_rearrange_factor(node, ctx, "upscale_factor", "upscale_factor"))
 
 
 @rule(nn.PixelUnshuffle, F.pixel_unshuffle)
 def pixel_unshuffle(node, ctx):
     """Space-to-depth: an output pixel stacks an r x r block, visible where all of it is (as SpaceToDepth)."""
-    factor = ctx.module(node).downscale_factor if node.op == "call_module" else \
-        ctx.value(_arg(node, 1, "downscale_factor"))
-    if ctx.layout(node.args[0]) != "nchw":
-        _reject(node, "rearranges a masked map that is not N x C x H x W")
-    return mnn.MaskedSpaceToDepth(mnn.Bound(F.pixel_unshuffle, (int(factor),)), factor)
+    factor = _rearrange_factor(node, ctx, "downscale_factor", "downscale_factor")
+    return mnn.MaskedSpaceToDepth(mnn.Bound(F.pixel_unshuffle, (factor,)), factor)
 
 
 @rule(nn.ChannelShuffle, F.channel_shuffle)

@@ -88,6 +88,17 @@ def test_spatial_splits_and_slices_are_refused_naming_the_node(how, words):
         mo.layer_mask(_Bad(how).eval())
 
 
+def _holds_the_invariants(lm, model, x, m, tol=1e-12):
+    """All-ones mask: the model (within ``tol``, float64); NaN in the removed region: finite and inert.
+    Returns the converted model's output at ``m``."""
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=tol, atol=tol)
+        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=x.dtype))
+        out = lm(poisoned, m)
+        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+    return out
+
+
 class _InPlace(nn.Module):
     """timm's NFNet block: ``out.mul_(gain)`` whose result is discarded, then ``out`` read again."""
 
@@ -299,11 +310,7 @@ def test_channel_shuffle_passes_the_mask_through(per_group):
     lm = mo.layer_mask(model)
     x = torch.randn(2, 3, 9, 10, dtype=D)
     m = (torch.rand(2, 1, 9, 10) > 0.4).to(D)
-    with torch.no_grad():
-        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
-        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
-        out = lm(poisoned, m)
-        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+    _holds_the_invariants(lm, model, x, m)
     summary = lm.summary()
     assert "split channels into 3" in summary and "swap the channel group dims" in summary
     assert "merge channel groups" in summary
@@ -357,11 +364,8 @@ def test_space_to_depth_keeps_a_block_only_when_all_of_it_is_visible():
     x = torch.randn(1, 3, 16, 16, dtype=D)
     m = torch.ones(1, 1, 16, 16, dtype=D)
     m[:, :, 5, 6] = 0  # one pixel of block (1, 1)
+    out = _holds_the_invariants(lm, model, x, m)
     with torch.no_grad():
-        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
-        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
-        out = lm(poisoned, m)
-        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
         # the block holding the removed pixel is removed (0) at the output; the others are the module's
         plain = model(x)
         assert torch.equal(out[:, :, 1, 1], torch.zeros_like(out[:, :, 1, 1]))
@@ -446,11 +450,8 @@ def test_stacked_branches_share_the_intersection_of_their_masks():
     x = torch.randn(2, 3, 12, 13, dtype=D)
     m = torch.ones(2, 1, 12, 13, dtype=D)
     m[:, :, 4:8, 4:9] = 0
+    out = _holds_the_invariants(lm, model, x, m)
     with torch.no_grad():
-        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
-        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
-        out = lm(poisoned, m)
-        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
         # the dilated branch keeps a smaller region than the plain one (its window reaches 2 px): the
         # output is removed wherever either branch is, i.e. where the dilated branch sees only removed pixels
         from masked_ops import masks as M
@@ -486,11 +487,8 @@ def test_vgg_head_takes_its_size_branch_at_run_time(side):
     lm = mo.layer_mask(model)
     x = torch.randn(2, 3, side, side + 1, dtype=D)
     m = (torch.rand(2, 1, side, side + 1) > 0.3).to(D)
+    out = _holds_the_invariants(lm, model, x, m)
     with torch.no_grad():
-        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
-        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
-        out = lm(poisoned, m)
-        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
         assert not torch.allclose(out, model(x))  # the mask acts
         torch.testing.assert_close(mo.layer_mask(model, soft=True)(x * m, m), out, rtol=1e-12, atol=1e-12)
     assert "VGG head" in lm.summary()
@@ -583,11 +581,7 @@ def test_depth_to_space_and_space_to_depth():
     lm = mo.layer_mask(model)
     x = torch.randn(2, 3, 8, 9, dtype=D)
     m = (torch.rand(2, 1, 8, 9) > 0.4).to(D)
-    with torch.no_grad():
-        torch.testing.assert_close(lm(x, torch.ones_like(m)), model(x), rtol=1e-12, atol=1e-12)
-        poisoned = torch.where(m > 0, x, torch.full((), float("nan"), dtype=D))
-        out = lm(poisoned, m)
-        assert torch.isfinite(out).all() and torch.equal(out, lm(x, m))
+    _holds_the_invariants(lm, model, x, m)
     # depth-to-space: an output pixel is visible exactly where the input pixel it copies is
     ps = mo.layer_mask(nn.Sequential(nn.Conv2d(3, 8, 1), nn.PixelShuffle(2)).to(D).eval())
     y = ps(x, m)
