@@ -315,6 +315,18 @@ def upsample_bilinear(mask: torch.Tensor, scale, align_corners: bool, soft: Opti
     return up if soft is not None else (up > 0).to(mask.dtype)
 
 
+def bilinear_weights(mask: torch.Tensor, scale, align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What a bilinear upsampling over visible pixels divides by: (divisor, partial). divisor is the sum of
+    the bilinear weights of the visible contributors (1 where it would be 0, so the division is safe; the
+    output mask removes those pixels); partial is True where a removed pixel contributes, the only places
+    that need the division (elsewhere the plain value stays, bit for bit). Soft masks: visibility is m > 0."""
+    visible = (mask > 0).to(mask.dtype)
+    up = lambda t: F.interpolate(t, scale_factor=tuple(int(s) for s in scale), mode="bilinear",  # noqa: E731
+                                 align_corners=bool(align_corners))
+    weight, missing = up(visible), up(1 - visible)
+    return torch.where(weight > 0, weight, torch.ones((), dtype=mask.dtype, device=mask.device)), missing > 0
+
+
 def indicator(t: torch.Tensor) -> torch.Tensor:
     """1 where t > 0, else 0, in t's dtype (the mask of a bin with any visible pixel)."""
     return (t > 0).to(t.dtype)

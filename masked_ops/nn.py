@@ -386,8 +386,9 @@ class MaskedSpaceToDepth(MaskedLayer):
     """A space-to-depth module (timm's SpaceToDepth: N x C x H x W -> N x C*b*b x H/b x W/b), run as it is.
 
     An output pixel holds a b x b square of input pixels in its channels; it is visible only where the
-    whole square is (masks.space_to_depth), so no removed value reaches a visible pixel. Removed inputs
-    are selected away first (they may be NaN at the model's input), removed outputs zeroed after.
+    whole square is (masks.space_to_depth), so no removed value reaches a visible pixel. Its input is 0 at
+    removed pixels (the converted model selects its input once: masks.select_visible); the outputs that
+    mixed one in are zeroed after. forward(x, m_out).
     """
 
     rule = "space to depth"
@@ -399,10 +400,10 @@ class MaskedSpaceToDepth(MaskedLayer):
     def masks(self, mb, in_masks):
         m = in_masks[0]
         out = mb._emit(M.space_to_depth, (m, self.block), name="space_to_depth_mask")
-        return [m, out], out
+        return [out], out
 
-    def forward(self, x, m, m_out):
-        return M.select_visible(self.module(M.select_visible(x, m)), m_out)
+    def forward(self, x, m_out):
+        return M.select_visible(self.module(x), m_out)
 
     def describe(self):
         return f"space to depth {self.block}x{self.block} (visible where its whole square is)"
@@ -720,7 +721,7 @@ class MaskedUpsampleBilinear(MaskedLayer):
     that is the plain bilinear value, bit for bit (the renormalisation is skipped there, so an all-ones mask
     reproduces the module exactly); where none is, the pixel is removed (masks.upsample_bilinear). Soft
     masks: values from the pixels with m > 0 (as the soft pools read them), the output mask the bilinear
-    average of the mask (its gradient path). forward(x, m).
+    average of the mask (its gradient path). forward(x, divisor, partial, keep): masks.bilinear_weights, masks.upsample_bilinear.
     """
 
     rule = "upsample"
@@ -732,21 +733,18 @@ class MaskedUpsampleBilinear(MaskedLayer):
 
     def masks(self, mb, in_masks):
         m = in_masks[0]
+        geometry = (m, self.scale, self.align_corners)
         extra = (mb.soft,) if mb.soft is not None else ()
-        out = mb._emit(M.upsample_bilinear, (m, self.scale, self.align_corners) + extra, name="bilinear_mask")
-        return [m], out
+        out = mb._emit(M.upsample_bilinear, geometry + extra, name="bilinear_mask")
+        # the renormalisation depends on the mask alone: in the mask path, once per geometry
+        both = mb._emit(M.bilinear_weights, geometry, name="bilinear_weights")
+        return [mb._emit(operator.getitem, (both, 0), name="bilinear_divisor"),
+                mb._emit(operator.getitem, (both, 1), name="bilinear_partial"), out], out
 
-    def _up(self, t):
-        return F.interpolate(t, scale_factor=self.scale, mode="bilinear", align_corners=self.align_corners)
-
-    def forward(self, x, m):
-        visible = (m > 0).to(x.dtype)
-        weight = self._up(visible)         # sum of the weights of the visible contributors
-        missing = self._up(1 - visible)    # > 0 exactly where a removed pixel contributes
-        plain = self._up(x)                # removed pixels are 0: the sum over the visible ones
-        safe = torch.where(weight > 0, weight, torch.ones((), dtype=x.dtype, device=x.device))
-        out = torch.where(missing > 0, plain / safe, plain)
-        return M.select_visible(out, (weight > 0).to(x.dtype))
+    def forward(self, x, divisor, partial, keep):
+        plain = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=self.align_corners)
+        # removed pixels are 0: plain is the weighted sum over the visible contributors
+        return M.select_visible(torch.where(partial, plain / divisor, plain), keep)
 
     def describe(self):
         return (f"bilinear upsampling x{self.scale[0]}x{self.scale[1]}"

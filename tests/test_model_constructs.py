@@ -415,7 +415,7 @@ def test_bilinear_upsampling_renormalises_over_the_visible_contributors():
     a, c, d = 1.0, 100.0, 1000.0  # (b, removed, never enters)
     x = torch.tensor([[[[a, 0.0], [c, d]]]], dtype=D)  # b removed: its value is 0 (the activation invariant)
     m = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]], dtype=D)
-    out = layer(x, m)
+    out = layer(x, *mo.masks.bilinear_weights(m, (2, 2), True), mo.masks.upsample_bilinear(m, (2, 2), True))
     torch.testing.assert_close(out[0, 0, 1, 1], torch.tensor((4 * a + 2 * c + d) / 7, dtype=D))
     torch.testing.assert_close(out[0, 0, 0, 1:3], torch.tensor([a, a], dtype=D))
     # the removed corner reads only b: removed
