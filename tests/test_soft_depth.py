@@ -29,7 +29,8 @@ torchvision = pytest.importorskip("torchvision")
 D = torch.float64
 # Mask-path functions whose result is a mask (renorm_masks' scale and the bin fractions are not masks,
 # and input_mask / straight_through are the input itself).
-MASK_FNS = {M.conv_keep, M.pool_mask, M.adaptive_keep, M.join, M.indicator}
+MASK_FNS = {M.conv_keep, M.pool_mask, M.adaptive_keep, M.join, M.indicator, M.upsample_nearest,
+            M.upsample_bilinear, M.space_to_depth, M.pad_reflect, M.conv_mlp_keep}
 ZOO = ["resnet18", "densenet121", "mobilenet_v3_large", "efficientnet_b0", "squeezenet1_1", "regnet_y_400mf",
        "convnext_tiny"]
 
@@ -173,3 +174,29 @@ def test_soft_joins_are_the_minimum_maximum_and_kth_largest():
     assert torch.equal(M.join([a, b, c], "majority"), torch.tensor([[[[1e-4, 0.6, 1.0, 1.0, 0.3]]]]))
     for how in M.JOINS:  # idempotent: a join of a mask with itself is the mask
         assert torch.equal(M.join([a, a, a], how), a)
+
+
+def test_the_rules_of_issue_24_keep_a_constant_and_never_fall_when_the_mask_rises():
+    """Reflect padding, space-to-depth, stacked branches, bilinear upsampling, the VGG head: the same two
+    properties for their soft mask rules, on one model holding them all."""
+    pytest.importorskip("timm")
+    from test_model_constructs import _EveryNewConstruct
+
+    torch.manual_seed(0)
+    lm = mo.layer_mask(_EveryNewConstruct().to(D).eval(), soft="blend")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=D)
+    names = set()
+    for c in (0.01, 0.3, 0.77, 1.0):
+        m = torch.full((2, 1, 32, 32), c, dtype=D)
+        for name, v in internal_masks(lm, x, m).items():
+            names.add(name)
+            torch.testing.assert_close(v, torch.full_like(v, c), rtol=1e-15, atol=0, msg=lambda e: f"{name}: {e}")
+    assert {"space_to_depth_mask", "reflect_padded_mask", "bilinear_mask", "conv_mlp_keep"} <= names, names
+    g = torch.Generator().manual_seed(1)
+    low = torch.rand(2, 1, 32, 32, generator=g, dtype=D) * 0.8
+    high = low.clone()
+    high[:, :, 4:20, 8:28] += 0.2
+    a, b = internal_masks(lm, x, low), internal_masks(lm, x, high)
+    for name in a:
+        assert (b[name] >= a[name]).all(), f"{name}: raising the input mask lowered it"
+    assert sum(bool((b[n] > a[n]).any()) for n in a) > len(a) // 2
