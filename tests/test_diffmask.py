@@ -307,3 +307,31 @@ def test_bad_input(tmp_path):
         explain_diffmask(get_strategy("layer", model), torch.rand(3, 32, 32), patch=8, steps=1)
     with pytest.raises(ValueError, match="multiples of patch"):
         explain_diffmask(get_strategy("black", model, **PIXEL), torch.rand(3, 30, 32), patch=8, steps=1)
+    with pytest.raises(ValueError, match=r"budget must be one of \('both', 'samples'\), got 'det'"):
+        make(model, budget="det")
+    with pytest.raises(ValueError, match="budget must be one of"):
+        explain_diffmask(get_strategy("black", model, **PIXEL), torch.rand(3, 32, 32), patch=8, steps=1, budget=None)
+
+
+def test_budget_both_constrains_the_larger_of_the_samples_mean_and_the_deterministic_gates():
+    from masked_ops.explain.diffmask import _budgeted_kl
+    from masked_ops.explain.hard_concrete import deterministic_gate
+    log_alpha = torch.tensor([[[[3.0, -3.0]]], [[[0.0, 0.5]]]], requires_grad=True)   # 2 images, 2 gates
+    z = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 1.0]]], [[[1.0, 1.0]]], [[[0.0, 0.0]]]])  # 2 samples per image
+    seen = []
+
+    def masked_kl(gates):            # a KL that grows with the number of shut gates (independent of the code)
+        seen.append(gates.detach().clone())
+        return (1 - gates).sum(dim=(1, 2, 3)) * torch.tensor([1.0, 10.0]).repeat(len(gates) // 2)
+
+    samples = _budgeted_kl(masked_kl, z, log_alpha, 2, "samples")
+    # sample-major rows: image 0 sees z[0], z[2]; image 1 sees z[1], z[3]
+    assert torch.allclose(samples, torch.tensor([(1 + 0) / 2, 10 * (1 + 2) / 2]))
+    both = _budgeted_kl(masked_kl, z, log_alpha, 2, "both")
+    det = deterministic_gate(log_alpha).detach().clamp_min(0.01)
+    assert torch.equal(seen[-1][4:], det)                      # the deterministic gates ran in the same forward
+    det_kl = (1 - det).sum(dim=(1, 2, 3)) * torch.tensor([1.0, 10.0])
+    assert torch.allclose(both, torch.maximum(samples, det_kl))
+    assert both[0] > samples[0] and both[1] == samples[1]       # image 0: the deterministic gates bind
+    both.sum().backward()                                       # and pass gradient to the logits
+    assert log_alpha.grad is not None and bool((log_alpha.grad[0] != 0).all())
