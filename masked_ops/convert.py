@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from typing import Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -45,6 +45,9 @@ from . import rules as R
 from .backends import preload
 from .modes import check_mode
 from .rules import register_rule  # noqa: F401  (re-exported: masked_ops.convert.register_rule)
+
+if TYPE_CHECKING:
+    from .vit import TokenMasked
 
 __all__ = ["layer_mask", "LayerMasked", "register_rule", "TraceError"]
 
@@ -343,7 +346,7 @@ _TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._Dropout
 
 def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority", fold_bn: bool = True,
                padding_visible: bool = False, soft: Union[bool, str] = False, fill_grad: bool = False,
-               soft_keep: str = "max") -> LayerMasked:
+               soft_keep: str = "max") -> Union[LayerMasked, "TokenMasked"]:
     """Return a layer-masked version of ``model`` (an ``nn.Module`` taking one image batch).
 
     mode: "fill" (the paper's layer masking: removed pixels filled from visible neighbours
@@ -371,9 +374,27 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
     any channel is removed. It returns what the model returns (spatial outputs come back
     zeroed at removed positions). ``print(lm)`` / ``lm.summary()`` shows the rule of each node,
     ``print(lm.code)`` the generated forward.
+
+    Vision transformers (timm's and torchvision's ``VisionTransformer``) are masked by token dropping
+    instead: the result is a ``masked_ops.vit.TokenMasked`` with the same ``forward(x, mask=None)``
+    (patch_keep="all", drop="gather"; ``masked_ops.vit.token_mask`` takes the ViT-only options). The
+    CNN options (mode, concat, fold_bn, padding_visible, fill_grad, soft_keep) do not apply to it and
+    must keep their defaults.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from . import vit as V
+
+    if V.is_vision_transformer(model):  # before tracing: token dropping, not the fx rewrite
+        cnn_only = dict(mode=(mode, "fill"), concat=(concat, "majority"), fold_bn=(fold_bn, True),
+                        padding_visible=(padding_visible, False), fill_grad=(fill_grad, False),
+                        soft_keep=(soft_keep, "max"))
+        changed = [f"{k}={v!r}" for k, (v, default) in cnn_only.items() if v != default]
+        if changed:
+            raise ValueError(f"layer_mask: {', '.join(changed)} apply to CNNs only; {type(model).__name__} is a vision "
+                             f"transformer, masked by token dropping (masked_ops.vit.token_mask takes its options: "
+                             f"patch_keep, drop, soft)")
+        return V.token_mask(model, soft=soft)
     check_mode(mode)
     semantics = M.check_soft(soft)
     keep_rule = M.check_keep_rule(soft_keep) if semantics else None

@@ -39,17 +39,28 @@ TIMM_REFUSED = {  # the attention hybrids: self-attention over tokens (issue 26 
 TORCHVISION_CONVERTS = ["resnet34", "resnext101_32x8d", "vgg11", "googlenet", "inception_v3", "mnasnet0_5",
                         "shufflenet_v2_x0_5", "efficientnet_v2_s", "regnet_x_400mf", "mobilenet_v3_small",
                         "densenet169", "squeezenet1_0", "wide_resnet101_2"]
-TORCHVISION_REFUSED = {"vit_b_16": "", "swin_t": "", "maxvit_t": ""}
+TORCHVISION_REFUSED = {"swin_t": "", "maxvit_t": ""}
+# vision transformers convert by token dropping (masked_ops.vit.TokenMasked, issue 26; tests/test_vit.py in detail)
+TIMM_VITS = ["vit_small_patch16_224", "deit_tiny_patch16_224"]
+TORCHVISION_VITS = ["vit_b_16"]
+TIMM_CONVERTS += TIMM_VITS
+TORCHVISION_CONVERTS += TORCHVISION_VITS
 
 
-def _build(source, name):
+def _build(source, name, dtype=D):
     torch.manual_seed(0)
     if source == "timm":
         timm = pytest.importorskip("timm")
-        return timm.create_model(name, pretrained=False).eval().to(D)
+        kwargs = {"img_size": SIZE} if name in TIMM_VITS else {}
+        return timm.create_model(name, pretrained=False, **kwargs).eval().to(dtype)
     torchvision = pytest.importorskip("torchvision")
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
-    return getattr(torchvision.models, name)(**kwargs).eval().to(D)
+    if name in TORCHVISION_VITS:
+        kwargs = {"image_size": SIZE}  # (a position embedding for 96 px)
+    model = getattr(torchvision.models, name)(**kwargs)
+    if name in TORCHVISION_VITS:
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initialises the head
+    return model.eval().to(dtype)
 
 
 def test_the_lists_do_not_overlap():
@@ -83,6 +94,20 @@ def test_family_converts_and_holds_the_invariants_in_float64(source, name):
         warnings.simplefilter("ignore")
         soft = mo.layer_mask(model, soft=True)(torch.where(mask, x, torch.zeros((), dtype=D)), mask.to(D))
     torch.testing.assert_close(soft, with_nan, rtol=1e-12, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("source,name",
+                         [("timm", n) for n in TIMM_VITS] + [("torchvision", n) for n in TORCHVISION_VITS])
+def test_vision_transformers_convert_by_token_dropping(source, name):
+    from masked_ops.vit import TokenMasked
+
+    model = _build(source, name, torch.float32)
+    tm = mo.layer_mask(model)
+    assert isinstance(tm, TokenMasked) and tm.model is model
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(tm(x, torch.ones(1, 1, SIZE, SIZE, dtype=torch.bool)), model(x), rtol=1e-4,
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("source,name,words", [("timm", n, w) for n, w in TIMM_REFUSED.items()]
