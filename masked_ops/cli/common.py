@@ -51,6 +51,19 @@ def int_at_least(minimum: int):
 positive_int = int_at_least(1)
 
 
+def batch_size_arg(text: str):
+    """argparse type of --batch-size: an int >= 1 or 'auto' (chosen by timing: explain.batching)."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
+
+
+batch_size_arg.__name__ = "integer >= 1 or auto"
+
+
 def pixel_size(text: str) -> Tuple[int, int]:
     """argparse type: '32' -> (32, 32); '32x48' -> (32, 48) (height x width)."""
     parts = text.lower().split("x")

@@ -41,7 +41,7 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .common import CliError, parse_strategies, pixel_size, positive_int, require_module
+from .common import CliError, batch_size_arg, parse_strategies, pixel_size, positive_int, require_module
 
 DEMO_IMAGE = "chelsea"
 DEMO_OUT = "masked-ops-demo.png"
@@ -145,8 +145,9 @@ def _add_model_options(p) -> None:
                         "(torchvision/timm without a tag: random, said loudly)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    g.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images per forward (default: 16 on CPU, 64 on GPU)")
+    g.add_argument("--batch-size", type=batch_size_arg, default=None,
+                   help="images per forward, or auto: the fastest per image, timed on the first forwards of a long "
+                        "run and kept for the process (default: 16 on CPU, 64 on GPU)")
 
 
 def _work_help() -> str:

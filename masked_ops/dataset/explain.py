@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 import uuid
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class Settings:
     n_segments: int = METHODS["lime"].default_n_segments
     seed: int = 0
     top_k: int = DEFAULT_TOP_K
-    batch_size: Optional[int] = None
+    batch_size: Union[None, int, str] = None  # "auto": timed once per process and strategy (explain.batching)
     output: str = "prob"
     weights: Optional[str] = None
 
@@ -121,7 +121,8 @@ class ImageExplainer:
                    model_fingerprint=model_fingerprint(self.model), model_pretrained=bool(self.info.pretrained),
                    input_size=int(self.info.input_size), samples=int(s.samples), segments=s.segments,
                    n_segments=int(s.n_segments), seed=int(s.seed), top_k=int(s.top_k), output=s.output,
-                   batch_size=int(self.batch_size), device_type=self.device.type,
+                   batch_size=self.batch_size if self.batch_size == "auto" else int(self.batch_size),
+                   device_type=self.device.type,
                    threads_per_process=int(torch.get_num_threads()))
         cfg.update(H.versions())
         return cfg
