@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--soft", default=None, help="the soft semantics of layer masking (default: masks.DEFAULT_SOFT)")
     p.add_argument("--per-image-steps", type=int, default=300)
+    p.add_argument("--budget", default="both", help="what the KL budget constrains (DiffMask BUDGETS: 'both' or "
+                                                     "'samples', the budget before 2026-12-07)")
     args = H.script_args(p, argv, smoke=dict(strategies=["layer"], epochs=1, per_image_steps=2))
 
     import masked_ops
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
     out = H.results_path(args, "diffmask")
     summary = dict(benchmark="diffmask_learns", model="efficientnet-lite0", train_photos=len(train),
                    held_out=list(HELD_OUT), epochs=args.epochs, batch_size=args.batch_size, eps=args.eps,
-                   soft_semantics=args.soft or masked_ops.masks.DEFAULT_SOFT, input_shape=[1, *held.shape[1:]],
+                   soft_semantics=args.soft or masked_ops.masks.DEFAULT_SOFT, budget=args.budget,
+                   input_shape=[1, *held.shape[1:]],
                    dtype="float32", **H.environment(H.CPU), results={})
     hard_layer = get_strategy("layer", model, mean=info.mean, std=info.std)
 
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
         res = summary["results"].setdefault(name, {})
         strat = name if name != "layer" or args.soft is None else \
             get_strategy("layer", model, mean=info.mean, std=info.std, soft=args.soft)
-        dm = DiffMask(model, strategy=strat, batch_size=args.batch_size, eps=args.eps, mean=info.mean, std=info.std)
+        dm = DiffMask(model, strategy=strat, batch_size=args.batch_size, eps=args.eps, mean=info.mean, std=info.std,
+                      budget=args.budget)
         fit = H.measure(lambda: dm.fit(train, epochs=args.epochs, val_images=held, progress=False,
                                        callback=lambda r: None))
         hist = fit.result
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
         s = dm.strategy
         for i, photo in enumerate(HELD_OUT):
             run = H.measure(lambda: explain_diffmask(s, held[i], steps=args.per_image_steps, eps=args.eps,
-                                                     progress=False))
+                                                     budget=args.budget, progress=False))
             e = run.result
             kept = float((deterministic_gate(e.info["log_alpha"]) >= 0.5).float().mean())
             per.append(dict(photo=photo, kl=e.info["kl"], kept_open_probability=e.info["kept"], kept_fraction=kept,
