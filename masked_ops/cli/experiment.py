@@ -143,6 +143,7 @@ def _run(args) -> int:
     explainers = [e for part in args.explainers for e in part.split(",") if e] if args.explainers else None
     model, info = load_model(args.model, args.weights)
     print(f"model: {info.describe()}")
+    strategies, evaluators = _for_model(model, args, strategies, evaluators)
     if getattr(args, "channels_last", False):
         model = model.to(memory_format=torch.channels_last)
     size = args.size or info.input_size
@@ -178,6 +179,29 @@ def _run(args) -> int:
     path = report.write_report(args.out)
     print(f"report: {path}")
     return 0
+
+
+def _is_all(parts) -> bool:
+    return parts is not None and [n for p in parts for n in p.replace(" ", ",").split(",") if n] == ["all"]
+
+
+def _for_model(model, args, strategies, evaluators):
+    """'all' means every strategy the model takes: a vision transformer (token dropping) has no CNN layer
+    modes (layer-renorm, layer-zero); said on stderr. Named explicitly, they are refused (get_strategy)."""
+    from ..explain.strategies import strategies_for
+
+    out = []
+    for flag, parts, names in (("--strategies", args.strategies, strategies), ("--evaluators", args.evaluators,
+                                                                              evaluators)):
+        if names is not None and _is_all(parts):
+            kept = strategies_for(model, names)
+            if kept != names:
+                print(f"masked-ops: note: {flag} all: {', '.join(n for n in names if n not in kept)} left out: "
+                      f"{type(model).__name__} is a vision transformer, layer-masked by token dropping "
+                      f"(no CNN layer modes)", file=sys.stderr)
+            names = kept
+        out.append(names)
+    return out
 
 
 def accuracy_line(exp: str, res: dict) -> str:

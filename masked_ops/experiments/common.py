@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .._util.fingerprint import fingerprint, model_fingerprint
-from ..explain.strategies import STRATEGIES, get_strategy
+from ..explain.strategies import STRATEGIES, get_strategy, strategies_for
 from ..images import IMAGENET_MEAN, IMAGENET_STD
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,6 +38,8 @@ class Subject:
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.batch_size = batch_size
+        if strategies is DEFAULT_STRATEGIES:  # every strategy the model takes (a ViT: no CNN-only layer modes)
+            strategies = strategies_for(model, strategies)
         if isinstance(strategies, str):
             strategies = [strategies]
         if isinstance(strategies, Mapping):

@@ -33,6 +33,7 @@ from .metrics import auc, bootstrap_ci, group_means, mean_se
 from .road import srg
 from .removal import _subject
 from ..runs.store import Run
+from ..explain.strategies import strategies_for
 
 STEPS = tuple(round(0.1 * i, 1) for i in range(11))
 KERNEL_WIDTH = 0.25  # lime.lime_image.LimeImageExplainer's default
@@ -98,6 +99,8 @@ def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DE
         raise ValueError(f"samples must be an int >= 2, got {samples!r}")
     if isinstance(strategies, str):
         strategies = [strategies]
+    if strategies is DEFAULT_STRATEGIES:  # every strategy the model takes (a ViT: no CNN-only layer modes)
+        strategies = strategies_for(model, strategies)
     explain_names = list(strategies)
     evaluators = list(evaluators) if evaluators is not None else explain_names
     if not isinstance(strategies, Mapping):

@@ -22,9 +22,9 @@ AUCs (trapezoid over the fractions), mean ± standard error over the test images
 
 Explainers (``EXPLAINERS``; the strategy after the dash is the one that *made* the explanation):
 diffmask-blur, extremal-blur, rise-grey, rise-layer, lime-grey, lime-layer, occlusion-grey,
-gradcam (the ``grad-cam`` package on the deepest stage output), random, diffmask-layer and
-extremal-layer (soft layer masking: ``get_strategy("layer", model, soft=True)``). RISE runs its
-soft masks through both of its strategies.
+gradcam (the ``grad-cam`` package on the deepest stage output; a ViT: its last block, ``gradcam_layer``),
+random, diffmask-layer and extremal-layer (soft layer masking: ``get_strategy("layer", model, soft=True)``).
+RISE runs its soft masks through both of its strategies.
 
 Unit of work: one explainer on one test image (its map and every evaluator's curves).
 """
@@ -76,13 +76,30 @@ def _available(explainers: Sequence[str]):
     return list(explainers), {}, DEFAULT_SOFT
 
 
+def gradcam_layer(model, image_size: int) -> str:
+    """The module Grad-CAM reads: the deepest stage output of a CNN; for a vision transformer the first
+    norm of its last block (its patch tokens still reach the output through the last attention: the last
+    block's own output reaches it only through the class token under class-token pooling, so the patch
+    tokens there get no gradient), as pytorch-grad-cam's ViT example."""
+    from ..explain.gate_net import stage_layers, vit_blocks, vit_tokens
+
+    if vit_tokens(model) is None:
+        return stage_layers(model, image_size)[-1]
+    last = vit_blocks(model)[-1]
+    return f"{last}.norm1" if hasattr(model, "blocks") else f"{last}.ln_1"
+
+
 def _gradcam(model, images: torch.Tensor, normalise, layer: str, target: int) -> torch.Tensor:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    from ..explain.gate_net import tokens_to_grid, vit_tokens
+
     module = dict(model.named_modules())[layer]
     wrapped = torch.nn.Sequential(_Normalise(normalise), model)
-    with GradCAM(model=wrapped, target_layers=[module]) as cam:
+    tokens = vit_tokens(model)  # a ViT: the layer's tokens laid out on the patch grid
+    reshape = None if tokens is None else (lambda t: tokens_to_grid(t, *tokens, tuple(images.shape[-2:])))
+    with GradCAM(model=wrapped, target_layers=[module], reshape_transform=reshape) as cam:
         out = cam(input_tensor=images, targets=[ClassifierOutputTarget(target)])
     return torch.from_numpy(np.asarray(out[0], dtype=np.float64))
 
@@ -107,7 +124,6 @@ def learned_faithfulness(model, test_images: torch.Tensor, train_images: torch.T
     rise_masks, lime_samples, lime_segments, occlusion_cells)."""
     from ..explain import (DiffMask, explain_extremal, explain_lime, explain_occlusion, explain_rise,
                            get_strategy)
-    from ..explain.diffmask import stage_layers
     from ..explain.soft import soft_strategy
     from ..images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -172,7 +188,7 @@ def learned_faithfulness(model, test_images: torch.Tensor, train_images: torch.T
         if e == "random":
             return torch.rand(size, generator=M.generator(seed, i, 29), dtype=torch.float64)
         if e == "gradcam":
-            return _gradcam(model, x[None], subject.normalise, stage_layers(model, size[0])[-1], t)
+            return _gradcam(model, x[None], subject.normalise, gradcam_layer(model, size[0]), t)
         if method == "diffmask":  # ranked by the gate logits: the expected L0's order, without float ties
             la = diffmask(sname).explain(x, targets=t).info["log_alpha"].double()
             return la.repeat_interleave(cfg["patch"], 0).repeat_interleave(cfg["patch"], 1)

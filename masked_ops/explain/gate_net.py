@@ -3,14 +3,49 @@
 ``stage_layers(model)`` picks the modules whose outputs are the model's stages; ``HiddenFeatures``
 keeps their outputs during a clean forward (forward hooks); ``GateNet`` turns them into one gate
 logit per patch (see masked_ops.explain.diffmask for the whole method).
+
+Vision transformers (timm's and torchvision's ``VisionTransformer``, masked_ops.vit): the hidden states
+are token sequences (N x tokens x D) of one resolution, so the "stages" are transformer blocks,
+``max_layers`` of them evenly spaced up to the last; ``HiddenFeatures`` lays each block's patch tokens
+out on the patch grid (N x D x H/p x W/p, the prefix tokens left out), which the gate network reads
+as it reads a CNN's feature maps.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def vit_tokens(model: nn.Module) -> Optional[Tuple[int, Tuple[int, int]]]:
+    """(number of prefix tokens, patch size) of a timm or torchvision VisionTransformer, None for any
+    other model."""
+    from ..vit import is_vision_transformer
+
+    if not is_vision_transformer(model):
+        return None
+    if hasattr(model, "patch_embed"):  # timm
+        return int(model.num_prefix_tokens), tuple(int(p) for p in model.patch_embed.patch_size)
+    return 1, (int(model.patch_size), int(model.patch_size))  # torchvision: the class token
+
+
+def vit_blocks(model: nn.Module) -> List[str]:
+    """Names of a vision transformer's blocks, in order."""
+    if hasattr(model, "blocks"):  # timm
+        return [f"blocks.{i}" for i in range(len(model.blocks))]
+    return [f"encoder.layers.{n}" for n, _ in model.encoder.layers.named_children()]
+
+
+def tokens_to_grid(t: torch.Tensor, prefix: int, patch: Tuple[int, int], size: Tuple[int, int]) -> torch.Tensor:
+    """N x (prefix + L) x D tokens of an H x W image (``size``) -> N x D x H/p x W/p: the patch tokens on
+    their grid (row-major, as a ViT orders them), the prefix tokens (class, registers) left out."""
+    gh, gw = size[0] // patch[0], size[1] // patch[1]
+    if t.dim() != 3 or t.shape[1] != prefix + gh * gw:
+        raise ValueError(f"expected N x {prefix + gh * gw} x D tokens ({prefix} prefix + {gh} x {gw} patches of a "
+                         f"{size[0]} x {size[1]} image), got shape {tuple(t.shape)}")
+    return t[:, prefix:].transpose(1, 2).reshape(t.shape[0], t.shape[2], gh, gw)
 
 
 def stage_layers(model: nn.Module, image_size: int = 224, max_layers: int = 4) -> List[str]:
@@ -18,7 +53,13 @@ def stage_layers(model: nn.Module, image_size: int = 224, max_layers: int = 4) -
     resolution, among the outermost modules (fewest dots in the name) that output it and are
     called once per forward, the last to run;
     the ``max_layers`` deepest resolutions (1 x 1 outputs, globally pooled, and padding modules
-    do not count). Raises ValueError when the model has none."""
+    do not count). Raises ValueError when the model has none.
+    A vision transformer: ``max_layers`` of its blocks, evenly spaced, the last included."""
+    if vit_tokens(model) is not None:
+        blocks = vit_blocks(model)
+        depth = len(blocks)
+        picked = sorted({max(0, round((k + 1) * depth / max_layers) - 1) for k in range(max_layers)})
+        return [blocks[i] for i in picked]
     seen: Dict[str, tuple] = {}
     calls: Dict[str, int] = {}
     order: List[str] = []
@@ -71,6 +112,7 @@ class HiddenFeatures:
         if missing:
             raise ValueError(f"layers: {missing} are not modules of the model (see model.named_modules())")
         self.layers = list(layers)
+        self.tokens = vit_tokens(model)  # a ViT: token outputs are laid out on the patch grid
         self.active = False
         self.out: Dict[str, torch.Tensor] = {}
         self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
@@ -90,6 +132,8 @@ class HiddenFeatures:
         finally:
             self.active = False
         feats = [self.out[n] for n in self.layers]
+        if self.tokens is not None:
+            feats = [tokens_to_grid(f, *self.tokens, tuple(x.shape[-2:])) if f.dim() == 3 else f for f in feats]
         self.out = {}
         return logits, feats
 

@@ -44,6 +44,11 @@ segment-mean each removed pixel takes its segment's mean colour (lime's ``hide_c
            options ``segment_size`` (16 px cells) or ``segments`` (a label map)
 ========== =============================================================================
 
+Vision transformers (timm's and torchvision's ``VisionTransformer``): "layer" drops the tokens of the removed
+patches (masked_ops.vit, ``layer_mask(vit)``); soft=True scales the attention to each token by its patch's
+keep. "layer-renorm", "layer-zero" and the CNN options (padding_visible, fill_grad) do not apply to them
+and raise ValueError when the strategy is made; ``strategies_for(model)`` is the list a default ("all") means.
+
 Except blur, noise and segment-mean (whose fill is *made from* the image or random by definition), every
 strategy gives bit-identical logits whatever the removed pixels hold, NaN and inf included:
 removed pixels are selected away with ``torch.where``, never multiplied by zero.
@@ -214,6 +219,23 @@ class LayerStrategy(Strategy):
         self.soft = check_soft(soft) or False
         self.fill_grad = bool(fill_grad)
         self._masked: Optional[nn.Module] = None
+        self._check_vision_transformer()
+
+    def _check_vision_transformer(self) -> None:
+        """A vision transformer is layer-masked by token dropping (masked_ops.vit), which has none of the CNN
+        options: refuse them here, when the strategy is made, rather than at its first forward."""
+        from ..vit import is_vision_transformer
+
+        if not is_vision_transformer(self.model):
+            return
+        cnn_only = [f"mode {self.mode!r} (strategy {self.name!r})" if self.mode != "fill" else "",
+                    "padding_visible=True" if self.padding_visible else "", "fill_grad=True" if self.fill_grad else ""]
+        cnn_only = [c for c in cnn_only if c]
+        if cnn_only:
+            raise ValueError(f"{', '.join(cnn_only)}: CNN layer-masking options; {type(self.model).__name__} is a "
+                             f"vision transformer, layer-masked by dropping the removed patches' tokens, which has no "
+                             f"fill modes, no padding and no fill values. Use the strategy 'layer' "
+                             f"(masked_ops.vit.token_mask takes the ViT's own options)")
 
     @property
     def masked_model(self) -> nn.Module:
@@ -363,6 +385,17 @@ def get_strategy(name: str, model: nn.Module, *, mean: Sequence[float] = IMAGENE
     s.seed, s.generator = int(seed), None
     s.blur_sigma, s.smooth_sigma = float(blur_sigma), float(smooth_sigma)
     return s
+
+
+def strategies_for(model, names: Sequence[str] = STRATEGIES) -> list:
+    """``names`` without the strategies ``model`` cannot take: for a vision transformer (masked_ops.vit, token
+    dropping) the CNN layer-masking modes "layer-renorm" and "layer-zero"; ``names`` itself otherwise. What a
+    default list ("all" strategies) means for a model; a name asked for explicitly is refused by get_strategy."""
+    from ..vit import is_vision_transformer
+
+    if not is_vision_transformer(model):
+        return list(names)
+    return [n for n in names if not LAYER_STRATEGIES.get(n)]  # out: the layer strategies with a CNN mode of their own
 
 
 def soft_strategy_names() -> tuple:
