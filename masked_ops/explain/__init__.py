@@ -18,6 +18,7 @@ from .diffmask import DiffMask, explain_diffmask  # noqa: E402
 from .extremal import explain_extremal  # noqa: E402
 from .maps import MapExplanation  # noqa: E402
 from .rise import explain_rise  # noqa: E402
+from .vit_diffmask import VisionDiffMask, explain_vision_diffmask  # noqa: E402  (Vision DiffMask on ViTs)
 # the one table of methods, their settings, defaults and limits
 from .registry import METHODS, Method, get_method  # noqa: E402
 
@@ -25,3 +26,4 @@ __all__ = ["STRATEGIES", "Strategy", "get_strategy", "explain_lime", "explain_ke
            "explain_occlusion", "Explanation", "segment", "grid_segments", "weighted_ridge", "METHODS", "Method",
            "get_method"]
 __all__ += ["explain_extremal", "explain_rise", "DiffMask", "explain_diffmask", "MapExplanation"]
+__all__ += ["VisionDiffMask", "explain_vision_diffmask"]
