@@ -31,4 +31,8 @@ def __getattr__(name):
         from . import convert
 
         return getattr(convert, name)
+    if name == "vit":  # mo.vit.token_mask: the ViT-only options (token dropping)
+        import importlib
+
+        return importlib.import_module(".vit", __name__)
     raise AttributeError(f"module 'masked_ops' has no attribute {name!r}")

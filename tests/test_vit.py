@@ -438,3 +438,13 @@ def test_torch_compile_fullgraph_and_export(name):
     ep = torch.export.export(tm, (x, mask))
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x, ~mask), tm(x, ~mask), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_ops_vit_is_reachable_as_an_attribute():
+    """The README's `mo.vit.token_mask(...)` works after a bare `import masked_ops as mo`."""
+    import subprocess
+    import sys
+
+    code = "import masked_ops as mo; print(mo.vit.token_mask.__name__, mo.vit.DEFAULT_DROP)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["token_mask", V.DEFAULT_DROP]
