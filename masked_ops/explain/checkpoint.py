@@ -4,12 +4,13 @@ to: _util.fingerprint)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .._util.io import atomic_torch_save
+from .._util.progress import progress_bar
 from ..images import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -98,6 +99,73 @@ class Checkpointed:
         dm.config["strategy"] = name
         dm.load_state_dict(ckpt, source=f"checkpoint {os.fspath(path)!r}")
         return dm
+
+    def _fit_loop(self, data, *, epochs: int, val_images, augment: bool, checkpoint, checkpoint_every: int,
+                  val_every: int, progress: Optional[bool], callback: Optional[Callable[[dict], None]], device,
+                  desc: str, frozen) -> List[dict]:
+        """The training loop of every DiffMask (CNN and ViT): batches, resume, the progress bar, the
+        per-epoch history with validation, atomic checkpoints, Ctrl-C with a resume hint.
+
+        The subclass gives ``_train_step(x) -> record`` (floats "kl", "kept", "lagrange"; "layer" is
+        shown too when present), ``_history_lagrange()``, ``_check_images`` and ``evaluate``;
+        ``frozen``: the context manager that keeps the explained model's weights fixed."""
+        from .diffmask_data import data_fingerprint, training_batches
+        from .perturb import check_positive
+
+        check_positive(epochs, "epochs")
+        check_positive(checkpoint_every, "checkpoint_every")
+        check_positive(val_every, "val_every")
+        steps_per_epoch, get_batch = training_batches(
+            data, batch_size=self.config["batch_size"], augment=augment, image_size=self.image_size,
+            seed=self.config["seed"], generator=self.generator, device=device,
+            check=lambda b: self._check_images(b, "data batch"))
+        if val_images is not None:
+            val_images = self._check_images(val_images, "val_images")
+        data_fp = data_fingerprint(data)
+        if checkpoint is not None:
+            folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
+            if not os.path.isdir(folder):
+                raise ValueError(f"checkpoint: the folder {folder!r} does not exist")
+            if os.path.exists(checkpoint):
+                self._resume(load_checkpoint(checkpoint), checkpoint, data_fp, augment)
+        total = epochs * steps_per_epoch
+        bar = progress_bar(total, desc, "step", initial=min(self.step, total),
+                           enabled=True if progress is None else progress)
+        running = self._running
+        frozen.__enter__()
+        try:
+            while self.step < total:
+                epoch, index = divmod(self.step, steps_per_epoch)
+                record = self._train_step(get_batch(epoch, index))
+                running["kl"].append(record["kl"])
+                running["kept"].append(record["kept"])
+                self.step += 1
+                bar.update(1)
+                shown = dict(kl=f"{record['kl']:.3f}", kept=f"{record['kept']:.2f}")
+                if "layer" in record:
+                    shown["layer"] = record["layer"]
+                bar.set_postfix(**shown, lam=f"{record['lagrange']:.2f}")
+                if self.step % steps_per_epoch == 0:
+                    entry = {"epoch": epoch + 1, "step": self.step, "train_kl": sum(running["kl"]) / len(running["kl"]),
+                             "train_kept": sum(running["kept"]) / len(running["kept"]),
+                             "lagrange": self._history_lagrange()}
+                    if val_images is not None and ((epoch + 1) % val_every == 0 or self.step == total):
+                        v = self.evaluate(val_images)
+                        entry.update(val_kl=v["kl"], val_kept=v["kept"])
+                    self.history.append(entry)
+                    running["kl"].clear()
+                    running["kept"].clear()
+                if checkpoint is not None and (self.step % checkpoint_every == 0 or self.step == total):
+                    self.save(checkpoint, data_fingerprint=data_fp, augment=augment)
+                if callback is not None:
+                    callback(dict(record, step=self.step))
+        except KeyboardInterrupt:
+            bar.close()
+            raise KeyboardInterrupt(self._interrupted_message(checkpoint, total, checkpoint_every)) from None
+        finally:
+            bar.close()
+            frozen.__exit__(None, None, None)
+        return self.history
 
     def _interrupted_message(self, checkpoint, total: int, every: int) -> str:
         """One line for Ctrl-C in ``fit``: where the fit stopped and what resumes it."""

@@ -62,7 +62,6 @@ the model is meant to be explained on); the bundled photos are far too few for a
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -70,7 +69,7 @@ import torch.nn as nn
 
 from .._util.fingerprint import model_fingerprint
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointed, load_checkpoint
-from .diffmask_data import data_fingerprint, random_resized_crop, training_batches
+from .diffmask_data import random_resized_crop
 from .gate_net import GateNet, HiddenFeatures, stage_layers
 from .hard_concrete import (STRETCH, TEMPERATURE, deterministic_gate, gates_to_mask, hard_concrete_sample,
                             kl_divergence, open_probability, straight_through_gates)
@@ -307,62 +306,15 @@ class DiffMask(Checkpointed):
         A resumed fit with a DataLoader replays the interrupted epoch's first batches to skip them
         (the same batches only if the loader's order is seeded).
         """
-        check_positive(epochs, "epochs")
-        check_positive(checkpoint_every, "checkpoint_every")
-        check_positive(val_every, "val_every")
-        bs = self.config["batch_size"]
-        steps_per_epoch, get_batch = training_batches(
-            data, batch_size=bs, augment=augment, image_size=self.image_size, seed=self.config["seed"],
-            generator=self.generator, device=self.gate.offset.device,
-            check=lambda b: self._check_images(b, "data batch"))
-        if val_images is not None:
-            val_images = self._check_images(val_images, "val_images")
-        data_fp = data_fingerprint(data)
-        if checkpoint is not None:
-            folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
-            if not os.path.isdir(folder):
-                raise ValueError(f"checkpoint: the folder {folder!r} does not exist")
-            if os.path.exists(checkpoint):
-                self._resume(load_checkpoint(checkpoint), checkpoint, data_fp, augment)
-        total = epochs * steps_per_epoch
         self.gate.train()
-        bar = progress_bar(total, f"DiffMask fit ({self.strategy.name})", "step", initial=min(self.step, total),
-                           enabled=True if progress is None else progress)
-        running = self._running
-        frozen = frozen_parameters(self.strategy)  # the CNN's weights never change (restored after)
-        frozen.__enter__()
-        try:
-            while self.step < total:
-                epoch, index = divmod(self.step, steps_per_epoch)
-                x = get_batch(epoch, index)
-                record = self._train_step(x)
-                running["kl"].append(record["kl"])
-                running["kept"].append(record["kept"])
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(kl=f"{record['kl']:.3f}", kept=f"{record['kept']:.2f}",
-                                lam=f"{record['lagrange']:.2f}")
-                if self.step % steps_per_epoch == 0:
-                    entry = {"epoch": epoch + 1, "step": self.step, "train_kl": sum(running["kl"]) / len(running["kl"]),
-                             "train_kept": sum(running["kept"]) / len(running["kept"]),
-                             "lagrange": float(self.lagrange)}
-                    if val_images is not None and ((epoch + 1) % val_every == 0 or self.step == total):
-                        v = self.evaluate(val_images)
-                        entry.update(val_kl=v["kl"], val_kept=v["kept"])
-                    self.history.append(entry)
-                    running["kl"].clear()
-                    running["kept"].clear()
-                if checkpoint is not None and (self.step % checkpoint_every == 0 or self.step == total):
-                    self.save(checkpoint, data_fingerprint=data_fp, augment=augment)
-                if callback is not None:
-                    callback(dict(record, step=self.step))
-        except KeyboardInterrupt:
-            bar.close()
-            raise KeyboardInterrupt(self._interrupted_message(checkpoint, total, checkpoint_every)) from None
-        finally:
-            bar.close()
-            frozen.__exit__(None, None, None)
-        return self.history
+        return self._fit_loop(data, epochs=epochs, val_images=val_images, augment=augment, checkpoint=checkpoint,
+                              checkpoint_every=checkpoint_every, val_every=val_every, progress=progress,
+                              callback=callback, device=self.gate.offset.device,
+                              desc=f"DiffMask fit ({self.strategy.name})",
+                              frozen=frozen_parameters(self.strategy))  # the CNN's weights never change
+
+    def _history_lagrange(self) -> float:
+        return float(self.lagrange)
 
     def _train_step(self, x: torch.Tensor) -> dict:
         with torch.enable_grad():

@@ -79,11 +79,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._util.fingerprint import model_fingerprint
-from .._util.progress import progress_bar
 from ..images import IMAGENET_MEAN, IMAGENET_STD
 from ..vit import TokenMasked, is_vision_transformer
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointed, load_checkpoint
-from .diffmask_data import data_fingerprint, training_batches
 from .hard_concrete import (STRETCH, TEMPERATURE, deterministic_gate, gates_to_mask, hard_concrete_sample,
                             kl_divergence)
 from .maps import MapExplanation, patch_segments
@@ -492,60 +490,14 @@ class VisionDiffMask(Checkpointed):
         random resized crops and flips when ``augment``), or a DataLoader of ready batches. As
         masked_ops.explain.DiffMask.fit otherwise (checkpoint and resume, ``val_images``, ``callback``).
         """
-        check_positive(epochs, "epochs")
-        check_positive(checkpoint_every, "checkpoint_every")
-        check_positive(val_every, "val_every")
-        device = next(self.model.parameters()).device
-        steps_per_epoch, get_batch = training_batches(
-            data, batch_size=self.config["batch_size"], augment=augment, image_size=self.image_size,
-            seed=self.config["seed"], generator=self.generator, device=device,
-            check=lambda b: self._check_images(b, "data batch"))
-        if val_images is not None:
-            val_images = self._check_images(val_images, "val_images")
-        data_fp = data_fingerprint(data)
-        if checkpoint is not None:
-            folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
-            if not os.path.isdir(folder):
-                raise ValueError(f"checkpoint: the folder {folder!r} does not exist")
-            if os.path.exists(checkpoint):
-                self._resume(load_checkpoint(checkpoint), checkpoint, data_fp, augment)
-        total = epochs * steps_per_epoch
-        bar = progress_bar(total, f"Vision DiffMask fit ({self.replace})", "step", initial=min(self.step, total),
-                           enabled=True if progress is None else progress)
-        running = self._running
-        frozen = frozen_parameters(types.SimpleNamespace(model=self.model))  # the ViT's weights never change
-        frozen.__enter__()
-        try:
-            while self.step < total:
-                epoch, index = divmod(self.step, steps_per_epoch)
-                record = self._train_step(self._check_images(get_batch(epoch, index), "data batch"))
-                running["kl"].append(record["kl"])
-                running["kept"].append(record["kept"])
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(kl=f"{record['kl']:.3f}", kept=f"{record['kept']:.2f}", layer=record["layer"],
-                                lam=f"{record['lagrange']:.2f}")
-                if self.step % steps_per_epoch == 0:
-                    entry = {"epoch": epoch + 1, "step": self.step, "train_kl": sum(running["kl"]) / len(running["kl"]),
-                             "train_kept": sum(running["kept"]) / len(running["kept"]),
-                             "lagrange": [float(v) for v in self.lagrange]}
-                    if val_images is not None and ((epoch + 1) % val_every == 0 or self.step == total):
-                        v = self.evaluate(val_images)
-                        entry.update(val_kl=v["kl"], val_kept=v["kept"])
-                    self.history.append(entry)
-                    running["kl"].clear()
-                    running["kept"].clear()
-                if checkpoint is not None and (self.step % checkpoint_every == 0 or self.step == total):
-                    self.save(checkpoint, data_fingerprint=data_fp, augment=augment)
-                if callback is not None:
-                    callback(dict(record, step=self.step))
-        except KeyboardInterrupt:
-            bar.close()
-            raise KeyboardInterrupt(self._interrupted_message(checkpoint, total, checkpoint_every)) from None
-        finally:
-            bar.close()
-            frozen.__exit__(None, None, None)
-        return self.history
+        return self._fit_loop(data, epochs=epochs, val_images=val_images, augment=augment, checkpoint=checkpoint,
+                              checkpoint_every=checkpoint_every, val_every=val_every, progress=progress,
+                              callback=callback, device=next(self.model.parameters()).device,
+                              desc=f"Vision DiffMask fit ({self.replace})",
+                              frozen=frozen_parameters(types.SimpleNamespace(model=self.model)))  # the ViT's too
+
+    def _history_lagrange(self) -> List[float]:
+        return [float(v) for v in self.lagrange]
 
     def _train_step(self, x: torch.Tensor) -> dict:
         """One step of the published objective (module docstring) on the batch x (pixels)."""
