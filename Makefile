@@ -68,7 +68,8 @@ demo: install
 
 # Ops, compile policy, whole models (eager and torch.compile) and soft-mask steps, interleaved:
 # bench/results/cpu-<date>.json. The end-to-end benchmarks (bench_lime.py, bench_learned.py,
-# bench_imputation.py, bench_dataset.py, bench_explainers.py, bench_vit.py, bench_diffmask_learns.py) run on their own: commands in bench/README.md.
+# bench_imputation.py, bench_dataset.py, bench_explainers.py, bench_vit.py, bench_diffmask_learns.py)
+# run on their own: commands in bench/README.md.
 bench: install
 	$(PYTHON) bench/run.py --device cpu $(BENCH_ARGS)
 
