@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from cli_helpers import pngs, run_cli
+from cli_helpers import fake_hf_cache, offline_caches, pngs, run_cli
 from masked_ops import cli
 from masked_ops.cli import explain as cli_explain
 from masked_ops.explain import Explanation, explain_occlusion, get_strategy
@@ -125,21 +125,8 @@ def test_weights_file_loads_into_your_own_model(photo, tmp_path, capsys, monkeyp
 # ----------------------------------------------------------------------------- cached pretrained weights
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """Empty torch and Hugging Face caches in tmp_path, HF offline, and torch.hub's downloader recording
-    (and refusing) every call."""
-    import torch.hub
-
-    calls = []
-
-    def no_download(url, *args, **kwargs):
-        calls.append(url)
-        raise AssertionError(f"download attempted: {url}")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return calls
+    """Empty torch and Hugging Face caches in tmp_path, HF offline, downloads refused and recorded."""
+    return offline_caches(monkeypatch, tmp_path)
 
 
 def _fake_torchvision_cache(tmp_path):
@@ -182,18 +169,8 @@ def test_torchvision_weights_from_the_local_cache_never_downloaded(offline, tmp_
 
 
 def _fake_hf_cache(tmp_path, arch="test_resnet", tag="r160_in1k"):
-    timm = pytest.importorskip("timm")
-    from safetensors.torch import save_file
-
-    torch.manual_seed(6)
-    model = timm.create_model(arch, pretrained=False)
-    repo = tmp_path / "hf" / f"models--timm--{arch}.{tag}"
-    (repo / "snapshots" / "0123abc").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abc")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(repo / "snapshots" / "0123abc" / "model.safetensors"))
-    return model.state_dict()
+    pytest.importorskip("timm")
+    return fake_hf_cache(tmp_path, arch, tag)
 
 
 def test_timm_pretrained_tag_from_the_hugging_face_cache(offline, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cli_helpers import run_cli
+from cli_helpers import fake_hf_cache, offline_caches, run_cli
 from masked_ops.explain import (DiffMask, explain_diffmask, explain_extremal, explain_kernel_shap, explain_lime,
                                 explain_occlusion, explain_rise, get_strategy)
 from masked_ops.explain.gate_net import HiddenFeatures, stage_layers
@@ -332,29 +332,8 @@ def test_learned_faithfulness_with_gradcam_and_diffmask_on_a_vit(vits):
 def hf_cache(monkeypatch, tmp_path):
     """timm's test_vit (160 px, patches of 16) with random weights saved as its pretrained tag r160_in1k in a
     temporary Hugging Face cache; torch.hub's downloader refuses (and records) any call."""
-    from safetensors.torch import save_file
-    import timm
-    import torch.hub
-
-    calls = []
-
-    def no_download(url, *args, **kwargs):
-        calls.append(url)
-        raise AssertionError(f"download attempted: {url}")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.manual_seed(6)
-    model = timm.create_model("test_vit", pretrained=False)
-    repo = tmp_path / "hf" / "models--timm--test_vit.r160_in1k"
-    (repo / "snapshots" / "0123abc").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abc")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(repo / "snapshots" / "0123abc" / "model.safetensors"))
-    return model.state_dict(), calls
+    calls = offline_caches(monkeypatch, tmp_path)
+    return fake_hf_cache(tmp_path, "test_vit", "r160_in1k"), calls
 
 
 def _photo(path, seed=0, size=(40, 56)):

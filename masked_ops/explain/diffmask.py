@@ -75,7 +75,7 @@ from .hard_concrete import (STRETCH, TEMPERATURE, deterministic_gate, gates_to_m
                             kl_divergence, open_probability, straight_through_gates)
 from .maps import MapExplanation, patch_segments
 from .._util.progress import progress_bar
-from .perturb import check_positive, prepare_image, resolve_targets
+from .perturb import check_positive, per_image_targets, prepare_image, resolve_targets
 from .soft import frozen_parameters, require_soft, soft_strategy
 from ..images import IMAGENET_MEAN, IMAGENET_STD
 from .strategies import Strategy
@@ -253,16 +253,7 @@ class DiffMask(Checkpointed):
         images = self._check_images(images)
         logits, gl = self.gate_logits(images)
         keep = open_probability(gl)
-        if targets is None:
-            targets = logits.argmax(1).tolist()
-        elif isinstance(targets, int):
-            targets = [targets] * images.shape[0]
-        targets = [int(t) for t in targets]
-        if len(targets) != images.shape[0]:
-            raise ValueError(f"targets: need one per image ({images.shape[0]}), got {len(targets)}")
-        for t in targets:
-            if not 0 <= t < logits.shape[1]:
-                raise ValueError(f"target class {t} is out of range: the model has {logits.shape[1]} outputs")
+        targets = per_image_targets(targets, logits)
         seg = patch_segments(self.image_size, self.image_size, self.patch)
         out = []
         for i, t in enumerate(targets):

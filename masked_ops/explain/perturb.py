@@ -239,6 +239,23 @@ def resolve_targets(strategy: Strategy, image: torch.Tensor, targets, output: st
     return targets, vals[0, targets]
 
 
+def per_image_targets(targets, logits: torch.Tensor) -> List[int]:
+    """One target class per image of a batch whose outputs are ``logits`` (N x classes): None = each
+    image's top-1 class, an int = that class for all, or a sequence of N ints (ValueError otherwise)."""
+    n, classes = logits.shape[0], logits.shape[1]
+    if targets is None:
+        targets = logits.argmax(1).tolist()
+    elif isinstance(targets, int):
+        targets = [targets] * n
+    targets = [int(t) for t in targets]
+    if len(targets) != n:
+        raise ValueError(f"targets: need one per image ({n}), got {len(targets)}")
+    for t in targets:
+        if not 0 <= t < classes:
+            raise ValueError(f"target class {t} is out of range: the model has {classes} outputs")
+    return targets
+
+
 @torch.inference_mode()
 def forward_samples(strategy: Strategy, image: torch.Tensor, segments: torch.Tensor, samples: torch.Tensor,
                     targets: Sequence[int], *, batch_size: Optional[int] = None, output: str = "prob",

@@ -85,7 +85,7 @@ from .checkpoint import CHECKPOINT_FORMAT, Checkpointed, load_checkpoint
 from .hard_concrete import (STRETCH, TEMPERATURE, deterministic_gate, gates_to_mask, hard_concrete_sample,
                             kl_divergence)
 from .maps import MapExplanation, patch_segments
-from .perturb import check_pixel_range, check_positive, prepare_image
+from .perturb import check_pixel_range, check_positive, per_image_targets, prepare_image
 from .soft import frozen_parameters
 
 __all__ = ["VisionDiffMask", "explain_vision_diffmask", "REPLACES", "PUBLISHED_DEFAULTS", "log_open_probability"]
@@ -447,16 +447,7 @@ class VisionDiffMask(Checkpointed):
         logits, la = self.gate_logits(images, k)
         log_keep = log_open_probability(la).sum(-1).reshape(-1, 1, *self.grid)
         keep = log_keep.exp()
-        if targets is None:
-            targets = logits.argmax(1).tolist()
-        elif isinstance(targets, int):
-            targets = [targets] * images.shape[0]
-        targets = [int(t) for t in targets]
-        if len(targets) != images.shape[0]:
-            raise ValueError(f"targets: need one per image ({images.shape[0]}), got {len(targets)}")
-        for t in targets:
-            if not 0 <= t < logits.shape[1]:
-                raise ValueError(f"target class {t} is out of range: the model has {logits.shape[1]} outputs")
+        targets = per_image_targets(targets, logits)
         seg = patch_segments(self.image_size, self.image_size, self.patch)
         out = []
         for i, t in enumerate(targets):
