@@ -100,6 +100,23 @@ class Checkpointed:
         dm.load_state_dict(ckpt, source=f"checkpoint {os.fspath(path)!r}")
         return dm
 
+    def _image_batch(self, images, name: str, size_is: str) -> torch.Tensor:
+        """``images`` as an N x 3 x S x S float tensor (S = self.image_size; a 3 x S x S image becomes a
+        batch of one), else a ValueError/TypeError naming ``name``; ``size_is`` says where S comes from."""
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            images = images[None]
+        s = self.image_size
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{name} must be an N x 3 x {s} x {s} tensor in [0, 1], got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        if images.shape[0] == 0:
+            raise ValueError(f"{name} is empty (no images)")
+        if not images.is_floating_point():
+            raise TypeError(f"{name} must be floating point in [0, 1], got {images.dtype}")
+        if tuple(images.shape[-2:]) != (s, s):
+            raise ValueError(f"{name} must be {s} x {s} ({size_is}), got {tuple(images.shape[-2:])}")
+        return images
+
     def _fit_loop(self, data, *, epochs: int, val_images, augment: bool, checkpoint, checkpoint_every: int,
                   val_every: int, progress: Optional[bool], callback: Optional[Callable[[dict], None]], device,
                   desc: str, frozen) -> List[dict]:

@@ -206,19 +206,7 @@ class DiffMask(Checkpointed):
         return self._fingerprint
 
     def _check_images(self, images, name="images") -> torch.Tensor:
-        if isinstance(images, torch.Tensor) and images.dim() == 3:
-            images = images[None]
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"{name} must be an N x 3 x {self.image_size} x {self.image_size} tensor in [0, 1], got "
-                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        if images.shape[0] == 0:
-            raise ValueError(f"{name} is empty (no images)")
-        if not images.is_floating_point():
-            raise TypeError(f"{name} must be floating point in [0, 1], got {images.dtype}")
-        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"{name} must be {self.image_size} x {self.image_size} (this DiffMask's image_size), got "
-                             f"{tuple(images.shape[-2:])}")
-        return images
+        return self._image_batch(images, name, "this DiffMask's image_size")
 
     def gate_logits(self, images: torch.Tensor):
         """(clean logits, B x 1 x gh x gw gate logits) of images (pixel space, image_size)."""

@@ -309,18 +309,7 @@ class VisionDiffMask(Checkpointed):
         return (images - mean) / std
 
     def _check_images(self, images, name: str = "images") -> torch.Tensor:
-        if isinstance(images, torch.Tensor) and images.dim() == 3:
-            images = images[None]
-        s = self.image_size
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"{name} must be an N x 3 x {s} x {s} tensor in [0, 1], got "
-                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        if images.shape[0] == 0:
-            raise ValueError(f"{name} is empty (no images)")
-        if not images.is_floating_point():
-            raise TypeError(f"{name} must be floating point in [0, 1], got {images.dtype}")
-        if tuple(images.shape[-2:]) != (s, s):
-            raise ValueError(f"{name} must be {s} x {s} (the ViT's image size), got {tuple(images.shape[-2:])}")
+        images = self._image_batch(images, name, "the ViT's image size")
         check_pixel_range(images, name)
         p = next(self.model.parameters())
         return images.to(p.device, p.dtype)
