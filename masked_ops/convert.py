@@ -390,10 +390,7 @@ def layer_mask(model: nn.Module, mode: str = "fill", *, concat: str = "majority"
                         padding_visible=(padding_visible, False), fill_grad=(fill_grad, False),
                         soft_keep=(soft_keep, "max"))
         changed = [f"{k}={v!r}" for k, (v, default) in cnn_only.items() if v != default]
-        if changed:
-            raise ValueError(f"layer_mask: {', '.join(changed)} apply to CNNs only; {type(model).__name__} is a vision "
-                             f"transformer, masked by token dropping (masked_ops.vit.token_mask takes its options: "
-                             f"patch_keep, drop, soft)")
+        V.refuse_cnn_options(model, "layer_mask", changed)
         return V.token_mask(model, soft=soft)
     check_mode(mode)
     semantics = M.check_soft(soft)

@@ -144,6 +144,16 @@ def is_vision_transformer(model) -> bool:
     return False
 
 
+def refuse_cnn_options(model, where: str, changed, hint: str = "") -> None:
+    """ValueError when CNN layer-masking options (``changed``: descriptions of those set away from their
+    defaults) are asked of a vision transformer, which token dropping masks without fill modes, padding,
+    joins or fill values; ``where``: the call that asked (layer_mask, a strategy); ``hint``: what to do."""
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: CNN layer-masking options, which apply to CNNs only ({where}); "
+                         f"{type(model).__name__} is a vision transformer, masked by dropping the removed patches' "
+                         f"tokens. {hint}(masked_ops.vit.token_mask takes its options: patch_keep, drop, soft)")
+
+
 def _cls(m) -> Tuple[str, str]:
     return type(m).__module__, type(m).__name__
 

@@ -224,18 +224,13 @@ class LayerStrategy(Strategy):
     def _check_vision_transformer(self) -> None:
         """A vision transformer is layer-masked by token dropping (masked_ops.vit), which has none of the CNN
         options: refuse them here, when the strategy is made, rather than at its first forward."""
-        from ..vit import is_vision_transformer
+        from ..vit import is_vision_transformer, refuse_cnn_options
 
-        if not is_vision_transformer(self.model):
-            return
-        cnn_only = [f"mode {self.mode!r} (strategy {self.name!r})" if self.mode != "fill" else "",
-                    "padding_visible=True" if self.padding_visible else "", "fill_grad=True" if self.fill_grad else ""]
-        cnn_only = [c for c in cnn_only if c]
-        if cnn_only:
-            raise ValueError(f"{', '.join(cnn_only)}: CNN layer-masking options; {type(self.model).__name__} is a "
-                             f"vision transformer, layer-masked by dropping the removed patches' tokens, which has no "
-                             f"fill modes, no padding and no fill values. Use the strategy 'layer' "
-                             f"(masked_ops.vit.token_mask takes the ViT's own options)")
+        if is_vision_transformer(self.model):
+            refuse_cnn_options(self.model, f"strategy {self.name!r}", [c for c in (
+                f"mode {self.mode!r}" if self.mode != "fill" else "",
+                "padding_visible=True" if self.padding_visible else "",
+                "fill_grad=True" if self.fill_grad else "") if c], hint="Use the strategy 'layer' ")
 
     @property
     def masked_model(self) -> nn.Module:
