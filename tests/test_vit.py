@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from vit_helpers import tiny_vit
 
 import masked_ops as mo
 from masked_ops import vit as V
@@ -32,19 +33,9 @@ VARIANTS = list(TIMM_VARIANTS) + ["torchvision"]
 
 
 def build(name, dtype=D, size=SIZE, **extra):
-    torch.manual_seed(0)
     if name == "torchvision":
-        model = torchvision.models.VisionTransformer(image_size=size, patch_size=PATCH, num_layers=2, num_heads=2,
-                                                     hidden_dim=32, mlp_dim=64, num_classes=10, **extra)
-        nn.init.normal_(model.heads.head.weight, std=0.3)  # torchvision zero-initialises the head
-    else:
-        kwargs = dict(img_size=size, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-        kwargs.update(TIMM_VARIANTS.get(name, {}), **extra)
-        model = timm_vit.VisionTransformer(**kwargs)
-        for p in (model.cls_token, model.reg_token):  # timm initialises them near 0
-            if p is not None:
-                nn.init.normal_(p, std=0.5)
-    return model.eval().to(dtype)
+        return tiny_vit("torchvision", size=size, patch=PATCH, dtype=dtype, **extra)
+    return tiny_vit("timm", size=size, patch=PATCH, dtype=dtype, **{**TIMM_VARIANTS.get(name, {}), **extra})
 
 
 def images(n=3, seed=1, dtype=D):

@@ -17,6 +17,7 @@ steps, 2 close the other patches more slowly, 1 shuts every gate for good; seed 
 import pytest
 import torch
 import torch.nn as nn
+from vit_helpers import tiny_vit
 
 from masked_ops.explain.maps import MapExplanation
 from masked_ops.explain.vit_diffmask import (PUBLISHED_DEFAULTS, VisionDiffMask, explain_vision_diffmask,
@@ -43,18 +44,9 @@ def _one_thread():
 
 
 def build(name="timm-cls", seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
     if name == "torchvision":
-        model = torchvision.models.VisionTransformer(image_size=SIZE, patch_size=PATCH, num_layers=2, num_heads=2,
-                                                     hidden_dim=32, mlp_dim=64, num_classes=10)
-        nn.init.normal_(model.heads.head.weight, std=0.3)  # torchvision zero-initialises the head
-    else:
-        model = timm_vit.VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2,
-                                           num_classes=10, **VARIANTS[name])
-        for p in (model.cls_token, model.reg_token):
-            if p is not None:
-                nn.init.normal_(p, std=0.5)
-    return model.eval().to(dtype)
+        return tiny_vit("torchvision", size=SIZE, patch=PATCH, seed=seed, dtype=dtype)
+    return tiny_vit("timm", size=SIZE, patch=PATCH, seed=seed, dtype=dtype, **VARIANTS[name])
 
 
 def images(n=3, seed=1, dtype=torch.float32):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from vit_helpers import tiny_vit
 
 from cli_helpers import fake_hf_cache, offline_caches, run_cli
 from masked_ops.explain import (DiffMask, explain_diffmask, explain_extremal, explain_kernel_shap, explain_lime,
@@ -44,17 +45,7 @@ exp_masks = importlib.import_module("masked_ops.experiments.masks")
 
 
 def build(kind="timm"):
-    torch.manual_seed(0)
-    if kind == "torchvision":
-        model = torchvision.models.VisionTransformer(image_size=SIZE, patch_size=PATCH, num_layers=2, num_heads=2,
-                                                     hidden_dim=32, mlp_dim=64, num_classes=10)
-        nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision zero-initialises the head
-    else:
-        model = timm_vit.VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2,
-                                           num_classes=10)
-        nn.init.normal_(model.cls_token, std=0.5)  # timm initialises it near 0
-        nn.init.normal_(model.head.weight, std=0.5)
-    return model.eval()
+    return tiny_vit(kind, size=SIZE, patch=PATCH, head_std=0.5)
 
 
 @pytest.fixture(scope="module")
