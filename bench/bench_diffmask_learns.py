@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--per-image-steps", type=int, default=300)
     p.add_argument("--budget", default="both", help="what the KL budget constrains (DiffMask BUDGETS: 'both' or "
                                                      "'samples', the budget before 2026-12-07)")
+    p.add_argument("--last", action="store_true", help="per image, report the last iterate (explain_diffmask "
+                                                       "keep_best=False, the behaviour before 2026-12-07 15:00 UTC)")
+    p.add_argument("--skip-amortised", action="store_true", help="only the per-image variant")
     args = H.script_args(p, argv, smoke=dict(strategies=["layer"], epochs=1, per_image_steps=2))
 
     import masked_ops
@@ -66,33 +69,45 @@ def main(argv=None) -> int:
             get_strategy("layer", model, mean=info.mean, std=info.std, soft=args.soft)
         dm = DiffMask(model, strategy=strat, batch_size=args.batch_size, eps=args.eps, mean=info.mean, std=info.std,
                       budget=args.budget)
-        fit = H.measure(lambda: dm.fit(train, epochs=args.epochs, val_images=held, progress=False,
-                                       callback=lambda r: None))
-        hist = fit.result
-        res["fit_seconds"], res["fit_cpu_seconds"] = fit.wall_s, fit.cpu_s
-        res["steps"] = dm.step
-        res["history"] = hist
-        v = dm.evaluate(held)
-        with torch.no_grad():
-            _, gl = dm.gate_logits(held)
-            gates = deterministic_gate(gl)
-            kept_gates = (gates >= 0.5).float().mean(dim=(1, 2, 3)).tolist()
-        res["amortised"] = dict(val_kl=v["kl"], val_kept_open_probability=v["kept"], lagrange=float(dm.lagrange),
-                                kept_fraction=kept_gates, hard_layer_kl=hard_kl(gates_to_mask(gates, dm.patch)))
-        H.write_json(out, summary)
-        print(f"{name}: fit {dm.step} steps {res['fit_seconds']:.0f} s: val KL {v['kl']:.3f}, kept "
-              f"{v['kept']:.2f}, lambda {float(dm.lagrange):.2f}, kept patches {kept_gates}", flush=True)
+        if not args.skip_amortised:
+            fit = H.measure(lambda: dm.fit(train, epochs=args.epochs, val_images=held, progress=False,
+                                           callback=lambda r: None))
+            hist = fit.result
+            res["fit_seconds"], res["fit_cpu_seconds"] = fit.wall_s, fit.cpu_s
+            res["steps"] = dm.step
+            res["history"] = hist
+            v = dm.evaluate(held, calibrate=True)
+            with torch.no_grad():
+                _, gl = dm.gate_logits(held)
+                gates = deterministic_gate(gl)
+                kept_gates = (gates >= 0.5).float().mean(dim=(1, 2, 3)).tolist()
+                cal = dm.explain(held, calibrate=True)
+            res["amortised"] = dict(val_kl=v["kl"], val_kept_open_probability=v["kept"], lagrange=float(dm.lagrange),
+                                    kept_fraction=kept_gates, hard_layer_kl=hard_kl(gates_to_mask(gates, dm.patch)),
+                                    calibrated_kept=[e.info["calibrated"]["kept"] for e in cal],
+                                    calibrated_kl=[e.info["calibrated"]["kl"] for e in cal],
+                                    calibrated_hard_layer_kl=hard_kl(torch.stack([e.info["calibrated"]["mask"][None]
+                                                                                  for e in cal]).float()))
+            H.write_json(out, summary)
+            print(f"{name}: fit {dm.step} steps {res['fit_seconds']:.0f} s: val KL {v['kl']:.3f}, kept "
+                  f"{v['kept']:.2f}, lambda {float(dm.lagrange):.2f}, kept patches {kept_gates}; calibrated: kept "
+                  f"{res['amortised']['calibrated_kept']}, KL {res['amortised']['calibrated_kl']}", flush=True)
         per = []
         s = dm.strategy
         for i, photo in enumerate(HELD_OUT):
             run = H.measure(lambda: explain_diffmask(s, held[i], steps=args.per_image_steps, eps=args.eps,
-                                                     budget=args.budget, progress=False))
+                                                     budget=args.budget, keep_best=not args.last,
+                                                     calibrate=True, progress=False))
             e = run.result
             kept = float((deterministic_gate(e.info["log_alpha"]) >= 0.5).float().mean())
+            c = e.info["calibrated"]
             per.append(dict(photo=photo, kl=e.info["kl"], kept_open_probability=e.info["kept"], kept_fraction=kept,
+                            step=e.info["step"], last_kl=e.info["last_kl"], last_kept=e.info["last_kept"],
+                            calibrated_kept=c["kept"], calibrated_kl=c["kl"],
                             lagrange=e.info["lagrange"], seconds=run.wall_s, cpu_seconds=run.cpu_s))
-            print(f"  per-image {photo}: KL {e.info['kl']:.3f} kept {kept:.2f} lambda {e.info['lagrange']:.2f}",
-                  flush=True)
+            print(f"  per-image {photo}: KL {e.info['kl']:.3f} kept {kept:.2f} (step {e.info['step']}; last: KL "
+                  f"{e.info['last_kl']:.3f}) lambda {e.info['lagrange']:.2f}; calibrated: kept {c['kept']:.2f} "
+                  f"KL {c['kl']:.3f}", flush=True)
         res["per_image"] = per
         H.write_json(out, summary)
     return 0

@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--area", type=float, default=0.1)
     p.add_argument("--random", type=int, default=10, help="random orders per photo")
+    p.add_argument("--variant", default="preserve", choices=("preserve", "delete", "dual"),
+                   help="explain_extremal's variant (issue 23's set-up: preserve)")
+    p.add_argument("--reward", default="simple", choices=("simple", "contrastive"))
     args = H.script_args(p, argv, smoke=dict(photos=["chelsea"], methods=["layer-blend", "blur"], iterations=2,
                                              random=1))
 
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
     out = H.results_path(args, "soft-semantics")
     summary = dict(benchmark="soft_semantics", model="efficientnet-lite0", patch=PATCH, steps=STEPS,
                    iterations=args.iterations, area=args.area, random_orders=args.random,
+                   variant=args.variant, reward=args.reward,
                    input_shape=[1, 3, 224, 224], dtype="float32", **H.environment(H.CPU), results={})
     if os.path.exists(out):
         with open(out) as f:
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
             else:
                 s = get_strategy(method, model, mean=info.mean, std=info.std)
             run = H.measure(lambda: explain_extremal(s, image, targets=target, areas=(args.area,),
+                                                     variant=args.variant, reward=args.reward,
                                                      iterations=args.iterations, seed=0, progress=False))
             exp, wall = run.result, run.wall_s
             heat = exp.maps[0] if hasattr(exp, "maps") else exp.heatmap()

@@ -167,6 +167,9 @@ def test_fit_learns_to_keep_the_red_patch(tmp_path):
     last = history[-1]
     assert last["val_kept"] < 0.35, history[-3:]
     assert last["val_kl"] < 0.5, history[-3:]
+    calibrated = dm.evaluate(val, calibrate=True)
+    # one visible patch touching the square keeps "red": the smallest sufficient top-k is a patch or two
+    assert calibrated["calibrated_kl"] <= dm.config["eps"] and calibrated["calibrated_kept"] <= 2 / 16, calibrated
     keep = dm.keep_probability(val)[:, 0]              # 16 x 4 x 4
     hits = 0
     for k, (y, x) in enumerate(where):
@@ -324,14 +327,93 @@ def test_budget_both_constrains_the_larger_of_the_samples_mean_and_the_determini
         seen.append(gates.detach().clone())
         return (1 - gates).sum(dim=(1, 2, 3)) * torch.tensor([1.0, 10.0]).repeat(len(gates) // 2)
 
-    samples = _budgeted_kl(masked_kl, z, log_alpha, 2, "samples")
+    samples, none = _budgeted_kl(masked_kl, z, log_alpha, 2, "samples")
+    assert none is None
     # sample-major rows: image 0 sees z[0], z[2]; image 1 sees z[1], z[3]
     assert torch.allclose(samples, torch.tensor([(1 + 0) / 2, 10 * (1 + 2) / 2]))
-    both = _budgeted_kl(masked_kl, z, log_alpha, 2, "both")
+    both, det_kl_out = _budgeted_kl(masked_kl, z, log_alpha, 2, "both")
     det = deterministic_gate(log_alpha).detach().clamp_min(0.01)
     assert torch.equal(seen[-1][4:], det)                      # the deterministic gates ran in the same forward
     det_kl = (1 - det).sum(dim=(1, 2, 3)) * torch.tensor([1.0, 10.0])
     assert torch.allclose(both, torch.maximum(samples, det_kl))
+    assert torch.allclose(det_kl_out, det_kl) and not det_kl_out.requires_grad
     assert both[0] > samples[0] and both[1] == samples[1]       # image 0: the deterministic gates bind
     both.sum().backward()                                       # and pass gradient to the logits
     assert log_alpha.grad is not None and bool((log_alpha.grad[0] != 0).all())
+
+
+# ----------------------------------------------------------------------------- the budget-meeting mask
+def test_top_k_gates_keep_the_k_highest_scores():
+    from masked_ops.explain.budget_mask import top_k_gates
+    scores = torch.tensor([[[[0.5, 2.0], [2.0, -1.0]]], [[[3.0, 1.0], [0.0, 2.0]]]])
+    gates = top_k_gates(scores, torch.tensor([1, 3]))
+    assert torch.equal(gates, torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 1.0]]]]))  # tie: first
+
+
+@pytest.mark.parametrize("monotone", [True, False])
+def test_smallest_sufficient_finds_the_smallest_k_by_bisection(monotone):
+    """Against a brute force over every k, with a KL defined here: 0.3 per 'needed' patch left out
+    (monotone in k along the ranking), or that plus a bump at some k (not monotone: the k returned must
+    still meet the budget)."""
+    from masked_ops.explain.budget_mask import smallest_sufficient
+    g = torch.Generator().manual_seed(0)
+    b, n, eps = 5, 20, 0.5
+    scores = torch.randn(b, 1, 4, 5, generator=g)
+    needed = torch.rand(b, n, generator=g) < 0.4
+    calls = []
+
+    def kl_of(kept_flat, i):
+        k = int(kept_flat.sum())
+        bump = 2.0 if (not monotone and k == 11) else 0.0
+        return 0.3 * float((needed[i] & ~kept_flat).sum()) + bump
+
+    def masked_kl(gates):
+        calls.append(1)
+        flat = gates.flatten(1) > 0.5
+        return torch.tensor([kl_of(flat[i], i) for i in range(len(gates))])
+
+    gates, kept, kl = smallest_sufficient(masked_kl, scores, eps)
+    assert len(calls) <= 6  # ceil(log2(21)) bisection steps, and at most one measurement of k = N
+    for i in range(b):
+        order = sorted(range(n), key=lambda j: (-float(scores[i].flatten()[j]), j))
+        def top(k):
+            t = torch.zeros(n, dtype=torch.bool)
+            t[order[:k]] = True
+            return t
+        k = round(float(kept[i]) * n)
+        assert torch.equal(gates[i].flatten() > 0.5, top(k))
+        assert kl_of(top(k), i) <= eps and abs(float(kl[i]) - kl_of(top(k), i)) < 1e-6
+        if monotone:
+            assert k == min(j for j in range(n + 1) if kl_of(top(j), i) <= eps)
+
+
+def test_per_image_calibrated_mask_is_one_patch_on_the_square():
+    model = RedNet().eval()
+    images, where = red_images(2, 4)
+    for k in range(2):
+        exp = explain_diffmask(get_strategy("black", model, **PIXEL), images[k], patch=8, steps=150, lr=0.2,
+                               calibrate=True, progress=False)
+        cal = exp.info["calibrated"]
+        assert cal["kept"] == 1 / 16 and cal["kl"] <= 0.1 and cal["mask"].shape == (32, 32)
+        y, x = where[k]
+        assert bool(cal["mask"][y:y + 6, x:x + 6].any())  # the kept patch shows part of the square
+
+
+def test_per_image_keeps_the_best_iterate_that_met_the_budget():
+    """The L0 term alone (lambda stuck near 0) shuts every gate, so the last iterate breaks the budget;
+    keep_best returns the sparsest earlier iterate whose deterministic gates met it."""
+    model = RedNet().eval()
+    image = red_images(1, 7)[0][0]
+    opts = dict(patch=8, steps=40, lr=1.0, eps=0.05, lagrange_init=0.0, lagrange_lr=1e-4, progress=False)
+    strategy = get_strategy("black", model, **PIXEL)
+    last = explain_diffmask(strategy, image, keep_best=False, **opts)
+    assert last.info["kl"] > 0.05 and last.info["step"] == 40 and last.info["kl"] == last.info["last_kl"]
+    best = explain_diffmask(strategy, image, **opts)
+    assert best.info["kl"] <= 0.05 and best.info["step"] < 40 and best.info["last_kl"] == last.info["kl"]
+    assert best.info["kept"] < 0.99  # a later iterate than the all-open start
+    from masked_ops.explain.hard_concrete import deterministic_gate, gates_to_mask
+    with torch.no_grad():  # the reported KL is the returned gates' own, measured here again
+        clean = strategy(image[None], torch.ones(1, 1, 32, 32))
+        again = kl_divergence(clean, strategy(image[None], gates_to_mask(
+            deterministic_gate(best.info["log_alpha"][None, None]), 8)))
+    assert abs(float(again) - best.info["kl"]) < 1e-6

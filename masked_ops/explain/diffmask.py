@@ -62,7 +62,7 @@ the model is meant to be explained on); the bundled photos are far too few for a
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -73,6 +73,7 @@ from .diffmask_data import random_resized_crop
 from .gate_net import GateNet, HiddenFeatures, stage_layers
 from .hard_concrete import (STRETCH, TEMPERATURE, deterministic_gate, gates_to_mask, hard_concrete_sample,
                             kl_divergence, open_probability, straight_through_gates)
+from .budget_mask import smallest_sufficient
 from .maps import MapExplanation, patch_segments
 from .._util.progress import progress_bar
 from .perturb import check_positive, per_image_targets, prepare_image, resolve_targets
@@ -103,18 +104,23 @@ def _check_budget(budget) -> str:
     return budget
 
 
-def _budgeted_kl(masked_kl, z: torch.Tensor, log_alpha: torch.Tensor, samples: int, budget: str) -> torch.Tensor:
-    """The KL the budget constrains, per image: ``masked_kl(gates)`` (one KL per row of gates, the
-    images repeated to match) of the sampled gates z (``samples`` rows per image, sample-major), averaged
-    over the samples; with budget "both", the larger of that and the KL at the deterministic gates
-    (computed in the same forward, with the gradient of the open probability as for z)."""
+def _budgeted_kl(masked_kl, z: torch.Tensor, log_alpha: torch.Tensor, samples: int,
+                 budget: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the KL the budget constrains, the KL at the deterministic gates or None), per image.
+
+    ``masked_kl(gates)``: one KL per row of gates (the images repeated to match); z: the sampled gates,
+    ``samples`` rows per image, sample-major. The constrained KL is the samples' mean; with budget
+    "both", the larger of that and the KL at the deterministic gates (computed in the same forward, with
+    the gradient of the open probability as for z; returned detached as the second item, floored at
+    TRAIN_FLOOR like every training gate)."""
     n = log_alpha.shape[0]
     if budget == "samples":
-        return masked_kl(z).view(samples, n).mean(0)
+        return masked_kl(z).view(samples, n).mean(0), None
     p = open_probability(log_alpha)
     det = deterministic_gate(log_alpha).detach().clamp_min(TRAIN_FLOOR) + (p - p.detach())
     kls = masked_kl(torch.cat([z, det]))
-    return torch.maximum(kls[:samples * n].view(samples, n).mean(0), kls[samples * n:])
+    det_kl = kls[samples * n:]
+    return torch.maximum(kls[:samples * n].view(samples, n).mean(0), det_kl), det_kl.detach()
 
 
 def _lagrange_optimizer(kind: str, param: torch.Tensor, lr: float) -> torch.optim.Optimizer:
@@ -228,36 +234,48 @@ class DiffMask(Checkpointed):
         finally:
             self.gate.train(was)
 
+    def _calibrate(self, images, clean, gl):
+        """budget_mask.smallest_sufficient on the gate logits: (gates, kept fraction, KL) per image."""
+        return smallest_sufficient(lambda g: self._masked_kl(images, clean, g), gl, self.config["eps"])
+
     @torch.no_grad()
-    def explain(self, images: torch.Tensor, targets: Union[None, int, Sequence[int]] = None):
+    def explain(self, images: torch.Tensor, targets: Union[None, int, Sequence[int]] = None, *,
+                calibrate: bool = False):
         """One MapExplanation per image (a single one for a 3 x H x W image), from one forward pass.
 
         Weights: each patch's expected L0 (the same for every target: the objective is the whole
         output distribution). ``targets`` (one per image, default the top-1 class) label them.
         ``info["log_alpha"]``: the gate logits (gh x gw), which order the patches like the weights
         but without their float32 saturation near 1 (ties) when most gates are open.
+        ``calibrate``: also find, per image, the smallest top-k of the gate logits whose 0/1 mask meets
+        the KL budget (masked_ops.explain.budget_mask: ~8 masked forwards of the batch):
+        ``info["calibrated"]`` = {"kept", "kl", "mask" (H x W bool)}.
         """
         single = isinstance(images, torch.Tensor) and images.dim() == 3
         images = self._check_images(images)
         logits, gl = self.gate_logits(images)
         keep = open_probability(gl)
         targets = per_image_targets(targets, logits)
+        calibrated = self._calibrate(images, logits, gl) if calibrate else None
         seg = patch_segments(self.image_size, self.image_size, self.patch)
         out = []
         for i, t in enumerate(targets):
             w = keep[i].reshape(1, -1).float().cpu()
+            info = {"kept": float(keep[i].mean()), "amortised": True, "log_alpha": gl[i, 0].float().cpu()}
+            if calibrated is not None:
+                gates, kept, kl = calibrated
+                info["calibrated"] = _calibrated_info(gates[i], float(kept[i]), float(kl[i]), self.patch)
             out.append(MapExplanation("diffmask", self.strategy.name, [t], w, seg,
-                                      masks=gates_to_mask(keep[i:i + 1], self.patch)[0].float().cpu(),
-                                      info={"kept": float(keep[i].mean()), "amortised": True,
-                                            "log_alpha": gl[i, 0].float().cpu()}))
+                                      masks=gates_to_mask(keep[i:i + 1], self.patch)[0].float().cpu(), info=info))
         return out[0] if single else out
 
     @torch.no_grad()
-    def evaluate(self, images: torch.Tensor, batch_size: Optional[int] = None) -> dict:
-        """Mean KL(clean || masked) and kept fraction with the deterministic gates."""
+    def evaluate(self, images: torch.Tensor, batch_size: Optional[int] = None, *, calibrate: bool = False) -> dict:
+        """Mean KL(clean || masked) and kept fraction with the deterministic gates; with ``calibrate``,
+        also "calibrated_kl" and "calibrated_kept": the means of ``explain(calibrate=True)``'s masks."""
         images = self._check_images(images, "val_images")
         bs = batch_size or self.config["batch_size"]
-        kls, kept = [], []
+        kls, kept, ckls, ckept = [], [], [], []
         was = self.gate.training
         self.gate.eval()
         try:
@@ -267,9 +285,16 @@ class DiffMask(Checkpointed):
                 g = deterministic_gate(gl)
                 kls.append(self._masked_kl(x, clean, g))
                 kept.append(open_probability(gl).mean(dim=(1, 2, 3)))
+                if calibrate:
+                    _, k, kl = self._calibrate(x, clean, gl)
+                    ckept.append(k)
+                    ckls.append(kl)
         finally:
             self.gate.train(was)
-        return {"kl": float(torch.cat(kls).mean()), "kept": float(torch.cat(kept).mean())}
+        out = {"kl": float(torch.cat(kls).mean()), "kept": float(torch.cat(kept).mean())}
+        if calibrate:
+            out.update(calibrated_kl=float(torch.cat(ckls).mean()), calibrated_kept=float(torch.cat(ckept).mean()))
+        return out
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, data, *, epochs: int = 1, val_images: Optional[torch.Tensor] = None, augment: bool = True,
@@ -301,7 +326,7 @@ class DiffMask(Checkpointed):
             z = straight_through_gates(hard_concrete_sample(gl, self.generator), gl, TRAIN_FLOOR)
             kl = _budgeted_kl(lambda g: self._masked_kl(x.repeat(len(g) // len(x), 1, 1, 1),
                                                         clean.repeat(len(g) // len(x), 1), g),
-                              z, gl, 1, self.config["budget"])  # the masked forward, differentiable in the mask
+                              z, gl, 1, self.config["budget"])[0]  # the masked forward, differentiable in the mask
             l0 = open_probability(gl).mean(dim=(1, 2, 3))
             excess = kl - self.config["eps"]
             loss = (l0 + self._lagrange_param * excess
@@ -334,11 +359,23 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
                      patch: int = 16, steps: int = 300, eps: float = 0.1, lr: float = 0.1, samples: int = 4,
                      lagrange_init: float = 1.0, lagrange_lr: float = 0.1, lagrange_max: float = 200.0,
                      lagrange_optimizer: str = "adam", damping: float = 0.0, budget: str = "both",
-                     init_logit: float = 5.0, seed: int = 0, progress: Optional[bool] = None) -> MapExplanation:
+                     init_logit: float = 5.0, keep_best: bool = True, calibrate: bool = False, seed: int = 0,
+                     progress: Optional[bool] = None) -> MapExplanation:
     """Per-image DiffMask: optimise one gate logit per patch of ``image`` (no gate network).
 
     Same gates and objective as ``DiffMask``; each step averages ``samples`` hard-concrete draws.
     The weights are the expected L0 per patch (the same for every target).
+
+    ``keep_best`` (default): return the iterate with the fewest expected open gates whose deterministic
+    gates met the budget (KL <= eps, measured exactly with one extra forward when a step's own
+    deterministic KL says it may be the best so far), rather than the last one: a Lagrangian's iterates
+    oscillate around the constraint, and the last step can be on the wrong side of it (per image on
+    Lite0 with layer masking the last iterate's KL missed eps on two of three photos, bench/README.md).
+    The last iterate is returned when no iterate met the budget or when it is itself the best.
+    ``calibrate``: also report the smallest top-k of the gate logits that meets the budget as a 0/1
+    mask (masked_ops.explain.budget_mask; ~8 more forwards): ``info["calibrated"]``.
+    Info: ``kl`` and ``kept`` of the returned iterate (deterministic gates; mean open probability),
+    ``step`` (which iterate, 0-based; ``steps`` = the last), ``last_kl`` and ``last_kept``.
     """
     image = prepare_image(image)
     require_soft(strategy, "explain_diffmask")
@@ -355,20 +392,33 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
     x = image[None]
     with torch.no_grad():
         clean = strategy(x, torch.ones(1, 1, h, w, dtype=torch.bool, device=image.device)).float()
+
+    def masked_kl(gates):
+        return kl_divergence(clean.expand(len(gates), -1), strategy(x.expand(len(gates), -1, -1, -1),
+                                                                    gates_to_mask(gates, patch)))
+
+    def exact_kl(la):
+        with torch.no_grad():
+            return float(masked_kl(deterministic_gate(la)))
+
     log_alpha = torch.full((1, 1, h // patch, w // patch), float(init_logit), device=image.device, requires_grad=True)
     lam = torch.tensor(float(lagrange_init), device=image.device, requires_grad=True)
     opt = torch.optim.Adam([log_alpha], lr=lr)
     opt_lam = _lagrange_optimizer(lagrange_optimizer, lam, lagrange_lr)
+    best = None  # (kept, kl, step, log_alpha) of the sparsest iterate seen that met the budget
     with frozen_parameters(strategy), progress_bar(steps, f"diffmask ({strategy.name})", "step", enabled=progress,
                                                   auto_min=256) as bar:
-        for _ in range(steps):
+        for step in range(steps):
             la = log_alpha.expand(samples, -1, -1, -1)
             z = straight_through_gates(hard_concrete_sample(la, g), la, TRAIN_FLOOR)
-            kl = _budgeted_kl(lambda gates: kl_divergence(clean.expand(len(gates), -1),
-                                                          strategy(x.expand(len(gates), -1, -1, -1),
-                                                                   gates_to_mask(gates, patch))),
-                              z, log_alpha, samples, budget)[0]
+            kl, det_kl = _budgeted_kl(masked_kl, z, log_alpha, samples, budget)
+            kl = kl[0]
             l0 = open_probability(log_alpha).mean()
+            if keep_best and (best is None or float(l0.detach()) < best[0]) and (det_kl is None or float(det_kl[0]) <= eps):
+                now = log_alpha.detach().clone()
+                now_kl = exact_kl(now)
+                if now_kl <= eps:
+                    best = (float(l0.detach()), now_kl, step, now)
             loss = l0 + lam * (kl - eps) + 0.5 * damping * (kl - eps).clamp_min(0) ** 2
             opt.zero_grad()
             opt_lam.zero_grad()
@@ -378,13 +428,24 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
             with torch.no_grad():
                 lam.clamp_(0, lagrange_max)
             bar.update(1)
-    keep = open_probability(log_alpha.detach())
-    with torch.no_grad():
-        kl_det = float(kl_divergence(clean, strategy(x, gates_to_mask(deterministic_gate(log_alpha), patch))))
+    last = log_alpha.detach()
+    last_kept, last_kl = float(open_probability(last).mean()), exact_kl(last)
+    chosen, kept, kl_det, step = last, last_kept, last_kl, steps
+    if best is not None and not (last_kl <= eps and last_kept <= best[0]):
+        kept, kl_det, step, chosen = best
+    keep = open_probability(chosen)
+    info = {"kept": kept, "kl": kl_det, "step": step, "last_kl": last_kl, "last_kept": last_kept,
+            "lagrange": float(lam.detach()), "amortised": False, "log_alpha": chosen[0, 0].float().cpu(),
+            "steps": steps}
+    if calibrate:
+        gates, frac, ckl = smallest_sufficient(masked_kl, chosen, eps)
+        info["calibrated"] = _calibrated_info(gates[0], float(frac[0]), float(ckl[0]), patch)
     seg = patch_segments(h, w, patch)
     weights = keep.reshape(1, -1).float().cpu().expand(len(targets), -1).clone()
     return MapExplanation("diffmask", strategy.name, targets, weights, seg,
-                          masks=gates_to_mask(keep, patch)[0].float().cpu(),
-                          info={"kept": float(keep.mean()), "kl": kl_det, "lagrange": float(lam.detach()), "amortised": False,
-                                "log_alpha": log_alpha.detach()[0, 0].float().cpu(),
-                                "steps": steps})
+                          masks=gates_to_mask(keep, patch)[0].float().cpu(), info=info)
+
+
+def _calibrated_info(gates: torch.Tensor, kept: float, kl: float, patch: int) -> dict:
+    """info["calibrated"]: the budget-meeting 0/1 mask (H x W bool) of one image, its kept fraction and KL."""
+    return {"kept": kept, "kl": kl, "mask": gates_to_mask(gates[None], patch)[0, 0].cpu() > 0.5}
