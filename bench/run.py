@@ -193,7 +193,7 @@ CONV_SHAPES = {
 
 
 def op_cases(args, device):
-    """(name, shape, masked fn (backend-selected), plain fn)."""
+    """(name, shape, masked fn (backend-selected), plain fn[, the functional floor of a masked conv])."""
     dt, bs, cl = args.dtype, args.op_batch, args.channels_last
     s = 4 if args.smoke else 1
     cases = []
@@ -203,9 +203,14 @@ def op_cases(args, device):
         m = patch_mask(bs, size, size, device, dtype=dt)
         w = randn(c_out, c_in, k, k, device=device, dtype=dt, seed=1) / (c_in * k * k) ** 0.5
         b = randn(c_out, device=device, dtype=dt, seed=2)
+        keep = F.max_pool2d(m, k, st, k // 2)
         cases.append((f"masked_conv2d[fill]:{shape_name}", x.shape,
                       lambda x=x, m=m, w=w, b=b, st=st, k=k: mo.masked_conv2d(x, m, w, b, st, k // 2, mode="fill"),
-                      lambda x=x, w=w, b=b, st=st, k=k: F.conv2d(x, w, b, st, k // 2)))
+                      lambda x=x, w=w, b=b, st=st, k=k: F.conv2d(x, w, b, st, k // 2),
+                      # The passes any functional masked conv on a vendor conv makes, with nothing else: a
+                      # copy of x (the fill must not write into x), the conv, one pass zeroing the output
+                      # at removed positions (its output mask given: no mask path, no fill arithmetic).
+                      lambda x=x, w=w, b=b, st=st, k=k, keep=keep: F.conv2d(x.clone(), w, b, st, k // 2).mul_(keep)))
     size = max(56 // s, 8)
     x = randn(bs, 64, size, size, device=device, dtype=dt, channels_last=cl)
     m = patch_mask(bs, size, size, device, dtype=dt)
@@ -226,13 +231,16 @@ def op_cases(args, device):
 
 def bench_ops(args, device, records):
     backends = fast_backends(device)
-    for name, shape, masked, plain in op_cases(args, device):
+    for name, shape, masked, plain, *floor in op_cases(args, device):
         contenders = {"plain": plain, "torch": on("torch", masked)}
+        if floor:
+            contenders["copy_conv_zero"] = floor[0]
         for b in backends:
             contenders[b] = on(b, masked)
         with torch.no_grad():
             times = H.interleaved(contenders, args.op_rounds, device, warmup=1, budget_s=args.section_budget_s)
-        records.append(H.record(f"op/{name}", device, args.dtype, args.op_batch, shape, times, ["plain", "torch"]))
+        records.append(H.record(f"op/{name}", device, args.dtype, args.op_batch, shape, times,
+                                ["plain", "torch"] + (["copy_conv_zero"] if floor else [])))
         print_record(records[-1])
 
 
