@@ -30,6 +30,10 @@ their order), so a shared host's load hits them alike. Contenders, by explainer 
   169 at 32/16 on 224 px for both libraries): masked_ops ``explain_occlusion(window=, stride=)`` (grey,
   layer); Captum's ``Occlusion`` (same window and stride over all channels; grey, and layer masking
   through the adapter).
+- ``removal/``: the removal curves of the experiments (masked_ops.experiments.removal_curves: --repeats-removal
+  random orders of the 16 x 16 patches, 11 fractions, nested masks, the 0% and 100% masks predicted once:
+  2 + 9 R images), grey fill and layer masking, at --batch-size. There is no outside tool for these;
+  the output checked is the curve of p(clean class) over the fractions (finite, not constant).
 - ``rise/``: masked_ops ``explain_rise`` with the grey fill (soft masks blend grey in), with soft layer
   masking (what ``masked-ops explain --method rise --masking layer`` runs) and with hard layer masking on
   thresholded masks (``binary=True``); TorchRay's ``torchray.attribution.rise.rise`` on the normalised
@@ -67,7 +71,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 
-GROUPS = ("lime", "kernel_shap", "ablation", "occlusion", "rise")
+GROUPS = ("lime", "kernel_shap", "ablation", "occlusion", "rise", "removal")
 
 # ----------------------------------------------------------------------------- counting model calls
 # Every model call of every contender goes through a Counter (outside any compiled module): the
@@ -139,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=1000, help="LIME and KernelSHAP samples, every contender")
     p.add_argument("--masks", type=int, default=1000, help="RISE masks, every contender")
     p.add_argument("--n-segments", type=int, default=50, help="SLIC segments asked for (LIME, KernelSHAP, ablation)")
+    p.add_argument("--repeats-removal", type=int, default=20, help="removal curves: random patch orders")
     p.add_argument("--window", type=int, default=32, help="sliding-window occlusion: window (pixels)")
     p.add_argument("--stride", type=int, default=16, help="sliding-window occlusion: stride (pixels)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="print the contenders' names and exit")
     args = H.script_args(p, argv, device="cpu", repeats=3,
                          smoke=dict(samples=4, masks=4, n_segments=4, window=112, stride=112, batch_size=4,
-                                    repeats=1))
+                                    repeats_removal=1, repeats=1))
     device = torch.device(args.device)
     from masked_ops.explain.perturb import resolve_batch_size
 
@@ -174,6 +179,7 @@ def main(argv=None) -> int:
         "ablation": ["ours_grey", "ours_layer", "captum_grey", "captum_layer"],
         "occlusion": ["ours_grey", "ours_layer", "captum_grey", "captum_layer"],
         "rise": ["ours_grey", "ours_layer", "ours_layer_binary", "torchray"],
+        "removal": ["ours_grey", "ours_layer"],
     }
     all_names = [f"{g}/{c}" for g in GROUPS for c in names[g]]
     if args.list:
@@ -208,8 +214,9 @@ def main(argv=None) -> int:
     x_norm = (image[None] - mean) / std  # 1 x 3 x H x W, the model's input space (grey = 0)
     with torch.inference_mode():
         target = int(model(x_norm.contiguous(memory_format=fmt)).argmax())
+    from masked_ops.experiments.removal import FRACTIONS
     floor_images = {"lime": args.samples, "kernel_shap": args.samples, "ablation": k, "occlusion": windows,
-                    "rise": args.masks}
+                    "rise": args.masks, "removal": 2 + (len(FRACTIONS) - 2) * args.repeats_removal}
 
     # models: eager or compiled, every call counted (the Counter sits outside the compiled module)
     run_model = torch.compile(model) if args.compile else model
@@ -270,6 +277,15 @@ def main(argv=None) -> int:
                 return cls(fwd).attribute(x_norm, baselines=0.0, feature_mask=feature_mask, target=target,
                                           perturbations_per_eval=B, **kw)
         return run, lambda attr: attr[0, :3].sum(0)
+
+    def removal(strategy_fn, key: str):
+        from masked_ops.experiments.removal import removal_curves
+
+        def run():
+            return removal_curves(plain, image[None], {key: strategy_fn()}, repeats=args.repeats_removal,
+                                  batch_size=B, progress=False)
+        # the curve of p(clean class) over the fractions, as an F x 1 "map" for check_map
+        return run, lambda res: torch.tensor(res["strategies"][key]["p_clean"])[:, None]
 
     def lime_package():
         from lime.lime_image import LimeImageExplainer
@@ -345,6 +361,8 @@ def main(argv=None) -> int:
             ch = 4 if c == "captum_layer" else 3  # the adapter's 4th channel is the mask: cover it too
             return captum(Occlusion, c == "captum_layer", sliding_window_shapes=(ch, args.window, args.window),
                           strides=(ch, args.stride, args.stride))
+        if g == "removal":
+            return removal(grey if c == "ours_grey" else layer, c.split("_")[1])
         if g == "rise":
             if c == "torchray":
                 return torchray_rise()
@@ -374,6 +392,8 @@ def main(argv=None) -> int:
         "rise/ours_layer": "masked_ops explain_rise, soft layer masking (layer_mask(soft=True))",
         "rise/ours_layer_binary": "masked_ops explain_rise(binary=True), hard layer masking of masks > 0.5",
         "rise/torchray": "torchray.attribution.rise.rise on the normalised image (input * mask: blend to grey)",
+        "removal/ours_grey": "masked_ops.experiments.removal_curves, grey fill (random patch orders, 11 fractions)",
+        "removal/ours_layer": "masked_ops.experiments.removal_curves, layer masking",
     }
 
     # ------------------------------------------------------------------ results file
@@ -404,6 +424,9 @@ def main(argv=None) -> int:
     # ------------------------------------------------------------------ warm-up and checks (untimed)
     print(f"{args.model}, {args.format}{', compiled' if args.compile else ''}, batch {B}, K = {k} segments, "
           f"{windows} windows, target {target}; warm-up and checks:", flush=True)
+    def shape_of(name):  # what check_map expects: an H x W map, or the removal curve (F x 1)
+        return (len(FRACTIONS), 1) if name.startswith("removal/") else size
+
     maps: Dict[str, torch.Tensor] = {}
     for name, fn in contenders.items():
         reset_tally()
@@ -412,7 +435,7 @@ def main(argv=None) -> int:
         rec.update(warmup_s=round(s.wall_s, 3), **TALLY)
         if to_maps[name] is not None:
             maps[name] = to_maps[name](s.result).detach().cpu()
-            rec["check"] = check_map(name, maps[name], size, strict=not args.smoke)
+            rec["check"] = check_map(name, maps[name], shape_of(name), strict=not args.smoke)
         elif TALLY["images"] != int(name.split("/")[1]):
             raise RuntimeError(f"{name}: ran {TALLY['images']} images")
         print(f"  {name:<28} {s.wall_s:8.3f} s  {TALLY['images']:6d} images in {TALLY['forwards']:4d} forwards "
@@ -449,7 +472,7 @@ def main(argv=None) -> int:
     H.interleaved_samples(contenders, args.repeats, device, after=after)
     for name, v in samples.items():  # the last timed call's output, checked like the warm-up's
         if to_maps[name] is not None and v and v[-1].result is not None:
-            check_map(name, to_maps[name](v[-1].result), size, strict=not args.smoke)
+            check_map(name, to_maps[name](v[-1].result), shape_of(name), strict=not args.smoke)
     summary["complete"] = True
     summarise()
 
