@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="both", help="what the KL budget constrains (DiffMask BUDGETS: 'both' or "
                                                      "'samples', the budget before 2026-12-07)")
     p.add_argument("--last", action="store_true", help="per image, report the last iterate (explain_diffmask "
-                                                       "keep_best=False, the behaviour before 2026-12-07 15:00 UTC)")
+                                                       "keep_best=False, the behaviour before keep_best existed)")
     p.add_argument("--skip-amortised", action="store_true", help="only the per-image variant")
     args = H.script_args(p, argv, smoke=dict(strategies=["layer"], epochs=1, per_image_steps=2))
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             res["fit_seconds"], res["fit_cpu_seconds"] = fit.wall_s, fit.cpu_s
             res["steps"] = dm.step
             res["history"] = hist
-            v = dm.evaluate(held, calibrate=True)
+            v = dm.evaluate(held)
             with torch.no_grad():
                 _, gl = dm.gate_logits(held)
                 gates = deterministic_gate(gl)

@@ -411,6 +411,14 @@ def test_per_image_keeps_the_best_iterate_that_met_the_budget():
     best = explain_diffmask(strategy, image, **opts)
     assert best.info["kl"] <= 0.05 and best.info["step"] < 40 and best.info["last_kl"] == last.info["kl"]
     assert best.info["kept"] < 0.99  # a later iterate than the all-open start
+    # The sparsest of all iterates within the budget, against the trajectory replayed here: a run of k steps
+    # without keep_best ends at iterate k (the same draws: keep_best's checks draw no random numbers).
+    feasible = []
+    for k in range(1, 41):
+        e = explain_diffmask(strategy, image, keep_best=False, **dict(opts, steps=k))
+        if e.info["kl"] <= 0.05:
+            feasible.append(e.info["kept"])
+    assert feasible and abs(best.info["kept"] - min(feasible)) < 1e-6, (best.info["kept"], feasible)
     from masked_ops.explain.hard_concrete import deterministic_gate, gates_to_mask
     with torch.no_grad():  # the reported KL is the returned gates' own, measured here again
         clean = strategy(image[None], torch.ones(1, 1, 32, 32))

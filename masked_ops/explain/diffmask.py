@@ -368,7 +368,8 @@ def explain_diffmask(strategy: Strategy, image: torch.Tensor, *, targets: Union[
 
     ``keep_best`` (default): return the iterate with the fewest expected open gates whose deterministic
     gates met the budget (KL <= eps, measured exactly with one extra forward when a step's own
-    deterministic KL says it may be the best so far), rather than the last one: a Lagrangian's iterates
+    deterministic KL, floored at TRAIN_FLOOR, says it may be the best so far; with budget "samples", which
+    computes no deterministic KL, whenever the expected L0 is the lowest so far), rather than the last one: a Lagrangian's iterates
     oscillate around the constraint, and the last step can be on the wrong side of it (per image on
     Lite0 with layer masking the last iterate's KL missed eps on two of three photos, bench/README.md).
     The last iterate is returned when no iterate met the budget or when it is itself the best.
