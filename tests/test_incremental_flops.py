@@ -1,4 +1,4 @@
-"""bench/incremental_flops.py (issue 29: what incremental inference would save): the changed-rectangle
+"""masked_ops.explain.cone and bench/incremental_flops.py (issue 29: what incremental inference would save): the changed-rectangle
 propagation against brute force on tiny networks (float64, a random perturbation of an input rectangle:
 every changed position lies in the predicted rectangle, and for convs with random weights and injective
 activations the predicted rectangle is exactly the bounding box of the changes), the same under layer
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from masked_ops import layer_mask
+from masked_ops.explain import cone  # the propagation rules (the bench script measures with them)
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "incremental_flops.py")
 _spec = importlib.util.spec_from_file_location("incremental_flops", _PATH)
@@ -109,7 +110,7 @@ def test_conv_axis_is_the_exact_changed_set():
                             for b in range(a + 1, n_in + 1):
                                 hit = [o for o in range(n_out)
                                        if any(a <= o * s - p + j * d < b for j in range(k))]
-                                got = I.conv_axis(a, b, k, s, p, d, n_out)
+                                got = cone.conv_axis(a, b, k, s, p, d, n_out)
                                 if not hit:
                                     assert got is None or d > 1, (n_in, k, s, p, d, a, b, got)
                                     continue
@@ -130,7 +131,7 @@ def test_windows_are_the_occlusion_windows():
 
 # ----------------------------------------------------------------------------- brute force
 def _check_against_brute_force(model, size, rects, exact_kinds):
-    plan = I.plan_model(model.float(), (size, size))
+    plan = cone.plan_model(model.float(), (size, size))
     assert not plan.unknown
     traced = torch.fx.symbolic_trace(model.double())
     byname = {o.name: o for o in plan.ops}
@@ -141,7 +142,7 @@ def _check_against_brute_force(model, size, rects, exact_kinds):
         xp = x.clone()
         y0, y1, x0, x1 = rect
         xp[:, :, y0:y1, x0:x1] += torch.randn(1, 3, y1 - y0, x1 - x0, dtype=torch.float64, generator=gen)
-        pred = I.propagate(plan, rect)
+        pred = cone.propagate(plan, rect)
         for name, box in I.observed(traced, x, xp).items():
             if name not in pred:
                 continue
@@ -172,13 +173,13 @@ def test_layer_masking_changes_the_same_cone():
     rectangle of every masked layer: the mask path has the convs' own geometry."""
     model = _random_weights(Chain(act=torch.relu))
     size = 23
-    plan = I.plan_model(model.float(), (size, size))
+    plan = cone.plan_model(model.float(), (size, size))
     model.double()
     x = torch.randn(1, 3, size, size, dtype=torch.float64)
     lm = layer_mask(model)
     n = 0
     for rect in _random_rects(size, size, 6, random.Random(2)):
-        pred = I.propagate(plan, rect)
+        pred = cone.propagate(plan, rect)
         seen = I.observed_layer_masked(model, x, rect, lm)
         rows = [(name, box) for name, box in seen.items() if name in pred]
         assert sum(plan.ops[[o.name for o in plan.ops].index(k)].kind == "conv" for k, _ in rows) >= 5
@@ -191,14 +192,14 @@ def test_layer_masking_changes_the_same_cone():
 # ----------------------------------------------------------------------------- FLOPs
 def test_flops_of_a_plain_conv_by_hand():
     conv = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1))
-    plan = I.plan_model(conv, (32, 32), channels=8)
+    plan = cone.plan_model(conv, (32, 32), channels=8)
     assert plan.flops == 16 * 16 * 16 * 8 * 3 * 3 * 2  # out 16 x 16, C_out 16, C_in 8, 3 x 3, x 2
     dw = nn.Sequential(nn.Conv2d(8, 8, 5, padding=2, groups=8))
-    assert I.plan_model(dw, (10, 10), channels=8).flops == 10 * 10 * 8 * 1 * 5 * 5 * 2
+    assert cone.plan_model(dw, (10, 10), channels=8).flops == 10 * 10 * 8 * 1 * 5 * 5 * 2
     # incremental: input rows 2-3, columns 3-4 changed -> 3x3 stride 1 pad 1 outputs rows 1-4, columns 2-5
     plain = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1))
-    plan = I.plan_model(plain, (10, 10), channels=4)
-    reg = I.propagate(plan, (2, 4, 3, 5))
+    plan = cone.plan_model(plain, (10, 10), channels=4)
+    reg = cone.propagate(plan, (2, 4, 3, 5))
     conv_op = next(o for o in plan.ops if o.kind == "conv")
     assert reg[conv_op.name] == (1, 5, 2, 6)
     assert sum(I.op_costs(plan, reg)[0]) == 4 * 4 * 6 * 4 * 9 * 2
@@ -207,7 +208,7 @@ def test_flops_of_a_plain_conv_by_hand():
 @pytest.mark.parametrize("make", [Chain, ReluNet])
 def test_flops_match_torch_flop_counter(make):
     model = make().eval()
-    plan = I.plan_model(model, (32, 32))
+    plan = cone.plan_model(model, (32, 32))
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert plan.flops == fc.get_total_flops()
@@ -217,9 +218,9 @@ def test_analyse_and_script(tmp_path):
     """The whole-window analysis (a full window changes everything: ratio 1) and the script end to end
     on a small torchvision model."""
     model = _random_weights(ReluNet()).float()
-    a = I.analyse(I.plan_model(model, (32, 32)), 32, 32)
+    a = I.analyse(cone.plan_model(model, (32, 32)), 32, 32)
     assert a["positions"] == 1 and math.isclose(a["ratio"], 1.0)
-    a = I.analyse(I.plan_model(model, (32, 32)), 4, 4)
+    a = I.analyse(cone.plan_model(model, (32, 32)), 4, 4)
     assert a["positions"] == 64 and a["ratio"] > 1 and a["ratio_batched"] <= a["ratio"]
     assert a["min_incremental_flops"] <= a["mean_incremental_flops"] <= a["max_incremental_flops"]
     out = tmp_path / "r.json"

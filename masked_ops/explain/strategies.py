@@ -177,6 +177,13 @@ class FillStrategy(Strategy):
         images, visible = self._prepare(images, masks)
         return self._composite(images, visible)
 
+    def model_inputs(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """What the model reads: the painted images, normalised (incremental inference compares them with
+        the clean image's to find what changed)."""
+        images, visible = self._prepare(images, masks)
+        x = self.normalise(self._composite(images, visible))
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _composite(self, images, visible):
         if visible.dtype != torch.bool:  # a soft mask (see _prepare)
             return self._blend(images, visible)

@@ -1,0 +1,351 @@
+"""Exact incremental inference: the outputs of inputs that differ from one clean input in a small region.
+
+Occlusion with a fill (grey, black, blur, ...) runs the model on many copies of one image, each changed
+only inside one window. A conv output changes only where its window meets a change, so the changes grow
+as a cone through the network (masked_ops.explain.cone); Krypton (Nakandala et al., SIGMOD 2019)
+recomputes only that cone on top of one clean forward. This module does the same, exactly:
+
+    engine = IncrementalModel(model, clean)          # clean: 1 x C x H x W, the model's input
+    logits = engine(inputs, rects)                   # inputs: N x C x H x W, each equal to clean outside
+                                                     # its rect (y0, y1, x0, x1); None: no change
+
+How. One clean forward caches every node's output. Per call, the changed rectangle of every node is
+known from the rects alone; every window's rectangle at a node is grown to the largest one there (moved
+inward at the border), so that all windows run as one batch (Krypton's batching; a grown rectangle's
+extra positions recompute clean values from clean inputs, so nothing changes). A node then runs in one
+of three states:
+
+- clean: nothing it reads changed: its cached output stands for every input;
+- rect: a conv or pool computes its rectangle only, from a crop of its input over the rectangle's
+  footprint (the cached clean values with the changed ones pasted over them; zeros, or -inf for a max
+  pool, where the footprint leaves the map: the op's own padding) with padding 0; an elementwise op or
+  an add reads its inputs' crops of its rectangle; a constant pad shifts it;
+- full: once a rectangle covers more than ``threshold`` of its map, or at an op without a local rule
+  (global pooling, flatten, linear, anything unknown), the changed values are pasted into clean maps and
+  the node, and everything downstream, runs on whole maps.
+
+Equal to full forwards: float64 within 1e-10 (tests/test_incremental.py, on ResNets, EfficientNet-Lite0
+and a net with dilation, groups, odd sizes, concatenation and padding); fp32 within the model's own
+batch-to-batch rounding. Speed (bench/incremental_engine.py, bench/README.md): ResNet-50, 224 px, 169
+sliding windows of 32 px, 2 CPU threads: 1.8x faster than full forwards, each at its best batch size. It
+pays where the early, high-resolution layers hold the time and windows are small; the cone covers the
+deepest maps entirely, so those run in full.
+
+Not covered: layer masking (its masked layers also read their masks and fill removed pixels from up to
+d*(k-1) rings away, so each would need its own crop rule; the cone is the same, bench/incremental_flops.py
+--check), models fx cannot trace (a clear ValueError), and outputs other than one tensor.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cone import Plan, Rect, plan_model, propagate
+
+__all__ = ["IncrementalModel", "changed_rects", "incremental_outputs", "DEFAULT_THRESHOLD", "DEFAULT_BATCH"]
+
+# A rectangle larger than this share of its map runs in full: measured on ResNet-50 (224 px, 32 px
+# windows), 0.5 and 0.8 within 5% of each other, 0.3 slower (bench/README.md).
+DEFAULT_THRESHOLD = 0.5
+# The engine's batch on CPU: ResNet-50 at 224 px ran fastest at 8 of 4, 8 and 16 (full forwards too;
+# bench/README.md): every window's cone is batched, and larger batches fault in more memory per layer.
+DEFAULT_BATCH = 8
+
+
+def _no_inplace(model: nn.Module) -> nn.Module:
+    """A copy of the model with every ``inplace`` flag off: the clean cache must not be overwritten."""
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    return model
+
+
+def changed_rects(inputs: torch.Tensor, clean: torch.Tensor) -> List[Optional[Rect]]:
+    """Per input, the bounding rectangle (y0, y1, x0, x1) of the positions where it differs from
+    ``clean`` in any channel (None where it equals clean everywhere; NaN counts as a difference)."""
+    diff = (inputs != clean).any(dim=1)  # N x H x W
+    rows, cols = diff.any(dim=2), diff.any(dim=1)
+    out: List[Optional[Rect]] = []
+    for r, c in zip(rows.cpu(), cols.cpu()):
+        ys, xs = torch.nonzero(r).flatten(), torch.nonzero(c).flatten()
+        out.append(None if ys.numel() == 0 else (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1))
+    return out
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class IncrementalModel:
+    """``model(inputs)`` for inputs equal to ``clean`` outside one rectangle each, computing only what changes.
+
+    ``clean``: the model's input, 1 x C x H x W (already normalised: what the model itself reads).
+    ``threshold``: the share of a map above which a node runs on whole maps (see the module docstring).
+    ``tracer``: a torch.fx Tracer for models whose leaf modules need one.
+    """
+
+    def __init__(self, model: nn.Module, clean: torch.Tensor, *, threshold: float = DEFAULT_THRESHOLD,
+                 tracer: Optional[fx.Tracer] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(clean, torch.Tensor) or clean.dim() != 4 or clean.shape[0] != 1:
+            raise ValueError(f"clean must be a 1 x C x H x W tensor, got "
+                             f"{tuple(clean.shape) if isinstance(clean, torch.Tensor) else type(clean).__name__}")
+        if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+            raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+        model = _no_inplace(model)
+        try:
+            self.plan: Plan = plan_model(model, tuple(clean.shape[-2:]), tracer=tracer, channels=clean.shape[1])
+        except Exception as e:  # fx's own errors name the line; say what we needed it for
+            raise ValueError(f"incremental inference needs a model torch.fx can trace and run on a "
+                             f"{tuple(clean.shape)} input: {type(e).__name__}: {e}") from e
+        self.gm = self.plan.graph_module
+        self.modules = dict(self.gm.named_modules())
+        self.ops = {o.name: o for o in self.plan.ops}
+        self.nodes = [n for n in self.gm.graph.nodes]
+        out = [n for n in self.nodes if n.op == "output"][0].args[0]
+        if not isinstance(out, fx.Node):
+            raise ValueError("incremental inference needs a model that returns one tensor")
+        self.output = out.name
+        # nodes that depend on the input (the rest: parameters, constants, shapes of them)
+        self.varying = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or (n.name in self.ops and any(i in self.varying for i in self.ops[n.name].inputs)):
+                self.varying.add(n.name)
+        self.threshold = float(threshold)
+        self.local: Dict[str, Callable] = {n.name: f for n in self.nodes if (f := self._local_rule(n)) is not None}
+        self.clean_input = clean
+        self.clean = self._clean_forward(clean)
+
+    # -- construction ---------------------------------------------------------------------
+    def _clean_forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        cache: Dict[str, torch.Tensor] = {}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                cache[n.name] = out
+                return out
+
+        with torch.no_grad():
+            Recorder(self.gm).run(x)
+        return cache
+
+    def _local_rule(self, node: fx.Node) -> Optional[Callable]:
+        """For a conv or pool node: f(crops) -> outputs with padding 0 (its padding is in the crops), and
+        the value that pads the crops; None when it has no exact crop rule (it then runs in full)."""
+        op = self.ops.get(node.name)
+        if op is None or op.kind not in ("conv", "pool"):
+            return None
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
+                return lambda x, m=m: F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+            if isinstance(m, nn.MaxPool2d) and not m.ceil_mode and not m.return_indices:
+                return lambda x, m=m: F.max_pool2d(x, m.kernel_size, m.stride, 0, m.dilation)
+            if isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.divisor_override is None and (
+                    m.count_include_pad or _pair(m.padding) == (0, 0)):
+                return lambda x, m=m: F.avg_pool2d(x, m.kernel_size, m.stride, 0)
+            return None
+        if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
+            (_, sh, _, dh), (_, sw, _, dw) = op.geom
+            w, b = node.args[1], (node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
+            g = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+            return lambda x, env, w=w, b=b: F.conv2d(x, env(w), env(b), (sh, sw), 0, (dh, dw), g)
+        return None
+
+    # -- planning -------------------------------------------------------------------------
+    def plan_batch(self, rects: Sequence[Optional[Rect]]) -> Dict[str, Tuple[str, List[Rect]]]:
+        """Per node: ("clean" | "rect" | "full", each input's rectangle there in the rect state, all of one size)."""
+        H, W = self.plan.input_hw
+        rects = [r if r is not None else (0, 1, 0, 1) for r in rects]  # unchanged: recompute one clean pixel
+        regs = [propagate(self.plan, r) for r in rects]
+        out: Dict[str, Tuple[str, List[Rect]]] = {}
+        for op in self.plan.ops:
+            rs = list(rects) if op.kind == "input" else [reg[op.name] for reg in regs]
+            ins = [out[i][0] for i in op.inputs if i in out]
+            if op.kind == "meta" and op.name in self.varying:
+                out[op.name] = ("full", [])  # x.size(0) and the like: of the batch, not of the clean input
+                continue
+            if op.kind in ("const", "meta") or all(r is None for r in rs):
+                out[op.name] = ("clean", [])
+                continue
+            local = op.kind == "pointwise" or op.kind == "pad" or op.name in self.local
+            if op.kind != "input" and (not local or "full" in ins or not op.spatial):
+                out[op.name] = ("full", [])
+                continue
+            mh, mw = op.hw
+            h = max(r[1] - r[0] for r in rs if r is not None)
+            w = max(r[3] - r[2] for r in rs if r is not None)
+            if op.kind != "input" and h * w > self.threshold * mh * mw:
+                out[op.name] = ("full", [])
+                continue
+            grown = []
+            for r in rs:
+                y0, x0 = (0, 0) if r is None else (min(r[0], mh - h), min(r[2], mw - w))
+                grown.append((y0, y0 + h, x0, x0 + w))
+            out[op.name] = ("rect", grown)
+        return out
+
+    # -- running --------------------------------------------------------------------------
+    def _crop(self, name: str, state, b: int, box: Rect, pad_value: float = 0.0) -> torch.Tensor:
+        """Node ``name``'s values for input b over ``box`` (which may leave the map: ``pad_value`` there)."""
+        clean = self.clean[name][0]
+        C, H, W = clean.shape
+        y0, y1, x0, x1 = box
+        cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
+        if (cy0, cy1, cx0, cx1) == (y0, y1, x0, x1):
+            out = clean[:, y0:y1, x0:x1].clone()
+        else:
+            out = clean.new_full((C, y1 - y0, x1 - x0), pad_value)
+            if cy0 < cy1 and cx0 < cx1:
+                out[:, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = clean[:, cy0:cy1, cx0:cx1]
+        kind, payload = state
+        if kind == "rect":
+            vals, rects = payload
+            ry0, ry1, rx0, rx1 = rects[b]
+            iy0, iy1, ix0, ix1 = max(ry0, cy0), min(ry1, cy1), max(rx0, cx0), min(rx1, cx1)
+            if iy0 < iy1 and ix0 < ix1:
+                out[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = vals[b, :, iy0 - ry0:iy1 - ry0, ix0 - rx0:ix1 - rx0]
+        return out
+
+    def _crops(self, name: str, env, boxes: Sequence[Rect], pad_value: float = 0.0) -> torch.Tensor:
+        state = env[name]
+        if state[0] == "rect" and list(state[1][1]) == list(boxes):
+            return state[1][0]
+        return torch.stack([self._crop(name, state, b, box, pad_value) for b, box in enumerate(boxes)])
+
+    def _whole(self, name: str, env, n: int):
+        """Node ``name``'s whole output for the n inputs (clean values, with the changed ones pasted in)."""
+        kind, payload = env[name]
+        if kind == "full":
+            return payload
+        clean = self.clean[name]
+        if name not in self.varying or not isinstance(clean, torch.Tensor):
+            return clean  # a parameter, a constant: the same for every input
+        out = clean.expand(n, *clean.shape[1:]).clone()
+        if kind == "rect":
+            vals, rects = payload
+            for b, (y0, y1, x0, x1) in enumerate(rects):
+                out[b, :, y0:y1, x0:x1] = vals[b]
+        return out
+
+    def _run_full(self, node: fx.Node, env, n: int):
+        args = fx.node.map_arg(node.args, lambda a: self._whole(a.name, env, n))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: self._whole(a.name, env, n))
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return self.clean[node.name]
+
+    def _run_rect(self, node: fx.Node, env, rects: List[Rect]) -> torch.Tensor:
+        op = self.ops[node.name]
+        if op.kind in ("conv", "pool"):
+            (kh, sh, ph, dh), (kw, sw, pw, dw) = op.geom
+            is_max = node.op == "call_module" and isinstance(self.modules[node.target], nn.MaxPool2d)
+            boxes = [(y0 * sh - ph, (y1 - 1) * sh - ph + (kh - 1) * dh + 1,
+                      x0 * sw - pw, (x1 - 1) * sw - pw + (kw - 1) * dw + 1) for y0, y1, x0, x1 in rects]
+            crops = self._crops(op.inputs[0], env, boxes, float("-inf") if is_max else 0.0)
+            f = self.local[node.name]
+            if node.op == "call_function":
+                return f(crops, lambda a: None if a is None else self._whole(a.name, env, 1))
+            return f(crops)
+        if op.kind == "pad":
+            top, left = op.geom
+            boxes = [(y0 - top, y1 - top, x0 - left, x1 - left) for y0, y1, x0, x1 in rects]
+            value = float(getattr(self.modules.get(node.target), "value", 0.0) or 0.0) if node.op == "call_module" \
+                else float((node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0.0)) or 0.0)
+            return self._crops(op.inputs[0], env, boxes, value)
+        # elementwise: the op on its inputs' crops of this rectangle (a broadcast operand of another size,
+        # a per-channel scale, say, is unchanged and passes as it is)
+
+        def arg(a: fx.Node):
+            src = self.ops.get(a.name)
+            if src is not None and src.spatial and src.hw == op.hw:
+                return self._crops(a.name, env, rects)
+            return self._whole(a.name, env, 1)
+
+        args = fx.node.map_arg(node.args, arg)
+        kwargs = fx.node.map_arg(node.kwargs, arg)
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, rects: Optional[Sequence[Optional[Rect]]] = None) -> torch.Tensor:
+        """The model's outputs for ``inputs`` (N x C x H x W), each equal to the clean input outside its
+        rect (default: found by comparison, changed_rects). All N run as one batch."""
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 or inputs.shape[1:] != self.clean_input.shape[1:]:
+            raise ValueError(f"inputs must have shape N x {tuple(self.clean_input.shape[1:])}, got "
+                             f"{tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}")
+        if rects is None:
+            rects = changed_rects(inputs, self.clean_input)
+        H, W = self.plan.input_hw
+        if len(rects) != inputs.shape[0]:
+            raise ValueError(f"rects must hold one rectangle per input ({inputs.shape[0]}), got {len(rects)}")
+        for r in rects:
+            if r is not None and not (0 <= r[0] < r[1] <= H and 0 <= r[2] < r[3] <= W):
+                raise ValueError(f"rect {r} is not a non-empty (y0, y1, x0, x1) inside the {H} x {W} input")
+        plan = self.plan_batch(rects)
+        n = inputs.shape[0]
+        env: Dict[str, tuple] = {}
+        for node in self.nodes:
+            if node.op == "output":
+                break
+            kind, boxes = plan[node.name]
+            if kind == "clean":
+                env[node.name] = ("clean", None)
+            elif self.ops[node.name].kind == "input":
+                vals = torch.stack([inputs[b, :, y0:y1, x0:x1] for b, (y0, y1, x0, x1) in enumerate(boxes)])
+                env[node.name] = ("rect", (vals, boxes))
+            elif kind == "full":
+                env[node.name] = ("full", self._run_full(node, env, n))
+            else:
+                env[node.name] = ("rect", (self._run_rect(node, env, boxes), boxes))
+        return self._whole(self.output, env, n)
+
+
+def incremental_outputs(strategy, image: torch.Tensor, segments: torch.Tensor, samples: torch.Tensor,
+                        targets: Sequence[int], *, batch_size=None, output: str = "prob",
+                        progress: Optional[bool] = None, desc: str = "explain",
+                        threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
+    """perturb.forward_samples through IncrementalModel: S x T outputs of ``image`` with each sample's
+    segments kept, equal to full forwards (see the module docstring), for a strategy that paints the
+    removed pixels and runs the plain model (a FillStrategy: grey, black, blur, ...). Each sample's
+    changed rectangle is where its model input differs from the clean one."""
+    from .._util.progress import progress_bar
+    from .strategies import FillStrategy
+
+    if not isinstance(strategy, FillStrategy):
+        raise ValueError(f"incremental inference needs a strategy that paints the removed pixels and runs the "
+                         f"plain model (grey, black, blur, ...), got {strategy.name!r}: under layer masking the "
+                         f"masked layers have no incremental rule yet (use incremental=False)")
+    if batch_size is None or batch_size == "auto":
+        batch_size = DEFAULT_BATCH
+    seg = segments.to(image.device)
+    idx = torch.as_tensor(list(targets), device=image.device)
+    ones = torch.ones(1, 1, *image.shape[1:], dtype=torch.bool, device=image.device)
+    with torch.no_grad():
+        clean = strategy.model_inputs(image[None], ones)
+    engine = IncrementalModel(strategy.model, clean, threshold=threshold)
+    out = []
+    with progress_bar(samples.shape[0], desc, "sample", enabled=progress, auto_min=256) as bar, torch.no_grad():
+        for start in range(0, samples.shape[0], batch_size):
+            z = samples[start:start + batch_size].to(image.device, torch.bool)
+            masks = z[:, seg].unsqueeze(1)
+            logits = engine(strategy.model_inputs(image[None], masks)).float()
+            vals = logits.softmax(1) if output == "prob" else logits
+            out.append(vals[:, idx].cpu())
+            bar.update(z.shape[0])
+    return torch.cat(out).double()
