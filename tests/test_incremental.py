@@ -234,3 +234,39 @@ def test_explain_occlusion_incremental_refuses_layer_masking():
         explain_occlusion(get_strategy("layer", net), torch.rand(3, 32, 32), window=16, incremental=True)
     with pytest.raises(TypeError, match="incremental"):
         explain_occlusion(get_strategy("grey", net), torch.rand(3, 32, 32), window=16, incremental="yes")
+
+
+class InPlace(nn.Module):
+    """In-place calls of every kind fx records: a module flag, a functional flag, a Tensor method, a torch
+    function and an augmented assignment. Run as they are, they would overwrite the clean cache."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1)
+        self.c3 = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        y = self.act(self.c1(x))
+        z = self.c2(y)
+        z += y
+        z = torch.nn.functional.relu(z, inplace=True)
+        w = self.c2(z).tanh_()
+        w.add_(z)
+        w = torch.relu_(self.c3(w) - 0.1)
+        return self.head(w.mean((2, 3)))
+
+
+def test_in_place_calls_do_not_corrupt_the_cache():
+    net = InPlace()
+    clean = torch.randn(1, 3, 24, 24, dtype=torch.float64)
+    rects = [(0, 6, 0, 6), (10, 14, 12, 20), None]
+    _check(net, clean, rects, threshold=1.0)
+    engine = IncrementalModel(net.double(), clean, threshold=1.0)
+    x = _painted(clean, rects)
+    with torch.no_grad():
+        want = net(x)
+    for _ in range(2):  # a second call reads the same cache
+        assert (engine(x, rects) - want).abs().max().item() < 1e-10

@@ -9,7 +9,8 @@ recomputes only that cone on top of one clean forward. This module does the same
     logits = engine(inputs, rects)                   # inputs: N x C x H x W, each equal to clean outside
                                                      # its rect (y0, y1, x0, x1); None: no change
 
-How. One clean forward caches every node's output. Per call, the changed rectangle of every node is
+How. The model is traced with torch.fx and its in-place calls rewritten out of place (later readers of
+a written tensor read the call's result). One clean forward caches every node's output. Per call, the changed rectangle of every node is
 known from the rects alone; every window's rectangle at a node is grown to the largest one there (moved
 inward at the border), so that all windows run as one batch (Krypton's batching; a grown rectangle's
 extra positions recompute clean values from clean inputs, so nothing changes). A node then runs in one
@@ -38,6 +39,8 @@ d*(k-1) rings away, so each would need its own crop rule; the cone is the same, 
 from __future__ import annotations
 
 import copy
+import inspect
+import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -57,13 +60,61 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_BATCH = 8
 
 
-def _no_inplace(model: nn.Module) -> nn.Module:
-    """A copy of the model with every ``inplace`` flag off: the clean cache must not be overwritten."""
-    model = copy.deepcopy(model).eval()
-    for m in model.modules():
+_IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                       operator.itruediv: operator.truediv}
+
+
+def _out_of_place_call(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Rewrite one in-place call to its out-of-place form; whether it was one (it then writes its first
+    argument): a module with ``inplace=True``, a function called with inplace=True, torch.relu_ and the
+    like, ``x += y`` (operator.iadd), a Tensor method such as x.relu_() or x.add_(y)."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
         if getattr(m, "inplace", False) is True:
             m.inplace = False
-    return model
+            return True
+        return False
+    if n.op == "call_method":
+        if n.target.endswith("_") and not n.target.endswith("__") and hasattr(torch.Tensor, n.target[:-1]):
+            n.target = n.target[:-1]
+            return True
+        return False
+    if n.op != "call_function":
+        return False
+    if n.target in _IN_PLACE_OPERATORS:
+        n.target = _IN_PLACE_OPERATORS[n.target]
+        return True
+    name = getattr(n.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__") and hasattr(torch, name[:-1]):
+        n.target = getattr(torch, name[:-1])
+        return True
+    try:
+        bound = inspect.signature(n.target).bind(*n.args, **n.kwargs)
+    except (TypeError, ValueError):  # builtins without a signature, or a call it cannot bind
+        return False
+    if bound.arguments.get("inplace") is True:
+        bound.arguments["inplace"] = False
+        n.args, n.kwargs = tuple(bound.args), dict(bound.kwargs)
+        return True
+    return False
+
+
+def _functionalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """The traced model without in-place calls, same values: each in-place call becomes out of place and
+    every later reader of the tensor it wrote reads its result instead (``w.add_(z); f(w)`` becomes
+    ``w2 = w.add(z); f(w2)``). The engine keeps every node's clean output and reuses changed values across
+    nodes, which in-place writes would overwrite. (Writes through a view into its base tensor are not
+    followed; CNN forwards do not make them.)"""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in list(gm.graph.nodes):
+        if not _out_of_place_call(gm, n) or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        written = n.args[0]
+        for user in list(written.users):
+            if user is not n and order[user] > order[n]:
+                user.replace_input_with(written, n)
+    gm.recompile()
+    return gm
 
 
 def changed_rects(inputs: torch.Tensor, clean: torch.Tensor) -> List[Optional[Rect]]:
@@ -99,9 +150,10 @@ class IncrementalModel:
                              f"{tuple(clean.shape) if isinstance(clean, torch.Tensor) else type(clean).__name__}")
         if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
             raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
-        model = _no_inplace(model)
         try:
-            self.plan: Plan = plan_model(model, tuple(clean.shape[-2:]), tracer=tracer, channels=clean.shape[1])
+            model = copy.deepcopy(model).eval()
+            traced = _functionalize(fx.GraphModule(model, (tracer or fx.Tracer()).trace(model)))
+            self.plan: Plan = plan_model(traced, tuple(clean.shape[-2:]), tracer=tracer, channels=clean.shape[1])
         except Exception as e:  # fx's own errors name the line; say what we needed it for
             raise ValueError(f"incremental inference needs a model torch.fx can trace and run on a "
                              f"{tuple(clean.shape)} input: {type(e).__name__}: {e}") from e
