@@ -2,6 +2,7 @@
 options that apply or not, clean failures, file permissions (tiny models, tiny images)."""
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -304,6 +305,42 @@ def test_occlusion_window_and_stride(photo, tmp_path, capsys, monkeypatch):
     exp = Explanation.load(tmp_path / "w.npz")
     torch.testing.assert_close(exp.numpy(), want.numpy())
     assert exp.meta == {"window": [16, 16], "stride": [8, 8]}
+
+
+def test_occlusion_incremental(photo, tmp_path, capsys, monkeypatch):
+    """--incremental: the painting strategies run incrementally (said per line), layer masking as before,
+    and the saved attributions equal those of full forwards."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code, stdout, err = run_cli(["explain", photo, "--method", "occlusion", "--window", "16", "--stride", "8",
+                              "--masking", "grey,layer", "--incremental", "--save", str(tmp_path / "w.npz")] + FAST,
+                             capsys)
+    assert code == 0, err
+    assert "grey masking: 26 forward passes (incremental)" in stdout
+    assert "layer masking: 26 forward passes," in stdout
+    model, info = tiny_model()
+    want = explain_occlusion(get_strategy("grey", model), info.prepare(load_image(photo))[0], window=16, stride=8)
+    exp = Explanation.load(tmp_path / "w.npz", strategy="grey")
+    torch.testing.assert_close(exp.numpy(), want.numpy(), rtol=1e-4, atol=1e-6)
+    assert exp.meta == {"window": [16, 16], "stride": [8, 8], "incremental": True}
+    assert "incremental" not in Explanation.load(tmp_path / "w.npz", strategy="layer").meta
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "lime", "--incremental"], "--incremental does not apply to --method lime"),
+    (["--method", "occlusion", "--masking", "layer", "--incremental"], "--incremental needs a strategy that paints"),
+])
+def test_incremental_refusals(argv, message, photo, tmp_path, capsys):
+    code, stdout, err = run_cli(["explain", photo] + argv + FAST, capsys)
+    assert code == 2 and message in err, err
+
+
+def test_incremental_not_for_folders(photo, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(photo, folder / "a.png")
+    code, stdout, err = run_cli(["explain", str(folder), "--out", str(tmp_path / "r.h5"), "--method", "occlusion",
+                              "--incremental"] + FAST, capsys)
+    assert code == 2 and "--incremental does not apply to a folder" in err, err
 
 
 def test_grid_with_two_segments(photo, tmp_path, capsys):

@@ -12,7 +12,8 @@ from .common import CliError, positive_int
 _NOT_FOR_FOLDERS = (("target", "--target", "each image explains its own top-1 class"),
                     ("window", "--window", "occlusion of a folder removes segments"),
                     ("save", "--save", "--out names the HDF5 file of a folder"),
-                    ("shared_scale", "--shared-scale", "a folder run writes no pictures"))
+                    ("shared_scale", "--shared-scale", "a folder run writes no pictures"),
+                    ("incremental", "--incremental", "not plumbed into folder runs yet: explain one image"))
 
 
 def add_arguments(parser) -> None:

@@ -20,7 +20,8 @@ Kinds:
 Options (the names the command line spells ``--samples``, ``--n-segments``, ...):
 ``samples``, ``segments`` (a segmentation of masked_ops.explain.segmentation.METHODS), ``n_segments``,
 ``window`` / ``stride`` (occlusion's sliding window), ``output`` (explain the probability or the logit),
-``checkpoint`` (a fitted amortised DiffMask).
+``checkpoint`` (a fitted amortised DiffMask), ``incremental`` (occlusion: recompute only each removal's
+cone, for the strategies that paint; masked_ops.explain.incremental).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .occlusion import explain_occlusion
 from .rise import explain_rise
 from .soft import supports_soft
 
-OPTIONS = ("samples", "segments", "n_segments", "window", "stride", "output", "checkpoint")
+OPTIONS = ("samples", "segments", "n_segments", "window", "stride", "output", "checkpoint", "incremental")
 KINDS = ("perturbation", "mask")
 # the masking strategies a run compares when none are named
 DEFAULT_MASKING = ("layer", "grey")
@@ -98,7 +99,8 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            ("samples", "segments", "n_segments", "output"), default_samples=500, min_samples=3,
            samples_keyword="num_samples", default_segments="slic", default_n_segments=50),
     Method("occlusion", "occlusion", "perturbation", explain_occlusion,
-           ("segments", "n_segments", "window", "stride", "output"), default_segments="grid", default_n_segments=64),
+           ("segments", "n_segments", "window", "stride", "output", "incremental"), default_segments="grid",
+           default_n_segments=64),
     Method("extremal", "extremal perturbations", "mask", explain_extremal, ("samples",), default_samples=300,
            samples_keyword="iterations", work="steps"),
     Method("rise", "RISE", "mask", explain_rise, ("samples", "output"), default_samples=1000,
