@@ -3,6 +3,7 @@ Nakandala et al., SIGMOD 2019) in wall time, issue 29's gate: does recomputing o
 top of one clean forward beat full forwards by >= 1.5x end to end, with results equal to them?
 
     python bench/incremental_engine.py                      # ResNet-50, 224 px, windows 32/16 and 16/8
+    python bench/incremental_engine.py --masking layer     # the same under layer masking
     python bench/incremental_engine.py --smoke              # ResNet-18 at 64 px: tests the script
 
 Method: see masked_ops.explain.incremental (one clean forward cached; per node a clean, rect or full
@@ -52,13 +53,32 @@ def window_rects(size: int, window: int, stride: int) -> List[Rect]:
     return [(y0, y1, x0, x1) for y0, y1 in ax for x0, x1 in ax]
 
 
-def chunked(engine: IncrementalModel, images: torch.Tensor, rects: Sequence[Rect], batch: int) -> torch.Tensor:
-    return torch.cat([engine(images[i:i + batch], rects[i:i + batch]) for i in range(0, len(images), batch)])
+def subject(model: nn.Module, masking: str, clean: torch.Tensor, rects: Sequence[Rect]):
+    """(the model run, its clean inputs, the occluded inputs): ``grey`` paints each window 0 (the mean
+    colour after normalisation) for the plain model; ``layer`` removes it by the mask of the layer-masked
+    model (masked_ops.layer_mask), the image unchanged."""
+    if masking == "grey":
+        return model, clean, occluded(clean, rects)
+    import masked_ops as mo
+
+    ones = torch.ones(1, 1, *clean.shape[-2:], dtype=clean.dtype)
+    return (mo.layer_mask(model), (clean, ones),
+            (clean.expand(len(rects), -1, -1, -1), occluded(ones, rects)))
 
 
-def full_forwards(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+def _rows(inputs, i: int, j: int):
+    return inputs[i:j] if isinstance(inputs, torch.Tensor) else tuple(t[i:j] for t in inputs)
+
+
+def chunked(engine: IncrementalModel, inputs, rects: Sequence[Rect], batch: int) -> torch.Tensor:
+    return torch.cat([engine(_rows(inputs, i, i + batch), rects[i:i + batch]) for i in range(0, len(rects), batch)])
+
+
+def full_forwards(model: nn.Module, inputs, batch: int) -> torch.Tensor:
+    n = len(inputs) if isinstance(inputs, torch.Tensor) else len(inputs[0])
     with torch.no_grad():
-        return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
+        return torch.cat([model(*((_rows(inputs, i, i + batch),) if isinstance(inputs, torch.Tensor)
+                                  else _rows(inputs, i, i + batch))) for i in range(0, n, batch)])
 
 
 def main(argv=None) -> int:
@@ -69,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, nargs="+", default=[0.5])
     p.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16], help="batch sizes, both contenders")
     p.add_argument("--check-size", type=int, default=96, help="float64 exactness check at this input size")
+    p.add_argument("--masking", choices=("grey", "layer"), default="grey",
+                   help="grey: windows painted, plain model; layer: windows removed by layer masking")
     p.add_argument("--explain", default="32/16", help="window/stride of the end-to-end explain_occlusion case "
                                                       "('' to skip)")
     args = H.script_args(p, argv, repeats=3, smoke=dict(model="resnet18", size=64, windows=["16/16"],
@@ -76,29 +98,29 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = IF.load(args.model)  # random weights (Lite0: pretrained): timing and equality do not depend on them
     out = H.results_path(args, "incremental-engine")
-    meta = dict(benchmark="incremental_engine", model=args.model, size=args.size, batches=args.batches,
+    meta = dict(benchmark="incremental_engine", model=args.model, masking=args.masking, size=args.size,
+                batches=args.batches,
                 dtype="float32", layout="NCHW", **H.environment(H.CPU), cases=[])
     for spec in args.windows:
         window, stride = (int(v) for v in spec.split("/"))
         # exactness, float64, at a smaller size (same code path; a 224 px float64 run takes minutes here)
-        m64 = copy.deepcopy(model).double()
-        c64 = torch.randn(1, 3, args.check_size, args.check_size, dtype=torch.float64)
         r64 = window_rects(args.check_size, window, stride)
-        x64 = occluded(c64, r64)
+        m64, c64, x64 = subject(copy.deepcopy(model).double(), args.masking,
+                                torch.randn(1, 3, args.check_size, args.check_size, dtype=torch.float64), r64)
         exact = {}
         for th in args.threshold:
             y_inc = chunked(IncrementalModel(m64, c64, threshold=th), x64, r64, 8)
             exact[str(th)] = float((y_inc - full_forwards(m64, x64, 8)).abs().max())
         # speed, fp32: every contender at each batch size (large batches of 224 px ResNet-50 maps fault in
         # hundreds of MB per layer here, so the best batch is measured, not assumed)
-        clean = torch.randn(1, 3, args.size, args.size)
         rects = window_rects(args.size, window, stride)
-        x = occluded(clean, rects)
-        contenders = {f"full@b{b}": (lambda b=b: full_forwards(model, x, b)) for b in args.batches}
+        run, clean, x = subject(model, args.masking, torch.randn(1, 3, args.size, args.size), rects)
+        contenders = {f"full@b{b}": (lambda b=b: full_forwards(run, x, b)) for b in args.batches}
         for th in args.threshold:
             for b in args.batches:
-                contenders[f"incremental@t{th}b{b}"] = (lambda th=th, b=b: chunked(IncrementalModel(model, clean, threshold=th), x, rects, b))
-        ref = full_forwards(model, x, args.batches[0])
+                contenders[f"incremental@t{th}b{b}"] = (
+                    lambda th=th, b=b: chunked(IncrementalModel(run, clean, threshold=th), x, rects, b))
+        ref = full_forwards(run, x, args.batches[0])
         diffs = {k: float((f() - ref).abs().max()) for k, f in contenders.items() if k.startswith("incremental")}
         # the model's own fp32 rounding between batch sizes: the yardstick of "equal" in fp32
         noise = max(float((contenders[f"full@b{b}"]() - ref).abs().max()) for b in args.batches)
@@ -134,14 +156,14 @@ def main(argv=None) -> int:
 
 
 def explain_case(model: nn.Module, args) -> dict:
-    """End to end: explain_occlusion with a grey fill on a bundled photo, incremental or not, at the
+    """End to end: explain_occlusion with the --masking strategy on a bundled photo, incremental or not, at the
     batch sizes given (each contender's own batch), interleaved rounds."""
     from masked_ops.explain import explain_occlusion, get_strategy
     from masked_ops.images import centre_view, load_image
 
     window, stride = (int(v) for v in args.explain.split("/"))
     image = centre_view(load_image("chelsea"), args.size)
-    strategy = get_strategy("grey", model)
+    strategy = get_strategy(args.masking, model)
     contenders = {}
     for b in args.batches:
         contenders[f"full@b{b}"] = (lambda b=b: explain_occlusion(strategy, image, window=window, stride=stride,
@@ -158,11 +180,11 @@ def explain_case(model: nn.Module, args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     best_full = min((k for k in med if k.startswith("full")), key=med.get)
     best_inc = min((k for k in med if k.startswith("incremental")), key=med.get)
-    case = dict(window=window, stride=stride, strategy="grey", image="chelsea", output="prob",
+    case = dict(window=window, stride=stride, strategy=args.masking, image="chelsea", output="prob",
                 max_abs_diff_outputs=float((a.outputs - b_.outputs).abs().max()),
                 seconds={k: H.stats(v) for k, v in times.items()}, best_full=best_full, best_incremental=best_inc,
                 speedup_best_vs_best=med[best_full] / med[best_inc])
-    print(f"explain_occlusion {window}/{stride} grey: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items())
+    print(f"explain_occlusion {window}/{stride} {args.masking}: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items())
           + f"; best vs best {case['speedup_best_vs_best']:.2f}x; outputs differ by at most "
           f"{case['max_abs_diff_outputs']:.2e}", flush=True)
     return case

@@ -308,26 +308,30 @@ def test_occlusion_window_and_stride(photo, tmp_path, capsys, monkeypatch):
 
 
 def test_occlusion_incremental(photo, tmp_path, capsys, monkeypatch):
-    """--incremental: the painting strategies run incrementally (said per line), layer masking as before,
-    and the saved attributions equal those of full forwards."""
+    """--incremental: layer masking and the painting strategies run incrementally (said per line), the
+    others as before, and the saved attributions equal those of full forwards."""
     monkeypatch.setattr(sys, "path", list(sys.path))
     code, stdout, err = run_cli(["explain", photo, "--method", "occlusion", "--window", "16", "--stride", "8",
-                              "--masking", "grey,layer", "--incremental", "--save", str(tmp_path / "w.npz")] + FAST,
-                             capsys)
+                              "--masking", "grey,layer,noisy-linear", "--incremental", "--save",
+                              str(tmp_path / "w.npz")] + FAST, capsys)
     assert code == 0, err
     assert "grey masking: 26 forward passes (incremental)" in stdout
-    assert "layer masking: 26 forward passes," in stdout
+    assert "layer masking: 26 forward passes (incremental)" in stdout
+    assert "noisy-linear masking: 26 forward passes," in stdout
     model, info = tiny_model()
     want = explain_occlusion(get_strategy("grey", model), info.prepare(load_image(photo))[0], window=16, stride=8)
     exp = Explanation.load(tmp_path / "w.npz", strategy="grey")
     torch.testing.assert_close(exp.numpy(), want.numpy(), rtol=1e-4, atol=1e-6)
     assert exp.meta == {"window": [16, 16], "stride": [8, 8], "incremental": True}
-    assert "incremental" not in Explanation.load(tmp_path / "w.npz", strategy="layer").meta
+    layer = explain_occlusion(get_strategy("layer", model), info.prepare(load_image(photo))[0], window=16, stride=8)
+    torch.testing.assert_close(Explanation.load(tmp_path / "w.npz", strategy="layer").numpy(), layer.numpy(),
+                               rtol=1e-4, atol=1e-6)
+    assert "incremental" not in Explanation.load(tmp_path / "w.npz", strategy="noisy-linear").meta
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "lime", "--incremental"], "--incremental does not apply to --method lime"),
-    (["--method", "occlusion", "--masking", "layer", "--incremental"], "--incremental needs a strategy that paints"),
+    (["--method", "occlusion", "--masking", "noisy-linear", "--incremental"], "--incremental needs, in --masking"),
 ])
 def test_incremental_refusals(argv, message, photo, tmp_path, capsys):
     code, stdout, err = run_cli(["explain", photo] + argv + FAST, capsys)

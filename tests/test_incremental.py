@@ -226,14 +226,86 @@ def test_explain_occlusion_incremental_equals_full():
     assert torch.allclose(a.outputs, b.outputs, rtol=1e-4, atol=1e-4 * a.outputs.abs().max().item())
 
 
-def test_explain_occlusion_incremental_refuses_layer_masking():
+# ----------------------------------------------------------------------------- under layer masking
+def _check_layer_masked(net, size, rects, threshold, mode="fill", clean_removed=0.0):
+    """The converted model's engine (inputs: image and mask, only the mask changes) against its full
+    forwards; returns the plan. ``clean_removed``: the share of pixels already removed in the clean mask
+    (then removed pixels next to a window are filled from beyond its cone: the fill halo matters)."""
+    import masked_ops as mo
+
+    net = net.eval().double()
+    lm = mo.layer_mask(net, mode=mode)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64)
+    ones = (torch.rand(1, 1, size, size) >= clean_removed).double()
+    masks = _painted(ones, rects)
+    xs = x.expand(len(rects), -1, -1, -1)
+    engine = IncrementalModel(lm, (x, ones), threshold=threshold)
+    with torch.no_grad():
+        want, base = lm(xs, masks), lm(x, ones)
+    assert (engine((xs, masks), rects) - want).abs().max().item() < 1e-10
+    assert (engine((xs, masks)) - want).abs().max().item() < 1e-10  # rects found by comparison
+    changed = [b for b, r in enumerate(rects) if r is not None]
+    assert ((want[changed] - base).abs().amax(1) > 1e-6).all()
+    return engine.plan_batch(rects)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1.0])
+@pytest.mark.parametrize("mode", ["fill", "renorm"])
+def test_layer_masked_resnet18_equals_full_forwards(threshold, mode):
+    """Layer masking: the masked convs read their fill up to iters rings beyond their window (fill mode) or
+    their renormalisation scale (renorm); the mask path, the max pool and the residual joins run on crops."""
+    import torchvision
+
+    rects = [(0, 16, 0, 16), (8, 24, 40, 56), (48, 64, 48, 64), (30, 31, 30, 31), None]
+    plan = _check_layer_masked(torchvision.models.resnet18(), 64, rects, threshold, mode)
+    if threshold == 1.0 and mode == "fill":  # everything before the global pool ran as rectangles
+        assert plan["conv1"][0] == "rect" and plan["maxpool"][0] == "rect" and plan["layer4_1_conv2"][0] == "rect"
+    if mode == "renorm":  # its (keep, scale) pairs have no rule yet: whole maps, and still equal
+        assert plan["conv1"][0] == "full"
+
+
+def test_layer_masked_fill_halo():
+    """A clean mask with removed pixels of its own: those beside a window are filled from up to
+    d*(k-1) rings away, beyond the window's footprint; the crops must hold that halo."""
+    import torchvision
+
+    rects = [(16, 32, 16, 32), (0, 16, 40, 56), (40, 64, 0, 24)]
+    _check_layer_masked(torchvision.models.resnet18(), 64, rects, 1.0, clean_removed=0.3)
+
+
+def test_layer_masked_zoo_net_equals_full_forwards():
+    """Dilation, groups, odd sizes, concatenation, padding under layer masking (what has no crop rule, such
+    as the explicit pad, runs in full: still equal)."""
+    net = Zoo()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    _check_layer_masked(net, 37, [(0, 5, 0, 5), (30, 37, 30, 37), (10, 19, 3, 12)], 1.0)
+
+
+def test_explain_occlusion_incremental_under_layer_masking():
     import torchvision
 
     net = torchvision.models.resnet18().eval()
-    with pytest.raises(ValueError, match="layer masking"):
-        explain_occlusion(get_strategy("layer", net), torch.rand(3, 32, 32), window=16, incremental=True)
+    image = torch.rand(3, 64, 64)
+    strategy = get_strategy("layer", net)
+    full = explain_occlusion(strategy, image, window=16, stride=8, output="logit")
+    inc = explain_occlusion(strategy, image, window=16, stride=8, output="logit", incremental=True)
+    assert torch.allclose(inc.outputs, full.outputs, rtol=1e-4, atol=1e-4 * full.outputs.abs().max().item())
+    assert full.outputs.std() > 1e-3
+
+
+def test_explain_occlusion_incremental_refusals():
+    import torchvision
+
+    net = torchvision.models.resnet18().eval()
+    image = torch.rand(3, 32, 32)
+    with pytest.raises(ValueError, match="paints the removed pixels"):
+        explain_occlusion(get_strategy("noisy-linear", net), image, window=16, incremental=True)
+    with pytest.raises(ValueError, match="is soft"):
+        explain_occlusion(get_strategy("layer", net, soft=True), image, window=16, incremental=True)
     with pytest.raises(TypeError, match="incremental"):
-        explain_occlusion(get_strategy("grey", net), torch.rand(3, 32, 32), window=16, incremental="yes")
+        explain_occlusion(get_strategy("grey", net), image, window=16, incremental="yes")
 
 
 class InPlace(nn.Module):

@@ -76,15 +76,22 @@ def check_method_options(args):
 
 def _incremental_strategies(args, strategies) -> List[str]:
     """The names of the strategies that run incrementally under --incremental: those that paint the removed
-    pixels (FillStrategy); CliError when --incremental is given and none of --masking does."""
+    pixels and hard layer masking of a CNN (masked_ops.explain.incremental.incremental_model_of); CliError
+    when --incremental is given and none of --masking does."""
     if not getattr(args, "incremental", None):
         return []
-    from ..explain.strategies import FillStrategy
+    from ..explain.incremental import incremental_model_of
 
-    names = [s.name for s in strategies if isinstance(s, FillStrategy)]
+    names = []
+    for s in strategies:
+        try:
+            incremental_model_of(s)
+        except ValueError:
+            continue
+        names.append(s.name)
     if not names:
-        raise CliError(f"--incremental needs a strategy that paints the removed pixels in --masking (grey, black, "
-                       f"blur, ...); got {', '.join(s.name for s in strategies)}")
+        raise CliError(f"--incremental needs, in --masking, a strategy that paints the removed pixels (grey, black, "
+                       f"blur, ...) or layer masking; got {', '.join(s.name for s in strategies)}")
     return names
 
 
@@ -193,8 +200,9 @@ def _add_method_options(p) -> None:
                    help="occlusion only: window step in pixels, N or HxW (default: the window)")
     g.add_argument("--incremental", action="store_const", const=True, default=None,
                    help="occlusion only: recompute only what each removal changes, on top of one clean forward "
-                        "(exact; for the strategies that paint: grey, black, blur, ...; layer masking runs full "
-                        "forwards). Pays for small windows on models whose early layers hold the time (ResNet-50)")
+                        "(exact; for layer masking and the strategies that paint: grey, black, blur, ...; the others "
+                        "run full forwards). Pays for small windows on models whose early layers hold the time "
+                        "(ResNet-50)")
     g.add_argument("--seed", type=int, default=0)
 
 

@@ -16,7 +16,13 @@ follows one axis at a time (every op here is separable):
 - elementwise ops (BN, activations, dropout), residual adds, products and channel concatenation: the
   bounding rectangle of their inputs' rectangles (a superset of the union);
 - anything non-local (global pooling, flatten, linear, a broadcast of a changed 1 x 1 tensor, any op
-  this module does not know) changes its output entirely, and everything downstream.
+  this module does not know, any non-tensor value but a size) changes its output entirely, and
+  everything downstream.
+
+Layer-masked graphs (masked_ops.layer_mask) follow the same rules: their masked convs and pools, the mask
+path's pools (conv_keep, pool_mask) and joins are classified here. A fill-mode conv fills each removed
+pixel from visible pixels up to d*(k-1) rings away (its ``halo``), so a change reaches that much further
+before its window rule when the clean mask has removed pixels of its own next to the change.
 """
 from __future__ import annotations
 
@@ -84,6 +90,8 @@ class Op:
     elem: float = 0.0  # elementwise FLOPs of the full forward (one image)
     module: str = ""  # the module it belongs to (conv: the module holding the weight)
     label: str = ""  # what it is, for the tables
+    halo: int = 0  # rings it reads beyond its window (a layer-masked conv's fill)
+    masked: bool = False  # a node of a layer-masked graph (masked_ops.nn layer or masks function)
 
     @property
     def spatial(self) -> bool:
@@ -197,14 +205,68 @@ def _pad_op(op: Op, pads) -> Op:
     return op
 
 
+def _masked_layer(op: Op, m: nn.Module) -> bool:
+    """Classify a layer of a layer-masked graph (masked_ops.nn); False for one without a rule here (it then
+    counts as unknown: everything downstream changes). A masked conv in fill mode reads removed pixels'
+    fills from up to ``iters`` rings outside its window: its changed set follows the window rule (an
+    output whose window holds no removed pixel reads no fill), its computation needs that halo."""
+    from .. import nn as mnn
+
+    if type(m) is mnn.MaskedConv2d and m.prepad is None:
+        op.kind, op.masked, op.halo = "conv", True, int(m.iters)
+        op.geom = tuple((m.kernel[i], m.stride[i], m.padding[i], m.dilation[i]) for i in range(2))
+        c_out, c_in_g = m.weight.shape[0], m.weight.shape[1]
+        op.flops = float(op.shape[2] * op.shape[3] * c_out * c_in_g * m.kernel[0] * m.kernel[1] * 2)
+        op.label = f"masked conv {m.kernel[0]}x{m.kernel[1]}/{m.stride[0]} {c_in_g * m.groups}->{c_out}"
+        return True
+    if type(m) in (mnn.MaskedMaxPool2d, mnn.MaskedAvgPool2d) and getattr(m, "prepad", None) is None \
+            and not m.ceil_mode:
+        dilation = getattr(m, "dilation", (1, 1))
+        op.kind, op.masked, op.label = "pool", True, f"masked pool {m.kernel[0]}x{m.kernel[1]}/{m.stride[0]}"
+        op.geom = tuple((m.kernel[i], m.stride[i], m.padding[i], dilation[i]) for i in range(2))
+        return True
+    if isinstance(m, (mnn.MaskedBinary, mnn.MaskedAffine, mnn.MaskedPointwise)) and op.spatial:
+        op.kind, op.masked, op.label = "pointwise", True, type(m).__name__
+        return True
+    if isinstance(m, mnn.MaskedAdaptiveAvgPool2d):
+        op.kind, op.masked, op.label = "global", True, type(m).__name__
+        return True
+    return False
+
+
+def _mask_function(op: Op, n: fx.Node) -> bool:
+    """Classify a mask-path function of a layer-masked graph (masked_ops.masks)."""
+    from .. import masks as M
+
+    f = n.target
+    if f in (M.input_mask, M.select_visible, M.join):
+        op.kind, op.masked, op.label = "pointwise", True, f.__name__
+        return True
+    if f is M.conv_keep and _arg(n, 5, "prepad") is None:
+        op.kind, op.masked, op.label = "pool", True, "conv_keep"
+        k, s, p, d = (_pair(_arg(n, i, name)) for i, name in
+                      ((1, "kernel"), (2, "stride"), (3, "padding"), (4, "dilation")))
+        op.geom = tuple((k[i], s[i], p[i], d[i]) for i in range(2))
+        return True
+    if f is M.pool_mask and _arg(n, 6, "prepad") is None and not _arg(n, 5, "ceil_mode", False):
+        op.kind, op.masked, op.label = "pool", True, "pool_mask"
+        k, s, p, d = (_pair(_arg(n, i, name, dflt)) for i, name, dflt in
+                      ((1, "kernel", None), (2, "stride", None), (3, "padding", 0), (4, "dilation", 1)))
+        op.geom = tuple((k[i], s[i], p[i], d[i]) for i in range(2))
+        return True
+    return False
+
+
 def plan_model(model: nn.Module, size: Tuple[int, int] = (224, 224), tracer: Optional[fx.Tracer] = None,
                channels: int = 3) -> Plan:
     """Trace ``model`` (eval) with torch.fx, record every node's shape at a 1 x channels x H x W input
     (zeros in the dtype and on the device of the model's first parameter), and classify every node for
     the propagation and the FLOPs count."""
     model = model.eval()
-    graph = (tracer or fx.Tracer()).trace(model)
-    gm = fx.GraphModule(model, graph)
+    if isinstance(model, fx.GraphModule) and tracer is None:
+        gm = model  # already a graph (a layer-masked model, whose layers a plain Tracer would trace into)
+    else:
+        gm = fx.GraphModule(model, (tracer or fx.Tracer()).trace(model))
     p = next(model.parameters(), None)
     like = dict(dtype=p.dtype, device=p.device) if p is not None and p.is_floating_point() else {}
     with torch.no_grad():
@@ -213,12 +275,20 @@ def plan_model(model: nn.Module, size: Tuple[int, int] = (224, 224), tracer: Opt
     shapes = {n.name: _shape(n) for n in gm.graph.nodes}
     ops: List[Op] = []
     unknown: List[str] = []
+    meta_nodes = set()
     for n in gm.graph.nodes:
         if n.op == "output":
             continue
         op = Op(n.name, "other", _tensor_inputs(n), shapes[n.name], module=str(n.target) if n.op == "call_module" else "")
         if op.shape is None and n.op != "placeholder":
-            op.kind = "meta"  # x.size(0) and the like: no tensor, nothing changes
+            # x.size(0) and the like (and items of them): no tensor, and nothing changes; any other
+            # non-tensor value (a tuple of masks, say) is "other": it, and what reads it, changes entirely
+            meta = (n.op == "call_method" and n.target in _META_METHODS) or (n.op == "call_function" and (
+                n.target is getattr or (n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+                                        and n.args[0].name in meta_nodes)))
+            op.kind = "meta" if meta or n.op == "get_attr" else "other"
+            if meta:
+                meta_nodes.add(n.name)
         elif n.op == "placeholder":
             op.kind, op.shape = "input", (1, channels, *size)
         elif n.op == "get_attr":
@@ -245,6 +315,8 @@ def plan_model(model: nn.Module, size: Tuple[int, int] = (224, 224), tracer: Opt
                 op.flops = float(2 * m.in_features * m.out_features * math.prod(op.shape[1:-1]))
             elif isinstance(m, nn.Flatten):
                 op.kind, op.label = "global", "flatten"
+            elif _masked_layer(op, m):
+                pass
             else:
                 unknown.append(f"{n.name} ({t})")
                 op.label = t
@@ -275,6 +347,8 @@ def plan_model(model: nn.Module, size: Tuple[int, int] = (224, 224), tracer: Opt
                 w = shapes[_arg(n, 1, "weight").name]
                 op.kind, op.label = "dense", f"linear {w[1]}->{w[0]}"
                 op.flops = float(2 * w[0] * w[1] * math.prod(op.shape[1:-1]))
+            elif _mask_function(op, n):
+                pass
             else:
                 unknown.append(f"{n.name} ({getattr(f, '__name__', f)})")
                 op.label = getattr(f, "__name__", str(f))
@@ -311,6 +385,11 @@ def propagate(plan: Plan, rect: Rect) -> Dict[str, Region]:
             src = byname[op.inputs[0]]
             if x == FULL:
                 x = (0, src.hw[0], 0, src.hw[1])
+            if op.halo:
+                # a removed pixel up to ``halo`` rings from a change is filled from it: the change reaches
+                # that far before the window rule (no such pixel where the clean mask is all ones)
+                h = op.halo
+                x = (max(0, x[0] - h), min(src.hw[0], x[1] + h), max(0, x[2] - h), min(src.hw[1], x[3] + h))
             if op.kind == "pad":
                 ay = shift_axis(x[0], x[1], op.geom[0], op.hw[0])
                 ax = shift_axis(x[2], x[3], op.geom[1], op.hw[1])

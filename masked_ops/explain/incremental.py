@@ -20,21 +20,29 @@ of three states:
 - rect: a conv or pool computes its rectangle only, from a crop of its input over the rectangle's
   footprint (the cached clean values with the changed ones pasted over them; zeros, or -inf for a max
   pool, where the footprint leaves the map: the op's own padding) with padding 0; an elementwise op or
-  an add reads its inputs' crops of its rectangle; a constant pad shifts it;
+  an add reads its inputs' crops of its rectangle; a constant pad shifts it. A layer-masked conv or pool
+  and the mask path's pools run *themselves* on a crop that holds everything their outputs read, their
+  fill's halo included (ending at the map's border where it reaches it, starting on the stride), and
+  the outputs near the crop's inner edges are cut away;
 - full: once a rectangle covers more than ``threshold`` of its map, or at an op without a local rule
   (global pooling, flatten, linear, anything unknown), the changed values are pasted into clean maps and
   the node, and everything downstream, runs on whole maps.
 
 Equal to full forwards: float64 within 1e-10 (tests/test_incremental.py, on ResNets, EfficientNet-Lite0
-and a net with dilation, groups, odd sizes, concatenation and padding); fp32 within the model's own
-batch-to-batch rounding. Speed (bench/incremental_engine.py, bench/README.md): ResNet-50, 224 px, 169
+and a net with dilation, groups, odd sizes, concatenation and padding, plain and layer-masked, clean
+masks with removed pixels of their own included); fp32 within the model's own batch-to-batch rounding. Speed (bench/incremental_engine.py, bench/README.md): ResNet-50, 224 px, 169
 sliding windows of 32 px, 2 CPU threads: 1.8x faster than full forwards, each at its best batch size. It
 pays where the early, high-resolution layers hold the time and windows are small; the cone covers the
 deepest maps entirely, so those run in full.
 
-Not covered: layer masking (its masked layers also read their masks and fill removed pixels from up to
-d*(k-1) rings away, so each would need its own crop rule; the cone is the same, bench/incremental_flops.py
---check), models fx cannot trace (a clear ValueError), and outputs other than one tensor.
+Layer masking: ``IncrementalModel(layer_mask(model), (image, ones))`` with inputs (images, masks); only
+the masks change. Covered: fill, zero modes' convs without explicit padding, max/average pools, the
+residual joins and the mask path (masked_ops.explain.cone). Layers without a rule run on whole maps from
+there on (equal, not faster): renorm mode's (keep, scale) pairs, convs with explicit asymmetric padding
+(EfficientNet-Lite's TF "same": all of Lite0 under layer masking runs in full).
+
+Not covered: models fx cannot trace (a clear ValueError), soft masks, vision transformers, and outputs
+other than one tensor.
 """
 from __future__ import annotations
 
@@ -73,6 +81,14 @@ def _out_of_place_call(gm: fx.GraphModule, n: fx.Node) -> bool:
         if getattr(m, "inplace", False) is True:
             m.inplace = False
             return True
+        if getattr(m, "fill_in_place", False) is True:  # a layer-masked conv filling its input in place
+            m.fill_in_place = False
+            return True
+        if getattr(m, "add_into", None) is not None:  # a layer-masked add writing into one of its inputs
+            written = n.args[m.add_into] if len(n.args) > m.add_into else None
+            m.add_into = None
+            _redirect(n, written)
+            return False  # redirected here (it may have written its second input)
         return False
     if n.op == "call_method":
         if n.target.endswith("_") and not n.target.endswith("__") and hasattr(torch.Tensor, n.target[:-1]):
@@ -99,28 +115,45 @@ def _out_of_place_call(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
+def _redirect(n: fx.Node, written) -> None:
+    """Point the readers of ``written`` that come after ``n`` at ``n`` (n wrote its result into it)."""
+    if not isinstance(written, fx.Node):
+        return
+    order = {x: i for i, x in enumerate(n.graph.nodes)}
+    for user in list(written.users):
+        if user is not n and order[user] > order[n]:
+            user.replace_input_with(written, n)
+
+
 def _functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     """The traced model without in-place calls, same values: each in-place call becomes out of place and
     every later reader of the tensor it wrote reads its result instead (``w.add_(z); f(w)`` becomes
     ``w2 = w.add(z); f(w2)``). The engine keeps every node's clean output and reuses changed values across
     nodes, which in-place writes would overwrite. (Writes through a view into its base tensor are not
     followed; CNN forwards do not make them.)"""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for n in list(gm.graph.nodes):
-        if not _out_of_place_call(gm, n) or not n.args or not isinstance(n.args[0], fx.Node):
-            continue
-        written = n.args[0]
-        for user in list(written.users):
-            if user is not n and order[user] > order[n]:
-                user.replace_input_with(written, n)
+        if _out_of_place_call(gm, n) and n.args:
+            _redirect(n, n.args[0])
     gm.recompile()
     return gm
 
 
-def changed_rects(inputs: torch.Tensor, clean: torch.Tensor) -> List[Optional[Rect]]:
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"shape {tuple(t.shape)}"
+    if isinstance(t, (tuple, list)):
+        return "(" + ", ".join(_describe(x) for x in t) + ")"
+    return type(t).__name__
+
+
+def changed_rects(inputs, clean) -> List[Optional[Rect]]:
     """Per input, the bounding rectangle (y0, y1, x0, x1) of the positions where it differs from
-    ``clean`` in any channel (None where it equals clean everywhere; NaN counts as a difference)."""
-    diff = (inputs != clean).any(dim=1)  # N x H x W
+    ``clean`` in any channel (None where it equals clean everywhere; NaN counts as a difference).
+    Tuples of tensors (a model's several inputs, e.g. an image and its mask): where any of them differs."""
+    if isinstance(inputs, (tuple, list)):
+        diff = torch.stack([(i != c).any(dim=1) for i, c in zip(inputs, clean)]).any(0)
+    else:
+        diff = (inputs != clean).any(dim=1)  # N x H x W
     rows, cols = diff.any(dim=2), diff.any(dim=1)
     out: List[Optional[Rect]] = []
     for r, c in zip(rows.cpu(), cols.cpu()):
@@ -141,22 +174,28 @@ class IncrementalModel:
     ``tracer``: a torch.fx Tracer for models whose leaf modules need one.
     """
 
-    def __init__(self, model: nn.Module, clean: torch.Tensor, *, threshold: float = DEFAULT_THRESHOLD,
+    def __init__(self, model: nn.Module, clean, *, threshold: float = DEFAULT_THRESHOLD,
                  tracer: Optional[fx.Tracer] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(clean, torch.Tensor) or clean.dim() != 4 or clean.shape[0] != 1:
-            raise ValueError(f"clean must be a 1 x C x H x W tensor, got "
-                             f"{tuple(clean.shape) if isinstance(clean, torch.Tensor) else type(clean).__name__}")
+        cleans = (clean,) if isinstance(clean, torch.Tensor) else tuple(clean) if isinstance(clean, (tuple, list)) \
+            else ()
+        if not cleans or any(not isinstance(c, torch.Tensor) or c.dim() != 4 or c.shape[0] != 1
+                             or c.shape[-2:] != cleans[0].shape[-2:] for c in cleans):
+            raise ValueError(f"clean must be a 1 x C x H x W tensor (or a tuple of them, one per model input, of "
+                             f"one height and width), got {_describe(clean)}")
         if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
             raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
         try:
             model = copy.deepcopy(model).eval()
-            traced = _functionalize(fx.GraphModule(model, (tracer or fx.Tracer()).trace(model)))
-            self.plan: Plan = plan_model(traced, tuple(clean.shape[-2:]), tracer=tracer, channels=clean.shape[1])
+            # a GraphModule (a layer-masked model) is taken as it is: a plain Tracer would trace into its layers
+            traced = model if isinstance(model, fx.GraphModule) and tracer is None \
+                else fx.GraphModule(model, (tracer or fx.Tracer()).trace(model))
+            self.plan: Plan = plan_model(_functionalize(traced), tuple(cleans[0].shape[-2:]),
+                                         channels=cleans[0].shape[1])
         except Exception as e:  # fx's own errors name the line; say what we needed it for
             raise ValueError(f"incremental inference needs a model torch.fx can trace and run on a "
-                             f"{tuple(clean.shape)} input: {type(e).__name__}: {e}") from e
+                             f"{_describe(clean)} input: {type(e).__name__}: {e}") from e
         self.gm = self.plan.graph_module
         self.modules = dict(self.gm.named_modules())
         self.ops = {o.name: o for o in self.plan.ops}
@@ -170,13 +209,17 @@ class IncrementalModel:
         for n in self.nodes:
             if n.op == "placeholder" or (n.name in self.ops and any(i in self.varying for i in self.ops[n.name].inputs)):
                 self.varying.add(n.name)
+        self.placeholders = [n.name for n in self.nodes if n.op == "placeholder"]
+        if len(cleans) != len(self.placeholders):
+            raise ValueError(f"clean holds {len(cleans)} input(s); the model takes {len(self.placeholders)} "
+                             f"({', '.join(self.placeholders)}): give a clean value for each")
         self.threshold = float(threshold)
         self.local: Dict[str, Callable] = {n.name: f for n in self.nodes if (f := self._local_rule(n)) is not None}
-        self.clean_input = clean
-        self.clean = self._clean_forward(clean)
+        self.clean_inputs = cleans
+        self.clean = self._clean_forward(cleans)
 
     # -- construction ---------------------------------------------------------------------
-    def _clean_forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _clean_forward(self, inputs: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
         cache: Dict[str, torch.Tensor] = {}
 
         class Recorder(fx.Interpreter):
@@ -186,7 +229,7 @@ class IncrementalModel:
                 return out
 
         with torch.no_grad():
-            Recorder(self.gm).run(x)
+            Recorder(self.gm).run(*inputs)
         return cache
 
     def _local_rule(self, node: fx.Node) -> Optional[Callable]:
@@ -195,6 +238,8 @@ class IncrementalModel:
         op = self.ops.get(node.name)
         if op is None or op.kind not in ("conv", "pool"):
             return None
+        if op.masked:
+            return self._run_masked_window
         if node.op == "call_module":
             m = self.modules[node.target]
             if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
@@ -301,6 +346,8 @@ class IncrementalModel:
 
     def _run_rect(self, node: fx.Node, env, rects: List[Rect]) -> torch.Tensor:
         op = self.ops[node.name]
+        if op.kind in ("conv", "pool") and op.masked:
+            return self._run_masked_window(node, op, env, rects)
         if op.kind in ("conv", "pool"):
             (kh, sh, ph, dh), (kw, sw, pw, dw) = op.geom
             is_max = node.op == "call_module" and isinstance(self.modules[node.target], nn.MaxPool2d)
@@ -334,23 +381,77 @@ class IncrementalModel:
             return node.target(*args, **kwargs)
         return getattr(args[0], node.target)(*args[1:], **kwargs)
 
+    def _run_masked_window(self, node: fx.Node, op, env, rects: List[Rect]) -> torch.Tensor:
+        """A layer-masked conv or pool, or a mask-path pool, on each rectangle: the node itself (its own
+        padding, fill and masks) run on a crop of its inputs that holds every input its outputs read, fill
+        halo included. The crop ends at the map's border where it reaches it (so the node's own border
+        rule applies) and starts on its stride, so that output j of the crop is output start/stride + j of
+        the map; outputs near an inner edge of the crop would read missing pixels and are cut away.
+        Crops of different sizes (at the borders) run as separate batches."""
+        (kh, sh, ph, dh), (kw, sw, pw, dw) = op.geom
+        H, W = self.ops[op.inputs[0]].hw
+        OH, OW = op.hw
+        qy, qx = -(-(ph + op.halo) // sh), -(-(pw + op.halo) // sw)
+        spans = []
+        for y0, y1, x0, x1 in rects:
+            a, c = max(0, (y0 - qy) * sh), max(0, (x0 - qx) * sw)
+            e = min(H, (y1 - 1) * sh - ph + (kh - 1) * dh + 1 + op.halo)
+            f = min(W, (x1 - 1) * sw - pw + (kw - 1) * dw + 1 + op.halo)
+            spans.append((a, e, c, f))
+        groups: Dict[Tuple[int, int, int, int], List[int]] = {}
+        for b, ((y0, _, x0, _), (a, e, c, f)) in enumerate(zip(rects, spans)):
+            groups.setdefault((e - a, f - c, y0 - a // sh, x0 - c // sw), []).append(b)
+        h, w = rects[0][1] - rects[0][0], rects[0][3] - rects[0][2]
+        out = None
+        for (ch, cw, oy, ox), members in groups.items():
+            # each input in its own grid: the node's input maps (H x W) or its output grid (the keep mask)
+            ol_h = (ch + 2 * ph - (kh - 1) * dh - 1) // sh + 1
+            ol_w = (cw + 2 * pw - (kw - 1) * dw - 1) // sw + 1
+
+            def arg(a_node: fx.Node):
+                src = self.ops.get(a_node.name)
+                if src is None or not src.spatial:
+                    return self._whole(a_node.name, env, 1)
+                if src.hw == (H, W):
+                    boxes = [(spans[b][0], spans[b][1], spans[b][2], spans[b][3]) for b in members]
+                elif src.hw == (OH, OW):
+                    boxes = [(spans[b][0] // sh, spans[b][0] // sh + ol_h, spans[b][2] // sw, spans[b][2] // sw + ol_w)
+                             for b in members]
+                else:
+                    return self._whole(a_node.name, env, 1)
+                state = env[a_node.name]
+                return torch.stack([self._crop(a_node.name, state, b, box) for b, box in zip(members, boxes)])
+
+            args = fx.node.map_arg(node.args, arg)
+            kwargs = fx.node.map_arg(node.kwargs, arg)
+            y = self.modules[node.target](*args, **kwargs) if node.op == "call_module" else node.target(*args, **kwargs)
+            y = y[:, :, oy:oy + h, ox:ox + w]
+            if out is None:
+                out = y.new_empty((len(rects), *y.shape[1:]))
+            out[members] = y
+        return out
+
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor, rects: Optional[Sequence[Optional[Rect]]] = None) -> torch.Tensor:
-        """The model's outputs for ``inputs`` (N x C x H x W), each equal to the clean input outside its
-        rect (default: found by comparison, changed_rects). All N run as one batch."""
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 or inputs.shape[1:] != self.clean_input.shape[1:]:
-            raise ValueError(f"inputs must have shape N x {tuple(self.clean_input.shape[1:])}, got "
-                             f"{tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}")
+    def __call__(self, inputs, rects: Optional[Sequence[Optional[Rect]]] = None) -> torch.Tensor:
+        """The model's outputs for ``inputs`` (N x C x H x W, or a tuple like ``clean``), each equal to the
+        clean input outside its rect (default: found by comparison, changed_rects). All N run as one batch."""
+        batch = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs) if isinstance(inputs, (tuple, list)) \
+            else ()
+        want = " and ".join(f"N x {tuple(c.shape[1:])}" for c in self.clean_inputs)
+        if len(batch) != len(self.clean_inputs) or any(
+                not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1:] != c.shape[1:] or t.shape[0] != batch[0].shape[0]
+                for t, c in zip(batch, self.clean_inputs)):
+            raise ValueError(f"inputs must have shape {want}, got {_describe(inputs)}")
         if rects is None:
-            rects = changed_rects(inputs, self.clean_input)
+            rects = changed_rects(batch, self.clean_inputs)
         H, W = self.plan.input_hw
-        if len(rects) != inputs.shape[0]:
-            raise ValueError(f"rects must hold one rectangle per input ({inputs.shape[0]}), got {len(rects)}")
+        n = batch[0].shape[0]
+        if len(rects) != n:
+            raise ValueError(f"rects must hold one rectangle per input ({n}), got {len(rects)}")
         for r in rects:
             if r is not None and not (0 <= r[0] < r[1] <= H and 0 <= r[2] < r[3] <= W):
                 raise ValueError(f"rect {r} is not a non-empty (y0, y1, x0, x1) inside the {H} x {W} input")
         plan = self.plan_batch(rects)
-        n = inputs.shape[0]
         env: Dict[str, tuple] = {}
         for node in self.nodes:
             if node.op == "output":
@@ -359,7 +460,8 @@ class IncrementalModel:
             if kind == "clean":
                 env[node.name] = ("clean", None)
             elif self.ops[node.name].kind == "input":
-                vals = torch.stack([inputs[b, :, y0:y1, x0:x1] for b, (y0, y1, x0, x1) in enumerate(boxes)])
+                src = batch[self.placeholders.index(node.name)]
+                vals = torch.stack([src[b, :, y0:y1, x0:x1] for b, (y0, y1, x0, x1) in enumerate(boxes)])
                 env[node.name] = ("rect", (vals, boxes))
             elif kind == "full":
                 env[node.name] = ("full", self._run_full(node, env, n))
@@ -374,15 +476,11 @@ def incremental_outputs(strategy, image: torch.Tensor, segments: torch.Tensor, s
                         threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
     """perturb.forward_samples through IncrementalModel: S x T outputs of ``image`` with each sample's
     segments kept, equal to full forwards (see the module docstring), for a strategy that paints the
-    removed pixels and runs the plain model (a FillStrategy: grey, black, blur, ...). Each sample's
-    changed rectangle is where its model input differs from the clean one."""
+    removed pixels and runs the plain model (a FillStrategy: grey, black, blur, ...) or for (hard) layer
+    masking of a CNN, whose converted model is the graph the engine runs. Each sample's changed rectangle
+    is where its model inputs (image, and mask under layer masking) differ from the clean ones."""
     from .._util.progress import progress_bar
-    from .strategies import FillStrategy
-
-    if not isinstance(strategy, FillStrategy):
-        raise ValueError(f"incremental inference needs a strategy that paints the removed pixels and runs the "
-                         f"plain model (grey, black, blur, ...), got {strategy.name!r}: under layer masking the "
-                         f"masked layers have no incremental rule yet (use incremental=False)")
+    model = incremental_model_of(strategy)
     if batch_size is None or batch_size == "auto":
         batch_size = DEFAULT_BATCH
     seg = segments.to(image.device)
@@ -390,7 +488,7 @@ def incremental_outputs(strategy, image: torch.Tensor, segments: torch.Tensor, s
     ones = torch.ones(1, 1, *image.shape[1:], dtype=torch.bool, device=image.device)
     with torch.no_grad():
         clean = strategy.model_inputs(image[None], ones)
-    engine = IncrementalModel(strategy.model, clean, threshold=threshold)
+    engine = IncrementalModel(model, clean, threshold=threshold)
     out = []
     with progress_bar(samples.shape[0], desc, "sample", enabled=progress, auto_min=256) as bar, torch.no_grad():
         for start in range(0, samples.shape[0], batch_size):
@@ -401,3 +499,24 @@ def incremental_outputs(strategy, image: torch.Tensor, segments: torch.Tensor, s
             out.append(vals[:, idx].cpu())
             bar.update(z.shape[0])
     return torch.cat(out).double()
+
+
+def incremental_model_of(strategy) -> nn.Module:
+    """The model incremental inference runs for ``strategy``: the plain model of a strategy that paints
+    (FillStrategy), the converted model of hard layer masking on a CNN; ValueError for the others."""
+    from .strategies import FillStrategy, LayerStrategy
+
+    if isinstance(strategy, FillStrategy):
+        return strategy.model
+    if isinstance(strategy, LayerStrategy):
+        from ..vit import is_vision_transformer
+
+        if is_vision_transformer(strategy.model):
+            raise ValueError(f"incremental inference runs CNNs: strategy {strategy.name!r} drops tokens of a vision "
+                             f"transformer, whose attention reads every token (use incremental=False)")
+        if strategy.soft:
+            raise ValueError(f"incremental inference takes hard layer masking; strategy {strategy.name!r} is soft "
+                             f"(use incremental=False)")
+        return strategy.masked_model
+    raise ValueError(f"incremental inference needs a strategy that paints the removed pixels (grey, black, blur, "
+                     f"...) or layer masking, got {strategy.name!r} (use incremental=False)")

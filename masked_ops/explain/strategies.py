@@ -249,6 +249,13 @@ class LayerStrategy(Strategy):
                                       soft=self.soft, fill_grad=self.fill_grad)
         return self._masked
 
+    def model_inputs(self, images: torch.Tensor, masks: torch.Tensor):
+        """What the masked model reads: (the normalised images, the masks in their dtype)."""
+        images, visible = self._prepare(images, masks)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.normalise(images), visible.to(images.dtype)
+
     def forward(self, images, visible):
         # Removed pixels may hold anything (NaN included): the masked model never reads them.
         return self.masked_model(self.normalise(images), visible.to(images.dtype))
