@@ -368,8 +368,10 @@ def plan_model(model: nn.Module, size: Tuple[int, int] = (224, 224), tracer: Opt
 
 
 # ----------------------------------------------------------------------------- propagation
-def propagate(plan: Plan, rect: Rect) -> Dict[str, Region]:
-    """The changed region of every node when input rows [y0, y1) x columns [x0, x1) change."""
+def propagate(plan: Plan, rect: Rect, no_spread: Sequence[str] = ()) -> Dict[str, Region]:
+    """The changed region of every node when input rows [y0, y1) x columns [x0, x1) change.
+    ``no_spread``: fill nodes whose clean input mask is all ones (their fills cannot carry a change past
+    the window rule: the only removed pixels are the changed ones)."""
     reg: Dict[str, Region] = {}
     byname = {o.name: o for o in plan.ops}
     for op in plan.ops:
@@ -385,7 +387,7 @@ def propagate(plan: Plan, rect: Rect) -> Dict[str, Region]:
             src = byname[op.inputs[0]]
             if x == FULL:
                 x = (0, src.hw[0], 0, src.hw[1])
-            if op.halo:
+            if op.halo and op.name not in no_spread:
                 # a removed pixel up to ``halo`` rings from a change is filled from it: the change reaches
                 # that far before the window rule (no such pixel where the clean mask is all ones)
                 h = op.halo

@@ -217,6 +217,14 @@ class IncrementalModel:
         self.local: Dict[str, Callable] = {n.name: f for n in self.nodes if (f := self._local_rule(n)) is not None}
         self.clean_inputs = cleans
         self.clean = self._clean_forward(cleans)
+        # fill nodes whose clean mask (their second input) is all ones: no removed pixel outside a change
+        self.no_spread = set()
+        for n in self.nodes:
+            op = self.ops.get(n.name)
+            if op is not None and op.halo and len(n.args) > 1 and isinstance(n.args[1], fx.Node):
+                m = self.clean.get(n.args[1].name)
+                if isinstance(m, torch.Tensor) and bool((m > 0).all()):
+                    self.no_spread.add(n.name)
 
     # -- construction ---------------------------------------------------------------------
     def _clean_forward(self, inputs: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
@@ -262,7 +270,7 @@ class IncrementalModel:
         """Per node: ("clean" | "rect" | "full", each input's rectangle there in the rect state, all of one size)."""
         H, W = self.plan.input_hw
         rects = [r if r is not None else (0, 1, 0, 1) for r in rects]  # unchanged: recompute one clean pixel
-        regs = [propagate(self.plan, r) for r in rects]
+        regs = [propagate(self.plan, r, self.no_spread) for r in rects]
         out: Dict[str, Tuple[str, List[Rect]]] = {}
         for op in self.plan.ops:
             rs = list(rects) if op.kind == "input" else [reg[op.name] for reg in regs]
