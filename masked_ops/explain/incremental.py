@@ -399,12 +399,15 @@ class IncrementalModel:
         (kh, sh, ph, dh), (kw, sw, pw, dw) = op.geom
         H, W = self.ops[op.inputs[0]].hw
         OH, OW = op.hw
-        qy, qx = -(-(ph + op.halo) // sh), -(-(pw + op.halo) // sw)
+        # The fill halo: none needed at stride 1 when the clean mask is all ones (the only removed pixels
+        # are changed ones, and the window rule's footprint already holds them and their d*(k-1) rings).
+        halo = 0 if op.name in self.no_spread and sh == sw == 1 else op.halo
+        qy, qx = -(-(ph + halo) // sh), -(-(pw + halo) // sw)
         spans = []
         for y0, y1, x0, x1 in rects:
             a, c = max(0, (y0 - qy) * sh), max(0, (x0 - qx) * sw)
-            e = min(H, (y1 - 1) * sh - ph + (kh - 1) * dh + 1 + op.halo)
-            f = min(W, (x1 - 1) * sw - pw + (kw - 1) * dw + 1 + op.halo)
+            e = min(H, (y1 - 1) * sh - ph + (kh - 1) * dh + 1 + halo)
+            f = min(W, (x1 - 1) * sw - pw + (kw - 1) * dw + 1 + halo)
             spans.append((a, e, c, f))
         groups: Dict[Tuple[int, int, int, int], List[int]] = {}
         for b, ((y0, _, x0, _), (a, e, c, f)) in enumerate(zip(rects, spans)):
