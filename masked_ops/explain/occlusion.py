@@ -72,9 +72,10 @@ def explain_occlusion(strategy: Strategy, image: torch.Tensor, *, targets: Union
 
     ``incremental``: recompute only what each removal changes, on top of one clean forward
     (masked_ops.explain.incremental: Krypton's exact incremental inference; equal to full forwards to
-    rounding). For strategies that paint the removed pixels (grey, black, blur, ...) and models torch.fx
-    can trace; it pays for small windows on models whose early layers hold the time (ResNet-50, 32 px
-    windows: 1.8x on CPU, bench/README.md). Default batch 8 (``batch_size`` None or "auto").
+    rounding). For strategies that paint the removed pixels (grey, black, blur, ...) and hard layer
+    masking, on models torch.fx can trace; it pays for small windows on models whose early layers hold
+    the time (ResNet-50, 32 px windows, grey fill: 1.7x-1.9x on CPU; layer masking 1.0x-1.3x;
+    bench/README.md). Default batch 8 (``batch_size`` None or "auto").
     """
     image = prepare_image(image)
     check_output(output)
