@@ -25,7 +25,6 @@ import copy
 import os
 import statistics
 import sys
-import time
 from typing import List, Sequence, Tuple
 
 import torch
@@ -72,6 +71,15 @@ def _rows(inputs, i: int, j: int):
 
 def chunked(engine: IncrementalModel, inputs, rects: Sequence[Rect], batch: int) -> torch.Tensor:
     return torch.cat([engine(_rows(inputs, i, i + batch), rects[i:i + batch]) for i in range(0, len(rects), batch)])
+
+
+def timed(contenders: dict, repeats: int):
+    """Interleaved rounds (harness.interleaved; the contenders have run once already): (seconds per
+    contender, medians, the fastest "full..." and the fastest "incremental..." contender)."""
+    times = {k: [ms / 1000 for ms in v] for k, v in H.interleaved(contenders, repeats, H.CPU, warmup=0).items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return (times, med, min((k for k in med if k.startswith("full")), key=med.get),
+            min((k for k in med if k.startswith("incremental")), key=med.get))
 
 
 def full_forwards(model: nn.Module, inputs, batch: int) -> torch.Tensor:
@@ -124,15 +132,7 @@ def main(argv=None) -> int:
         diffs = {k: float((f() - ref).abs().max()) for k, f in contenders.items() if k.startswith("incremental")}
         # the model's own fp32 rounding between batch sizes: the yardstick of "equal" in fp32
         noise = max(float((contenders[f"full@b{b}"]() - ref).abs().max()) for b in args.batches)
-        times = {k: [] for k in contenders}
-        for _ in range(args.repeats):
-            for k, f in contenders.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        best_full = min((k for k in med if k.startswith("full")), key=med.get)
-        best_inc = min((k for k in med if k.startswith("incremental")), key=med.get)
+        times, med, best_full, best_inc = timed(contenders, args.repeats)
         case = dict(window=window, stride=stride, positions=len(rects),
                     float64_max_abs_diff=exact, fp32_max_abs_diff=diffs, fp32_full_batch_to_batch=noise,
                     logit_scale=float(ref.abs().max()),
@@ -171,15 +171,7 @@ def explain_case(model: nn.Module, args) -> dict:
         contenders[f"incremental@b{b}"] = (lambda b=b: explain_occlusion(
             strategy, image, window=window, stride=stride, batch_size=b, incremental=True, progress=False))
     a, b_ = contenders[f"full@b{args.batches[0]}"](), contenders[f"incremental@b{args.batches[0]}"]()
-    times = {k: [] for k in contenders}
-    for _ in range(args.repeats):
-        for k, f in contenders.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    best_full = min((k for k in med if k.startswith("full")), key=med.get)
-    best_inc = min((k for k in med if k.startswith("incremental")), key=med.get)
+    times, med, best_full, best_inc = timed(contenders, args.repeats)
     case = dict(window=window, stride=stride, strategy=args.masking, image="chelsea", output="prob",
                 max_abs_diff_outputs=float((a.outputs - b_.outputs).abs().max()),
                 seconds={k: H.stats(v) for k, v in times.items()}, best_full=best_full, best_incremental=best_inc,
