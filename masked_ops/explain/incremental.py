@@ -57,7 +57,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cone import Plan, Rect, plan_model, propagate
+from .cone import Plan, Rect, _pair, plan_model, propagate
 
 __all__ = ["IncrementalModel", "changed_rects", "incremental_outputs", "DEFAULT_THRESHOLD", "DEFAULT_BATCH"]
 
@@ -163,10 +163,6 @@ def changed_rects(inputs, clean) -> List[Optional[Rect]]:
     return out
 
 
-def _pair(v) -> Tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 class IncrementalModel:
     """``model(inputs)`` for inputs equal to ``clean`` outside one rectangle each, computing only what changes.
 
@@ -242,8 +238,9 @@ class IncrementalModel:
         return cache
 
     def _local_rule(self, node: fx.Node) -> Optional[Callable]:
-        """For a conv or pool node: f(crops) -> outputs with padding 0 (its padding is in the crops), and
-        the value that pads the crops; None when it has no exact crop rule (it then runs in full)."""
+        """For a conv or pool node, how its rectangle is computed: f(crops) -> outputs with padding 0 (its
+        padding is written into the crops) for a plain conv or pool, the crop-and-cut rule for a layer-masked
+        one; None when it has no exact rule (it then runs in full)."""
         op = self.ops.get(node.name)
         if op is None or op.kind not in ("conv", "pool"):
             return None
