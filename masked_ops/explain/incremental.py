@@ -83,8 +83,8 @@ def _out_of_place_call(gm: fx.GraphModule, n: fx.Node) -> bool:
             m.inplace = False
             return True
         if getattr(m, "fill_in_place", False) is True:  # a layer-masked conv filling its input in place
-            m.fill_in_place = False
-            return True
+            m.fill_in_place = False  # it is that input's only reader (the converter's rule): nobody to redirect
+            return False
         if getattr(m, "add_into", None) is not None:  # a layer-masked add writing into one of its inputs
             written = n.args[m.add_into] if len(n.args) > m.add_into else None
             m.add_into = None
@@ -266,7 +266,6 @@ class IncrementalModel:
     # -- planning -------------------------------------------------------------------------
     def plan_batch(self, rects: Sequence[Optional[Rect]]) -> Dict[str, Tuple[str, List[Rect]]]:
         """Per node: ("clean" | "rect" | "full", each input's rectangle there in the rect state, all of one size)."""
-        H, W = self.plan.input_hw
         rects = [r if r is not None else (0, 1, 0, 1) for r in rects]  # unchanged: recompute one clean pixel
         regs = [propagate(self.plan, r, self.no_spread) for r in rects]
         out: Dict[str, Tuple[str, List[Rect]]] = {}

@@ -21,7 +21,7 @@ Options (the names the command line spells ``--samples``, ``--n-segments``, ...)
 ``samples``, ``segments`` (a segmentation of masked_ops.explain.segmentation.METHODS), ``n_segments``,
 ``window`` / ``stride`` (occlusion's sliding window), ``output`` (explain the probability or the logit),
 ``checkpoint`` (a fitted amortised DiffMask), ``incremental`` (occlusion: recompute only each removal's
-cone, for the strategies that paint; masked_ops.explain.incremental).
+cone, for hard layer masking and the strategies that paint; masked_ops.explain.incremental).
 """
 from __future__ import annotations
 
