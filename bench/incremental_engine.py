@@ -75,10 +75,10 @@ def chunked(engine: IncrementalModel, inputs, rects: Sequence[Rect], batch: int)
 
 def timed(contenders: dict, repeats: int):
     """Interleaved rounds (harness.interleaved; the contenders have run once already): (seconds per
-    contender, medians, the fastest "full..." and the fastest "incremental..." contender)."""
+    contender, medians, the fastest eager "full@..." and the fastest "incremental..." contender)."""
     times = {k: [ms / 1000 for ms in v] for k, v in H.interleaved(contenders, repeats, H.CPU, warmup=0).items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    return (times, med, min((k for k in med if k.startswith("full")), key=med.get),
+    return (times, med, min((k for k in med if k.startswith("full@")), key=med.get),
             min((k for k in med if k.startswith("incremental")), key=med.get))
 
 
@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, nargs="+", default=[0.5])
     p.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16], help="batch sizes, both contenders")
     p.add_argument("--check-size", type=int, default=96, help="float64 exactness check at this input size")
+    p.add_argument("--compiled", action="store_true", help="also time full forwards of torch.compile(model)")
     p.add_argument("--masking", choices=("grey", "layer"), default="grey",
                    help="grey: windows painted, plain model; layer: windows removed by layer masking")
     p.add_argument("--explain", default="32/16", help="window/stride of the end-to-end explain_occlusion case "
@@ -124,6 +125,11 @@ def main(argv=None) -> int:
         rects = window_rects(args.size, window, stride)
         run, clean, x = subject(model, args.masking, torch.randn(1, 3, args.size, args.size), rects)
         contenders = {f"full@b{b}": (lambda b=b: full_forwards(run, x, b)) for b in args.batches}
+        if args.compiled:  # the baseline a user who compiles would compare with (compiled on its first call)
+            compiled = torch.compile(run)
+            contenders.update({f"full-compiled@b{b}": (lambda b=b: full_forwards(compiled, x, b)) for b in args.batches})
+            compiled_diff = max(float((contenders[f"full-compiled@b{b}"]() - full_forwards(run, x, b)).abs().max())
+                                for b in args.batches)  # compiles every batch shape before the timing
         for th in args.threshold:
             for b in args.batches:
                 contenders[f"incremental@t{th}b{b}"] = (
@@ -135,18 +141,22 @@ def main(argv=None) -> int:
         times, med, best_full, best_inc = timed(contenders, args.repeats)
         case = dict(window=window, stride=stride, positions=len(rects),
                     float64_max_abs_diff=exact, fp32_max_abs_diff=diffs, fp32_full_batch_to_batch=noise,
+                    fp32_compiled_vs_eager=compiled_diff if args.compiled else None,
                     logit_scale=float(ref.abs().max()),
                     seconds={k: H.stats(v) for k, v in times.items()},
                     speedup_vs_best_full={k: med[best_full] / v for k, v in med.items()},
                     best_full=best_full, best_incremental=best_inc,
                     speedup_best_vs_best=med[best_full] / med[best_inc],
+                    speedup_vs_best_compiled=(min(v for k, v in med.items() if k.startswith("full-compiled"))
+                                              / med[best_inc]) if args.compiled else None,
                     speedup_paired_same_batch={str(b): statistics.median(
                         [f / i for f, i in zip(times[f"full@b{b}"], times[f"incremental@t{args.threshold[0]}b{b}"])])
                         for b in args.batches})
         meta["cases"].append(case)
         print(f"{args.model} {window}/{stride}: {len(rects)} windows; float64 max diff "
               f"{exact}; " + ", ".join(f"{k} {med[k]:.2f} s" for k in med)
-              + f"; best incremental vs best full {case['speedup_best_vs_best']:.2f}x", flush=True)
+              + f"; best incremental vs best full {case['speedup_best_vs_best']:.2f}x"
+              + (f", vs best compiled full {case['speedup_vs_best_compiled']:.2f}x" if args.compiled else ""), flush=True)
         H.write_json(out, meta)
     if args.explain:
         meta["explain_occlusion"] = explain_case(model, args)
