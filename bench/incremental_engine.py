@@ -75,11 +75,19 @@ def chunked(engine: IncrementalModel, inputs, rects: Sequence[Rect], batch: int)
 
 def timed(contenders: dict, repeats: int):
     """Interleaved rounds (harness.interleaved; the contenders have run once already): (seconds per
-    contender, medians, the fastest eager "full@..." and the fastest "incremental..." contender)."""
+    contender, medians, the fastest eager "full..." contender (NCHW or channels_last) and the fastest
+    "incremental..." one)."""
     times = {k: [ms / 1000 for ms in v] for k, v in H.interleaved(contenders, repeats, H.CPU, warmup=0).items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    return (times, med, min((k for k in med if k.startswith("full@")), key=med.get),
+    return (times, med, min((k for k in med if k.startswith("full") and "compiled" not in k), key=med.get),
             min((k for k in med if k.startswith("incremental")), key=med.get))
+
+
+def channels_last(model: nn.Module, inputs):
+    """A copy of the model and its inputs in channels_last memory format."""
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    return (copy.deepcopy(model).to(memory_format=torch.channels_last),
+            cl(inputs) if isinstance(inputs, torch.Tensor) else tuple(cl(t) for t in inputs))
 
 
 def full_forwards(model: nn.Module, inputs, batch: int) -> torch.Tensor:
@@ -125,23 +133,29 @@ def main(argv=None) -> int:
         rects = window_rects(args.size, window, stride)
         run, clean, x = subject(model, args.masking, torch.randn(1, 3, args.size, args.size), rects)
         contenders = {f"full@b{b}": (lambda b=b: full_forwards(run, x, b)) for b in args.batches}
-        if args.compiled:  # the baseline a user who compiles would compare with (compiled on its first call)
-            compiled = torch.compile(run)
+        # the same model in channels_last (oneDNN's faster layout on CPU; the engine uses it internally):
+        # a user who tunes their full forwards would pick it
+        run_cl, x_cl = channels_last(run, x)
+        contenders.update({f"full-cl@b{b}": (lambda b=b: full_forwards(run_cl, x_cl, b)) for b in args.batches})
+        if args.compiled:  # the baselines a user who compiles would compare with (compiled on their first call)
+            compiled, compiled_cl = torch.compile(run), torch.compile(run_cl)
             contenders.update({f"full-compiled@b{b}": (lambda b=b: full_forwards(compiled, x, b)) for b in args.batches})
-            compiled_diff = max(float((contenders[f"full-compiled@b{b}"]() - full_forwards(run, x, b)).abs().max())
-                                for b in args.batches)  # compiles every batch shape before the timing
+            contenders.update({f"full-compiled-cl@b{b}": (lambda b=b: full_forwards(compiled_cl, x_cl, b))
+                               for b in args.batches})
+            compiled_diff = max(float((contenders[f"full-compiled{v}@b{b}"]() - full_forwards(run, x, b)).abs().max())
+                                for b in args.batches for v in ("", "-cl"))  # compiles every batch shape first
         for th in args.threshold:
             for b in args.batches:
                 contenders[f"incremental@t{th}b{b}"] = (
                     lambda th=th, b=b: chunked(IncrementalModel(run, clean, threshold=th), x, rects, b))
         ref = full_forwards(run, x, args.batches[0])
         diffs = {k: float((f() - ref).abs().max()) for k, f in contenders.items() if k.startswith("incremental")}
-        # the model's own fp32 rounding between batch sizes: the yardstick of "equal" in fp32
-        noise = max(float((contenders[f"full@b{b}"]() - ref).abs().max()) for b in args.batches)
+        # the model's own fp32 rounding between batch sizes and between layouts: the yardstick of "equal"
+        noise = max(float((contenders[f"full{v}@b{b}"]() - ref).abs().max()) for b in args.batches for v in ("", "-cl"))
         times, med, best_full, best_inc = timed(contenders, args.repeats)
         case = dict(window=window, stride=stride, positions=len(rects),
                     float64_max_abs_diff=exact, fp32_max_abs_diff=diffs, fp32_full_batch_to_batch=noise,
-                    fp32_compiled_vs_eager=compiled_diff if args.compiled else None,
+                    fp32_compiled_vs_eager=compiled_diff if args.compiled else None,  # also the model's own rounding
                     logit_scale=float(ref.abs().max()),
                     seconds={k: H.stats(v) for k, v in times.items()},
                     speedup_vs_best_full={k: med[best_full] / v for k, v in med.items()},

@@ -322,9 +322,9 @@ class MaskedActivation(MaskedPointwise):
 
     def __init__(self, activation: str, layout="nchw"):
         self.activation = check_activation(activation)
-        super().__init__(self._apply, activation, zero_preserving=activation in ZERO_PRESERVING, layout=layout)
+        super().__init__(self._activate, activation, zero_preserving=activation in ZERO_PRESERVING, layout=layout)
 
-    def _apply(self, x):
+    def _activate(self, x):
         return apply_activation(x, self.activation)
 
     def describe(self):

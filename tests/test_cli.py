@@ -107,6 +107,10 @@ def test_own_model_from_the_current_folder_through_the_entry_point(tmp_path):
                        timeout=300)
     assert r.returncode == 2 and _all_prefixed(r.stderr), r.stderr
     assert "no module named 'nosuchmodule' in the current folder" in r.stderr and str(tmp_path) in r.stderr
+    # python -m masked_ops is the same command
+    r = subprocess.run([sys.executable, "-m", "masked_ops"] + cmd[3:], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "model: mymodels:small" in r.stdout, r.stderr
 
 
 def test_weights_file_loads_into_your_own_model(photo, tmp_path, capsys, monkeypatch):
@@ -331,20 +335,39 @@ def test_occlusion_incremental(photo, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "lime", "--incremental"], "--incremental does not apply to --method lime"),
-    (["--method", "occlusion", "--masking", "noisy-linear", "--incremental"], "--incremental needs, in --masking"),
+    (["--method", "occlusion", "--masking", "noisy-linear", "--incremental"], "--incremental (of --masking): incremental inference needs a strategy that paints"),
 ])
 def test_incremental_refusals(argv, message, photo, tmp_path, capsys):
     code, stdout, err = run_cli(["explain", photo] + argv + FAST, capsys)
     assert code == 2 and message in err, err
 
 
-def test_incremental_not_for_folders(photo, tmp_path, capsys):
+def test_incremental_folder_run_equals_full_forwards(photo, tmp_path, capsys):
+    """A folder run with --incremental: the eligible strategies run incrementally, their maps equal those of
+    a run without it (fp32 rounding), the file records which strategies ran so, and a resume with other
+    settings is refused."""
+    from masked_ops.dataset.h5 import read_h5
+
     folder = tmp_path / "imgs"
     folder.mkdir()
     shutil.copy(photo, folder / "a.png")
-    code, stdout, err = run_cli(["explain", str(folder), "--out", str(tmp_path / "r.h5"), "--method", "occlusion",
-                              "--incremental"] + FAST, capsys)
-    assert code == 2 and "--incremental does not apply to a folder" in err, err
+    Image.open(photo).transpose(Image.FLIP_LEFT_RIGHT).save(folder / "b.png")
+    runs = {}
+    for name, extra in (("full", []), ("inc", ["--incremental"])):
+        out = str(tmp_path / f"{name}.h5")
+        code, stdout, err = run_cli(["explain", str(folder), "--out", out, "--method", "occlusion",
+                                     "--masking", "grey,layer,noisy-linear"] + extra + FAST, capsys)
+        assert code == 0, err
+        runs[name] = read_h5(out)
+    assert runs["inc"]["path"] == runs["full"]["path"] and len(runs["inc"]["path"]) == 2
+    for s in ("grey", "layer", "noisy-linear"):
+        a, b = runs["full"]["attributions"][s], runs["inc"]["attributions"][s]
+        assert np.abs(a).max() > 0  # removing a segment changes the outputs: a map to compare
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert runs["inc"]["attrs"]["incremental"] == ["grey", "layer"] and "incremental" not in runs["full"]["attrs"]
+    code, stdout, err = run_cli(["explain", str(folder), "--out", str(tmp_path / "inc.h5"), "--method", "occlusion",
+                                 "--masking", "grey,layer,noisy-linear"] + FAST, capsys)
+    assert code != 0 and "incremental" in err, err
 
 
 def test_grid_with_two_segments(photo, tmp_path, capsys):

@@ -3,7 +3,6 @@
 Small float64 models; the expected values come from the public ops on the pure-PyTorch
 backend or from explicit per-pixel loops, never from the converter itself.
 """
-import warnings
 
 import pytest
 import torch
@@ -230,6 +229,20 @@ def test_standalone_functional_activation_zeroes_removed(fn):
     x, mask = _data()
     expected = torch.where(mask, fn(x + 1.0), 0.0)
     _close(mo.layer_mask(M())(_nan_outside(x, mask), mask), expected)
+
+
+def test_standalone_activation_survives_module_to():
+    # MaskedActivation once named its activation method _apply, shadowing nn.Module._apply: every
+    # .to()/.double()/.cuda() of a converted model holding one raised a TypeError deep inside torch
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x + 1.0)
+
+    x, mask = _data()
+    lm = mo.layer_mask(M())
+    expected = lm(x, mask)
+    lm.to(memory_format=torch.channels_last).to(torch.float32).to(D)
+    _close(lm(x, mask), expected)
 
 
 # ----------------------------------------------------------------------------- norms

@@ -90,6 +90,51 @@ def test_zoo_net_equals_full_forwards_on_odd_sizes_and_borders():
     assert plan["pool"][0] == "rect" and plan["pad"][0] == "rect" and plan["cat"][0] == "rect"
 
 
+def test_batchnorm_folded_only_into_a_sole_reader_conv():
+    """The engine folds an eval BatchNorm into the plain conv before it (the zoo test above checks the folded
+    values, with non-trivial statistics); a conv whose output another node also reads keeps its BatchNorm."""
+    import torchvision
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return (self.bn(y) + y).mean((2, 3))
+
+    def batchnorms(engine):
+        return [n for n in engine.nodes if n.op == "call_module"
+                and isinstance(engine.modules[n.target], nn.BatchNorm2d)]
+
+    clean = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    assert batchnorms(IncrementalModel(torchvision.models.resnet18().double(), clean)) == []
+    net = Shared().double()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    assert len(batchnorms(IncrementalModel(net, clean))) == 1
+    _check(net, clean, [(3, 9, 20, 30), (0, 32, 0, 4)])
+
+
+def test_inputs_in_any_layout():
+    """Inputs given channels_last or as a non-contiguous view give the same outputs (the engine copies
+    every crop into its own layout)."""
+    net = Zoo().double().eval()
+    clean = torch.randn(1, 3, 37, 45, dtype=torch.float64)
+    rects = [(0, 5, 0, 5), (10, 19, 3, 12)]
+    x = _painted(clean, rects)
+    engine = IncrementalModel(net, clean)
+    want = engine(x, rects)
+    wide = torch.zeros(2, 3, 37, 90, dtype=torch.float64)
+    wide[..., ::2] = x
+    assert torch.equal(engine(x.contiguous(memory_format=torch.channels_last), rects), want)
+    assert torch.equal(engine(wide[..., ::2], rects), want)
+    with torch.no_grad():
+        assert (want - net(x)).abs().max() < 1e-10
+
+
 @pytest.mark.parametrize("threshold", [0.05, 0.5, 1.0])
 def test_resnet18_sliding_windows_any_threshold(threshold):
     import torchvision

@@ -75,24 +75,16 @@ def check_method_options(args):
 
 
 def _incremental_strategies(args, strategies) -> List[str]:
-    """The names of the strategies that run incrementally under --incremental: those that paint the removed
-    pixels and hard layer masking of a CNN (masked_ops.explain.incremental.incremental_model_of); CliError
-    when --incremental is given and none of --masking does."""
+    """The names of the strategies that run incrementally under --incremental (those that paint the removed
+    pixels and hard layer masking of a CNN); CliError when --incremental is given and none of --masking does."""
     if not getattr(args, "incremental", None):
         return []
-    from ..explain.incremental import incremental_model_of
+    from ..explain.incremental import incremental_strategies
 
-    names = []
-    for s in strategies:
-        try:
-            incremental_model_of(s)
-        except ValueError:
-            continue
-        names.append(s.name)
-    if not names:
-        raise CliError(f"--incremental needs, in --masking, a strategy that paints the removed pixels (grey, black, "
-                       f"blur, ...) or layer masking; got {', '.join(s.name for s in strategies)}")
-    return names
+    try:
+        return incremental_strategies(strategies)
+    except ValueError as e:
+        raise CliError(f"--incremental (of --masking): {e}") from None
 
 
 def masking_of(args, method) -> List[str]:

@@ -12,8 +12,7 @@ from .common import CliError, positive_int
 _NOT_FOR_FOLDERS = (("target", "--target", "each image explains its own top-1 class"),
                     ("window", "--window", "occlusion of a folder removes segments"),
                     ("save", "--save", "--out names the HDF5 file of a folder"),
-                    ("shared_scale", "--shared-scale", "a folder run writes no pictures"),
-                    ("incremental", "--incremental", "not plumbed into folder runs yet: explain one image"))
+                    ("shared_scale", "--shared-scale", "a folder run writes no pictures"))
 
 
 def add_arguments(parser) -> None:
@@ -51,7 +50,8 @@ def settings_from_args(args):
         return Settings.for_method(args.method, samples=args.samples, segments=args.segments,
                                    n_segments=args.n_segments, model=args.model,
                                    masking=masking_of(args, method), seed=args.seed, top_k=args.top_k,
-                                   batch_size=args.batch_size, output=args.output or "prob", weights=args.weights)
+                                   batch_size=args.batch_size, output=args.output or "prob", weights=args.weights,
+                                   incremental=bool(getattr(args, "incremental", None)))
     except (TypeError, ValueError) as e:
         raise CliError(str(e)) from None
 

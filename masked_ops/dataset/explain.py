@@ -70,6 +70,7 @@ class Settings:
     batch_size: Union[None, int, str] = None  # "auto": timed once per process and strategy (explain.batching)
     output: str = "prob"
     weights: Optional[str] = None
+    incremental: bool = False  # occlusion: each removal's cone only, for the strategies that allow it
 
     @classmethod
     def for_method(cls, method: str, *, samples: Optional[int] = None, segments: Optional[str] = None,
@@ -83,6 +84,8 @@ class Settings:
         if m.kind != "perturbation":
             raise ValueError(f"method {method!r} cannot explain a folder (one of "
                              f"{', '.join(names('perturbation'))})")
+        if settings.get("incremental") and "incremental" not in m.options:
+            raise ValueError(f"incremental inference applies to occlusion only, not to method {method!r}")
         return cls(method=method, samples=m.check_samples(samples) if m.samples_keyword else 0,
                    segments=segments or m.default_segments, n_segments=n_segments or m.default_n_segments,
                    **settings)
@@ -94,6 +97,7 @@ class ImageExplainer:
     def __init__(self, settings: Settings, device: torch.device):
         from .. import models as M
         from ..explain import get_strategy
+        from ..explain.incremental import incremental_strategies
         from ..explain.perturb import resolve_batch_size
 
         if not isinstance(settings.top_k, int) or settings.top_k < 1:
@@ -109,6 +113,7 @@ class ImageExplainer:
         self.method = get_method(settings.method)
         self.strategies = [get_strategy(n, model, mean=info.mean, std=info.std, seed=settings.seed)
                            for n in settings.masking]
+        self.incremental = set(incremental_strategies(self.strategies)) if settings.incremental else set()
 
     def config(self) -> dict:
         """Everything the numbers depend on: checked when a run is resumed, stored in the file."""
@@ -123,6 +128,8 @@ class ImageExplainer:
                    n_segments=int(s.n_segments), seed=int(s.seed), top_k=int(s.top_k), output=s.output,
                    batch_size=self.batch_size if self.batch_size == "auto" else int(self.batch_size),
                    device_type=self.device.type,
+                   # only when asked: files written before the option existed resume as they were
+                   **({"incremental": sorted(self.incremental)} if self.incremental else {}),
                    threads_per_process=int(torch.get_num_threads()))
         cfg.update(H.versions())
         return cfg
@@ -161,7 +168,8 @@ class ImageExplainer:
         for strat in self.strategies:
             if hasattr(strat, "generator"):  # the noise fill: the same stream for every image, whatever
                 strat.generator = None       # images this rank explained before (shard-independent)
-            exp = self.method.explain(strat, x, **opts)
+            exp = self.method.explain(strat, x, **opts, **({"incremental": True} if strat.name in self.incremental
+                                                           else {}))
             maps[strat.name] = exp.heatmap(0).float().cpu().numpy()
         return H.Row(item.path, int(label), item.label_name, size, int(target),
                      np.asarray([t[0] for t in top], dtype=np.int64),

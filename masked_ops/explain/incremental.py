@@ -30,11 +30,14 @@ of three states:
 
 Equal to full forwards: float64 within 1e-10 (tests/test_incremental.py, on ResNets, EfficientNet-Lite0
 and a net with dilation, groups, odd sizes, concatenation and padding, plain and layer-masked, clean
-masks with removed pixels of their own included); fp32 within the model's own batch-to-batch rounding. Speed (bench/incremental_engine.py, bench/README.md): ResNet-50, 224 px, 169
-sliding windows of 32 px, 2 CPU threads, grey fill: 1.7x-1.9x faster than full forwards, each at its best
-batch size; under layer masking 1.0x-1.3x (each masked layer's fixed costs, paid per crop size). It
-pays where the early, high-resolution layers hold the time and windows are small; the cone covers the
-deepest maps entirely, so those run in full.
+masks with removed pixels of their own included); fp32 within the model's own rounding across batch sizes,
+layouts and torch.compile. Two choices made for speed (bench/README.md, run 6): every eval-mode
+BatchNorm after a plain conv is folded into it, and the clean forward, crops and whole maps are
+channels_last (oneDNN reorders NCHW inputs on every conv). ResNet-50, 224 px, 2 CPU threads, grey fill:
+169 windows of 32 px 1.7x faster than eager NCHW full forwards, 1.1x than compiled ones; 729 windows of
+16 px 2.4x / 1.7x; under layer masking 1.05x the compiled layer-masked model. It pays where the early,
+high-resolution layers hold the time and windows are small; the cone covers the deepest maps entirely,
+so those run in full.
 
 Layer masking: ``IncrementalModel(layer_mask(model), (image, ones))`` with inputs (images, masks); only
 the masks change. Covered: fill, zero modes' convs without explicit padding, max/average pools, the
@@ -59,7 +62,8 @@ import torch.nn.functional as F
 
 from .cone import Plan, Rect, _pair, plan_model, propagate
 
-__all__ = ["IncrementalModel", "changed_rects", "incremental_outputs", "DEFAULT_THRESHOLD", "DEFAULT_BATCH"]
+__all__ = ["IncrementalModel", "changed_rects", "incremental_outputs", "incremental_strategies", "DEFAULT_THRESHOLD",
+           "DEFAULT_BATCH"]
 
 # A rectangle larger than this share of its map runs in full: measured on ResNet-50 (224 px, 32 px
 # windows), 0.5 and 0.8 within 5% of each other, 0.3 slower (bench/README.md).
@@ -139,6 +143,33 @@ def _functionalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
+    """Each eval-mode BatchNorm2d that reads a plain nn.Conv2d's output (its only reader) folded into that
+    conv's weights and bias (torch.nn.utils.fusion.fuse_conv_bn_eval): one op fewer per conv, on crops and
+    whole maps alike. Equal in exact arithmetic; rounding moves by about one ulp per layer (float64 ~1e-15,
+    fp32 within the batch-to-batch noise, bench/README.md). Only exact types: a layer-masked conv (whose
+    removed outputs the BN would see) and BN subclasses stay as they are."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    modules = dict(gm.named_modules())
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or type(modules.get(n.target)) is not nn.BatchNorm2d or len(n.args) != 1:
+            continue
+        bn, src = modules[n.target], n.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and type(modules.get(src.target)) is nn.Conv2d
+                and len(src.users) == 1 and not bn.training and bn.track_running_stats
+                and bn.running_mean is not None):
+            continue
+        fused = fuse_conv_bn_eval(modules[src.target], bn)
+        parent, _, leaf = src.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, fused)
+        modules[src.target] = fused
+        n.replace_all_uses_with(src)
+        gm.graph.erase_node(n)
+    gm.recompile()
+    return gm
+
+
 def _describe(t) -> str:
     if isinstance(t, torch.Tensor):
         return f"shape {tuple(t.shape)}"
@@ -188,7 +219,7 @@ class IncrementalModel:
             # a GraphModule (a layer-masked model) is taken as it is: a plain Tracer would trace into its layers
             traced = model if isinstance(model, fx.GraphModule) and tracer is None \
                 else fx.GraphModule(model, (tracer or fx.Tracer()).trace(model))
-            self.plan: Plan = plan_model(_functionalize(traced), tuple(cleans[0].shape[-2:]),
+            self.plan: Plan = plan_model(_fold_batchnorm(_functionalize(traced)), tuple(cleans[0].shape[-2:]),
                                          channels=cleans[0].shape[1])
         except Exception as e:  # fx's own errors name the line; say what we needed it for
             raise ValueError(f"incremental inference needs a model torch.fx can trace and run on a "
@@ -213,7 +244,11 @@ class IncrementalModel:
         self.threshold = float(threshold)
         self.local: Dict[str, Callable] = {n.name: f for n in self.nodes if (f := self._local_rule(n)) is not None}
         self.clean_inputs = cleans
-        self.clean = self._clean_forward(cleans)
+        # channels_last: oneDNN's convs run 10-40% faster on it than on NCHW at the crops' sizes here (NCHW
+        # inputs are reordered on every call), and the engine makes every crop itself (bench/README.md)
+        self.memory_format = torch.channels_last
+        self.gm.to(memory_format=self.memory_format)
+        self.clean = self._clean_forward(tuple(c.contiguous(memory_format=self.memory_format) for c in cleans))
         # fill nodes whose clean mask (their second input) is all ones: no removed pixel outside a change
         self.no_spread = set()
         for n in self.nodes:
@@ -296,18 +331,22 @@ class IncrementalModel:
         return out
 
     # -- running --------------------------------------------------------------------------
-    def _crop(self, name: str, state, b: int, box: Rect, pad_value: float = 0.0) -> torch.Tensor:
-        """Node ``name``'s values for input b over ``box`` (which may leave the map: ``pad_value`` there)."""
+    def _empty(self, like: torch.Tensor, shape) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` in the engine's layout (channels_last for 4-d maps)."""
+        fmt = self.memory_format if len(shape) == 4 else torch.contiguous_format
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+    def _crop_into(self, out: torch.Tensor, name: str, state, b: int, box: Rect, pad_value: float = 0.0) -> None:
+        """Write node ``name``'s values for input b over ``box`` (which may leave the map: ``pad_value``
+        there) into ``out`` (C x h x w)."""
         clean = self.clean[name][0]
         C, H, W = clean.shape
         y0, y1, x0, x1 = box
         cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
-        if (cy0, cy1, cx0, cx1) == (y0, y1, x0, x1):
-            out = clean[:, y0:y1, x0:x1].clone()
-        else:
-            out = clean.new_full((C, y1 - y0, x1 - x0), pad_value)
-            if cy0 < cy1 and cx0 < cx1:
-                out[:, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = clean[:, cy0:cy1, cx0:cx1]
+        if (cy0, cy1, cx0, cx1) != (y0, y1, x0, x1):
+            out.fill_(pad_value)
+        if cy0 < cy1 and cx0 < cx1:
+            out[:, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = clean[:, cy0:cy1, cx0:cx1]
         kind, payload = state
         if kind == "rect":
             vals, rects = payload
@@ -315,13 +354,20 @@ class IncrementalModel:
             iy0, iy1, ix0, ix1 = max(ry0, cy0), min(ry1, cy1), max(rx0, cx0), min(rx1, cx1)
             if iy0 < iy1 and ix0 < ix1:
                 out[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = vals[b, :, iy0 - ry0:iy1 - ry0, ix0 - rx0:ix1 - rx0]
-        return out
 
-    def _crops(self, name: str, env, boxes: Sequence[Rect], pad_value: float = 0.0) -> torch.Tensor:
+    def _crops(self, name: str, env, boxes: Sequence[Rect], pad_value: float = 0.0,
+               members: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Node ``name``'s values over ``boxes`` (all of one size), one box per input (inputs ``members``,
+        default 0..), as one batch."""
         state = env[name]
-        if state[0] == "rect" and list(state[1][1]) == list(boxes):
+        if state[0] == "rect" and members is None and list(state[1][1]) == list(boxes):
             return state[1][0]
-        return torch.stack([self._crop(name, state, b, box, pad_value) for b, box in enumerate(boxes)])
+        clean = self.clean[name]
+        y0, y1, x0, x1 = boxes[0]
+        out = self._empty(clean, (len(boxes), clean.shape[1], y1 - y0, x1 - x0))
+        for i, box in enumerate(boxes):
+            self._crop_into(out[i], name, state, i if members is None else members[i], box, pad_value)
+        return out
 
     def _whole(self, name: str, env, n: int):
         """Node ``name``'s whole output for the n inputs (clean values, with the changed ones pasted in)."""
@@ -331,7 +377,8 @@ class IncrementalModel:
         clean = self.clean[name]
         if name not in self.varying or not isinstance(clean, torch.Tensor):
             return clean  # a parameter, a constant: the same for every input
-        out = clean.expand(n, *clean.shape[1:]).clone()
+        out = self._empty(clean, (n, *clean.shape[1:]))
+        out.copy_(clean.expand(n, *clean.shape[1:]))
         if kind == "rect":
             vals, rects = payload
             for b, (y0, y1, x0, x1) in enumerate(rects):
@@ -427,8 +474,7 @@ class IncrementalModel:
                              for b in members]
                 else:
                     return self._whole(a_node.name, env, 1)
-                state = env[a_node.name]
-                return torch.stack([self._crop(a_node.name, state, b, box) for b, box in zip(members, boxes)])
+                return self._crops(a_node.name, env, boxes, members=members)
 
             args = fx.node.map_arg(node.args, arg)
             kwargs = fx.node.map_arg(node.kwargs, arg)
@@ -469,7 +515,10 @@ class IncrementalModel:
                 env[node.name] = ("clean", None)
             elif self.ops[node.name].kind == "input":
                 src = batch[self.placeholders.index(node.name)]
-                vals = torch.stack([src[b, :, y0:y1, x0:x1] for b, (y0, y1, x0, x1) in enumerate(boxes)])
+                y0, y1, x0, x1 = boxes[0]
+                vals = self._empty(src, (n, src.shape[1], y1 - y0, x1 - x0))
+                for b, (y0, y1, x0, x1) in enumerate(boxes):
+                    vals[b] = src[b, :, y0:y1, x0:x1]
                 env[node.name] = ("rect", (vals, boxes))
             elif kind == "full":
                 env[node.name] = ("full", self._run_full(node, env, n))
@@ -528,3 +577,19 @@ def incremental_model_of(strategy) -> nn.Module:
         return strategy.masked_model
     raise ValueError(f"incremental inference needs a strategy that paints the removed pixels (grey, black, blur, "
                      f"...) or layer masking, got {strategy.name!r} (use incremental=False)")
+
+
+def incremental_strategies(strategies) -> List[str]:
+    """The names of ``strategies`` that incremental inference runs (incremental_model_of); the others run
+    full forwards. ValueError when none of them does."""
+    names = []
+    for s in strategies:
+        try:
+            incremental_model_of(s)
+        except ValueError:
+            continue
+        names.append(s.name)
+    if not names:
+        raise ValueError(f"incremental inference needs a strategy that paints the removed pixels (grey, black, "
+                         f"blur, ...) or layer masking; got {', '.join(s.name for s in strategies)}")
+    return names
