@@ -46,7 +46,7 @@ def test_bad_batch_sizes_are_refused_naming_the_argument():
     for bad in (0, -3, 1.5, True, "fast", "AUTO"):
         with pytest.raises(ValueError, match="batch_size"):
             resolve_batch_size(bad, torch.device("cpu"))
-    assert resolve_batch_size(None, torch.device("cpu")) == B.CPU_DEFAULT
+    assert resolve_batch_size(None, torch.device("cpu")) is None  # resolved by the run (batch_size_for)
     assert resolve_batch_size("auto", torch.device("cpu")) == "auto"
     assert resolve_batch_size(5, torch.device("cpu")) == 5
 
@@ -67,6 +67,23 @@ def test_auto_picks_the_fastest_per_image_stops_early_and_caches():
     # another image shape is another key: timed again
     B.choose_batch_size(s, torch.zeros(3, H, W + 8), masks_of, work=1000)
     assert len(s.calls) > n
+
+
+def test_default_times_eager_models_but_not_compiled_ones_unless_asked():
+    """None (the default) times a long run of an eager model; a compiled model keeps the constant (timing
+    would compile it once per candidate size) unless "auto" asks; an int is taken as given."""
+    pace = {2: 6.0, 4: 4.0, 8: 2.0, 16: 5.0, 32: 1.0}
+    image = torch.zeros(3, H, W)
+    eager = PacedStrategy(lambda b: pace[b])
+    assert B.batch_size_for(None, eager, image, masks_of, work=1000) == 8 and eager.calls
+    compiled = PacedStrategy(lambda b: pace[b])
+    compiled.model = torch.compile(nn.Identity())  # never called here: only its type is read
+    assert B.is_compiled(compiled) and not B.is_compiled(eager)
+    assert B.batch_size_for(None, compiled, image, masks_of, work=1000) == B.CPU_DEFAULT and compiled.calls == []
+    assert B.batch_size_for("auto", compiled, image, masks_of, work=1000) == 8 and compiled.calls
+    assert B.batch_size_for(6, eager, image, masks_of, work=1000) == 6
+    with pytest.raises(ValueError, match="batch_size"):
+        B.batch_size_for(0, eager, image, masks_of, work=1000)
 
 
 def test_short_runs_keep_the_default_and_candidates_never_exceed_the_work():

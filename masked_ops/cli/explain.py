@@ -161,7 +161,8 @@ def _add_model_options(p) -> None:
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     g.add_argument("--batch-size", type=batch_size_arg, default=None,
                    help="images per forward, or auto: the fastest per image, timed on the first forwards of a long "
-                        "run and kept for the process (default: 16 on CPU, 64 on GPU)")
+                        "run (256+ forwards) and kept for the process (default: auto; 4 on CPU, 64 on GPU for "
+                        "short runs)")
 
 
 def _work_help() -> str:

@@ -67,7 +67,7 @@ class Settings:
     n_segments: int = METHODS["lime"].default_n_segments
     seed: int = 0
     top_k: int = DEFAULT_TOP_K
-    batch_size: Union[None, int, str] = None  # "auto": timed once per process and strategy (explain.batching)
+    batch_size: Union[None, int, str] = None  # None / "auto": timed once per process and strategy (explain.batching)
     output: str = "prob"
     weights: Optional[str] = None
     incremental: bool = False  # occlusion: each removal's cone only, for the strategies that allow it
@@ -126,7 +126,8 @@ class ImageExplainer:
                    model_fingerprint=model_fingerprint(self.model), model_pretrained=bool(self.info.pretrained),
                    input_size=int(self.info.input_size), samples=int(s.samples), segments=s.segments,
                    n_segments=int(s.n_segments), seed=int(s.seed), top_k=int(s.top_k), output=s.output,
-                   batch_size=self.batch_size if self.batch_size == "auto" else int(self.batch_size),
+                   # None: timed like "auto" (the runner's models are eager), so one name for both
+                   batch_size="auto" if self.batch_size in (None, "auto") else int(self.batch_size),
                    device_type=self.device.type,
                    # only when asked: files written before the option existed resume as they were
                    **({"incremental": sorted(self.incremental)} if self.incremental else {}),

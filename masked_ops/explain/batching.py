@@ -1,13 +1,20 @@
-"""The batch size of the explainers' forwards: a constant per device, or chosen by measurement ("auto").
+"""The batch size of the explainers' forwards: chosen by measurement by default, or a given int.
 
 Why measure: the fastest batch per image depends on the model, its mode (eager or compiled), the layout
 and the host's caches, and it is far from any one constant. On the 2-core host of bench/README.md
-("Batch size of the explainers' forwards") batch 4 beat the CPU default 16 by 1.2x-1.85x per image for
-EfficientNet-Lite0 and ResNet-50, plain and layer-masked, eager and compiled, while an earlier host
-preferred 10-16. ``batch_size="auto"`` times one forward per candidate size on the explainer's own
-masks and keeps the fastest per image.
+("Batch size of the explainers' forwards") batch 4 beat the old CPU default 16 by 1.2x-1.85x per image
+for EfficientNet-Lite0 and ResNet-50, plain and layer-masked, eager and compiled, while an earlier host
+preferred 10-16; LIME end to end (1,000 samples, Lite0) ran 1.45x-2.2x faster with the timed choice,
+its timing included, than at 16. ``choose_batch_size`` times one forward per candidate size on the
+explainer's own masks and keeps the fastest per image.
 
-What it costs and what it changes:
+- ``batch_size=None`` (the default): timed for long runs of an eager model; the constant
+  ``default_batch_size`` for short runs and for a compiled model (timing it would compile it once per
+  candidate size);
+- ``"auto"``: timed for long runs, compiled models too;
+- an int: as given.
+
+What timing costs and what it changes:
 - two timed forwards per candidate (plus one warm-up, which compiles a compiled model for that size),
   stopping once a size is clearly slower than the best; the choice is cached per model object,
   strategy, image shape, dtype, device and mask kind, so a process pays it once (the dataset runner
@@ -28,10 +35,12 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 __all__ = ["AUTO", "CPU_DEFAULT", "GPU_DEFAULT", "MIN_WORK", "check_batch_size", "default_batch_size",
-           "choose_batch_size", "candidates_for", "clear_cache", "last_choice"]
+           "choose_batch_size", "batch_size_for", "candidates_for", "clear_cache", "last_choice", "is_compiled"]
 
 AUTO = "auto"
-CPU_DEFAULT = 16  # measured on an earlier 2-core host: batches of 10-16 ran ~40% faster per image than 64
+# Short runs and compiled models. Measured on the 2-core host (bench/README.md): 4 fastest per image in 7 of
+# 8 model/mode cases, 9% behind the best (8) in the eighth; 16, the earlier constant, 1.2x-1.85x slower.
+CPU_DEFAULT = 4
 GPU_DEFAULT = 64  # to fill the device
 CPU_CANDIDATES = (2, 4, 8, 16, 32)
 GPU_CANDIDATES = (16, 32, 64, 128, 256)
@@ -50,8 +59,9 @@ def check_batch_size(batch_size: BatchSize) -> BatchSize:
     if batch_size is None or batch_size == AUTO:
         return batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, None (the device's default: {CPU_DEFAULT} on CPU, "
-                         f"{GPU_DEFAULT} on GPU) or 'auto' (chosen by timing), got {batch_size!r}")
+        raise ValueError(f"batch_size must be an int >= 1, None (the default: chosen by timing for long runs of an "
+                         f"eager model, else {CPU_DEFAULT} on CPU, {GPU_DEFAULT} on GPU) or 'auto' (chosen by timing, "
+                         f"compiled models too), got {batch_size!r}")
     return batch_size
 
 
@@ -76,6 +86,24 @@ def last_choice() -> Dict[str, object]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def is_compiled(strategy) -> bool:
+    """Whether the model a strategy runs is a torch.compile'd module (its plain or converted model)."""
+    models = [strategy, getattr(strategy, "model", None), getattr(strategy, "masked_model", None)]
+    return any(type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod") for m in models if m is not None)
+
+
+def batch_size_for(batch_size: BatchSize, strategy, image: torch.Tensor, make_masks: Callable[[int], torch.Tensor],
+                   work: int) -> int:
+    """The int batch size of a run of ``work`` forwards: ``batch_size`` as given, or chosen (module
+    docstring: None times eager models' long runs, "auto" every long run)."""
+    batch_size = check_batch_size(batch_size)
+    if isinstance(batch_size, int):
+        return batch_size
+    if batch_size is None and is_compiled(strategy):
+        return default_batch_size(image.device)
+    return choose_batch_size(strategy, image, make_masks, work)
 
 
 def choose_batch_size(strategy, image: torch.Tensor, make_masks: Callable[[int], torch.Tensor], work: int,

@@ -212,13 +212,12 @@ def check_positive(value, name: str) -> int:
 
 
 def resolve_batch_size(batch_size, device: torch.device):
-    """The forward batch of the explainers: an int as given; None: the device's constant
-    (``batching.default_batch_size``: 16 on CPU, 64 on GPU); "auto" is returned as it is and resolved by
-    the explainer on its own masks (``batching.choose_batch_size``: timed, cached per model)."""
-    from .batching import check_batch_size, default_batch_size
+    """The forward batch argument of the explainers, checked: an int, "auto" or None (the default), the
+    last two resolved by the run itself on its own masks (``batching.batch_size_for``: timed for long runs,
+    cached per model)."""
+    from .batching import check_batch_size
 
-    batch_size = check_batch_size(batch_size)
-    return default_batch_size(device) if batch_size is None else batch_size
+    return check_batch_size(batch_size)
 
 
 @torch.no_grad()
@@ -268,14 +267,14 @@ def forward_samples(strategy: Strategy, image: torch.Tensor, segments: torch.Ten
     batch_size = resolve_batch_size(batch_size, image.device)
     seg = segments.to(image.device)
     idx = torch.as_tensor(list(targets), device=image.device)
-    if batch_size == "auto":
-        from .batching import choose_batch_size
+    if not isinstance(batch_size, int):
+        from .batching import batch_size_for
 
         def first_masks(b):  # the run's own first samples (repeated when there are fewer)
             rows = torch.arange(b) % samples.shape[0]
             return samples[rows].to(image.device, torch.bool)[:, seg].unsqueeze(1)
 
-        batch_size = choose_batch_size(strategy, image, first_masks, samples.shape[0])
+        batch_size = batch_size_for(batch_size, strategy, image, first_masks, samples.shape[0])
     out = []
     # a bar only for long runs (many samples), never in tiny calls
     with progress_bar(samples.shape[0], desc, "sample", enabled=progress, auto_min=256) as bar:

@@ -91,15 +91,15 @@ def explain_rise(strategy: Strategy, image: torch.Tensor, *, targets: Union[None
     idx = torch.as_tensor(targets, device=image.device)
     # every random number drawn up front (tiny): the masks do not depend on the batch size
     grid, dys, dxs = rise_draw(n_masks, (h, w), cells, p, generator=torch.Generator().manual_seed(int(seed)))
-    if batch_size == "auto":
-        from .batching import choose_batch_size
+    if not isinstance(batch_size, int):
+        from .batching import batch_size_for
 
         def first_masks(b):  # the run's own first masks (repeated when there are fewer)
             rows = torch.arange(b) % n_masks
             m = rise_upsample(grid[rows], dys[rows], dxs[rows], (h, w), device=image.device, dtype=image.dtype)
             return m > 0.5 if binary else m
 
-        batch_size = choose_batch_size(strategy, image, first_masks, n_masks)
+        batch_size = batch_size_for(batch_size, strategy, image, first_masks, n_masks)
     saliency = torch.zeros(len(targets), h * w, dtype=torch.float64, device=image.device)
     with torch.inference_mode(), progress_bar(n_masks, f"rise ({strategy.name})", "mask", enabled=progress,
                                                      auto_min=256) as bar:
