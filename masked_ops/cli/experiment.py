@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--explainers", nargs="+", default=None,
                    help="learned-faithfulness: explainers (default: all of learned_faithfulness.EXPLAINERS)")
     p.add_argument("--size", type=positive, default=None, help="image side in pixels (default: the model's input size)")
-    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--batch-size", type=positive, default=None,
+                   help="images per forward (default: 4 on CPU, 64 on GPU: measured, masked_ops.explain.batching)")
     p.add_argument("--threads", type=positive, default=None,
                    help="torch CPU threads (default: torch's choice; 1 per process under torchrun)")
     p.add_argument("--channels-last", action="store_true",

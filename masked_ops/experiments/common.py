@@ -29,11 +29,16 @@ class Subject:
 
     def __init__(self, model: nn.Module, strategies: StrategySpec = DEFAULT_STRATEGIES, *,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 batch_size: int = 32, seed: int = 0, options: Optional[Mapping[str, dict]] = None):
+                 batch_size: Optional[int] = None, seed: int = 0, options: Optional[Mapping[str, dict]] = None):
         if not callable(model):
             raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if batch_size is None:  # the explainers' constant for the model's device (explain.batching: measured)
+            from ..explain.batching import default_batch_size
+
+            param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+            batch_size = default_batch_size(param.device if param is not None else "cpu")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1 or None (the device's default), got {batch_size!r}")
         self.model = model
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)

@@ -87,7 +87,7 @@ def curve_masks(order: torch.Tensor, steps: Sequence[float]) -> tuple:
 
 def lime_faithfulness(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_STRATEGIES, *,
                       evaluators: Optional[Sequence[str]] = None, samples: int = 200, n_segments: int = 50, steps: Sequence[float] = STEPS, seed: int = 0,
-                      mean=None, std=None, batch_size: int = 32, out=None, fresh: bool = False,
+                      mean=None, std=None, batch_size: Optional[int] = None, out=None, fresh: bool = False,
                       progress: bool = True, image_names: Optional[Sequence[str]] = None) -> dict:
     """Run the LIME faithfulness experiment; returns (and with ``out`` writes) the results dict.
 

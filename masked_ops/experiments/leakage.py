@@ -48,7 +48,7 @@ def gradient_saliency(subject: Subject, images: torch.Tensor, classes: torch.Ten
 
 
 def salient_vs_moved(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_STRATEGIES, *,
-                     area: float = 0.25, seed: int = 0, mean=None, std=None, batch_size: int = 32, out=None,
+                     area: float = 0.25, seed: int = 0, mean=None, std=None, batch_size: Optional[int] = None, out=None,
                      fresh: bool = False, progress: bool = True,
                      image_names: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> dict:
     """Leakage (a); returns (and with ``out`` writes under out/leakage-salient) the results dict."""
@@ -150,7 +150,7 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
 def shape_probe(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_STRATEGIES, *,
                 groups: Optional[Sequence[str]] = None, shapes: Sequence[str] = PROBE_SHAPES,
                 area: float = 0.15, jitter: int = 24, folds: int = 5, seed: int = 0, mean=None, std=None,
-                batch_size: int = 32, out=None, fresh: bool = False, progress: bool = True) -> dict:
+                batch_size: Optional[int] = None, out=None, fresh: bool = False, progress: bool = True) -> dict:
     """Leakage (b); ``groups`` names each image's source photo (default: every image its own)."""
     images = check_images(images)
     h, w = images.shape[-2:]

@@ -115,8 +115,8 @@ class _Normalise(torch.nn.Module):
 
 def learned_faithfulness(model, test_images: torch.Tensor, train_images: torch.Tensor, *,
                          explainers: Sequence[str] = EXPLAINERS, evaluators: Sequence[str] = EVALUATORS,
-                         steps: Sequence[float] = STEPS, seed: int = 0, mean=None, std=None, batch_size: int = 16,
-                         out=None, fresh: bool = False, progress: bool = True,
+                         steps: Sequence[float] = STEPS, seed: int = 0, mean=None, std=None,
+                         batch_size: Optional[int] = None, out=None, fresh: bool = False, progress: bool = True,
                          image_names: Optional[Sequence[str]] = None, train_names: Optional[Sequence[str]] = None,
                          **params) -> dict:
     """Run the experiment; returns (and with ``out`` writes) the results dict. ``params`` override

@@ -63,7 +63,7 @@ def linearity_scores(feats: torch.Tensor) -> dict:
 
 def linearity(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_STRATEGIES, *, groups: int = 4,
               group_fraction: float = 0.125, repeats: int = 4, patch: int = 16, seed: int = 0, mean=None,
-              std=None, batch_size: int = 32, out=None, fresh: bool = False, progress: bool = True,
+              std=None, batch_size: Optional[int] = None, out=None, fresh: bool = False, progress: bool = True,
               image_names: Optional[Sequence[str]] = None) -> dict:
     """Run the linearity experiment; returns (and with ``out`` writes) the results dict."""
     images = check_images(images)

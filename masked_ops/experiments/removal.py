@@ -65,7 +65,7 @@ def _unit(subject: Subject, name: str, image: torch.Tensor, masks: torch.Tensor,
 
 def removal_curves(model, images: torch.Tensor, strategies: StrategySpec = DEFAULT_STRATEGIES, *,
                    fractions: Sequence[float] = FRACTIONS, repeats: int = 5, patch: int = 16, seed: int = 0,
-                   mean=None, std=None, batch_size: int = 32, out=None, fresh: bool = False,
+                   mean=None, std=None, batch_size: Optional[int] = None, out=None, fresh: bool = False,
                    progress: bool = True, image_names: Optional[Sequence[str]] = None,
                    class_names: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None) -> dict:
     """Run the removal-curve experiment; returns (and with ``out`` writes) the results dict."""
