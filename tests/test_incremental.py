@@ -118,6 +118,39 @@ def test_batchnorm_folded_only_into_a_sole_reader_conv():
     _check(net, clean, [(3, 9, 20, 30), (0, 32, 0, 4)])
 
 
+def test_plan_reused_per_model_until_its_weights_change():
+    """The traced, folded copy is cached per model: a second image of the same size reuses it (with its own
+    clean forward); an in-place weight update, a replaced parameter or another input size makes a new one,
+    so the outputs always follow the model as it is now."""
+    net = Zoo().double().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+    clean, other = torch.randn(2, 1, 3, 37, 45, dtype=torch.float64)
+    rects = [(0, 5, 0, 5), (10, 19, 3, 12)]
+
+    def check(engine, c):
+        x = _painted(c, rects)
+        with torch.no_grad():
+            assert (engine(x, rects) - net(x)).abs().max() < 1e-10
+
+    first = IncrementalModel(net, clean)
+    second = IncrementalModel(net, other)
+    assert second.plan is first.plan
+    check(first, clean)
+    check(second, other)
+    with torch.no_grad():  # an optimiser step, in effect: in place
+        net.c1.weight.mul_(1.5)
+        net.bn.running_var.add_(0.3)
+    third = IncrementalModel(net, other)
+    assert third.plan is not first.plan
+    check(third, other)
+    net.dil.weight = nn.Parameter(net.dil.weight.detach() * -1)
+    fourth = IncrementalModel(net, other)
+    assert fourth.plan is not third.plan
+    check(fourth, other)
+    assert IncrementalModel(net, torch.randn(1, 3, 33, 41, dtype=torch.float64)).plan is not fourth.plan
+
+
 def test_inputs_in_any_layout():
     """Inputs given channels_last or as a non-contiguous view give the same outputs (the engine copies
     every crop into its own layout)."""
