@@ -44,11 +44,37 @@ def test_diffmask_checkpoint(photo, tmp_path, capsys):
                               "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     assert "amortised, trained with grey masking" in stdout and out.exists()
+    assert "calibrated" not in stdout
+    code, stdout, err = run_cli(["explain", photo, "--model", MODEL, "--method", "diffmask", "--checkpoint", str(ckpt),
+                                 "--calibrate", "--save", str(tmp_path / "dm.npz"), "--out", str(out), "--no-progress"],
+                                capsys)
+    assert code == 0, err
+    _check_calibrated(stdout, tmp_path / "dm.npz", "grey")
+
+
+def _check_calibrated(stdout, npz, strategy):
+    from masked_ops.explain import Explanation
+
+    cal = Explanation.load(npz, strategy=strategy).meta["calibrated"]
+    # the smallest top-k within the budget (eps 0.1; keeping every patch always is, so it exists)
+    assert 0 <= cal["kept"] <= 1 and 0 <= cal["kl"] <= 0.1 + 1e-9, cal
+    assert f"calibrated ({strategy}): the smallest top-k of the gates within the KL budget keeps " \
+           f"{cal['kept']:.0%} of the patches (KL {cal['kl']:.3f})" in stdout
+
+
+def test_diffmask_per_image_calibrate(photo, tmp_path, capsys):
+    code, stdout, err = run_cli(["explain", photo, "--model", MODEL, "--method", "diffmask", "--masking", "grey,blur",
+                                 "--samples", "3", "--calibrate", "--save", str(tmp_path / "d.npz"),
+                                 "--out", str(tmp_path / "d.png"), "--no-progress"], capsys)
+    assert code == 0, err
+    for s in ("grey", "blur"):
+        _check_calibrated(stdout, tmp_path / "d.npz", s)
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "rise", "--checkpoint", "x.pt"], "--checkpoint does not apply to --method rise (it applies to diffmask)"),
     (["--method", "lime", "--checkpoint", "x.pt"], "--checkpoint does not apply to --method lime"),
+    (["--method", "extremal", "--calibrate"], "--calibrate does not apply to --method extremal (it applies to diffmask)"),
     (["--method", "extremal", "--output", "logit"], "--output does not apply to --method extremal"),
     (["--method", "extremal", "--shared-scale"], "--shared-scale does not apply to --method extremal"),
     (["--method", "diffmask", "--checkpoint", "missing.pt"], "no such file"),

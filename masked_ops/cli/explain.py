@@ -13,7 +13,7 @@
     model    --model NAME  --weights DEFAULT|TAG|random|FILE  --device  --threads  --batch-size
     method   --method lime|occlusion|kernel-shap|extremal|rise|diffmask  --samples N  --seed S
              --segments slic|quickshift|grid|felzenszwalb  --n-segments K  --window W  --stride S
-             --incremental (occlusion)  --checkpoint FILE (diffmask)
+             --incremental (occlusion)  --checkpoint FILE  --calibrate (diffmask)
     target   --target CLASS (index or name; default: top-1)  --output prob|logit  --masking layer,grey,...
     output   --out FILE.png  --save FILE.npz  --shared-scale  --no-progress
 
@@ -48,7 +48,7 @@ DEMO_OUT = "masked-ops-demo.png"
 # argparse dest -> flag, for the options of the method table (masked_ops.explain.registry.OPTIONS)
 OPTION_FLAGS = {"samples": "--samples", "segments": "--segments", "n_segments": "--n-segments",
                 "window": "--window", "stride": "--stride", "output": "--output", "checkpoint": "--checkpoint",
-                "incremental": "--incremental"}
+                "incremental": "--incremental", "calibrate": "--calibrate"}
 
 
 def _methods():
@@ -183,6 +183,10 @@ def _add_method_options(p) -> None:
     g.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="diffmask only: a fitted DiffMask checkpoint (amortised: one forward pass); without it "
                         "diffmask optimises the gates of this one image")
+    g.add_argument("--calibrate", action="store_const", const=True, default=None,
+                   help="diffmask only: also find the smallest top-k of the gates whose 0/1 mask keeps KL(clean || "
+                        "masked) within the budget (~8 more forwards); its kept share and KL are printed and saved "
+                        "with --save (meta 'calibrated')")
     g.add_argument("--segments", choices=SEGMENTATIONS, default=None,
                    help="segmentation (default: slic for lime/kernel-shap, grid for occlusion)")
     g.add_argument("--n-segments", type=positive_int, default=None,
@@ -461,11 +465,12 @@ def explain_masks(args, method, x, model, info, masking, target: int) -> list:
             if tuple(x.shape[-2:]) != (dm.image_size, dm.image_size):
                 raise ValueError(f"--checkpoint {args.checkpoint!r} explains {dm.image_size} px images; the model "
                                  f"{info.name} takes {x.shape[-1]} px")
-            exp = dm.explain(x, targets=target)
+            exp = dm.explain(x, targets=target, calibrate=bool(args.calibrate))
         finally:
             dm.close()
         print(f"diffmask (amortised, trained with {exp.strategy} masking): one forward pass, "
               f"{time.perf_counter() - t0:.2f} s")
+        _report_calibrated(exp)
         return [exp]
     explanations = []
     for name in masking:
@@ -478,10 +483,22 @@ def explain_masks(args, method, x, model, info, masking, target: int) -> list:
             kwargs.update(output=args.output or "prob", batch_size=args.batch_size)
         elif method.name == "diffmask":
             kwargs["patch"] = 16 if x.shape[-1] % 16 == 0 and x.shape[-2] % 16 == 0 else 8
+            kwargs["calibrate"] = bool(args.calibrate)
         exp = method.explain(s, x, **method.keywords(work, **kwargs))
         what = {"extremal": f"{work} steps x {len(exp.info.get('areas', []))} areas",
                 "diffmask": f"{work} steps, per image, kept {exp.info.get('kept', float('nan')):.0%}"
                 }.get(method.name, f"{work} {method.work}")
         print(f"{method.name} with {s.name} masking: {what}, {time.perf_counter() - t0:.1f} s")
+        _report_calibrated(exp)
         explanations.append(exp)
     return explanations
+
+
+def _report_calibrated(exp) -> None:
+    """--calibrate: print the calibrated mask's kept share and KL and keep them in the saved meta."""
+    cal = getattr(exp, "info", {}).get("calibrated")
+    if cal is None:
+        return
+    exp.meta["calibrated"] = {"kept": round(float(cal["kept"]), 6), "kl": round(float(cal["kl"]), 6)}
+    print(f"  calibrated ({exp.strategy}): the smallest top-k of the gates within the KL budget keeps "
+          f"{cal['kept']:.0%} of the patches (KL {cal['kl']:.3f})")

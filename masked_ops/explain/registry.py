@@ -35,7 +35,8 @@ from .occlusion import explain_occlusion
 from .rise import explain_rise
 from .soft import supports_soft
 
-OPTIONS = ("samples", "segments", "n_segments", "window", "stride", "output", "checkpoint", "incremental")
+OPTIONS = ("samples", "segments", "n_segments", "window", "stride", "output", "checkpoint", "incremental",
+           "calibrate")
 KINDS = ("perturbation", "mask")
 # the masking strategies a run compares when none are named
 DEFAULT_MASKING = ("layer", "grey")
@@ -105,7 +106,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            samples_keyword="iterations", work="steps"),
     Method("rise", "RISE", "mask", explain_rise, ("samples", "output"), default_samples=1000,
            samples_keyword="n_masks", work="masks"),
-    Method("diffmask", "DiffMask", "mask", explain_diffmask, ("samples", "checkpoint"), default_samples=300,
+    Method("diffmask", "DiffMask", "mask", explain_diffmask, ("samples", "checkpoint", "calibrate"), default_samples=300,
            samples_keyword="steps", work="steps"),
 )}
 
