@@ -4,6 +4,7 @@ measurement rather than a constant).
     python bench/bench_batch_size.py                 # CPU, Lite0 and ResNet-50, eager and compiled
     python bench/bench_batch_size.py --smoke         # one model, two sizes, no compile: tests the script
     python bench/bench_batch_size.py --end-to-end    # LIME, 1,000 samples: the default (timed) against constants
+    python bench/bench_batch_size.py --removal       # the removal-curve experiment: its old batch 32 against the default
 
 For each model (channels_last, as the explainers run it on CPU), plain and layer-masked (half the 16 x 16
 patches removed), eager and under torch.compile: milliseconds per image of one forward at each batch size,
@@ -33,10 +34,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--end-to-end", action="store_true", help="whole LIME explanations instead of single forwards")
     p.add_argument("--samples", type=int, default=1000, help="--end-to-end: LIME samples")
+    p.add_argument("--removal", action="store_true", help="the removal-curve experiment at batch 32 and the default")
     args = H.script_args(p, argv, repeats=5, smoke=dict(models="efficientnet-lite0", sizes="4,8", repeats=2,
                                                         no_compile=True, samples=300))
     if args.end_to_end:
         return end_to_end(args)
+    if args.removal:
+        return removal(args)
     import masked_ops as mo
     from masked_ops.explain.batching import CPU_DEFAULT
     from masked_ops.models import load_model
@@ -110,6 +114,32 @@ def end_to_end(args) -> int:
     for k, v in doc["seconds"].items():
         print(f"{k}: {v['median']:.2f} s (x{doc['ratio_to_16'][k]:.2f} of batch 16)", flush=True)
     print(f"the default chose {chosen}")
+    H.write_json(out, doc)
+    print(f"wrote {out}")
+    return 0
+
+
+def removal(args) -> int:
+    """masked_ops.experiments.removal_curves on two photos (layer masking and grey, 11 fractions x 5 orders)
+    with the experiments' old batch 32 and their default now (None: the explainers' constant, 4 on CPU)."""
+    from masked_ops.experiments.removal import removal_curves
+    from masked_ops.images import centre_view, load_image
+    from masked_ops.models import load_model
+
+    model, info = load_model("efficientnet-lite0")
+    model = model.to(memory_format=torch.channels_last)
+    images = torch.stack([centre_view(load_image(n), info.input_size) for n in ("chelsea", "coffee")])
+    contenders = {f"batch {'default' if b is None else b}": (
+        lambda b=b: removal_curves(model, images, ["layer", "grey"], batch_size=b, repeats=5, progress=False,
+                                   mean=info.mean, std=info.std)) for b in (32, None)}
+    times = {k: [t / 1e3 for t in v] for k, v in H.interleaved(contenders, args.repeats, H.CPU, warmup=1).items()}
+    out = H.results_path(args, "removal-batch-size")
+    doc = dict(benchmark="removal_batch_size", model="efficientnet-lite0", format="channels_last",
+               images=["chelsea", "coffee"], strategies=["layer", "grey"], fractions=11, orders=5,
+               repeats=args.repeats, **H.environment(H.CPU), seconds={k: H.stats(v) for k, v in times.items()},
+               ratio_to_32={k: H.paired_ratio(v, times["batch 32"]) for k, v in times.items()})
+    for k, v in doc["seconds"].items():
+        print(f"{k}: {v['median']:.2f} s (x{doc['ratio_to_32'][k]:.2f} of batch 32)", flush=True)
     H.write_json(out, doc)
     print(f"wrote {out}")
     return 0
