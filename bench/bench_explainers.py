@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=16, help="sliding-window occlusion: stride (pixels)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward for every contender (Captum: perturbations_per_eval; default: the "
-                        "library's, 16 on CPU, 64 on GPU)")
+                        "library's constant for short runs, 4 on CPU, 64 on GPU)")
     p.add_argument("--lime-batch-size", type=int, default=None,
                    help="the lime package's batch_size (default: --batch-size; the package's own default is 10)")
     p.add_argument("--format", choices=("contiguous", "channels_last"), default=None,
@@ -165,9 +165,10 @@ def main(argv=None) -> int:
                          smoke=dict(samples=4, masks=4, n_segments=4, window=112, stride=112, batch_size=4,
                                     repeats_removal=1, repeats=1))
     device = torch.device(args.device)
-    from masked_ops.explain.perturb import resolve_batch_size
+    from masked_ops.explain.batching import check_batch_size, default_batch_size
 
-    args.batch_size = resolve_batch_size(args.batch_size, device)
+    # one fixed batch for the floor and every contender (a fair floor): the library's constant unless given
+    args.batch_size = check_batch_size(args.batch_size) or default_batch_size(device)
     args.lime_batch_size = args.lime_batch_size or args.batch_size
     args.format = args.format or ("channels_last" if device.type == "cpu" else "contiguous")
     fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
