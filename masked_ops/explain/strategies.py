@@ -181,8 +181,11 @@ class FillStrategy(Strategy):
         """What the model reads: the painted images, normalised (incremental inference compares them with
         the clean image's to find what changed)."""
         images, visible = self._prepare(images, masks)
-        x = self.normalise(self._composite(images, visible))
+        x = self._painted_input(images, visible)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _painted_input(self, images, visible):
+        return self.normalise(self._composite(images, visible))
 
     def _composite(self, images, visible):
         if visible.dtype != torch.bool:  # a soft mask (see _prepare)
@@ -202,7 +205,7 @@ class FillStrategy(Strategy):
         return blend(m, safe, fill)
 
     def forward(self, images, visible):
-        return self.model(self.normalise(self._composite(images, visible)))
+        return self.model(self._painted_input(images, visible))
 
 
 class LayerStrategy(Strategy):
@@ -254,11 +257,14 @@ class LayerStrategy(Strategy):
         images, visible = self._prepare(images, masks)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        return self._masked_inputs(images, visible)
+
+    def _masked_inputs(self, images, visible):
         return self.normalise(images), visible.to(images.dtype)
 
     def forward(self, images, visible):
         # Removed pixels may hold anything (NaN included): the masked model never reads them.
-        return self.masked_model(self.normalise(images), visible.to(images.dtype))
+        return self.masked_model(*self._masked_inputs(images, visible))
 
 
 # ----------------------------------------------------------------------------- soft masks
