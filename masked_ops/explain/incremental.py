@@ -35,7 +35,7 @@ layouts and torch.compile. Two choices made for speed (bench/README.md, run 6): 
 BatchNorm after a plain conv is folded into it, and the clean forward, crops and whole maps are
 channels_last (oneDNN reorders NCHW inputs on every conv). ResNet-50, 224 px, 2 CPU threads, grey fill:
 169 windows of 32 px 1.7x-2.0x faster than eager NCHW full forwards, 1.1x-1.3x than compiled ones; 729 windows of
-16 px 2.4x / 1.7x; under layer masking 1.05x the compiled layer-masked model. It pays where the early,
+16 px 2.4x / 1.7x; under layer masking 1.05x-1.26x the compiled layer-masked model. It pays where the early,
 high-resolution layers hold the time and windows are small; the cone covers the deepest maps entirely,
 so those run in full.
 
