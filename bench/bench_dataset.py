@@ -3,6 +3,8 @@
     python bench/bench_dataset.py                      # CPU: 1 process, 2 processes, 1 process x 2 threads
     python bench/bench_dataset.py --repeats 1 --views 1 --merge-rows 500     # a quick look
     python bench/bench_dataset.py --smoke              # the smallest settings: tests the script
+    python bench/bench_dataset.py --incremental --n-segments 64 --views 1 --merge-rows 0
+                                                       # 1 process, full forwards against --incremental
 
 Folder: the six bundled photos (scikit-image's chelsea, coffee, astronaut, rocket; scikit-learn's
 china, flower) shrunk to --image-size px (short side) plus flipped and cropped views (--views per
@@ -159,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, default=3, choices=(1, 2, 3), help="views per photo (1-3)")
     p.add_argument("--image-size", type=int, default=256, help="short side of the photos on disk")
     p.add_argument("--merge-rows", type=int, default=2000)
+    p.add_argument("--incremental", action="store_true",
+                   help="occlusion: 1 process with and without --incremental instead of the process counts "
+                        "(outputs compared to fp32 rounding; no rank profile)")
     p.add_argument("--rank-only", action="store_true",
                    help="measure only the rank profile and add it to the --out JSON (which must exist)")
     # no --threads: each command runs with its own default (1 thread) or --threads 2
@@ -195,6 +200,9 @@ def main(argv=None) -> int:
             "2_processes_x_1_thread": lambda o: torchrun(2) + common + ["--out", o],
             "1_process_x_2_threads": lambda o: cli + common + ["--out", o, "--threads", "2"],
         }
+        if args.incremental:  # the same 1-process command, each removal's cone only
+            commands = {"1_process_x_1_thread": commands["1_process_x_1_thread"],
+                        "1_process_x_1_thread_incremental": lambda o: cli + common + ["--out", o, "--incremental"]}
         outputs = {name: os.path.join(tmp, f"{name}.h5") for name in commands}
         contenders = {name: (lambda name=name: run_once(commands[name](outputs[name]), env)) for name in commands}
         from masked_ops.models import load_model
@@ -206,27 +214,37 @@ def main(argv=None) -> int:
             input_shape=[1, 3, info.input_size, info.input_size], dtype="float32", repeats=args.repeats,
             **H.environment(H.CPU))
         loads = {k: [] for k in contenders}
+        in_runs = {k: [] for k in contenders}  # the harness keeps only the last call's result: keep each here
 
         def after(name, samples):  # the command's CPU: the processes it ran (children rusage)
             s = samples[-1]
             loads[name].append((H.load_average() or [None])[0])
+            in_runs[name].append(s.result)
             print(f"repeat {len(samples) - 1}: {name:<24} {s.wall_s:7.1f} s wall {s.result:7.1f} s in run "
                   f"{s.children_cpu_s:7.1f} s cpu ({n / s.wall_s:.2f} images/s end to end)", flush=True)
 
         samples = H.interleaved_samples(contenders, args.repeats, after=after, verbose=False)
         from test_dataset import _same_file
 
-        try:
-            _same_file(outputs["1_process_x_1_thread"], outputs["2_processes_x_1_thread"])
-            identical = True
-        except AssertionError:
-            identical = False
+        identical, incremental_diff = None, None
+        if args.incremental:
+            from masked_ops.dataset.h5 import read_h5
+
+            a, b = read_h5(outputs["1_process_x_1_thread"]), read_h5(outputs["1_process_x_1_thread_incremental"])
+            incremental_diff = max(float(abs(a["attributions"][k] - b["attributions"][k]).max())
+                                   for k in a["attributions"])
+        else:
+            try:
+                _same_file(outputs["1_process_x_1_thread"], outputs["2_processes_x_1_thread"])
+                identical = True
+            except AssertionError:
+                identical = False
         results = {}
         for name, ss in samples.items():
             sec = H.seconds(ss, cpu="children_cpu_s")
-            in_run = H.stats([s.result for s in ss], digits=9)
-            rs = [dict(wall_s=s.wall_s, in_run_s=s.result, cpu_s=s.children_cpu_s, loadavg=load)
-                  for s, load in zip(ss, loads[name])]
+            in_run = H.stats(in_runs[name], digits=9)
+            rs = [dict(wall_s=s.wall_s, in_run_s=r, cpu_s=s.children_cpu_s, loadavg=load)
+                  for s, r, load in zip(ss, in_runs[name], loads[name])]
             results[name] = dict(images=n, median_wall_s=sec["median_s"], median_in_run_s=in_run["median"],
                                  median_cpu_s=sec["median_cpu_s"], p25_wall_s=sec["p25_s"], p75_wall_s=sec["p75_s"],
                                  p25_in_run_s=in_run["p25"], p75_in_run_s=in_run["p75"],
@@ -242,14 +260,19 @@ def main(argv=None) -> int:
             if paired[k]:
                 r["paired_speedup_end_to_end"] = 1 / paired[k]["1_process_x_1_thread"]
         merge = bench_merge(args.merge_rows, tmp) if args.merge_rows else None
-        rank = rank_profile(folder, args, env)
-        summary.update(two_process_output_bit_identical=identical, results=results, merge=merge, rank=rank)
+        rank = None if args.incremental else rank_profile(folder, args, env)
+        summary.update(two_process_output_bit_identical=identical, results=results, merge=merge, rank=rank,
+                       incremental_max_abs_diff=incremental_diff)
         H.write_json(out, summary)
         print(json.dumps({k: round(v["images_per_s_in_run"], 3) for k, v in results.items()}), "(images/s in run)")
         print(json.dumps({k: round(v["speedup_end_to_end"], 2) for k, v in results.items()}), "(speed-up, wall)")
         if merge:
             print(f"merge: {merge['merge_rows_per_s']:.0f} rows/s, {merge['output_bytes_per_row'] / 1e3:.1f} kB/row")
-        print(f"2-process output bit-identical to 1 process: {identical}\nwrote {out}")
+        if args.incremental:
+            print(f"incremental maps differ from full forwards' by at most {incremental_diff:.2e}")
+        else:
+            print(f"2-process output bit-identical to 1 process: {identical}")
+        print(f"wrote {out}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -423,8 +423,10 @@ def run_explain(args) -> int:
             exp = fn(s, x, targets=[target], output=output, batch_size=args.batch_size, seed=args.seed,
                      progress=False if args.no_progress else None, **kwargs, **extra)
             forwards = (exp.samples.shape[0] if exp.samples is not None else 0) + 1
-            print(f"{args.method} with {s.name} masking: {forwards} forward passes"
-                  f"{' (incremental)' if extra else ''}, {time.perf_counter() - t0:.1f} s")
+            how = {True: " (incremental)", False: " (full forwards: incremental inference would save nothing "
+                                                   "for this model)"}.get(exp.meta.get("incremental"), "")
+            print(f"{args.method} with {s.name} masking: {forwards} forward passes{how}, "
+                  f"{time.perf_counter() - t0:.1f} s")
             explanations.append(exp)
 
     meta = {"image": str(args.image), "model": info.as_dict(), "method": args.method, "settings": method_desc,

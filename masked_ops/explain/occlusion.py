@@ -74,8 +74,10 @@ def explain_occlusion(strategy: Strategy, image: torch.Tensor, *, targets: Union
     (masked_ops.explain.incremental: Krypton's exact incremental inference; equal to full forwards to
     rounding). For strategies that paint the removed pixels (grey, black, blur, ...) and hard layer
     masking, on models torch.fx can trace; it pays for small windows on models whose early layers hold
-    the time (ResNet-50, 32 px windows, grey fill: 1.7x-1.9x on CPU; layer masking 1.0x-1.3x;
-    bench/README.md). Default batch 8 (``batch_size`` None or "auto").
+    the time (ResNet-50, 32 px windows, grey fill: 1.7x-2.0x on CPU; layer masking 1.05x-1.5x;
+    bench/README.md). Default batch 8 (``batch_size`` None or "auto"). Where the engine would compute
+    no conv on a changed region alone (EfficientNet-Lite under layer masking: its first conv has no rule),
+    full forwards run instead and ``meta["incremental"]`` is False.
     """
     image = prepare_image(image)
     check_output(output)
@@ -95,12 +97,14 @@ def explain_occlusion(strategy: Strategy, image: torch.Tensor, *, targets: Union
         seg = seg.to(image.device)
         samples = 1.0 - cover.double()  # row p: everything but window p
     targets, full = resolve_targets(strategy, image, targets, output)
+    outputs = None
     if incremental:
         from .incremental import incremental_outputs
 
         outputs = incremental_outputs(strategy, image, seg, samples, targets, batch_size=batch_size, output=output,
                                       progress=progress, desc=f"occlusion ({strategy.name}, incremental)")
-    else:
+    outputs_incremental = outputs is not None
+    if outputs is None:  # not asked, or the engine would save nothing for this model (it said so)
         outputs = forward_samples(strategy, image, seg, samples, targets, batch_size=batch_size, output=output,
                                   progress=progress, desc=f"occlusion ({strategy.name})")
     drops = full.double().cpu()[None, :] - outputs  # P x T
@@ -112,7 +116,7 @@ def explain_occlusion(strategy: Strategy, image: torch.Tensor, *, targets: Union
         weights = (c.T @ drops / c.sum(0)[:, None]).T  # mean drop over the windows covering each cell
         meta = {"window": list(_pair(window, "window")), "stride": list(_pair(window if stride is None else stride,
                                                                                 "stride"))}
-    if incremental:
-        meta["incremental"] = True
+    if incremental:  # True, or False where the engine would have saved nothing and full forwards ran
+        meta["incremental"] = outputs_incremental
     return Explanation("occlusion", strategy.name, targets, weights.float(), seg.cpu(), samples=samples,
                        outputs=outputs, output=output, meta=meta)
