@@ -82,6 +82,10 @@ def test_default_times_eager_models_but_not_compiled_ones_unless_asked():
     assert B.batch_size_for(None, compiled, image, masks_of, work=1000) == B.CPU_DEFAULT and compiled.calls == []
     assert B.batch_size_for("auto", compiled, image, masks_of, work=1000) == 8 and compiled.calls
     assert B.batch_size_for(6, eager, image, masks_of, work=1000) == 6
+    from masked_ops.explain import get_strategy
+
+    layer = get_strategy("layer", torch.compile(tiny_cnn()))
+    assert B.is_compiled(layer) and layer._masked is None  # found without converting the model
     with pytest.raises(ValueError, match="batch_size"):
         B.batch_size_for(0, eager, image, masks_of, work=1000)
 

@@ -90,7 +90,8 @@ def _sync(device: torch.device) -> None:
 
 def is_compiled(strategy) -> bool:
     """Whether the model a strategy runs is a torch.compile'd module (its plain or converted model)."""
-    models = [strategy, getattr(strategy, "model", None), getattr(strategy, "masked_model", None)]
+    # ``_masked``, not the ``masked_model`` property: asking must not convert the model
+    models = [strategy, getattr(strategy, "model", None), getattr(strategy, "_masked", None)]
     return any(type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod") for m in models if m is not None)
 
 
