@@ -69,6 +69,19 @@ def test_diffmask_per_image_calibrate(photo, tmp_path, capsys):
     assert code == 0, err
     for s in ("grey", "blur"):
         _check_calibrated(stdout, tmp_path / "d.npz", s)
+    # what the CLI reports is the library's calibration of this image, not a value of its own
+    from masked_ops.explain import Explanation, explain_diffmask
+    from masked_ops.images import load_image
+
+    model, info = tiny_model()
+    x = info.prepare(load_image(photo))[0]
+    with torch.no_grad():
+        target = int(model((x[None] - torch.tensor(info.mean).view(1, 3, 1, 1))
+                           / torch.tensor(info.std).view(1, 3, 1, 1)).argmax())
+    want = explain_diffmask(get_strategy("grey", model, mean=info.mean, std=info.std), x, targets=[target], steps=3,
+                            patch=16, calibrate=True, seed=0, progress=False).info["calibrated"]
+    got = Explanation.load(tmp_path / "d.npz", strategy="grey").meta["calibrated"]
+    assert got["kept"] == pytest.approx(want["kept"], abs=1e-6) and got["kl"] == pytest.approx(want["kl"], abs=1e-5)
 
 
 @pytest.mark.parametrize("argv,message", [
