@@ -34,6 +34,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .strategies import bound_forward
+
 __all__ = ["AUTO", "CPU_DEFAULT", "GPU_DEFAULT", "MIN_WORK", "check_batch_size", "default_batch_size",
            "choose_batch_size", "batch_size_for", "candidates_for", "clear_cache", "last_choice", "is_compiled"]
 
@@ -130,15 +132,15 @@ def choose_batch_size(strategy, image: torch.Tensor, make_masks: Callable[[int],
     ms: Dict[int, float] = {}
     best = None
     with torch.inference_mode():
+        forward = bound_forward(strategy, image)  # timed as the run will call it
         for b in cands:
             masks = make_masks(b)
-            x = image[None]
-            strategy(x, masks)  # warm-up (and a compiled model's compile for this size)
+            forward(masks)  # warm-up (and a compiled model's compile for this size)
             times = []
             for _ in range(REPEATS):
                 _sync(device)
                 t = time.perf_counter()
-                strategy(x, masks)
+                forward(masks)
                 _sync(device)
                 times.append(time.perf_counter() - t)
             ms[b] = min(times) * 1e3 / b  # the minimum: the least disturbed by a shared host's load

@@ -13,7 +13,7 @@ import torch
 
 from .._util.progress import progress_bar
 from .segmentation import check_segments, segment
-from .strategies import Strategy
+from .strategies import Strategy, bound_forward
 
 OUTPUTS = ("prob", "logit")
 
@@ -276,12 +276,13 @@ def forward_samples(strategy: Strategy, image: torch.Tensor, segments: torch.Ten
 
         batch_size = batch_size_for(batch_size, strategy, image, first_masks, samples.shape[0])
     out = []
+    forward = bound_forward(strategy, image)
     # a bar only for long runs (many samples), never in tiny calls
     with progress_bar(samples.shape[0], desc, "sample", enabled=progress, auto_min=256) as bar:
         for start in range(0, samples.shape[0], batch_size):
             z = samples[start:start + batch_size].to(image.device, torch.bool)
             masks = z[:, seg].unsqueeze(1)  # B x 1 x H x W
-            logits = strategy(image[None], masks).float()
+            logits = forward(masks).float()
             vals = logits.softmax(1) if output == "prob" else logits
             out.append(vals[:, idx].cpu())
             bar.update(z.shape[0])

@@ -28,7 +28,7 @@ from .maps import MapExplanation, map_explanation
 from .._util.progress import progress_bar
 from .perturb import check_output, check_positive, prepare_image, resolve_batch_size, resolve_targets
 from .soft import require_soft
-from .strategies import Strategy
+from .strategies import Strategy, bound_forward
 
 
 def check_probability(p) -> float:
@@ -100,6 +100,7 @@ def explain_rise(strategy: Strategy, image: torch.Tensor, *, targets: Union[None
             return m > 0.5 if binary else m
 
         batch_size = batch_size_for(batch_size, strategy, image, first_masks, n_masks)
+    forward = bound_forward(strategy, image)
     saliency = torch.zeros(len(targets), h * w, dtype=torch.float64, device=image.device)
     with torch.inference_mode(), progress_bar(n_masks, f"rise ({strategy.name})", "mask", enabled=progress,
                                                      auto_min=256) as bar:
@@ -109,7 +110,7 @@ def explain_rise(strategy: Strategy, image: torch.Tensor, *, targets: Union[None
             masks = rise_upsample(grid[sl], dys[sl], dxs[sl], (h, w), device=image.device, dtype=image.dtype)
             if binary:
                 masks = masks > 0.5
-            logits = strategy(image[None], masks).float()
+            logits = forward(masks).float()
             vals = logits.softmax(1) if output == "prob" else logits
             saliency += vals[:, idx].double().T @ masks.reshape(b, h * w).double()
             bar.update(b)
