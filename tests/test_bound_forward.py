@@ -89,16 +89,49 @@ def test_bound_forward_checks_masks_like_the_call():
         get_strategy("grey", tiny_cnn()).bind(torch.rand(4, 16, 16))
 
 
-@pytest.mark.parametrize("name", ["grey", "layer"])
+@pytest.mark.parametrize("name", ["grey", "black", "layer"])
 def test_soft_masks_take_the_blend(name):
-    """A soft mask through the bound forward is the strategy's soft path (bit for bit), differentiable."""
+    """A soft mask through the bound forward is the strategy's soft blend: the same logits and mask
+    gradient as the call (layer masking: the same path, bit for bit; the constant fills blend in the
+    normalised space, equal within float64 rounding), and they depend on the mask's value."""
     strat = get_strategy(name, tiny_cnn().double(), soft=True)
+    image = torch.rand(3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    m = torch.rand(2, 1, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    m1, m2 = m.clone().requires_grad_(), m.clone().requires_grad_()
+    got, expected = strat.bind(image)(m1), strat(image[None], m2)
+    if name == "layer":
+        assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    got[:, 1].sum().backward()
+    expected[:, 1].sum().backward()
+    torch.testing.assert_close(m1.grad, m2.grad, rtol=1e-10, atol=1e-12)
+    assert m1.grad.abs().min() > 0  # every pixel's visibility matters
+    with torch.no_grad():
+        assert not torch.allclose(strat.bind(image)(m / 2), got)
+
+
+@pytest.mark.parametrize("name", CONSTANT_FILLS)
+def test_soft_blend_is_exact_at_zero_and_one(name):
+    """A float 0/1 mask that requires grad takes the soft path: at those values it must equal the hard
+    select bit for bit, as the call's blend does."""
+    strat = get_strategy(name, tiny_cnn())
+    image = torch.rand(3, 16, 16)
+    hard = _masks(4, 16, 16)
+    soft = hard.float().requires_grad_()
+    forward = strat.bind(image)
+    assert torch.equal(forward(soft).detach(), forward(hard))
+
+
+def test_soft_blend_keeps_nan_out_where_the_mask_is_zero():
+    strat = get_strategy("grey", tiny_cnn().double())
     image = torch.rand(3, 12, 12, dtype=torch.float64)
-    m = torch.rand(2, 1, 12, 12, dtype=torch.float64, requires_grad=True)
-    got = strat.bind(image)(m)
-    assert torch.equal(got, strat(image[None], m))
-    got.sum().backward()
-    assert m.grad.abs().sum() > 0
+    dirty = image.clone()
+    dirty[:, 2:5, 3:6] = float("nan")
+    m = torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    m[:, :, 2:5, 3:6] = 0
+    out = strat.bind(dirty)(m.clone().requires_grad_())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, strat(dirty[None], m))
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
@@ -133,4 +166,4 @@ def test_bound_forward_of_a_plain_callable():
         return torch.zeros(masks.shape[0], 2)
 
     out = bound_forward(strategy, torch.rand(3, 8, 8))(torch.ones(5, 1, 8, 8, dtype=torch.bool))
-    assert out.shape == (5, 2) and seen == [(1, 3, 8, 8)]
+    assert out.shape == (5, 2) and seen == [(5, 3, 8, 8)]  # the image repeated to the masks' batch

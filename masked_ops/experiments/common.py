@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .._util.fingerprint import fingerprint, model_fingerprint
-from ..explain.strategies import STRATEGIES, get_strategy, strategies_for
+from ..explain.strategies import STRATEGIES, bound_forward, get_strategy, strategies_for
 from ..images import IMAGENET_MEAN, IMAGENET_STD
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -79,13 +79,14 @@ class Subject:
 
     def predict(self, name: str, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Logits of strategy ``name`` for one image (3 x H x W or 1 x 3 x H x W) under many masks."""
-        fn = self.strategies[name]
-        img = image[None] if image.dim() == 3 else image
+        img = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
+        if img.dim() != 3:
+            raise ValueError(f"image must be 3 x H x W or 1 x 3 x H x W, got shape {tuple(image.shape)}")
         out = []
         with torch.inference_mode():
+            forward = bound_forward(self.strategies[name], img)  # the image's share of the work once
             for i in range(0, masks.shape[0], self.batch_size):
-                m = masks[i:i + self.batch_size]
-                out.append(fn(img.expand(m.shape[0], -1, -1, -1), m))
+                out.append(forward(masks[i:i + self.batch_size]))
         return torch.cat(out)
 
 

@@ -22,6 +22,10 @@ Interface
 - Memory format follows the model: convert it with ``model.to(memory_format=torch.channels_last)``
   (much faster on CPU for depthwise convs) and the strategy feeds it channels_last images.
 
+``strategy.bind(image) -> (masks -> logits)``: one image (C x H x W) under many masks, the same logits as
+``strategy(image[None], masks)`` with the image's normalisation, layout and constant fill done once (the
+perturbation explainers call it per batch).
+
 Strategies (``STRATEGIES``):
 
 ========== =============================================================================
@@ -168,7 +172,9 @@ class Strategy:
         Strategies whose model input is the image and a fill that does not depend on the mask (grey and
         black fills, layer masking) normalise the image, put it in the model's memory format and make
         the fill once, here, instead of once per batch (at small compiled batches that work was ~5% of an
-        explanation, bench/README.md). Soft masks take the general path."""
+        explanation, bench/README.md). Soft masks take the general path, except with the constant fills:
+        there the blend is one lerp in the normalised space, equal to the call within rounding (exact at
+        0 and 1)."""
         images = image[None]
         return lambda masks: self(images, masks)
 
@@ -236,12 +242,18 @@ class FillStrategy(Strategy):
         # normalise(where(v, image, fill)) == where(v, normalise(image), normalise(fill)), elementwise
         fill = self.normalise(self._fill(self, images, None))
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        finite = bool(torch.isfinite(image).all())
 
         def forward(masks):
             _, visible = self._prepare(images, masks)
-            if visible.dtype != torch.bool:  # a soft mask: the blend
+            if visible.dtype == torch.bool:
+                return self.model(torch.where(visible, x, fill).contiguous(memory_format=memory_format))
+            if not finite:  # NaN/inf where m == 0 must not enter the blend: the general path keeps it out
                 return self(images, masks)
-            return self.model(torch.where(visible, x, fill).contiguous(memory_format=memory_format))
+            # A soft mask: the blend m x + (1 - m) fill taken in the normalised space (normalising is affine,
+            # so it is the same blend) as one fused lerp instead of five passes (RISE); exact at m = 0 and 1,
+            # equal to the pixel-space blend within rounding elsewhere.
+            return self.model(torch.lerp(fill, x, visible).contiguous(memory_format=memory_format))
         return forward
 
 
@@ -325,7 +337,9 @@ def bound_forward(strategy, image: torch.Tensor):
     bind = getattr(strategy, "bind", None)
     if bind is not None:
         return bind(image)
-    return lambda masks: strategy(image[None], masks)
+    # any callable (images, masks) -> logits: the image repeated to the masks' batch (a view), as the
+    # experiments always passed it
+    return lambda masks: strategy(image[None].expand(masks.shape[0], -1, -1, -1), masks)
 
 
 
