@@ -240,6 +240,10 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+# whether masked_ops.keep_freed_memory() is in effect (--keep-freed-memory): every results file says
+MALLOC = {"keep_freed_memory": False}
+
+
 def environment(device: torch.device, **extra) -> dict:
     """The one metadata block: what the figures were measured on (machine, versions, threads, clock,
     load: the host is shared), the command line, and ``extra`` (shapes, dtypes, settings).
@@ -259,7 +263,8 @@ def environment(device: torch.device, **extra) -> dict:
             "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "cuda": torch.version.cuda, "masked_ops": mo_version, "backend": mo_backend,
             "clock": "cuda events" if device.type == "cuda" else CLOCK["cpu"],
-            "load_avg_start": load_average(), "argv": sys.argv[1:], **extra}
+            "load_avg_start": load_average(), "keep_freed_memory": MALLOC["keep_freed_memory"],
+            "argv": sys.argv[1:], **extra}
 
 
 # ----------------------------------------------------------------------------- options, paths
@@ -290,7 +295,14 @@ def script_args(p, argv=None, threads: Optional[int] = 2, device: Optional[str] 
     if smoke is not None:
         p.add_argument("--smoke", action="store_true",
                        help="the smallest settings, results in a temporary folder unless --out (tests the script)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="masked_ops.keep_freed_memory() first (glibc keeps freed buffers: what the masked-ops command "
+                        "does; default: the system's malloc settings, as a Python user has them)")
     args = p.parse_args(argv)
+    if args.keep_freed_memory:
+        import masked_ops
+
+        MALLOC["keep_freed_memory"] = masked_ops.keep_freed_memory()
     if smoke is not None and args.smoke:
         for k, v in smoke.items():
             setattr(args, k, v)

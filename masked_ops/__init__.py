@@ -16,12 +16,14 @@ from .ops import (
     neighbor_fill,
 )
 
+from ._util.malloc import keep_freed_memory
+
 __version__ = "0.1.0"
 
 __all__ = [
     "available", "get_backend", "set_backend", "MODES", "fill_iters",
     "masked_affine_act", "masked_avg_pool2d", "masked_batch_norm_act", "masked_conv2d",
-    "masked_max_pool2d", "masked_mean", "neighbor_fill", "layer_mask", "register_rule",
+    "masked_max_pool2d", "masked_mean", "neighbor_fill", "layer_mask", "register_rule", "keep_freed_memory",
 ]
 
 

@@ -40,6 +40,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pass  # only the figures need it: a command that draws one says what to install (report_error)
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .._util.malloc import keep_freed_memory_unless_opted_out
+
+    # Freed activation buffers stay in the process: eager CPU forwards 1.5x-1.7x faster (masked_ops/_util/malloc.py)
+    keep_freed_memory_unless_opted_out()
     if getattr(args, "func", None) is None:
         print(f"{PREFIX}: error: give a command: explain or experiment (see: {PREFIX} --help)", file=sys.stderr)
         return 2
