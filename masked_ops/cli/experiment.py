@@ -227,6 +227,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     args._prog = "python -m masked_ops.experiments"
     args._argv = list(sys.argv[1:] if argv is None else argv)
+    from .._util.malloc import keep_freed_memory_unless_opted_out
+
+    keep_freed_memory_unless_opted_out()  # as the masked-ops command does (masked_ops/_util/malloc.py)
     try:
         return run_from_args(args)
     except KeyboardInterrupt as e:
