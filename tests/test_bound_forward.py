@@ -87,6 +87,11 @@ def test_bound_forward_checks_masks_like_the_call():
         forward(torch.full((2, 1, 16, 16), 0.5))  # soft, but this strategy is hard-only
     with pytest.raises(ValueError, match="channels"):
         get_strategy("grey", tiny_cnn()).bind(torch.rand(4, 16, 16))
+    for name in ("grey", "layer", "mean"):
+        with pytest.raises(ValueError, match="C x H x W"):
+            get_strategy(name, tiny_cnn()).bind(torch.rand(1, 3, 16, 16))
+    with pytest.raises(TypeError, match="image"):
+        bound_forward(lambda x, m: x, [[0.0]])
 
 
 @pytest.mark.parametrize("name", ["grey", "black", "layer"])

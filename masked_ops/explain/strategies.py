@@ -167,7 +167,8 @@ class Strategy:
 
     def bind(self, image: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``masks -> logits`` for one image (C x H x W, pixels) under many masks, equal to
-        ``self(image[None], masks)`` bit for bit: what a perturbation explainer calls once per batch.
+        ``self(image[None], masks)`` (bit for bit with hard masks): what a perturbation explainer calls
+        once per batch.
 
         Strategies whose model input is the image and a fill that does not depend on the mask (grey and
         black fills, layer masking) normalise the image, put it in the model's memory format and make
@@ -175,13 +176,13 @@ class Strategy:
         explanation, bench/README.md). Soft masks take the general path, except with the constant fills:
         there the blend is one lerp in the normalised space, equal to the call within rounding (exact at
         0 and 1)."""
-        images = image[None]
+        images = _one_image(image)
         return lambda masks: self(images, masks)
 
     def _bound_images(self, image: torch.Tensor) -> torch.Tensor:
         """1 x C x H x W: ``image`` checked as ``__call__`` checks its images, normalised, in the model's
         memory format."""
-        images = image[None]
+        images = _one_image(image)
         self._prepare(images, torch.ones(1, 1, *images.shape[2:], dtype=torch.bool, device=images.device))
         x = self.normalise(images)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -237,7 +238,7 @@ class FillStrategy(Strategy):
     def bind(self, image):
         if self.name not in CONSTANT_FILLS:  # the fill depends on the mask or is drawn per call
             return super().bind(image)
-        images = image[None]
+        images = _one_image(image)
         x = self._bound_images(image)
         # normalise(where(v, image, fill)) == where(v, normalise(image), normalise(fill)), elementwise
         fill = self.normalise(self._fill(self, images, None))
@@ -316,7 +317,7 @@ class LayerStrategy(Strategy):
         return self.masked_model(*self._masked_inputs(images, visible))
 
     def bind(self, image):
-        images = image[None]
+        images = _one_image(image)
         x = self._bound_images(image)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
@@ -339,8 +340,18 @@ def bound_forward(strategy, image: torch.Tensor):
         return bind(image)
     # any callable (images, masks) -> logits: the image repeated to the masks' batch (a view), as the
     # experiments always passed it
-    return lambda masks: strategy(image[None].expand(masks.shape[0], -1, -1, -1), masks)
+    images = _one_image(image)
+    return lambda masks: strategy(images.expand(masks.shape[0], -1, -1, -1), masks)
 
+
+def _one_image(image) -> torch.Tensor:
+    """1 x C x H x W from the C x H x W image that bind takes (TypeError / ValueError otherwise)."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor of shape C x H x W, got {type(image).__name__}")
+    if image.dim() != 3:
+        raise ValueError(f"image must have shape C x H x W (one image; the masks carry the batch), got shape "
+                         f"{tuple(image.shape)}")
+    return image[None]
 
 
 # ----------------------------------------------------------------------------- soft masks
