@@ -330,3 +330,31 @@ def test_torch_compile_fullgraph_converted_model_with_in_place_ops():
         eager = lm(x, m)
         compiled = torch.compile(lm, fullgraph=True, backend="aot_eager")(x, m)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("mode", ["fill", "zero", "renorm"])
+def test_compiled_conv_masks_equal_eager(mode):
+    """Under torch.compile the hard keep is a max pool (inductor lowers it), eager a window sum: the same
+    0/1 values for every geometry (strides, paddings, dilations, TF-"same" prepads, odd sizes, single
+    visible pixels, all removed)."""
+    from masked_ops import masks as M
+
+    g = torch.Generator().manual_seed(7)
+    m = (torch.rand(3, 1, 13, 11, generator=g) > 0.6).float()
+    m[1] = 0
+    m[1, 0, 6, 4] = 1  # a single visible pixel
+    m[2] = 0           # nothing visible
+    geometries = [((3, 3), (1, 1), (1, 1), (1, 1), None), ((3, 3), (2, 2), (0, 0), (1, 1), (0, 1, 0, 1)),
+                  ((5, 5), (2, 2), (0, 0), (1, 1), "same"), ((3, 3), (1, 1), (2, 2), (2, 2), None),
+                  ((1, 3), (1, 2), (0, 1), (1, 1), None), ((7, 7), (2, 2), (3, 3), (1, 1), None)]
+    for kernel, stride, padding, dilation, prepad in geometries:
+        def f(m):
+            return M.conv_masks(m, kernel, stride, padding, dilation, mode, False, prepad)
+
+        torch._dynamo.reset()
+        keep, scale = f(m)
+        ckeep, cscale = torch.compile(f, fullgraph=True)(m)
+        assert torch.equal(ckeep, keep), (kernel, stride, padding, dilation, prepad)
+        assert set(keep.unique().tolist()) <= {0.0, 1.0} and keep.sum() > 0
+        if mode == "renorm":
+            assert torch.equal(cscale, scale)
