@@ -147,9 +147,16 @@ class Strategy:
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         images, visible = self._prepare(images, masks)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.forward(images, visible)
+        return self.forward(self._in_model_layout(images), visible)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The model's memory format (see ``channels_last``)."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def _in_model_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x in channels_last when the model is (a copy only then; NCHW inputs pass as they are)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @property
     def channels_last(self) -> bool:
@@ -184,8 +191,7 @@ class Strategy:
         memory format."""
         images = _one_image(image)
         self._prepare(images, torch.ones(1, 1, *images.shape[2:], dtype=torch.bool, device=images.device))
-        x = self.normalise(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return self._in_model_layout(self.normalise(images))
 
 
 class FillStrategy(Strategy):
@@ -209,8 +215,7 @@ class FillStrategy(Strategy):
         """What the model reads: the painted images, normalised (incremental inference compares them with
         the clean image's to find what changed)."""
         images, visible = self._prepare(images, masks)
-        x = self._painted_input(images, visible)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return self._in_model_layout(self._painted_input(images, visible))
 
     def _painted_input(self, images, visible):
         return self.normalise(self._composite(images, visible))
@@ -242,19 +247,18 @@ class FillStrategy(Strategy):
         x = self._bound_images(image)
         # normalise(where(v, image, fill)) == where(v, normalise(image), normalise(fill)), elementwise
         fill = self.normalise(self._fill(self, images, None))
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         finite = bool(torch.isfinite(image).all())
 
         def forward(masks):
             _, visible = self._prepare(images, masks)
             if visible.dtype == torch.bool:
-                return self.model(torch.where(visible, x, fill).contiguous(memory_format=memory_format))
+                return self.model(torch.where(visible, x, fill).contiguous(memory_format=self.memory_format))
             if not finite:  # NaN/inf where m == 0 must not enter the blend: the general path keeps it out
                 return self(images, masks)
             # A soft mask: the blend m x + (1 - m) fill taken in the normalised space (normalising is affine,
             # so it is the same blend) as one fused lerp instead of five passes (RISE); exact at m = 0 and 1,
             # equal to the pixel-space blend within rounding elsewhere.
-            return self.model(torch.lerp(fill, x, visible).contiguous(memory_format=memory_format))
+            return self.model(torch.lerp(fill, x, visible).contiguous(memory_format=self.memory_format))
         return forward
 
 
@@ -305,9 +309,7 @@ class LayerStrategy(Strategy):
     def model_inputs(self, images: torch.Tensor, masks: torch.Tensor):
         """What the masked model reads: (the normalised images, the masks in their dtype)."""
         images, visible = self._prepare(images, masks)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self._masked_inputs(images, visible)
+        return self._masked_inputs(self._in_model_layout(images), visible)
 
     def _masked_inputs(self, images, visible):
         return self.normalise(images), visible.to(images.dtype)
@@ -319,7 +321,6 @@ class LayerStrategy(Strategy):
     def bind(self, image):
         images = _one_image(image)
         x = self._bound_images(image)
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
         def forward(masks):
             _, visible = self._prepare(images, masks)
@@ -327,7 +328,7 @@ class LayerStrategy(Strategy):
                 return self(images, masks)
             # A real batch, not a stride-0 view of the one image: a compiled model recompiles for new
             # strides (the second time with dynamic strides: 1.3x slower, measured on Lite0).
-            batch = x.expand(visible.shape[0], -1, -1, -1).contiguous(memory_format=memory_format)
+            batch = x.expand(visible.shape[0], -1, -1, -1).contiguous(memory_format=self.memory_format)
             return self.masked_model(batch, visible.to(x.dtype))
         return forward
 
